@@ -1,0 +1,107 @@
+"""OneShot: the ImageNet network found by Single Path One-Shot architecture search (MODELS.md, "OneShot")."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.input_format import InputFormat  # noqa: E402
+from common.layers import channel_split_shuffle, init_weights  # noqa: E402
+
+# Searched choice per layer: 0, 1, 2 = shuffle block with a 3x3, 5x5, 7x7 depthwise kernel; 3 = Xception block.
+ARCHITECTURE = [0, 0, 3, 1, 1, 1, 0, 0, 2, 0, 2, 1, 1, 0, 2, 0, 2, 1, 3, 2]
+CHANNEL_SCALES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
+SCALE_IDS = [6, 5, 3, 5, 2, 6, 3, 4, 2, 5, 7, 5, 4, 6, 7, 4, 4, 5, 4, 3]
+STAGE_REPEATS = [4, 4, 8, 4]
+STAGE_WIDTHS = [64, 160, 320, 640]
+STEM_WIDTH = 16
+LAST_WIDTH = 1024
+
+PUBLISHED = {"params": 3_432_579, "macs": 327_857_920, "top1_error": 25.1, "top5_error": 8.0}
+# Released weights: BGR 0..255, no mean subtraction (MODELS.md, "Input format").
+INPUT_FORMAT = InputFormat(channel_order="BGR")
+
+
+def _dw_conv(channels: int, kernel: int, stride: int) -> nn.Conv2d:
+    return nn.Conv2d(channels, channels, kernel, stride, kernel // 2, groups=channels, bias=False)
+
+
+def _pw_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+
+class SearchedBlock(nn.Module):
+    """One searched layer: a shuffle block (kernel 3, 5 or 7) or an Xception block (kernel 3, three dw convs)."""
+
+    def __init__(self, inp: int, oup: int, mid: int, choice: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        kernel = 3 if choice == 3 else (3, 5, 7)[choice]
+        out_main = oup - inp
+        if choice == 3:
+            self.branch_main = nn.Sequential(
+                _dw_conv(inp, 3, stride), nn.BatchNorm2d(inp),
+                _pw_conv(inp, mid), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                _dw_conv(mid, 3, 1), nn.BatchNorm2d(mid),
+                _pw_conv(mid, mid), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                _dw_conv(mid, 3, 1), nn.BatchNorm2d(mid),
+                _pw_conv(mid, out_main), nn.BatchNorm2d(out_main), nn.ReLU(inplace=True),
+            )
+        else:
+            self.branch_main = nn.Sequential(
+                _pw_conv(inp, mid), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                _dw_conv(mid, kernel, stride), nn.BatchNorm2d(mid),
+                _pw_conv(mid, out_main), nn.BatchNorm2d(out_main), nn.ReLU(inplace=True),
+            )
+        if stride == 2:
+            self.branch_proj = nn.Sequential(
+                _dw_conv(inp, kernel, 2), nn.BatchNorm2d(inp),
+                _pw_conv(inp, inp), nn.BatchNorm2d(inp), nn.ReLU(inplace=True),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            even, odd = channel_split_shuffle(x)
+            return torch.cat((even, self.branch_main(odd)), 1)
+        return torch.cat((self.branch_proj(x), self.branch_main(x)), 1)
+
+
+class OneShotNetwork(nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.first_conv = nn.Sequential(
+            nn.Conv2d(3, STEM_WIDTH, 3, 2, 1, bias=False), nn.BatchNorm2d(STEM_WIDTH), nn.ReLU(inplace=True))
+        blocks = []
+        inp, layer = STEM_WIDTH, 0
+        for repeats, oup in zip(STAGE_REPEATS, STAGE_WIDTHS):
+            for i in range(repeats):
+                stride = 2 if i == 0 else 1
+                block_inp = inp if stride == 2 else oup // 2
+                mid = int((oup // 2) * CHANNEL_SCALES[SCALE_IDS[layer]])
+                blocks.append(SearchedBlock(block_inp, oup, mid, ARCHITECTURE[layer], stride))
+                layer += 1
+            inp = oup
+        self.features = nn.Sequential(*blocks)
+        self.conv_last = nn.Sequential(
+            _pw_conv(inp, LAST_WIDTH), nn.BatchNorm2d(LAST_WIDTH), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Sequential(nn.Linear(LAST_WIDTH, num_classes, bias=False))
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_last(self.features(self.first_conv(x)))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.classifier(self.dropout(x))
+
+
+def create_network(num_classes: int = 1000) -> OneShotNetwork:
+    """The OneShot network with its original initialisation; keys match the released weights."""
+    return OneShotNetwork(num_classes)
+
+
+if __name__ == "__main__":
+    from common.counting import print_figures
+    print_figures("OneShot", create_network(), PUBLISHED["params"], PUBLISHED["macs"])

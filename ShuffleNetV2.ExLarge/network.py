@@ -1,0 +1,116 @@
+"""ShuffleNetV2.ExLarge: wider, deeper ShuffleNetV2 with squeeze-excitation (MODELS.md, "ShuffleNetV2.ExLarge")."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.input_format import InputFormat  # noqa: E402
+from common.layers import ConvBNReLU, SideHead, channel_split_shuffle, init_weights  # noqa: E402
+
+BN_EPS = 1e-5
+GROUPS = 16
+SE_REDUCTION = 4
+# (blocks, stage width o, stride of the first block)
+STAGES = [(8, 320, 1), (16, 640, 2), (36, 1280, 2), (10, 2560, 2)]
+STEM_WIDTH = 256
+
+PUBLISHED = {"params": 271_283_296, "macs": 46_174_794_752, "top1_error": 15.52, "top5_error": 2.9}
+# The published evaluation used BGR 0..255 without mean subtraction; whether the released weights expect that
+# could not be confirmed (MODELS.md), so eval/export let a user override it.
+INPUT_FORMAT = InputFormat(channel_order="BGR")
+
+
+class FC(nn.Module):
+    """The original `FC` unit: a module holding `fc`, so keys read `<name>.fc.weight`."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _unit(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1,
+          relu: bool = True) -> ConvBNReLU:
+    return ConvBNReLU(in_channels, out_channels, kernel, stride, groups, relu, bn_eps=BN_EPS)
+
+
+class ExLargeBlock(nn.Module):
+    """The first block of a stage projects the full input; the others split, shuffle and add a residual."""
+
+    def __init__(self, inp: int, width: int, stride: int, first: bool) -> None:
+        super().__init__()
+        half = width // 2
+        if first:
+            self.proj = _unit(inp, half, 3, stride)
+        self.branch_main = nn.Sequential(
+            _unit(inp if first else half, width, 1),
+            _unit(width, width, 3, stride, groups=GROUPS),
+            _unit(width, width, 3, groups=width, relu=False),
+            _unit(width, half, 1, relu=False),
+        )
+        self.se_fc1 = FC(half, half // SE_REDUCTION)
+        self.se_fc2 = FC(half // SE_REDUCTION, half)
+        self.first = first
+
+    def squeeze_excite(self, x: torch.Tensor) -> torch.Tensor:
+        scale = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        scale = torch.sigmoid(self.se_fc2(torch.relu(self.se_fc1(scale))))
+        return x * scale[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            return torch.cat((self.proj(x), self.squeeze_excite(self.branch_main(x))), 1)
+        even, odd = channel_split_shuffle(x)
+        return torch.cat((even, torch.relu(odd + self.squeeze_excite(self.branch_main(odd)))), 1)
+
+
+class ShuffleNetV2ExLarge(nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.first_conv = nn.Sequential(_unit(3, 64, 3, 2), _unit(64, 128, 3), _unit(128, STEM_WIDTH, 3))
+        self.max_pool = nn.MaxPool2d(3, 2, 1)
+        self.features = nn.ModuleList()
+        inp = STEM_WIDTH
+        for repeats, width, stride in STAGES:
+            blocks = [ExLargeBlock(inp if i == 0 else width, width, stride if i == 0 else 1, i == 0)
+                      for i in range(repeats)]
+            self.features.append(nn.Sequential(*blocks, _unit(width, width, 1)))
+            inp = width
+        self.predict_56 = SideHead(320, 256, num_classes, BN_EPS)
+        self.predict_28 = SideHead(640, 512, num_classes, BN_EPS)
+        self.predict_14 = SideHead(1280, 1024, num_classes, BN_EPS)
+        self.dropout = nn.Dropout(0.2)
+        self.fc = FC(inp, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor):
+        """Logits in eval mode; (logits, predict_14, predict_28, predict_56) in training mode."""
+        x = self.max_pool(self.first_conv(x))
+        x = self.features[0](x)
+        side_56 = self.predict_56(x) if self.training else None
+        x = self.features[1](x)
+        side_28 = self.predict_28(x) if self.training else None
+        x = self.features[2](x)
+        side_14 = self.predict_14(x) if self.training else None
+        x = self.features[3](x)
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        logits = self.fc(self.dropout(x))
+        if self.training:
+            return logits, side_14, side_28, side_56
+        return logits
+
+
+def create_network(num_classes: int = 1000) -> ShuffleNetV2ExLarge:
+    """ShuffleNetV2.ExLarge with its original initialisation; keys match the released weights."""
+    return ShuffleNetV2ExLarge(num_classes)
+
+
+if __name__ == "__main__":
+    from common.counting import print_figures
+    print_figures("ShuffleNetV2.ExLarge", create_network(), PUBLISHED["params"], PUBLISHED["macs"])

@@ -1,0 +1,114 @@
+"""ShuffleNetV2.Large: ShuffleNetV2 blocks with squeeze-excitation and residuals (MODELS.md, "ShuffleNetV2.Large")."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.input_format import InputFormat  # noqa: E402
+from common.layers import ConvBNReLU, SideHead, channel_split_shuffle, init_weights  # noqa: E402
+
+BN_EPS = 1e-9
+GROUPS = 8
+# (stage prefix, blocks, half width, stride of the first block)
+STAGES = [("2", 10, 128, 1), ("3", 10, 256, 2), ("4", 23, 512, 2), ("5", 10, 1024, 2)]
+STEM_WIDTH = 128
+LAST_WIDTH = 1280
+
+PUBLISHED = {"params": 140_685_664, "macs": 12_780_652_544, "top1_error": 18.56, "top5_error": 4.48}
+# The released weights were evaluated on BGR 0..255 with the ImageNet mean image subtracted; these are its
+# per-channel averages (MODELS.md, "Input format"). `--mean-image FILE` uses the original per-pixel file.
+INPUT_FORMAT = InputFormat(channel_order="BGR", mean=(103.06, 115.90, 123.15))
+
+
+def _unit(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1,
+          relu: bool = True) -> ConvBNReLU:
+    return ConvBNReLU(in_channels, out_channels, kernel, stride, groups, relu, bn_eps=BN_EPS)
+
+
+class LargeBlock(nn.Module):
+    """Split-and-shuffle block; `inp` is the half-width input, `out` the block's half width."""
+
+    def __init__(self, inp: int, out: int, stride: int, first: bool) -> None:
+        super().__init__()
+        if stride == 2:
+            self.down = _unit(2 * out, 2 * out, 1)
+        if first:
+            self.proj = _unit(inp, out, 3, stride, relu=False)
+        self.branch_main = nn.Sequential(
+            _unit(inp, out, 1),
+            _unit(out, out, 3, stride, groups=GROUPS),
+            _unit(out, out, 1, relu=False),
+        )
+        self.se_fc1 = nn.Linear(out, out)
+        self.se_fc2 = nn.Linear(out, out)
+        self.first = first
+        self.stride = stride
+
+    def squeeze_excite(self, x: torch.Tensor) -> torch.Tensor:
+        scale = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        scale = torch.sigmoid(self.se_fc2(torch.relu(self.se_fc1(scale))))
+        return x * scale[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        even, odd = channel_split_shuffle(x)
+        main = self.squeeze_excite(self.branch_main(odd))
+        if self.first:
+            x = torch.cat((self.proj(even), main), 1)
+        else:
+            x = torch.cat((even, odd + main), 1)
+        x = torch.relu(x)
+        return self.down(x) if self.stride == 2 else x
+
+
+class ShuffleNetV2Large(nn.Module):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self.first_conv = nn.Sequential(_unit(3, 64, 3, 2), _unit(64, 64, 3), _unit(64, STEM_WIDTH, 3))
+        self.max_pool = nn.MaxPool2d(3, 2, 1)
+        self.features = nn.ModuleList()
+        inp = STEM_WIDTH // 2
+        for prefix, repeats, width, stride in STAGES:
+            stage = nn.Sequential()
+            for i in range(repeats):
+                first = i == 0
+                stage.add_module(prefix + chr(ord("a") + i),
+                                 LargeBlock(inp if first else width, width, stride if first else 1, first))
+            self.features.append(stage)
+            inp = width
+        self.predict_56 = SideHead(256, 256, num_classes, BN_EPS)
+        self.predict_28 = SideHead(512, 512, num_classes, BN_EPS)
+        self.predict_14 = SideHead(1024, 1024, num_classes, BN_EPS)
+        self.conv_last = _unit(2 * inp, LAST_WIDTH, 3)
+        self.dropout = nn.Dropout(0.2)
+        self.fc = nn.Linear(LAST_WIDTH, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor):
+        """Logits in eval mode; (logits, predict_14, predict_28, predict_56) in training mode."""
+        x = self.max_pool(self.first_conv(x))
+        x = self.features[0](x)
+        side_56 = self.predict_56(x) if self.training else None
+        x = self.features[1](x)
+        side_28 = self.predict_28(x) if self.training else None
+        x = self.features[2](x)
+        side_14 = self.predict_14(x) if self.training else None
+        x = self.conv_last(self.features[3](x))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        logits = self.fc(self.dropout(x))
+        if self.training:
+            return logits, side_14, side_28, side_56
+        return logits
+
+
+def create_network(num_classes: int = 1000) -> ShuffleNetV2Large:
+    """ShuffleNetV2.Large with its original initialisation; keys match the released weights."""
+    return ShuffleNetV2Large(num_classes)
+
+
+if __name__ == "__main__":
+    from common.counting import print_figures
+    print_figures("ShuffleNetV2.Large", create_network(), PUBLISHED["params"], PUBLISHED["macs"])

@@ -1,0 +1,58 @@
+"""Parameter and multiply-accumulate counts, counted the way the published tables count them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def count_parameters(model: nn.Module, include_side_heads: bool = True) -> int:
+    """Number of parameters; side heads are the training-only `predict_*` modules."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if include_side_heads or not name.startswith("predict_"))
+
+
+def count_macs(model: nn.Module, image_size: int = 224, in_channels: int = 3) -> int:
+    """Multiply-accumulates of Conv2d and Linear layers for one image in eval mode (BatchNorm not counted)."""
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        kernel = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+        total += output[0].numel() * kernel
+
+    def linear_hook(module: nn.Linear, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output[0].numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            # Runs on the model's device: a model built under torch.device("meta") is counted without any arithmetic.
+            device = next(model.parameters()).device
+            model(torch.zeros(1, in_channels, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def print_figures(name: str, model: nn.Module, params: int, macs: int) -> None:
+    """Print a network's parameter and MAC counts beside the published figures."""
+    counted_params = count_parameters(model)
+    without_heads = count_parameters(model, include_side_heads=False)
+    counted_macs = count_macs(model)
+    print(f"{name}")
+    print(f"  parameters:            {counted_params:>17,}   expected {params:>17,}   "
+          f"{'ok' if counted_params == params else 'MISMATCH'}")
+    if without_heads != counted_params:
+        print(f"  without the side heads:{without_heads:>17,}")
+    print(f"  MACs (1x3x224x224):    {counted_macs:>17,}   expected {macs:>17,}   "
+          f"{'ok' if counted_macs == macs else 'MISMATCH'}")

@@ -1,0 +1,57 @@
+"""Shared test fixtures: the model folders' networks, the released key lists, generated image folders."""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from common.demo_data import make_image_folder  # noqa: E402
+from common.models import load_network_module  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED = REPO_ROOT.parent / "shared"
+KEY_FILES = {"OneShot": "oneshot.txt", "ShuffleNetV2.Large": "large.txt", "ShuffleNetV2.ExLarge": "exlarge.txt"}
+
+
+def released_keys(model: str) -> dict[str, tuple[int, ...]]:
+    """Every state_dict entry of the original implementation of `model`, SE aliases included, in file order."""
+    keys = {}
+    for line in (FIXTURES / "keys" / KEY_FILES[model]).read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape = line.split(" ", 1)
+            keys[key] = tuple(ast.literal_eval(shape))
+    return keys
+
+
+def released_state_dict(model: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict laid out like a released file (SE weights under both names), with random values."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in released_keys(model).items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(1000, dtype=torch.long)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=generator) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=generator) * 0.05
+    for key in list(state):
+        for clean, alias in ((".se_fc1.", ".se_block.0."), (".se_fc2.", ".se_block.2.")):
+            if clean in key:
+                state[key] = state[key.replace(clean, alias)]
+    return state
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """A small ImageFolder tree of real JPEGs: 3 classes x 8 images of 48x48."""
+    return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=3, images_per_class=8, size=48)
+
+
+def network(model: str):
+    return load_network_module(model)
