@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.errors import UserError
+
 
 @dataclass(frozen=True)
 class InputFormat:
@@ -57,7 +59,7 @@ class InputFormat:
                    mean=tuple(values["mean"]), std=tuple(values["std"]), mean_image=values.get("mean_image"))
 
 
-class MeanImageError(ValueError):
+class MeanImageError(UserError):
     """A mean-image file that cannot be read; the message names the file and the problem."""
 
 

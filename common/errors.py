@@ -1,0 +1,24 @@
+"""Errors a user can fix. Scripts print their message on one line and exit with status 2, no traceback."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """Bad input: a missing file, a wrong flag, a file that holds something else. The message says what to do."""
+
+
+def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | None]:
+    """Decorate a script's main(): a UserError becomes `error: <message>` on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
