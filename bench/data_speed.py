@@ -1,0 +1,62 @@
+"""Data pipeline images/s per worker: decode + train augmentation and decode + eval transform, against decoding
+alone with PIL, on the same ImageNet-sized JPEG files (500 x 375, quality 90) written for the run.
+
+    python bench/data_speed.py [--images 64] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from timing import measure, rate, write_json
+from common.data import EvalTransform, ImageDataset, TrainTransform
+
+
+def write_jpegs(folder: Path, count: int) -> list[tuple[str, int]]:
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(count):
+        # Smooth content with some texture, closer to a photo's compressed size than pure noise.
+        base = rng.integers(0, 255, size=(12, 16, 3), dtype=np.uint8)
+        image = Image.fromarray(base).resize((500, 375), Image.BICUBIC)
+        noisy = np.clip(np.asarray(image, dtype=np.int16) + rng.integers(-12, 12, (375, 500, 3)), 0, 255)
+        path = folder / f"{i:04d}.jpg"
+        Image.fromarray(noisy.astype(np.uint8)).save(path, quality=90)
+        samples.append((str(path), 0))
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64, help="JPEG files per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measured passes over the files")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one worker process uses one core
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
+        samples = write_jpegs(Path(folder), args.images)
+
+        def pil_only() -> None:
+            for path, _ in samples:
+                with Image.open(path) as image:
+                    image.convert("RGB").load()
+
+        train = ImageDataset(samples, TrainTransform(224))
+        evaluation = ImageDataset(samples, EvalTransform(224))
+        cases = {"pil_decode": pil_only,
+                 "decode_train_augment": lambda: [train[(i, 1000 + i)] for i in range(len(samples))],
+                 "decode_eval_transform": lambda: [evaluation[i] for i in range(len(samples))]}
+        results = {name: rate(measure(run, repeats=args.repeats), len(samples)) for name, run in cases.items()}
+    for name, value in results.items():
+        ratio = value["median"] / results["pil_decode"]["median"]
+        print(f"data {name:24s} {value['median']:8.1f} img/s per worker  ({ratio:.2f} x PIL decode alone)")
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Timing helpers for the benchmarks: medians of several runs after a warm-up, with min and max."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def measure(run: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Seconds per call of `run`: median, min and max of `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
+
+
+def rate(seconds: dict[str, float], items: float) -> dict[str, float]:
+    """Items per second from `measure`'s seconds (the fastest run gives the max rate)."""
+    return {"median": items / seconds["median"], "min": items / seconds["max"], "max": items / seconds["min"]}
+
+
+def write_json(path: str | None, results: object) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2))
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's dense float32 matmul speed in GFLOP/s (multiply and add counted as 2)."""
+    import torch
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = measure(lambda: a @ b, repeats=repeats)
+    return 2 * size ** 3 / seconds["median"] / 1e9

@@ -1,0 +1,77 @@
+"""Training images/s per model: eager vs channels_last vs torch.compile vs bf16 autocast.
+
+One optimiser step of the real loss (label smoothing, side-head weights) on random images, per variant.
+    python bench/train_speed.py [--models OneShot ...] [--sizes 64 224] [--quick] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+from torch import nn
+
+from timing import measure, rate, write_json
+from common.models import MODEL_FOLDERS, load_network_module
+from common.training import compute_loss
+
+LOSS_WEIGHTS = {"OneShot": (1.0,), "ShuffleNetV2.Large": (1.0, 0.7, 0.5, 0.3),
+                "ShuffleNetV2.ExLarge": (1.0, 0.7, 0.5, 0.3)}
+VARIANTS = ("eager", "channels_last", "compile", "bf16")
+
+
+def bench_variant(model_name: str, variant: str, size: int, batch: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = load_network_module(model_name).create_network().train()
+    memory_format = torch.channels_last if variant in ("channels_last", "compile", "bf16") else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    step_model = torch.compile(model) if variant == "compile" else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 1000, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
+            loss, _ = compute_loss(step_model(images), labels, criterion, LOSS_WEIGHTS[model_name])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds = measure(step, repeats=repeats, warmup=2 if variant == "compile" else 1)
+    del model, step_model, optimizer
+    gc.collect()
+    return {"images_per_second": rate(seconds, batch), "batch": batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[64, 224], help="image sizes (multiples of 32)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats; torch.compile only for OneShot (compiling the large networks "
+                             "takes minutes on 2 cores)")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    results = []
+    for model_name in args.models:
+        for size in args.sizes:
+            heavy = model_name != "OneShot" and size >= 224
+            batch = 2 if heavy else (8 if size >= 224 or model_name != "OneShot" else 32)
+            repeats = 2 if args.quick or heavy else 4
+            for variant in args.variants:
+                if variant == "compile" and args.quick and model_name != "OneShot":
+                    continue
+                if variant == "bf16" and not torch.backends.mkldnn.is_available():
+                    continue
+                result = bench_variant(model_name, variant, size, batch, repeats)
+                result.update(model=model_name, size=size, variant=variant)
+                print(f"train {model_name:22s} {size:4d}px {variant:14s} "
+                      f"{result['images_per_second']['median']:8.2f} img/s (batch {batch})", flush=True)
+                results.append(result)
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,519 @@
+"""ImageNet-layout data: folder scanning, the original train and eval transforms, a resumable sample stream, loaders.
+
+Images leave this module as uint8 RGB tensors N x 3 x H x W; `common.input_format.Preprocess` turns them into the
+network's input format on the device.
+
+Determinism: the training data is a stream of sample positions 0, 1, 2, ... Position p belongs to epoch p // N and
+reads sample order_e[p % N], where order_e is a permutation drawn from (seed, e); its augmentation is drawn from a
+random generator seeded from (seed, p). Global batch t is positions [t * B, (t + 1) * B) and rank r of W takes the
+contiguous slice [r * B / W, (r + 1) * B / W) of it. So the data of iteration t depends only on (seed, t, B, N):
+not on the number of ranks or workers, nor on where a run was resumed.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import signal
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Prefetched batches per worker; each item a worker makes is a whole batch, so two keep the GPU fed.
+PREFETCH_BATCHES_PER_WORKER = 2
+# The recipe's eval resize for a 224 crop; other crop sizes keep the ratio.
+EVAL_RESIZE_FOR_224 = 256
+# ITU-R 601-2 luma, as PIL's "L" conversion and torchvision's grayscale use.
+_LUMA = (0.299, 0.587, 0.114)
+
+_MASK64 = (1 << 64) - 1
+_TAG_ORDER, _TAG_SAMPLE, _TAG_EVAL = 1, 2, 3
+
+
+class DataError(UserError):
+    """A data folder or a data setting the pipeline cannot use; the message names the flag and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders
+
+
+def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
+                      class_to_index: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(samples, classes) of an ImageNet-layout folder root/<class>/<image>, in torchvision ImageFolder order.
+
+    Classes are the sorted sub-folder names (hidden ones such as .ipynb_checkpoints are ignored, so they cannot
+    shift the labels). `class_to_index` forces a label mapping, e.g. the 1000 ImageNet wnids; then `classes[i]` is
+    the name of label i and every sub-folder must be in it.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{flag} {root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"{flag} {root}: not a folder (expected root/<class>/<image>)")
+    try:
+        folders = sorted(entry.name for entry in os.scandir(root)
+                         if entry.is_dir() and not entry.name.startswith("."))
+    except OSError as error:
+        raise DataError(f"{flag} {root}: cannot read it ({error.strerror or error})") from None
+    if not folders:
+        raise DataError(f"{flag} {root}: has no class sub-folders (expected {root}/<class>/<image>)")
+
+    if class_to_index is None:
+        class_to_index = {name: index for index, name in enumerate(folders)}
+        classes = folders
+    else:
+        unknown = [name for name in folders if name not in class_to_index]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            raise DataError(f"{flag} {root}: {len(unknown)} class folder(s) not in the label set of "
+                            f"{len(class_to_index)} classes: {shown}")
+        if sorted(class_to_index.values()) != list(range(len(class_to_index))):
+            raise ValueError("class_to_index must map its names to 0 .. len - 1")
+        classes = sorted(class_to_index, key=class_to_index.__getitem__)
+
+    present = {name: class_to_index[name] for name in folders}
+    samples = make_dataset(str(root), present, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise DataError(f"{flag} {root}: its class folders hold no images ({', '.join(IMG_EXTENSIONS)})")
+    return samples, classes
+
+
+def describe_dataset(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> str:
+    """One line: how many images and classes, and the spread of images per class."""
+    if not samples:
+        return f"0 images in {len(classes):,} classes"
+    counts = np.bincount(np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples)),
+                         minlength=len(classes))
+    text = f"{len(samples):,} images in {len(classes):,} classes ({counts.min():,} to {counts.max():,} per class)"
+    empty = int((counts == 0).sum())
+    if empty:
+        text += f", {empty:,} classes without images"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transforms
+
+
+def image_to_tensor(image: Image.Image | Tensor) -> Tensor:
+    """A PIL image (any mode) as a uint8 RGB 3 x H x W tensor (H x W x 3 in memory); tensors pass through."""
+    if isinstance(image, Tensor):
+        return image
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(height, width) after resizing the short side to `short_side`: long side int(short_side * long / short + 0.5)."""
+    if height < width:
+        return short_side, int(short_side * width / height + 0.5)
+    if width < height:
+        return int(short_side * height / width + 0.5), short_side
+    return short_side, short_side
+
+
+def opencv_resize_short_side(image: Tensor, short_side: int) -> Tensor:
+    """Resize a uint8 3 x H x W image so its short side is `short_side`, as cv2.resize with INTER_LINEAR does.
+
+    Both map destination pixel centres to the source with half-pixel offsets, clamp at the borders and do not
+    antialias; torch's uint8 kernel and OpenCV's fixed-point one each round in their own way, so the two agree to
+    within one grey level.
+    """
+    height, width = image.shape[-2:]
+    size = short_side_size(height, width, short_side)
+    if size == (height, width):
+        return image
+    return F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", align_corners=False, antialias=False)[0]
+
+
+def center_crop(image: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """The central size x size (or height x width) window of a ... x H x W image, placed as CenterCrop places it."""
+    crop_height, crop_width = (size, size) if isinstance(size, int) else size
+    height, width = image.shape[-2:]
+    if crop_height > height or crop_width > width:
+        raise ValueError(f"cannot crop {crop_height} x {crop_width} from a {height} x {width} image")
+    top = int(round((height - crop_height) / 2.0))
+    left = int(round((width - crop_width) / 2.0))
+    return image[..., top:top + crop_height, left:left + crop_width]
+
+
+class EvalTransform:
+    """The released weights' eval transform: OpenCV-style short-side resize (256 for a 224 crop), center crop."""
+
+    def __init__(self, crop_size: int = 224) -> None:
+        self.crop_size = crop_size
+        self.resize_size = round(crop_size * EVAL_RESIZE_FOR_224 / 224)
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        return center_crop(opencv_resize_short_side(image_to_tensor(image), self.resize_size), self.crop_size)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(resize {self.resize_size} OpenCV bilinear, center crop {self.crop_size})"
+
+
+class TrainTransform:
+    """The original training augmentation on uint8 tensors: RandomResizedCrop, ColorJitter, horizontal flip.
+
+    Randomness comes from the global torch generator, drawn as torchvision's RandomResizedCrop, ColorJitter and
+    RandomHorizontalFlip draw it. The resize is torch's antialiased bilinear (made to match PIL's) and the jitter
+    runs in float with one rounding at the end; measured faster than the PIL implementation of the same steps.
+    """
+
+    def __init__(self, crop_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4) -> None:
+        self.crop_size = crop_size
+        self.scale = scale
+        self.ratio = ratio
+        self.jitter_range = (max(0.0, 1 - jitter), 1 + jitter)
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        top, left, height, width = transforms.RandomResizedCrop.get_params(image, list(self.scale),
+                                                                           list(self.ratio))
+        if isinstance(image, Tensor):
+            crop = image[:, top:top + height, left:left + width]
+        else:
+            # Cropping before the conversion copies only the window, and a compact window resizes faster.
+            crop = image_to_tensor(image.crop((left, top, left + width, top + height)))
+        crop = F.interpolate(crop.unsqueeze(0), size=(self.crop_size, self.crop_size), mode="bilinear",
+                             align_corners=False, antialias=True)[0]
+        order, brightness, contrast, saturation, _ = transforms.ColorJitter.get_params(
+            self.jitter_range, self.jitter_range, self.jitter_range, None)
+        flip = bool(torch.rand(1) < 0.5)
+        out = _color_jitter(crop, order.tolist(), brightness, contrast, saturation)
+        return out.flip(-1) if flip else out
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(RandomResizedCrop {self.crop_size} scale {self.scale} ratio "
+                f"({self.ratio[0]:.3g}, {self.ratio[1]:.3g}), ColorJitter {self.jitter_range}, flip)")
+
+
+def _color_jitter(image: Tensor, order: list[int], brightness: float, contrast: float,
+                  saturation: float) -> Tensor:
+    """Brightness, contrast and saturation blends in the given order (3 = hue, unused), clamped after each."""
+    x = image.float()
+    for step in order:
+        if step == 0:
+            x.mul_(brightness)
+        elif step == 1:
+            x.mul_(contrast).add_((1 - contrast) * _luma(x).mean())
+        elif step == 2:
+            x.mul_(saturation).add_(_luma(x).mul_(1 - saturation))
+        else:
+            continue
+        x.clamp_(0, 255)
+    # float -> int32 -> uint8 is about three times faster on CPU than float -> uint8.
+    return x.round_().to(torch.int32).to(torch.uint8)
+
+
+def _luma(x: Tensor) -> Tensor:
+    return (x[0] * _LUMA[0]).add_(x[1], alpha=_LUMA[1]).add_(x[2], alpha=_LUMA[2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sample stream
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection on 64-bit words that scatters nearby inputs."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _mix64_array(x: np.ndarray) -> np.ndarray:
+    """_mix64 on a uint64 array (numpy's uint64 arithmetic wraps like the masks above)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _key(*words: int) -> int:
+    key = 0
+    for word in words:
+        key = _mix64(key ^ (word & _MASK64))
+    return key
+
+
+def _hashed(key: int, values: np.ndarray) -> np.ndarray:
+    return _mix64_array(values.astype(np.uint64) ^ np.uint64(key))
+
+
+def _permutation(n: int, key: int) -> np.ndarray:
+    """A permutation of range(n) from a 64-bit key, by sorting hashes: the same on every numpy and torch version."""
+    return np.argsort(_hashed(key, np.arange(n, dtype=np.uint64)), kind="stable")
+
+
+class StreamSampler:
+    """Batch sampler of the training stream: per iteration, this rank's list of (sample index, sample seed).
+
+    Iterates from `start_iteration` to `total_iterations` (forever when None). See the module docstring for the
+    scheme; `shuffle=False` reads every epoch in the sorted order (augmentation seeds still vary).
+    """
+
+    def __init__(self, num_samples: int, global_batch_size: int, seed: int, start_iteration: int = 0,
+                 rank: int = 0, world_size: int = 1, total_iterations: int | None = None,
+                 shuffle: bool = True) -> None:
+        if num_samples < 1:
+            raise ValueError("num_samples must be at least 1")
+        if global_batch_size < 1:
+            raise DataError(f"--batch-size {global_batch_size}: must be at least 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if global_batch_size % world_size:
+            raise DataError(f"--batch-size {global_batch_size}: the global batch must divide evenly among "
+                            f"{world_size} ranks; use a multiple of {world_size}")
+        if start_iteration < 0:
+            raise ValueError("start_iteration must not be negative")
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.seed = seed
+        self.start_iteration = start_iteration
+        self.rank = rank
+        self.world_size = world_size
+        self.total_iterations = total_iterations
+        self.shuffle = shuffle
+        self._sample_key = _key(seed, _TAG_SAMPLE)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def position_at(self, iteration: int) -> int:
+        """Stream position of the first sample of global batch `iteration`."""
+        return iteration * self.global_batch_size
+
+    def data_position(self, iteration: int) -> dict:
+        """Where the stream stands before `iteration`, as plain values for a checkpoint.
+
+        A resumed run can compare it with its own `data_position(iteration)` to notice a changed dataset, batch
+        size or seed.
+        """
+        position = self.position_at(iteration)
+        return {"iteration": iteration, "position": position, "epoch": position // self.num_samples,
+                "offset": position % self.num_samples, "num_samples": self.num_samples,
+                "global_batch_size": self.global_batch_size, "seed": self.seed, "shuffle": self.shuffle}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The sample indices of `epoch`, in reading order."""
+        order = self._orders.get(epoch)
+        if order is None:
+            if self.shuffle:
+                order = _permutation(self.num_samples, _key(self.seed, _TAG_ORDER, epoch))
+            else:
+                order = np.arange(self.num_samples, dtype=np.int64)
+            # A batch spans at most a couple of epochs unless the dataset is tiny; keep memory to a few orders.
+            if len(self._orders) >= 4:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = order
+        return order
+
+    def batch_at(self, iteration: int) -> list[tuple[int, int]]:
+        """This rank's (sample index, sample seed) pairs of global batch `iteration`."""
+        first = self.position_at(iteration) + self.rank * self.local_batch_size
+        positions = np.arange(first, first + self.local_batch_size, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.num_samples)
+        indices = np.empty_like(positions)
+        for epoch in np.unique(epochs).tolist():
+            in_epoch = epochs == epoch
+            indices[in_epoch] = self.epoch_order(epoch)[offsets[in_epoch]]
+        seeds = _hashed(self._sample_key, positions)
+        return list(zip(indices.tolist(), seeds.tolist()))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        iteration = self.start_iteration
+        while self.total_iterations is None or iteration < self.total_iterations:
+            yield self.batch_at(iteration)
+            iteration += 1
+
+    def __len__(self) -> int:
+        if self.total_iterations is None:
+            raise TypeError("an endless StreamSampler has no length")
+        return max(0, self.total_iterations - self.start_iteration)
+
+
+def evaluation_order(labels: Sequence[int]) -> np.ndarray:
+    """The fixed evaluation order of samples with these labels: a permutation (seed 0), the same on every machine.
+
+    It deals the classes round by round: every class's first image (classes in a shuffled order), then every
+    class's second, ..., each class's images shuffled. So the first N images spread evenly across the classes.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    positions = np.arange(len(labels), dtype=np.uint64)
+    by_class = np.lexsort((_hashed(_key(0, _TAG_EVAL, 0), positions), labels))
+    sorted_labels = labels[by_class]
+    round_of = np.empty(len(labels), dtype=np.int64)
+    round_of[by_class] = np.arange(len(labels)) - np.searchsorted(sorted_labels, sorted_labels)
+    class_in_round = _hashed(_key(0, _TAG_EVAL, 1), round_of * (int(labels.max(initial=0)) + 1) + labels)
+    return np.lexsort((class_in_round, round_of))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset, collation, loaders
+
+
+def _decode_rgb(path: str) -> Image.Image | None:
+    """The image at `path` fully decoded as RGB, or None (with one warning line) when it cannot be read."""
+    # Another import may have turned this on; truncated files must fail here rather than load half grey.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with open(path, "rb") as file:
+            image = Image.open(file)
+            image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    # Decoders raise many types on damaged input (OSError, SyntaxError, ValueError, DecompressionBombError, ...);
+    # whatever the type, this file is unusable and is skipped and counted, and nothing else is caught.
+    except Exception as error:
+        log.warning("skipped %s: cannot decode it (%s: %s)", path, type(error).__name__, error)
+        return None
+
+
+class ImageDataset(Dataset):
+    """(uint8 image, label) per sample, or None for a file that cannot be decoded.
+
+    An item is a plain index (no reseeding: evaluation) or an (index, sample_seed) pair from `StreamSampler`,
+    which seeds torch's and Python's global generators before the transform so augmentation depends on the seed
+    alone. With `with_index` items are (image, label, index). Paths are held in one bytes object and labels in
+    one array, so forked workers do not copy a million Python objects by touching their reference counts.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform, *, with_index: bool = False) -> None:
+        encoded = [os.fsencode(path) for path, _ in samples]
+        self._paths = b"".join(encoded)
+        self._path_ends = np.cumsum([len(path) for path in encoded], dtype=np.int64)
+        self._labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
+        self.transform = transform
+        self.with_index = with_index
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def path(self, index: int) -> str:
+        start = int(self._path_ends[index - 1]) if index else 0
+        return os.fsdecode(self._paths[start:int(self._path_ends[index])])
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple | None:
+        if isinstance(item, tuple):
+            index, sample_seed = item
+        else:
+            index, sample_seed = item, None
+        image = _decode_rgb(self.path(index))
+        if image is None:
+            return None
+        label = int(self._labels[index])
+        if sample_seed is None:
+            pixels = self.transform(image)
+        elif get_worker_info() is not None:
+            torch.default_generator.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            pixels = self.transform(image)
+        else:
+            # Loading in the main process: keep the training's own random streams (dropout) untouched.
+            python_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                pixels = self.transform(image)
+            random.setstate(python_state)
+        return (pixels, label, index) if self.with_index else (pixels, label)
+
+
+def _collate_kept(batch: list, image_shape: tuple[int, int, int] | None) -> tuple[list, Tensor, int]:
+    kept = [item for item in batch if item is not None]
+    if kept:
+        # default_collate stacks straight into shared memory inside a worker, saving a copy on the way out.
+        images = default_collate([item[0] for item in kept])
+    else:
+        images = torch.empty((0, *(image_shape or (3, 0, 0))), dtype=torch.uint8)
+    return kept, images, len(batch) - len(kept)
+
+
+def collate_skip_corrupt(batch: list, image_shape: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, int]:
+    """(uint8 images N x 3 x H x W, int64 labels, number of skipped undecodable images) of a list of items.
+
+    `image_shape` gives the empty image tensor its shape when every image of a batch was skipped.
+    """
+    kept, images, skipped = _collate_kept(batch, image_shape)
+    return images, torch.tensor([item[1] for item in kept], dtype=torch.int64), skipped
+
+
+def collate_skip_corrupt_with_indices(batch: list, image_shape: tuple[int, int, int] | None = None
+                                      ) -> tuple[Tensor, Tensor, int, Tensor]:
+    """As `collate_skip_corrupt` for (image, label, index) items, plus the int64 indices of the kept images."""
+    kept, images, skipped = _collate_kept(batch, image_shape)
+    labels = torch.tensor([item[1] for item in kept], dtype=torch.int64)
+    return images, labels, skipped, torch.tensor([item[2] for item in kept], dtype=torch.int64)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the training loop answers it by saving a checkpoint, which needs
+    # the workers alive until then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _loader(dataset: Dataset, batch_sampler, collate_fn, workers: int, pin_memory: bool) -> DataLoader:
+    if workers < 0:
+        raise DataError(f"--workers {workers}: must be 0 (load in the main process) or more")
+    # A generator of its own: otherwise every iter(loader) draws from the global RNG, and a resumed run's
+    # dropout masks would differ from those of a run that never stopped.
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, generator=torch.Generator(),
+                      worker_init_fn=_ignore_sigint if workers > 0 else None,
+                      prefetch_factor=PREFETCH_BATCHES_PER_WORKER if workers > 0 else None)
+
+
+def build_train_loader(train_dir: str | Path, *, crop_size: int, global_batch_size: int, seed: int,
+                       start_iteration: int = 0, rank: int = 0, world_size: int = 1, workers: int = 4,
+                       pin_memory: bool = False, total_iterations: int | None = None,
+                       flag: str = "--train-dir") -> tuple[DataLoader, list[str]]:
+    """(loader, classes): the loader yields (uint8 images, int64 labels, skipped count) for this rank.
+
+    Endless unless `total_iterations` is given. `loader.batch_sampler` is the `StreamSampler`; to resume
+    elsewhere without rescanning the folder, set its `start_iteration` and call iter(loader) again.
+    """
+    samples, classes = scan_image_folder(train_dir, flag)
+    sampler = StreamSampler(len(samples), global_batch_size, seed, start_iteration=start_iteration, rank=rank,
+                            world_size=world_size, total_iterations=total_iterations)
+    dataset = ImageDataset(samples, TrainTransform(crop_size))
+    collate = functools.partial(collate_skip_corrupt, image_shape=(3, crop_size, crop_size))
+    return _loader(dataset, sampler, collate, workers, pin_memory), classes
+
+
+def build_eval_loader(val_dir: str | Path, *, crop_size: int = 224, batch_size: int = 100, workers: int = 4,
+                      limit: int | None = None, rank: int = 0, world_size: int = 1, flag: str = "--val-dir",
+                      class_to_index: dict[str, int] | None = None, pin_memory: bool = False
+                      ) -> tuple[DataLoader, list[str], list[str]]:
+    """(loader, classes, paths): evaluation in the fixed order, the first `limit` images of it when given.
+
+    `paths` is the whole evaluation order (all ranks); rank r reads positions r, r + W, r + 2W, ... of it. The
+    loader yields (uint8 images, int64 labels, skipped count, int64 positions in `paths`).
+    """
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit {limit}: must be at least 1")
+    if batch_size < 1:
+        raise DataError(f"--batch-size {batch_size}: must be at least 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    samples, classes = scan_image_folder(val_dir, flag, class_to_index=class_to_index)
+    order = evaluation_order([label for _, label in samples])[:limit].tolist()
+    ordered = [samples[i] for i in order]
+    shard = list(range(rank, len(ordered), world_size))
+    batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+    dataset = ImageDataset(ordered, EvalTransform(crop_size), with_index=True)
+    collate = functools.partial(collate_skip_corrupt_with_indices, image_shape=(3, crop_size, crop_size))
+    loader = _loader(dataset, batches, collate, workers, pin_memory)
+    return loader, classes, [path for path, _ in ordered]

@@ -1,0 +1,249 @@
+"""The data pipeline: folder errors, corrupt files, the resumable stream, the OpenCV-style eval resize, loaders."""
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image, ImageFile
+
+from common.data import (DataError, EvalTransform, ImageDataset, StreamSampler, TrainTransform,
+                         build_eval_loader, build_train_loader, center_crop, collate_skip_corrupt,
+                         describe_dataset, evaluation_order, opencv_resize_short_side, scan_image_folder,
+                         short_side_size)
+from common.demo_data import make_image_folder
+from common.errors import UserError
+
+CROP = 32
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A decoded JPEG of the given size with smooth regions and edges, as H x W x 3 uint8 RGB."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return np.array(Image.open(buffer).convert("RGB"))
+
+
+def batches(loader, count: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda root: None, "no such folder"),
+    (lambda root: root.write_text("x"), "not a folder"),
+    (lambda root: root.mkdir(), "has no class sub-folders"),
+    (lambda root: ((root / "cat").mkdir(parents=True), (root / "cat" / "notes.txt").write_text("x")),
+     "class folders hold no images (.jpg, .jpeg, .png"),
+])
+def test_unusable_folders_give_a_one_line_error_naming_the_flag(tmp_path, make, expected):
+    root = tmp_path / "train"
+    make(root)
+    with pytest.raises(DataError) as caught:
+        scan_image_folder(root, "--train-dir")
+    message = str(caught.value)
+    assert isinstance(caught.value, UserError)
+    assert message.startswith(f"--train-dir {root}: ") and expected in message and "\n" not in message
+    with pytest.raises(DataError, match="--val-dir"):
+        build_eval_loader(root, workers=0)
+
+
+def test_scan_matches_torchvision_image_folder_and_ignores_hidden_folders(image_folder, tmp_path):
+    samples, classes = scan_image_folder(image_folder)
+    reference = torchvision.datasets.ImageFolder(str(image_folder))
+    assert classes == reference.classes and samples == reference.samples
+    assert describe_dataset(samples, classes) == "24 images in 3 classes (8 to 8 per class)"
+
+    root = shutil.copytree(image_folder, tmp_path / "copy")
+    (root / ".ipynb_checkpoints").mkdir()
+    assert scan_image_folder(root)[1] == classes
+
+
+def test_forced_label_mapping(image_folder):
+    names = ["aaa_first", *sorted(p.name for p in image_folder.iterdir())]
+    mapping = {name: index for index, name in enumerate(names)}
+    samples, classes = scan_image_folder(image_folder, "--val-dir", class_to_index=mapping)
+    assert classes == names
+    assert {label for _, label in samples} == {1, 2, 3}
+    assert "1 classes without images" in describe_dataset(samples, classes)
+    with pytest.raises(DataError, match=r"--val-dir .*: 2 class folder\(s\) not in the label set"):
+        scan_image_folder(image_folder, "--val-dir", class_to_index={names[1]: 0})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corrupt files
+
+
+@pytest.fixture
+def folder_with_corrupt_files(tmp_path):
+    root = make_image_folder(tmp_path / "train", num_classes=2, images_per_class=5, size=40)
+    good = (root / "red_disc" / "red_disc_0000.jpg").read_bytes()
+    (root / "green_square" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "green_square" / "not_an_image.jpg").write_text("this is text, not a JPEG\n")
+    return root
+
+
+def test_corrupt_files_are_skipped_with_a_warning_even_if_truncated_loading_was_enabled(
+        folder_with_corrupt_files, caplog, monkeypatch):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    samples, _ = scan_image_folder(folder_with_corrupt_files)
+    dataset = ImageDataset(samples, TrainTransform(CROP))
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        items = [dataset[(i, 7)] for i in range(len(dataset))]
+    corrupt = [samples[i][0] for i, item in enumerate(items) if item is None]
+    assert sorted(p.rsplit("/", 1)[1] for p in corrupt) == ["not_an_image.jpg", "truncated.jpg"]
+    assert all(any(p in record.getMessage() for record in caplog.records) for p in corrupt)
+    images, labels, skipped = collate_skip_corrupt(items)
+    assert skipped == 2 and images.shape == (10, 3, CROP, CROP) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and labels.tolist() == [s[1] for s, it in zip(samples, items) if it]
+    empty = collate_skip_corrupt([None, None], image_shape=(3, CROP, CROP))
+    assert empty[0].shape == (0, 3, CROP, CROP) and empty[1].shape == (0,) and empty[2] == 2
+
+
+def test_train_loader_with_workers_counts_skipped_images_and_keeps_the_rest(folder_with_corrupt_files):
+    loader, classes = build_train_loader(folder_with_corrupt_files, crop_size=CROP, global_batch_size=6, seed=3,
+                                         workers=2)
+    assert classes == ["green_square", "red_disc"]
+    got = batches(loader, 4)  # two epochs of 12 samples
+    assert sum(skipped for _, _, skipped in got) == 4
+    assert sum(len(labels) for _, labels, _ in got) == 20
+    assert all(images.shape == (6 - skipped, 3, CROP, CROP) for images, _, skipped in got)
+    assert torch.cat([labels for _, labels, _ in got]).bincount().tolist() == [10, 10]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stream
+
+
+def test_stream_reads_each_sample_once_per_epoch_and_depends_on_the_seed():
+    sampler = StreamSampler(10, 4, seed=1)
+    indices = [index for batch in batches(sampler, 5) for index, _ in batch]
+    assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:20]) == list(range(10))
+    assert indices[:10] != indices[10:20] and indices[:10] != list(range(10))
+    other = [index for batch in batches(StreamSampler(10, 4, seed=2), 5) for index, _ in batch]
+    assert other != indices
+    seeds = [seed for batch in batches(sampler, 5) for _, seed in batch]
+    assert len(set(seeds)) == 20
+    plain = [index for batch in batches(StreamSampler(10, 5, seed=1, shuffle=False), 4) for index, _ in batch]
+    assert plain == list(range(10)) * 2
+    assert sampler.data_position(3) == {"iteration": 3, "position": 12, "epoch": 1, "offset": 2,
+                                        "num_samples": 10, "global_batch_size": 4, "seed": 1, "shuffle": True}
+    assert len(StreamSampler(10, 4, seed=1, start_iteration=2, total_iterations=7)) == 5
+
+
+def test_stream_is_the_same_when_resumed_and_whatever_the_world_size():
+    whole = batches(StreamSampler(7, 6, seed=5), 6)
+    assert batches(StreamSampler(7, 6, seed=5, start_iteration=4), 2) == whole[4:]
+    for world_size in (2, 3):
+        ranks = [batches(StreamSampler(7, 6, seed=5, rank=r, world_size=world_size), 6) for r in range(world_size)]
+        assert [sum((rank[t] for rank in ranks), []) for t in range(6)] == whole
+    with pytest.raises(DataError, match="--batch-size 6: .* 4 ranks"):
+        StreamSampler(7, 6, seed=5, world_size=4)
+
+
+def test_train_batches_resumed_or_split_across_ranks_hold_the_same_pixels(image_folder):
+    # 24 images, global batch 10: iteration 2 straddles the first epoch boundary.
+    options = dict(crop_size=CROP, global_batch_size=10, seed=11)
+    loader, _ = build_train_loader(image_folder, workers=2, **options)
+    whole = batches(loader, 5)
+    resumed, _ = build_train_loader(image_folder, workers=0, start_iteration=2, **options)
+    for (images, labels, skipped), (ref_images, ref_labels, _) in zip(batches(resumed, 3), whole[2:]):
+        assert skipped == 0 and torch.equal(labels, ref_labels) and torch.equal(images, ref_images)
+    halves = [batches(build_train_loader(image_folder, workers=0, rank=r, world_size=2, **options)[0], 5)
+              for r in range(2)]
+    for t, (ref_images, ref_labels, _) in enumerate(whole):
+        assert torch.equal(torch.cat([halves[0][t][0], halves[1][t][0]]), ref_images)
+        assert torch.equal(torch.cat([halves[0][t][1], halves[1][t][1]]), ref_labels)
+    loader.batch_sampler.start_iteration = 3  # resume without rescanning: persistent workers restart there
+    assert torch.equal(next(iter(loader))[0], whole[3][0])
+    other, _ = build_train_loader(image_folder, workers=0, **{**options, "seed": 12})
+    assert not torch.equal(next(iter(other))[0], whole[0][0])
+
+
+def test_train_transform_output_and_determinism():
+    image = Image.fromarray(photo(97, 61))
+    transform = TrainTransform(CROP)
+    torch.manual_seed(0)
+    first = transform(image)
+    torch.manual_seed(0)
+    assert torch.equal(transform(image), first)
+    assert first.shape == (3, CROP, CROP) and first.dtype == torch.uint8 and first.is_contiguous()
+    assert not torch.equal(transform(image), first)
+    assert transform(image.convert("L")).shape == (3, CROP, CROP)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (97, 61), (61, 97), (333, 257), (301, 301),
+                                           (160, 120), (1001, 667), (513, 512)])
+def test_opencv_style_resize_matches_cv2_within_one_grey_level(width, height):
+    cv2 = pytest.importorskip("cv2")
+    pixels = photo(width, height, seed=width)
+    short, long = min(width, height), max(width, height)
+    new_long = int(256 * long / short + 0.5)
+    expected_size = (256, new_long) if height < width else (new_long, 256)
+    assert short_side_size(height, width, 256) == expected_size
+    reference = cv2.resize(pixels, expected_size[::-1], interpolation=cv2.INTER_LINEAR)
+    resized = opencv_resize_short_side(torch.from_numpy(pixels).permute(2, 0, 1), 256)
+    assert resized.dtype == torch.uint8 and tuple(resized.shape) == (3, *expected_size)
+    difference = resized.permute(1, 2, 0).numpy().astype(int) - reference.astype(int)
+    assert np.abs(difference).max() <= 1
+
+
+def test_long_side_rounds_half_up_as_the_original():
+    assert short_side_size(512, 513, 256) == (256, 257)  # 256.5: Python's round() would give 256
+    assert short_side_size(375, 500, 256) == (256, 341)
+    assert short_side_size(500, 375, 256) == (341, 256)
+
+
+@pytest.mark.parametrize("crop, resize", [(224, 256), (192, 219), (160, 183), (320, 366)])
+def test_eval_transform_shapes_and_center_crop_offsets(crop, resize):
+    transform = EvalTransform(crop)
+    assert transform.resize_size == resize
+    out = transform(Image.fromarray(photo(333, 257)))
+    assert out.shape == (3, crop, crop) and out.dtype == torch.uint8
+    for height, width in ((257, 333), (256, 341), (300, 300), (301, 225)):
+        image = torch.arange(height * width).view(1, height, width)
+        expected = torchvision.transforms.functional.center_crop(image, [224, 224])
+        assert torch.equal(center_crop(image, 224), expected)
+
+
+def test_eval_order_is_fixed_limit_spreads_across_classes_and_ranks_share_it(image_folder):
+    loader, classes, paths = build_eval_loader(image_folder, crop_size=CROP, batch_size=4, workers=0)
+    assert paths == build_eval_loader(image_folder, crop_size=CROP, workers=0)[2]
+    samples, _ = scan_image_folder(image_folder)
+    assert sorted(paths) == sorted(p for p, _ in samples) and paths != [p for p, _ in samples]
+    label_of = dict(samples)
+    images, labels, skipped, indices = next(iter(loader))
+    assert images.shape == (4, 3, CROP, CROP) and skipped == 0 and indices.tolist() == [0, 1, 2, 3]
+    assert labels.tolist() == [label_of[paths[i]] for i in indices]
+
+    loader, _, limited = build_eval_loader(image_folder, crop_size=CROP, limit=6, workers=0)
+    assert limited == paths[:6] and sorted(label_of[p] for p in limited) == [0, 0, 1, 1, 2, 2]
+    assert len(classes) == 3
+
+    labels = [0] * 5 + [1] * 2 + [3] * 9
+    order = evaluation_order(labels)
+    assert sorted(order.tolist()) == list(range(16)) and np.array_equal(order, evaluation_order(labels))
+    dealt = [labels[i] for i in order]
+    assert sorted(dealt[:6]) == [0, 0, 1, 1, 3, 3] and sorted(dealt[6:12]) == [0, 0, 0, 3, 3, 3]
+
+    shards = [build_eval_loader(image_folder, crop_size=CROP, batch_size=5, limit=9, rank=r, world_size=2,
+                                workers=0)[0] for r in range(2)]
+    positions = [torch.cat([batch[3] for batch in shard]).tolist() for shard in shards]
+    assert positions == [[0, 2, 4, 6, 8], [1, 3, 5, 7]]
+    with pytest.raises(DataError, match="--limit 0"):
+        build_eval_loader(image_folder, limit=0, workers=0)
