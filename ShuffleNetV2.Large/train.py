@@ -1,0 +1,31 @@
+"""Train ShuffleNetV2.Large with the original Large recipe: batch 256, lr 0.25, 600,000 iterations, side-head losses
+weighted 1.0 / 0.7 / 0.5 / 0.3 (MODELS.md). Trains on the input format it is evaluated with (network.INPUT_FORMAT).
+
+    python train.py --train-dir /data/imagenet/train --val-dir /data/imagenet/val
+    torchrun --nproc_per_node 8 train.py --train-dir ... --val-dir ...
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import network  # noqa: E402
+from common.training import Recipe, load_training_checkpoint, run_training  # noqa: E402
+
+# Loss weights of (logits, predict_14, predict_28, predict_56), the order the network returns them in training.
+RECIPE = Recipe(model_name="ShuffleNetV2.Large", batch_size=256, learning_rate=0.25, total_iters=600_000,
+                loss_weights=(1.0, 0.7, 0.5, 0.3))
+
+
+def load_checkpoint(path, model, **objects) -> dict:
+    """Resume from this project's checkpoints; for `--eval`, released files without side heads load too."""
+    return load_training_checkpoint(path, model, side_heads_optional=True, **objects)
+
+
+def main(argv: list[str] | None = None) -> str:
+    return run_training(network, RECIPE, load_checkpoint, argv)
+
+
+if __name__ == "__main__":
+    main()

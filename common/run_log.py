@@ -1,0 +1,77 @@
+"""What a training run writes for people and scripts: metrics.jsonl, TensorBoard events and a PNG of the curves."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class RunLog:
+    """Appends one JSON object per record to `<save_dir>/metrics.jsonl` and mirrors scalars to TensorBoard.
+
+    Only the main process writes; on other ranks every method is a no-op.
+    """
+
+    def __init__(self, save_dir: str | Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(save_dir) / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(Path(save_dir) / "tensorboard"))
+
+    def log(self, split: str, iteration: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"split": split, "iteration": iteration, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        for name, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{split}/{name}", value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file; a line cut off by a crash is ignored."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -> Path:
+    """A PNG of training loss and top-1 error, with validation error, against the iteration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train loss")
+    if val:
+        loss_axis.plot([r["iteration"] for r in val], [r["loss"] for r in val], "o-", label="val loss")
+    loss_axis.set_xlabel("iteration")
+    loss_axis.set_ylabel("loss")
+    loss_axis.legend()
+    error_axis.plot([r["iteration"] for r in train], [r["top1_error"] for r in train], label="train top-1 error")
+    for key, label in (("top1_error", "val top-1 error"), ("top5_error", "val top-5 error")):
+        if val:
+            error_axis.plot([r["iteration"] for r in val], [r[key] for r in val], "o-", label=label)
+    error_axis.set_xlabel("iteration")
+    error_axis.set_ylabel("error (%)")
+    error_axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return Path(output)

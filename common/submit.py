@@ -1,0 +1,93 @@
+"""Launch a model folder's train.py on a SLURM cluster with submitit; preempted or timed-out jobs requeue and resume.
+
+    python -m common.submit --model OneShot --nodes 2 --gpus-per-node 8 --partition gpu -- \\
+        --train-dir /data/imagenet/train --val-dir /data/imagenet/val --save /checkpoints/oneshot
+
+Everything after `--` goes to train.py unchanged. Each task is one rank of DistributedDataParallel; on SLURM's
+warning signal (SIGUSR2) the training saves a checkpoint, the job is requeued, and the new job resumes from it
+through train.py's automatic resume.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import sys
+from pathlib import Path
+
+from common.errors import UserError, exit_on_user_error
+from common.models import MODEL_FOLDERS, REPO_ROOT
+
+
+class TrainJob:
+    """The callable submitit runs in every task; `checkpoint` makes submitit requeue it instead of giving up."""
+
+    def __init__(self, model: str, train_args: list[str]) -> None:
+        self.model = model
+        self.train_args = train_args
+
+    def __call__(self) -> str:
+        import submitit
+        environment = submitit.JobEnvironment()
+        # One rank per task: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, as torchrun would set them.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        requeue = signal.getsignal(signal.SIGUSR2)
+        status = load_train_script(self.model).main(self.train_args)
+        if status == "stopped" and callable(requeue) and environment.global_rank == 0:
+            requeue(signal.SIGUSR2, None)
+        return status
+
+    def checkpoint(self):
+        import submitit
+        return submitit.helpers.DelayedSubmission(TrainJob(self.model, self.train_args))
+
+
+def load_train_script(model: str):
+    """A model folder's train.py as a module (its folder goes on sys.path so its `import network` works)."""
+    folder = REPO_ROOT / model
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("train_" + model.replace(".", "_"), folder / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=MODEL_FOLDERS, help="the model folder whose train.py runs")
+    parser.add_argument("--nodes", type=int, default=1, help="machines")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine (one rank each)")
+    parser.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per rank (data-loading workers)")
+    parser.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0: the partition's default)")
+    parser.add_argument("--partition", help="SLURM partition")
+    parser.add_argument("--time", type=int, default=72 * 60, help="time limit of one job in minutes")
+    parser.add_argument("--max-requeues", type=int, default=20, help="requeues after time-outs before giving up")
+    parser.add_argument("--job-name", default=None, help="SLURM job name (default: the model name)")
+    parser.add_argument("--log-dir", default="slurm_logs", help="folder for submitit's logs and job files")
+    parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                        help="force a submitit executor (default: SLURM when available, else local processes)")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of train.py")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if not train_args:
+        raise UserError("give train.py's arguments after --, e.g. -- --train-dir DIR --val-dir DIR")
+    import submitit
+    executor = submitit.AutoExecutor(folder=Path(args.log_dir) / "%j", cluster=args.cluster,
+                                     slurm_max_num_timeout=args.max_requeues)
+    executor.update_parameters(
+        name=args.job_name or args.model, nodes=args.nodes, tasks_per_node=args.gpus_per_node,
+        gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, timeout_min=args.time,
+        **({"mem_gb": args.mem_gb} if args.mem_gb else {}),
+        **({"slurm_partition": args.partition} if args.partition else {}),
+        **({"slurm_signal_delay_s": 120} if executor.cluster == "slurm" else {}))
+    job = executor.submit(TrainJob(args.model, train_args))
+    print(f"submitted job {job.job_id} ({executor.cluster}); logs in {Path(args.log_dir) / str(job.job_id)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""train.py end to end, through the real script: demo, exact resume after a kill, two gloo ranks, bad data, NaN."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import get_latest_model
+from common.model_state import extract_model_state, read_weights_file
+from conftest import REPO_ROOT
+
+ONESHOT = REPO_ROOT / "OneShot"
+# Small and quick, deterministic, no worker processes unless a test asks for them.
+TINY = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--deterministic", "--display-interval", "1",
+        "--val-interval", "1000", "--learning-rate", "0.05"]
+
+
+def train_command(save: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "train.py", "--train-dir", str(data), "--save", str(save), *TINY, *extra]
+
+
+def run(command: list[str], cwd: Path = ONESHOT, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env, **kwargs)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return extract_model_state(read_weights_file(path))
+
+
+def test_demo_flag_trains_and_validates(tmp_path):
+    result = run([sys.executable, "train.py", "--demo", "--save", str(tmp_path), "--total-iters", "4",
+                  "--batch-size", "12", "--image-size", "32", "--val-interval", "2", "--save-interval", "2",
+                  "--display-interval", "2", "--workers", "2"])
+    assert result.returncode == 0, result.stderr
+    assert "iter 4/4" in result.stdout and "img/s" in result.stdout and "ETA" in result.stdout
+    assert "val @ 4" in result.stdout
+    path, iterations = get_latest_model(tmp_path)
+    assert iterations == 4
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "val"}
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, image_folder):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    command = ["--total-iters", "6", "--save-interval", "3"]
+    result = run(train_command(straight, image_folder, *command))
+    assert result.returncode == 0, result.stderr
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(train_command(killed, image_folder, *command), cwd=ONESHOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if line.startswith("saved") and "0000000003" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    assert get_latest_model(killed)[1] == 3, "the kill must land between the checkpoints at 3 and 6"
+
+    result = run(train_command(killed, image_folder, *command))
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout
+    a, b = weights(get_latest_model(straight)[0]), weights(get_latest_model(killed)[0])
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_the_same_command_resumes(tmp_path, image_folder):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = train_command(tmp_path, image_folder, "--total-iters", "400", "--save-interval", "1000")
+    process = subprocess.Popen(command, cwd=ONESHOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stdout:
+        if "iter 2/400" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    path, iterations = get_latest_model(tmp_path)
+    assert 2 <= iterations < 400 and f"stopped at iteration {iterations}" in out
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path, image_folder):
+    common = ["--total-iters", "4", "--save-interval", "2", "--batch-size", "12"]
+    one = run(train_command(tmp_path / "one", image_folder, *common))
+    assert one.returncode == 0, one.stderr
+    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "train.py", "--train-dir", str(image_folder), "--save", str(tmp_path / "two"), *TINY, *common])
+    assert two.returncode == 0, two.stderr
+    files = sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*.pth"))
+    assert files == ["checkpoint-0000000002.pth", "checkpoint-0000000004.pth"]
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
+    single, double = weights(tmp_path / "one" / files[-1]), weights(tmp_path / "two" / files[-1])
+    # BatchNorm sees 6 images per rank instead of 12, so the runs differ a little, never a lot.
+    for key in single:
+        if single[key].is_floating_point() and "running" not in key:
+            assert torch.allclose(single[key], double[key], rtol=0.05, atol=0.05), key
+
+
+def test_missing_and_empty_folders_fail_with_one_line(tmp_path):
+    missing = run(train_command(tmp_path / "save", tmp_path / "nope", "--total-iters", "2"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0 and "--train-dir" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = run(train_command(tmp_path / "save", tmp_path / "empty", "--total-iters", "2"))
+    assert empty.returncode == 2 and empty.stderr.strip().count("\n") == 0 and "--train-dir" in empty.stderr
+    assert not (tmp_path / "save" / "checkpoint-0000000002.pth").exists()
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, image_folder):
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(image_folder), str(data)], check=True)
+    first_class = sorted(data.iterdir())[0]
+    (first_class / "broken.jpg").write_bytes(b"not a jpeg at all")
+    good = sorted(first_class.glob("*.jpg"))[0]
+    (first_class / "truncated.jpg").write_bytes(good.read_bytes()[:200])
+    result = run(train_command(tmp_path / "save", data, "--total-iters", "6", "--save-interval", "6"))
+    assert result.returncode == 0, result.stderr
+    assert "unreadable" in result.stdout
+    assert get_latest_model(tmp_path / "save")[1] == 6
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):
+    good = run(train_command(tmp_path, image_folder, "--total-iters", "2", "--save-interval", "2"))
+    assert good.returncode == 0, good.stderr
+    before, _ = get_latest_model(tmp_path)
+    diverging = run(train_command(tmp_path, image_folder, "--total-iters", "8", "--save-interval", "2",
+                                  "--learning-rate", "1e30"))
+    assert diverging.returncode == 2
+    assert "NaN or infinite" in diverging.stderr and diverging.stderr.strip().count("\n") == 0
+    path, iterations = get_latest_model(tmp_path)
+    assert iterations == 2 and path == before
+    assert all(torch.isfinite(v).all() for v in weights(path).values() if v.is_floating_point())
