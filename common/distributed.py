@@ -71,6 +71,14 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item())
 
 
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of `tensor` over all ranks (the tensor itself when not distributed)."""
+    if info.distributed:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def all_gather_objects(obj, info: DistInfo) -> list:
     """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
     if not info.distributed:

@@ -27,7 +27,8 @@ from torch import nn
 from common.checkpoint import get_latest_model, get_training_state, load_checkpoint, save_checkpoint
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
-from common.distributed import DistInfo, all_gather_objects, any_rank, init_distributed, shutdown_distributed
+from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, init_distributed,
+                                shutdown_distributed)
 from common.errors import UserError, exit_on_user_error
 from common.evaluate import evaluate
 from common.input_format import InputFormat, Preprocess
@@ -470,9 +471,13 @@ def _train_iterations(trainer: Trainer, start_iteration: int) -> bool:
                     f"--learning-rate, or use --amp bf16 instead of fp16")
             if done % args.display_interval == 0 or done == args.total_iters:
                 elapsed = time.perf_counter() - window_start
-                mean_loss = (window_loss / window_iterations).item()
-                top1_error = 100.0 * (1.0 - window_correct.item() / max(1, window_images))
-                images_per_s = window_images * info.world_size / max(elapsed, 1e-9)
+                # Means over all ranks, so the log shows the global batch whatever the number of processes.
+                tally = all_reduce_sum(torch.stack([window_loss, window_correct,
+                                                    torch.tensor(float(window_images), device=info.device)]), info)
+                mean_loss = tally[0].item() / window_iterations / info.world_size
+                images = int(tally[2].item())
+                top1_error = 100.0 * (1.0 - tally[1].item() / max(1, images))
+                images_per_s = images / max(elapsed, 1e-9)
                 per_iteration = (time.perf_counter() - run_start) / (done - start_iteration)
                 eta = format_duration(per_iteration * (args.total_iters - done))
                 lr = trainer.optimizer.param_groups[0]["lr"]
