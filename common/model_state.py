@@ -1,0 +1,415 @@
+"""Model weights in and out: unwrapping, reading weights files safely, released layouts, checked loading.
+
+Reading never runs code from a file: `.safetensors` files are read with safetensors, everything else with
+`torch.load(weights_only=True)`. The released 2019 files (MODELS.md, "Released checkpoint files") come as a flat
+dict or `{'state_dict': ...}`, with or without `module.` prefixes, `num_batches_tracked` or side heads, and with the
+squeeze-excitation weights under two names; all of these load strictly into this project's networks.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from common.errors import UserError
+
+# Tag stored in the checkpoints written by common.checkpoint: extract_model_state recognises them by it.
+CHECKPOINT_FORMAT = "shufflenet-series/training-checkpoint/1"
+# Key of the safetensors metadata entry that holds this project's metadata as one JSON string.
+RELEASE_METADATA_KEY = "shufflenet_series"
+
+_PREFIXES = ("module.", "_orig_mod.")
+_SE_ALIASES = ((".se_block.0.", ".se_fc1."), (".se_block.2.", ".se_fc2."))
+# Keys under which other training scripts keep the model or its EMA inside a larger checkpoint dict.
+_MODEL_KEYS = ("state_dict", "model", "model_state_dict", "net")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
+_SHOWN = 3
+_ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_END = b"PK\x05\x06"
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+class WeightsFileError(UserError):
+    """A weights file that cannot be read: missing, empty, truncated, not weights, or unsafe to unpickle."""
+
+
+class WeightsMismatchError(UserError):
+    """Weights whose names or shapes do not fit the model."""
+
+
+class SafetensorsWeights(dict):
+    """The tensors of a `.safetensors` file, with the file's string metadata in `.metadata`."""
+
+    metadata: dict[str, str]
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})
+
+
+@dataclass
+class LoadReport:
+    """What load_model_state did: how many tensors it copied, which it left alone."""
+
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    source: str = "the weights"
+
+    def summary(self) -> str:
+        text = f"loaded {self.loaded} tensors from {self.source}"
+        if self.missing:
+            text += f"; kept the model's values for {len(self.missing)} missing ({_first(self.missing)})"
+        if self.unexpected:
+            text += f"; ignored {len(self.unexpected)} unexpected ({_first(self.unexpected)})"
+        return text
+
+
+def unwrap_model(model: Any) -> nn.Module:
+    """The network inside DistributedDataParallel, DataParallel, torch.compile and EMA wrappers, at any depth."""
+    while True:
+        if isinstance(model, nn.Module):
+            children = dict(model.named_children())
+            orig = getattr(model, "_orig_mod", None)
+            if isinstance(orig, nn.Module):
+                model = orig
+            # DDP, DataParallel, timm's ModelEmaV2/V3 and AveragedModel all keep the network as their only child,
+            # named `module`; recognising that shape covers them without importing each wrapper class.
+            elif list(children) == ["module"]:
+                model = children["module"]
+            else:
+                return model
+        elif isinstance(getattr(model, "ema", None), nn.Module):
+            # timm's older ModelEma and similar helpers are plain objects holding the averaged copy in `.ema`.
+            model = model.ema
+        else:
+            raise TypeError(f"expected an nn.Module or an EMA wrapper, got {type(model).__name__}")
+
+
+def get_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The state dict of the unwrapped network: clean keys, tensors shared with the model (no copy)."""
+    return unwrap_model(model).state_dict()
+
+
+def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *,
+                      map_location: Any = "cpu") -> Any:
+    """The object stored in a weights file, read without running code from it unless `trust_pickle`.
+
+    `.safetensors` files give a SafetensorsWeights dict; anything else goes through torch.load, which reads both
+    the zip format and the legacy pickles of 2019. Every failure is a one-line WeightsFileError.
+    """
+    path = Path(path)
+    kind, size = _sniff(path)
+    if kind == "safetensors":
+        return _read_safetensors(path, size)
+    try:
+        # mmap maps the zip's tensor records instead of reading them into fresh memory; copies are made only
+        # where the tensors land (the model), and a private mapping keeps the file unchanged when they are written.
+        if kind == "zip" and os.name == "posix" and map_location in ("cpu", None):
+            with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE):
+                return torch.load(path, map_location=map_location, weights_only=not trust_pickle, mmap=True)
+        return torch.load(path, map_location=map_location, weights_only=not trust_pickle)
+    except Exception as error:  # torch.load raises many types for damaged files; all are classified below
+        raise _load_error(path, kind, size, error) from error
+
+
+def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the weights") -> dict[str, torch.Tensor]:
+    """The model's tensors from any accepted layout, under clean names, in a new dict (the input is not changed).
+
+    Accepts this project's training checkpoints, `{'state_dict': ...}` and similar wrappers, flat dicts and whole
+    pickled modules; strips `module.`/`_orig_mod.` prefixes and maps the SE aliases `se_block.0.`/`se_block.2.`
+    to `se_fc1.`/`se_fc2.`. A tensor stored under two names with different values means a damaged file.
+    """
+    weights = _find_weights(obj, use_ema, source)
+    clean: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    aliases = []
+    for key, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = key
+        while name.startswith(_PREFIXES):
+            name = name.split(".", 1)[1]
+        renamed = name
+        for alias, real in _SE_ALIASES:
+            renamed = renamed.replace(alias, real)
+        if renamed != name:
+            aliases.append((renamed, key, value))
+        else:
+            _put(clean, origin, name, key, value, source)
+    # Aliases go in last, so the clean name wins when a file has both (after checking they agree).
+    for name, key, value in aliases:
+        _put(clean, origin, name, key, value, source)
+    if not clean:
+        raise WeightsFileError(f"{source} holds no tensors ({_describe_container(weights)}); "
+                               "is it a weights file of this project?")
+    return clean
+
+
+def load_model_state(model: Any, source: Any, strict: bool = True, for_inference: bool = False,
+                     trust_pickle: bool = False, use_ema: bool = False, *,
+                     source_name: str | None = None) -> LoadReport:
+    """Copy weights from `source` (a path or an already-read object) into the unwrapped `model`.
+
+    Every shape is checked before anything is copied. Missing `num_batches_tracked` is always fine (the model
+    keeps its own); `for_inference` also accepts missing side heads `predict_*`. `strict=False` loads the keys
+    both sides have, but still refuses mis-shaped keys and a source that fits nothing.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        name = source_name or str(source)
+        source = read_weights_file(source, trust_pickle=trust_pickle)
+    else:
+        name = source_name or "the weights"
+    state = extract_model_state(source, use_ema=use_ema, source=name)
+    return _load_checked(unwrap_model(model), state, strict, for_inference, name)
+
+
+def copy_weights(src: Any, dst: Any) -> None:
+    """Copy every tensor of `src` into `dst` (both unwrapped); names and shapes must match exactly."""
+    source = unwrap_model(src)
+    _load_checked(unwrap_model(dst), source.state_dict(), True, False, f"the weights of {type(source).__name__}")
+
+
+def read_checkpoint_metadata(path_or_obj: Any) -> dict:
+    """Plain metadata (arch, classes, image_size, input_format, args, ...) stored by this project; {} otherwise.
+
+    A training checkpoint's metadata also gives its `iteration` and `metrics`; a release file carries them over.
+    From a path, a training checkpoint is mapped rather than read and only a `.safetensors` file's header is
+    read, so this is cheap even for large files.
+    """
+    if isinstance(path_or_obj, (str, os.PathLike)):
+        path = Path(path_or_obj)
+        kind, size = _sniff(path)
+        if kind == "safetensors":
+            return _decode_release_metadata(_read_safetensors_metadata(path, size))
+        if kind != "zip":
+            return {}
+        path_or_obj = read_weights_file(path)
+    if isinstance(path_or_obj, SafetensorsWeights):
+        return _decode_release_metadata(path_or_obj.metadata)
+    if isinstance(path_or_obj, Mapping) and path_or_obj.get("format") == CHECKPOINT_FORMAT:
+        return {**(path_or_obj.get("metadata") or {}), "iteration": path_or_obj["iteration"],
+                "metrics": dict(path_or_obj.get("metrics") or {})}
+    return {}
+
+
+def describe_weights(state: Mapping[str, torch.Tensor]) -> str:
+    """A guess of what a clean state dict holds, e.g. "a ShuffleNetV2.Large state dict with 1000 classes"."""
+    if "classifier.0.weight" in state:
+        arch, classifier = "OneShot", "classifier.0.weight"
+    elif "fc.fc.weight" in state:
+        arch, classifier = "ShuffleNetV2.ExLarge", "fc.fc.weight"
+    elif "conv_last.conv.weight" in state or any(key.startswith("features.0.2a.") for key in state):
+        arch, classifier = "ShuffleNetV2.Large", "fc.weight"
+    else:
+        return f"{len(state)} tensors that fit none of OneShot, ShuffleNetV2.Large, ShuffleNetV2.ExLarge " \
+               f"(first keys: {_first(list(state))})"
+    rows = state.get(classifier)
+    classes = f"{rows.shape[0]} classes" if rows is not None and rows.dim() == 2 else "an unknown number of classes"
+    return f"a {arch} state dict with {classes}"
+
+
+def _sniff(path: Path) -> tuple[str, int]:
+    """('safetensors' | 'zip' | 'pickle' | 'unknown', size) from the first bytes; errors for what is no file."""
+    try:
+        size = path.stat().st_size
+        if path.is_dir():
+            raise WeightsFileError(f"{path} is a folder, not a weights file; give the path of the file")
+        with open(path, "rb") as file:
+            head = file.read(64)
+    except FileNotFoundError:
+        raise WeightsFileError(f"{path}: no such file; check the path") from None
+    except OSError as error:
+        raise WeightsFileError(f"{path} cannot be read: {error.strerror}") from None
+    if size == 0:
+        raise WeightsFileError(f"{path} is empty (0 bytes): the download or copy failed; fetch the file again")
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+        raise WeightsFileError(f"{path} is an HTML/XML page, not weights: a failed download saved the server's "
+                               "error or login page; download the file again and check the URL")
+    # safetensors: an 8-byte little-endian header length, then the JSON header (checked fully on reading).
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 32:
+        return "safetensors", size
+    if head.startswith(_ZIP_MAGIC):
+        return "zip", size
+    # Pickle protocol 2 and later, which is what torch.save has written since 2017.
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle", size
+    return "unknown", size
+
+
+def _load_error(path: Path, kind: str, size: int, error: Exception) -> WeightsFileError:
+    found = _GLOBAL_RE.search(str(error))
+    if found:
+        return WeightsFileError(
+            f"{path} holds Python objects ({found.group(1)}) that only load by running code stored in the file; "
+            "loading it could run anything on this machine, so it was refused; pass --trust-pickle only for a "
+            "file you made yourself (trust_pickle=True in Python)")
+    if kind == "unknown":
+        return WeightsFileError(f"{path} is not a PyTorch or safetensors weights file (it starts with "
+                                f"{_head_text(path)}); check that it is the file you meant")
+    if kind == "zip" and not _zip_has_end(path, size):
+        ends_early = True
+    else:
+        ends_early = isinstance(error, (EOFError, IndexError)) or "EOF" in str(error) or "unpack requires" in str(error)
+    what = f"ends early ({size} bytes)" if ends_early else f"is damaged ({_short(error)})"
+    return WeightsFileError(f"{path} {what}: an interrupted download? compare its size/MD5 with the published "
+                            "one and download it again")
+
+
+def _zip_has_end(path: Path, size: int) -> bool:
+    """Whether the zip's end-of-central-directory record is present (a truncated archive loses it first)."""
+    with open(path, "rb") as file:
+        file.seek(max(0, size - 65_557))  # the record is 22 bytes plus a comment of at most 65,535
+        return _ZIP_END in file.read()
+
+
+def _read_safetensors(path: Path, size: int) -> SafetensorsWeights:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as file:
+            return SafetensorsWeights({key: file.get_tensor(key) for key in file.keys()}, file.metadata())
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _safetensors_error(path, size, error) from None
+
+
+def _read_safetensors_metadata(path: Path, size: int) -> dict[str, str]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as file:
+            return file.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _safetensors_error(path, size, error) from None
+
+
+def _safetensors_error(path: Path, size: int, error: Exception) -> WeightsFileError:
+    what = f"ends early ({size} bytes)" if _safetensors_needs(path) > size else f"is damaged ({_short(error)})"
+    return WeightsFileError(f"{path} {what}: an interrupted download? compare its size/MD5 with the published "
+                            "one and download it again")
+
+
+def _safetensors_needs(path: Path) -> int:
+    """The size a .safetensors file must have by its header; 0 when the header itself is unreadable."""
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = file.read(length)
+    if len(header) < length:
+        return 8 + length
+    try:
+        entries = json.loads(header).values()
+        return 8 + length + max((entry["data_offsets"][1] for entry in entries if "data_offsets" in entry),
+                                default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return 0
+
+
+def _decode_release_metadata(metadata: Mapping[str, str] | None) -> dict:
+    text = (metadata or {}).get(RELEASE_METADATA_KEY)
+    if text is None:
+        return {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+
+
+def _find_weights(obj: Any, use_ema: bool, source: str) -> Mapping:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise WeightsFileError(f"{source} holds a {type(obj).__name__}, not a dict of weights; "
+                               "is it a weights file?")
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        if not use_ema:
+            return obj["model"]
+        ema = obj.get("ema")
+        if ema is None:
+            raise WeightsFileError(f"{source} is a training checkpoint without EMA weights; load it without --ema")
+        return ema["module"]
+    for key in _EMA_KEYS if use_ema else _MODEL_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            return obj[key]
+    if use_ema:
+        raise WeightsFileError(f"{source} holds no EMA weights ({_describe_container(obj)}); load it without --ema")
+    return obj
+
+
+def _put(clean: dict, origin: dict, name: str, key: str, value: torch.Tensor, source: str) -> None:
+    if name in clean:
+        kept = clean[name]
+        same = kept.data_ptr() == value.data_ptr() and kept.shape == value.shape
+        if not same and not (kept.shape == value.shape and torch.equal(kept, value)):
+            raise WeightsFileError(f"{source} holds two different tensors for {name} (as {origin[name]} and {key}): "
+                                   "the file is damaged or was edited; use the original file")
+        return
+    clean[name] = value
+    origin[name] = key
+
+
+def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, for_inference: bool,
+                  source: str) -> LoadReport:
+    target = module.state_dict()
+    missing = [key for key in target if key not in state]
+    unexpected = [key for key in state if key not in target]
+    misshaped = [key for key in target if key in state and state[key].shape != target[key].shape]
+    required = [key for key in missing
+                if not key.endswith("num_batches_tracked") and not (for_inference and _is_side_head(key))]
+    loadable = len(target) - len(missing) - len(misshaped)
+    if misshaped or loadable == 0 or (strict and (required or unexpected)):
+        raise WeightsMismatchError(_mismatch_message(module, source, state, target, required if strict else [],
+                                                     unexpected if strict else [], misshaped, loadable))
+    # load_state_dict (not a bare copy_) so modules with their own loading hooks still get them.
+    module.load_state_dict({key: state[key] for key in target if key in state}, strict=False)
+    return LoadReport(loaded=loadable, missing=missing, unexpected=unexpected, source=source)
+
+
+def _mismatch_message(module: nn.Module, source: str, state: Mapping, target: Mapping, missing: list[str],
+                      unexpected: list[str], misshaped: list[str], loadable: int) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+    if misshaped:
+        shapes = ", ".join(f"{key}: file {tuple(state[key].shape)} vs model {tuple(target[key].shape)}"
+                           for key in misshaped[:_SHOWN])
+        parts.append(f"{len(misshaped)} with other shapes ({shapes}{', ...' if len(misshaped) > _SHOWN else ''})")
+    if loadable == 0:
+        parts.append("no tensor fits")
+    advice = "load weights made for this model and number of classes"
+    if missing and all(_is_side_head(key) for key in missing):
+        advice = "only the training side heads predict_* are missing: fine for evaluation (for_inference=True)"
+    return (f"{source} does not fit {type(module).__name__}: {'; '.join(parts)}; "
+            f"the file looks like {describe_weights(state)}; {advice}")
+
+
+def _is_side_head(key: str) -> bool:
+    return key.startswith("predict_")
+
+
+def _first(names: list[str]) -> str:
+    return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
+
+
+def _describe_container(obj: Mapping) -> str:
+    keys = [str(key) for key in obj]
+    return f"top-level keys: {_first(keys)}" if keys else "it is an empty dict"
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else type(error).__name__
+    return first if len(first) <= 100 else first[:97] + "..."
+
+
+def _head_text(path: Path) -> str:
+    with open(path, "rb") as file:
+        head = file.read(24)
+    text = head.decode("ascii", errors="replace")
+    return repr(text) if text.isprintable() else f"bytes {head[:8].hex(' ')}"

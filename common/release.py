@@ -1,0 +1,116 @@
+"""Turn a released or training checkpoint into a clean release file: weights only, .safetensors, with SHA-256.
+
+    python -m common.release INPUT --output OUT.safetensors [--ema] [--trust-pickle] [--keep-side-heads]
+
+The output holds the model's tensors under clean names (no `module.` prefixes, no SE aliases, no training side
+heads unless asked), this project's metadata (architecture, classes, input format) as JSON in the safetensors
+metadata, and is written atomically. `OUT.sha256` beside it holds `<hex>  <file name>`, as sha256sum writes it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from common.checkpoint import atomic_write, to_plain
+from common.errors import UserError, exit_on_user_error
+from common.model_state import (RELEASE_METADATA_KEY, describe_weights, extract_model_state, load_model_state,
+                                read_checkpoint_metadata, read_weights_file)
+from common.models import MODEL_FOLDERS, load_network_module
+
+# Training arguments are left out of a release: they name local paths and say nothing about using the weights.
+_PRIVATE_METADATA = ("args",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m common.release",
+        description="Write the weights of a released or training checkpoint as a clean .safetensors release file "
+                    "and its SHA-256.")
+    parser.add_argument("input", metavar="INPUT",
+                        help="a released weights file (.pkl/.pth, either layout), a training checkpoint of this "
+                             "project, or a .safetensors file")
+    parser.add_argument("--output", "-o", required=True, metavar="OUT.safetensors",
+                        help="the release file to write; OUT.safetensors.sha256 is written beside it")
+    parser.add_argument("--ema", action="store_true",
+                        help="release the EMA weights of a training checkpoint instead of the trained weights")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow a file that needs arbitrary unpickling (it can run code): only for a file "
+                             "you made yourself")
+    parser.add_argument("--keep-side-heads", action="store_true",
+                        help="keep the training-only side heads predict_* (left out by default: evaluation "
+                             "does not use them)")
+    parser.add_argument("--model", choices=MODEL_FOLDERS,
+                        help="also check that the weights load strictly into this network before writing")
+    return parser
+
+
+def release_weights(weights: dict[str, torch.Tensor], keep_side_heads: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors to release: side heads dropped unless kept, each tensor contiguous with storage of its own
+    (safetensors refuses shared storage)."""
+    released = {}
+    storages = set()
+    for key, value in weights.items():
+        if not keep_side_heads and key.startswith("predict_"):
+            continue
+        value = value.detach().cpu().contiguous()
+        storage = value.untyped_storage().data_ptr()
+        if storage in storages:
+            value = value.clone()
+        storages.add(value.untyped_storage().data_ptr())
+        released[key] = value
+    return released
+
+
+def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> dict:
+    """The metadata stored in the release: the checkpoint's own (without training arguments), what it holds."""
+    metadata = {key: value for key, value in read_checkpoint_metadata(obj).items() if key not in _PRIVATE_METADATA}
+    metadata["contents"] = describe_weights(weights)
+    if use_ema:
+        metadata["weights"] = "ema"
+    metadata.setdefault("weights", "model")
+    return to_plain(metadata, json_only=True)
+
+
+def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
+    """Write the .safetensors file and its .sha256 beside it, both atomically; returns the SHA-256."""
+    data = safetensors.torch.save(weights, metadata={"format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata)})
+    try:
+        digest, _ = atomic_write(output, lambda file: file.write(data))
+        line = f"{digest}  {output.name}\n".encode()
+        atomic_write(output.with_name(output.name + ".sha256"), lambda file: file.write(line))
+    except OSError as error:
+        raise UserError(f"could not write {output}: {error.strerror or error}; check the folder and free space") \
+            from error
+    return digest
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    source, output = Path(args.input), Path(args.output)
+    if output.suffix != ".safetensors":
+        raise UserError(f"--output {output}: the release file name must end in .safetensors")
+    if output.resolve() == source.resolve():
+        raise UserError(f"--output {output} is the input file; choose another name")
+    obj = read_weights_file(source, trust_pickle=args.trust_pickle)
+    weights = release_weights(extract_model_state(obj, use_ema=args.ema, source=str(source)), args.keep_side_heads)
+    if args.model:
+        rows = next((weights[key].shape[0] for key in ("classifier.0.weight", "fc.fc.weight", "fc.weight")
+                     if key in weights), 1000)
+        network = load_network_module(args.model).create_network(num_classes=rows)
+        load_model_state(network, weights, strict=True, for_inference=not args.keep_side_heads,
+                         source_name=str(source))
+    digest = write_release(output, weights, release_metadata(obj, weights, args.ema))
+    size = output.stat().st_size
+    print(f"wrote {output}: {len(weights)} tensors, {size / 1e6:.1f} MB, {describe_weights(weights)}")
+    print(f"{digest}  {output.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""Training checkpoints: round trip, exact resume, crash safety under SIGKILL, retention, damaged files, release."""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import released_state_dict
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn import functional as F
+
+from common import checkpoint
+from common.checkpoint import (CheckpointCorruptError, CheckpointError, CheckpointWarning, CheckpointWriteError,
+                               get_latest_model, get_training_state, list_checkpoints, load_checkpoint,
+                               save_checkpoint, verify_checkpoint)
+from common.model_state import WeightsMismatchError, load_model_state, read_checkpoint_metadata, read_weights_file
+from common.release import main as release_main
+
+SAMPLES, BATCH = 20, 4
+STEPS_PER_EPOCH = SAMPLES // BATCH
+TOTAL = 12
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.dropout = nn.Dropout(0.3)
+        self.fc = nn.Linear(8, 4)
+        self.predict_aux = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1)
+        return self.fc(self.dropout(x))
+
+
+class Run:
+    """Model, SGD with momentum, linear LR decay, AMP grad scaler and EMA, built from `seed`."""
+
+    def __init__(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.model = Tiny()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: 1 - k / TOTAL)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        self.ema = ModelEmaV3(self.model, decay=0.9)
+
+    def objects(self) -> dict:
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler, "ema": self.ema}
+
+
+class Stream:
+    """Batches drawn from a reshuffled fixed dataset; its position is the epoch, the step and the generator state
+    at the start of the epoch (from which the epoch's order is rebuilt on resume)."""
+
+    data = torch.randn(SAMPLES, 3, 6, 6, generator=torch.Generator().manual_seed(7))
+    labels = torch.randint(0, 4, (SAMPLES,), generator=torch.Generator().manual_seed(8))
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(1234)
+        self.epoch = 0
+        self.step = 0
+        self._shuffle()
+
+    def _shuffle(self) -> None:
+        self.epoch_state = self.generator.get_state()
+        self.order = torch.randperm(SAMPLES, generator=self.generator)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.order[self.step * BATCH:(self.step + 1) * BATCH]
+        self.step += 1
+        if self.step == STEPS_PER_EPOCH:
+            self.epoch, self.step = self.epoch + 1, 0
+            self._shuffle()
+        return self.data[index], self.labels[index]
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "epoch_generator_state": self.epoch_state}
+
+    def restore(self, position: dict) -> None:
+        self.generator.set_state(position["epoch_generator_state"])
+        self._shuffle()
+        self.epoch, self.step = position["epoch"], position["step"]
+
+
+def train(run: Run, stream: Stream, start: int, stop: int) -> None:
+    run.model.train()
+    for iteration in range(start, stop):
+        x, y = stream.next()
+        # Python's and numpy's generators feed the augmentation, torch's the dropout: all three must resume.
+        x = x * (1 + 0.1 * random.random()) + 0.1 * float(np.random.randn())
+        loss = F.cross_entropy(run.model(x), y)
+        run.optimizer.zero_grad()
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        run.ema.update(run.model, step=iteration + 1)
+
+
+@pytest.fixture
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _state_of(run: Run) -> dict:
+    return {**{f"model.{k}": v for k, v in run.model.state_dict().items()},
+            **{f"ema.{k}": v for k, v in run.ema.module.state_dict().items()},
+            **{f"momentum.{i}": s["momentum_buffer"] for i, s in run.optimizer.state_dict()["state"].items()}}
+
+
+@pytest.mark.parametrize("stop_at", [3, 5, 7, 10])
+def test_resume_is_bit_identical(tmp_path, deterministic, stop_at):
+    _seed_everything(0)
+    straight, stream = Run(seed=1), Stream()
+    train(straight, stream, 0, TOTAL)
+    expected = _state_of(straight)
+
+    _seed_everything(0)
+    first, stream = Run(seed=1), Stream()
+    train(first, stream, 0, stop_at)
+    state = get_training_state(first.model, **first.objects(), iteration=stop_at, data_position=stream.position())
+    path = save_checkpoint(state, stop_at, tmp_path)
+    del first, stream, state
+
+    _seed_everything(99)  # a fresh process: other seeds, other initial weights
+    resumed, stream = Run(seed=2), Stream()
+    restored = load_checkpoint(path, resumed.model, **resumed.objects())
+    stream.restore(restored["data_position"])
+    train(resumed, stream, restored["iteration"], TOTAL)
+    actual = _state_of(resumed)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def test_round_trip_of_every_piece(tmp_path):
+    run = Run(seed=3)
+    _seed_everything(3)
+    train(run, Stream(), 0, 4)
+    args = argparse.Namespace(lr=0.1, save=tmp_path / "runs", sizes=(224, 256))
+    metadata = {"arch": "Tiny", "classes": ["a", "b", "c", "d"], "image_size": 224, "args": args,
+                "input_format": {"channel_order": "BGR", "mean": (0.0, 0.0, 0.0)}}
+    metrics = {"top1_error": 30.1, "top5_error": np.float32(10.0), "loss": torch.tensor(1.25)}
+    state = get_training_state(run.model, **run.objects(), iteration=4, best_metric=30.1,
+                               data_position={"epoch": 0, "step": 4, "sampler_seed": np.int64(5)},
+                               metrics=metrics, metadata=metadata)
+    path = save_checkpoint(state, 4, tmp_path)
+    draws = (random.random(), np.random.randn(), torch.rand(3))
+
+    # The file loads with plain weights_only=True: only tensors and plain values inside.
+    raw = torch.load(path, weights_only=True)
+    assert raw["metadata"]["args"] == {"lr": 0.1, "save": str(tmp_path / "runs"), "sizes": [224, 256]}
+    assert raw["metadata"]["versions"].keys() == {"python", "torch", "torchvision", "numpy"}
+    assert raw["metadata"]["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert raw["metadata"]["time_utc"].endswith("+00:00")
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["iteration"] == 4 and sidecar["size"] == path.stat().st_size
+    assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sidecar["metrics"] == {"top1_error": 30.1, "top5_error": 10.0, "loss": 1.25}
+
+    _seed_everything(42)
+    fresh = Run(seed=4)
+    restored = load_checkpoint(path, fresh.model, **fresh.objects())
+    assert (random.random(), np.random.randn()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+    for name in ("model", "optimizer", "scheduler", "scaler"):
+        original = getattr(run, name).state_dict()
+        assert _equal(getattr(fresh, name).state_dict(), original), name
+    assert _equal(fresh.ema.module.state_dict(), run.ema.module.state_dict())
+    assert restored["iteration"] == 4 and restored["best_metric"] == 30.1
+    assert restored["data_position"] == {"epoch": 0, "step": 4, "sampler_seed": 5}
+    assert restored["metrics"]["top5_error"] == 10.0
+    assert read_checkpoint_metadata(path)["classes"] == ["a", "b", "c", "d"]
+    assert read_checkpoint_metadata(path)["iteration"] == 4
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_ema_wrapper_buffers_round_trip(tmp_path):
+    from torch.optim.swa_utils import AveragedModel
+
+    model = Tiny()
+    averaged = AveragedModel(model)
+    averaged.update_parameters(model)
+    averaged.update_parameters(model)
+    path = save_checkpoint(get_training_state(model, ema=averaged, iteration=1), 1, tmp_path)
+    fresh = AveragedModel(Tiny())
+    load_checkpoint(path, Tiny(), ema=fresh)
+    assert fresh.n_averaged.item() == 2
+    assert torch.equal(fresh.module.fc.weight, averaged.module.fc.weight)
+
+
+def _save(folder: Path, iteration: int, **kwargs) -> Path:
+    state = {"format": checkpoint.CHECKPOINT_FORMAT, "iteration": iteration, "model": {"w": torch.full((4,), 1.0)},
+             "metrics": kwargs.pop("metrics", {})}
+    return save_checkpoint(state, iteration, folder, **kwargs)
+
+
+def test_names_sort_by_number_at_any_iteration_count(tmp_path):
+    for iteration in (999_999, 5, 1_000_000, 12_345_678_901, 10_000):
+        _save(tmp_path, iteration, keep=10)
+    assert (tmp_path / "checkpoint-0000000005.pth").exists()
+    assert [info.iteration for info in list_checkpoints(tmp_path)] == [5, 10_000, 999_999, 1_000_000, 12_345_678_901]
+    assert get_latest_model(tmp_path) == (tmp_path / "checkpoint-12345678901.pth", 12_345_678_901)
+
+
+def test_retention_keeps_newest_and_best(tmp_path):
+    errors = {10: 50.0, 20: 31.0, 30: 40.0, 40: 45.0, 50: 44.0, 60: 42.0}
+    for iteration, error in errors.items():
+        _save(tmp_path, iteration, keep=2, best_metric_name="top1_error", metrics={"top1_error": error})
+    assert [info.iteration for info in list_checkpoints(tmp_path)] == [20, 50, 60]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint-00000000{i}.{ext}" for i in (20, 50, 60)
+                                                          for ext in ("json", "pth")]
+    _save(tmp_path, 70, keep=1, best_metric_name="top1_error", lower_is_better=False, metrics={"top1_error": 1.0})
+    assert [info.iteration for info in list_checkpoints(tmp_path)] == [50, 70]  # 44.0 is the highest
+
+
+def test_latest_skips_partial_corrupt_and_foreign_files(tmp_path):
+    assert get_latest_model(tmp_path / "missing") == (None, 0)
+    assert get_latest_model(tmp_path) == (None, 0)
+    good = _save(tmp_path, 100)
+    damaged = _save(tmp_path, 200)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    truncated = _save(tmp_path, 300)
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    foreign = tmp_path / "checkpoint-0000000400.pth"
+    torch.save({"w": torch.zeros(1)}, foreign)
+    (tmp_path / ".checkpoint-0000000500.pth.123.tmp").write_bytes(b"partial")
+    (tmp_path / "model_best.pth").write_bytes(b"x")
+    with pytest.warns(CheckpointWarning) as caught:
+        assert get_latest_model(tmp_path) == (good, 100)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 5 and all("\n" not in m for m in messages)
+    for name, reason in ((damaged.name, "SHA-256"), (truncated.name, "bytes"), (foreign.name, "no sidecar"),
+                         (".checkpoint-0000000500.pth.123.tmp", "unfinished"), ("model_best.pth", "not a checkpoint")):
+        assert any(name in m and reason in m for m in messages), (name, messages)
+    assert [info.iteration for info in list_checkpoints(tmp_path, verify=True)] == [100]
+
+    with pytest.raises(CheckpointCorruptError, match="SHA-256 does not match") as error:
+        load_checkpoint(damaged, Tiny())
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointCorruptError, match="sidecar says"):
+        verify_checkpoint(truncated)
+    with pytest.raises(CheckpointCorruptError, match="no sidecar"):
+        load_checkpoint(foreign, Tiny())
+    with pytest.raises(CheckpointError, match="not a training checkpoint"):
+        load_checkpoint(foreign, Tiny(), verify=False)
+
+
+def test_full_disk_leaves_earlier_checkpoints_intact(tmp_path, monkeypatch):
+    earlier = _save(tmp_path, 10)
+    before = sorted(tmp_path.iterdir())
+
+    class FillingFile:
+        """A real file that runs out of space after a few hundred bytes, as on a full disk."""
+
+        def __init__(self, path, mode):
+            self._file = open(path, mode)
+            self.written = 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 300:
+                self._file.write(bytes(data)[:10])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._file.close()
+
+    monkeypatch.setattr(checkpoint, "open", FillingFile, raising=False)
+    with pytest.raises(CheckpointWriteError) as error:
+        _save(tmp_path, 20)
+    text = str(error.value)
+    assert "\n" not in text and str(tmp_path) in text and "No space left on device (ENOSPC)" in text
+    assert "intact" in text
+    assert sorted(tmp_path.iterdir()) == before
+    verify_checkpoint(earlier)
+    assert get_latest_model(tmp_path) == (earlier, 10)
+
+
+def test_failure_between_the_renames_removes_the_new_sidecar(tmp_path, monkeypatch):
+    earlier = _save(tmp_path, 10)
+    before = sorted(tmp_path.iterdir())
+
+    def fail(folder):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(checkpoint, "_fsync_dir", fail)
+    with pytest.raises(CheckpointWriteError, match="Input/output error"):
+        _save(tmp_path, 20)
+    assert sorted(tmp_path.iterdir()) == before
+    assert get_latest_model(tmp_path) == (earlier, 10)
+
+
+def test_only_rank_zero_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    assert _save(tmp_path / "run", 10) is None
+    assert not (tmp_path / "run").exists()
+
+
+WEIGHT = torch.arange(1_000_000, dtype=torch.float32)  # 4 MB: large enough that kills land mid-write
+
+
+def _writer(folder: str, start: int) -> None:
+    iteration = start
+    while True:
+        iteration += 1
+        state = {"format": checkpoint.CHECKPOINT_FORMAT, "iteration": iteration,
+                 "model": {"weight": WEIGHT, "marker": torch.tensor(iteration)},
+                 "metrics": {"loss": float(iteration % 7)}}
+        save_checkpoint(state, iteration, folder, keep=2, best_metric_name="loss")
+
+
+def test_sigkill_during_saves_never_leaves_a_bad_latest(tmp_path):
+    # fork: the child starts at once with torch imported; it only serialises and writes (no parallel kernels).
+    context = multiprocessing.get_context("fork")
+    rng = random.Random(0)
+    latest, interrupted = 0, 0
+    for _ in range(25):
+        child = context.Process(target=_writer, args=(str(tmp_path), latest))
+        child.start()
+        time.sleep(rng.uniform(0.0, 0.25))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        interrupted += any(name.startswith(".") for name in os.listdir(tmp_path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CheckpointWarning)
+            path, iteration = get_latest_model(tmp_path)
+        if path is None:
+            assert iteration == 0 and latest == 0
+            continue
+        verify_checkpoint(path)
+        state = torch.load(path, weights_only=True)
+        assert state["iteration"] == iteration and state["model"]["marker"].item() == iteration
+        assert torch.equal(state["model"]["weight"], WEIGHT)
+        assert iteration >= latest  # the newest good checkpoint is never lost
+        latest = iteration
+    assert latest > 0, "the writer never finished a save: the test did not exercise anything"
+    assert interrupted > 0, "no kill landed during a save"
+
+
+def test_release_command(tmp_path, capsys):
+    run = Run(seed=5)
+    _seed_everything(5)
+    train(run, Stream(), 0, 3)
+    metadata = {"arch": "Tiny", "classes": ["a", "b", "c", "d"], "args": {"data": "/private/path"}}
+    state = get_training_state(run.model, **run.objects(), iteration=3, metrics={"top1_error": 12.5},
+                               metadata=metadata)
+    source = save_checkpoint(state, 3, tmp_path / "run")
+    output = tmp_path / "tiny-ema.safetensors"
+    assert release_main([str(source), "--output", str(output), "--ema"]) == 0
+    printed = capsys.readouterr().out
+    digest = hashlib.sha256(output.read_bytes()).hexdigest()
+    assert f"{digest}  {output.name}" in printed
+    assert (tmp_path / "tiny-ema.safetensors.sha256").read_text() == f"{digest}  {output.name}\n"
+    weights = safetensors.torch.load_file(output)
+    assert not any(key.startswith("predict_") for key in weights)
+    assert all(torch.equal(weights[key], value) for key, value in run.ema.module.state_dict().items()
+               if not key.startswith("predict_"))
+    meta = read_checkpoint_metadata(output)
+    assert meta["classes"] == ["a", "b", "c", "d"] and meta["weights"] == "ema" and meta["iteration"] == 3
+    assert meta["metrics"] == {"top1_error": 12.5} and "args" not in meta
+    load_model_state(Tiny(), output, for_inference=True)
+    with pytest.raises(WeightsMismatchError, match="predict_aux"):
+        load_model_state(Tiny(), output)
+
+
+def test_release_of_a_2019_file(tmp_path, capsys):
+    source = tmp_path / "oneshot.pkl"
+    state = released_state_dict("OneShot")
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, source,
+               _use_new_zipfile_serialization=False)
+    output = tmp_path / "oneshot.safetensors"
+    assert release_main([str(source), "-o", str(output), "--model", "OneShot"]) == 0
+    weights = read_weights_file(output)
+    assert weights.keys() == state.keys() and all(torch.equal(weights[k], v) for k, v in state.items())
+    assert "a OneShot state dict with 1000 classes" in capsys.readouterr().out
+
+
+def test_release_refuses_unsafe_and_wrong_input(tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    source = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Evil()}, source)
+    with pytest.raises(SystemExit) as exit_info:
+        release_main([str(source), "-o", str(tmp_path / "out.safetensors")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--trust-pickle" in err
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(SystemExit):
+        release_main([str(source), "-o", str(tmp_path / "out.pth")])
+    assert "must end in .safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        release_main([str(tmp_path / "nothing.pth"), "-o", str(tmp_path / "out.safetensors")])
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_missing_parts_leave_objects_as_they_are(tmp_path):
+    model = Tiny()
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    path = save_checkpoint(get_training_state(model, scaler=disabled, iteration=1), 1, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(path, Tiny(), scaler=torch.amp.GradScaler("cpu", enabled=False))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(CheckpointWarning) as caught:
+        load_checkpoint(path, Tiny(), optimizer=optimizer, scaler=torch.amp.GradScaler("cpu"))
+    assert sorted(str(w.message).split(" has no ")[1].split()[0] for w in caught) == ["optimizer", "scaler"]
+    other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    other_path = save_checkpoint(get_training_state(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                    iteration=2), 2, tmp_path)
+    with pytest.raises(CheckpointError, match="the saved optimizer state does not fit this optimizer"):
+        load_checkpoint(other_path, Tiny(), optimizer=other)
+
+
+def test_cuda_rng_states_are_kept_per_device(tmp_path, monkeypatch):
+    """The CUDA branch without a GPU: every device's generator state is saved, and restored to its device."""
+    states = [torch.arange(8, dtype=torch.uint8), torch.arange(8, 16, dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({device: state}))
+    path = save_checkpoint(get_training_state(Tiny(), iteration=1), 1, tmp_path)
+    load_checkpoint(path, Tiny())
+    assert restored.keys() == {0, 1} and all(torch.equal(restored[i], states[i]) for i in (0, 1))
