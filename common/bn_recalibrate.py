@@ -1,0 +1,57 @@
+"""Re-estimate BatchNorm running statistics after the weights changed under them (averaging, end of training).
+
+The OneShot recipe ends with 1,250 training batches at learning rate 0 with the BN momentum set to 1/k at the
+k-th batch (MODELS.md, "Training recipes"). That is the cumulative average of the batch statistics, which PyTorch
+computes itself when a BatchNorm's momentum is None. With a zero learning rate no weight moves, so this needs no
+optimizer step at all: forward passes in train mode under no_grad change nothing but the BN buffers.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from common.errors import UserError
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches: int,
+                          forward: Callable[[nn.Module, Any], Any] | None = None) -> None:
+    """Replace every BatchNorm's running mean and variance by their exact average over `num_batches` batches.
+
+    `batches` yields model inputs (already in the network's input format and on its device); with `forward`,
+    it may yield anything and `forward(model, batch)` runs the model on it. The whole model runs in train mode,
+    as in the original recipe, so Large/ExLarge side heads (only run in training) are re-estimated too and the
+    tuple they return is ignored. Momentum values and every module's train/eval mode are restored afterwards;
+    parameters and non-BN buffers are left untouched. Raises UserError if `batches` runs out early.
+    """
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    modes = {module: module.training for module in model.modules()}
+    momenta = {norm: norm.momentum for norm in norms}
+    run = forward or (lambda net, batch: net(batch))
+    done = 0
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            # None makes BatchNorm weight the k-th batch by 1/k: a cumulative mean, the original's schedule.
+            norm.momentum = None
+        model.train()
+        # islice, not a break inside the loop: a data loader must not decode a batch that is never used.
+        for batch in itertools.islice(batches, num_batches):
+            run(model, batch)
+            done += 1
+    finally:
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
+        for module, training in modes.items():
+            module.train(training)
+    if done < num_batches:
+        raise UserError(f"BatchNorm re-estimation needs {num_batches} batches but the data gave only {done}; "
+                        f"ask for fewer batches")

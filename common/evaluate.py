@@ -1,0 +1,342 @@
+"""Evaluation: the loop shared by eval.py and the training's periodic validation, the result files, and the
+eval.py command line of every model folder (`run_eval`).
+
+The loop reports what timm's validate.py reports: top-1/top-5 accuracy and error, mean cross-entropy loss, the
+image count and images/s. Counts are summed over ranks when torch.distributed is initialised and the loader
+holds this rank's shard.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from common.average import file_sha256
+from common.checkpoint import _versions as library_versions
+from common.counting import count_macs, count_parameters
+from common.data import EvalTransform, build_eval_loader, scan_image_folder
+from common.distributed import resolve_device
+from common.errors import UserError, exit_on_user_error
+from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_names, imagenet_wnids
+from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
+from common.input_format import InputFormat
+from common.model_state import read_checkpoint_metadata, read_weights_file
+
+TOP_K = 5
+# Batches between updates of the running accuracy in the progress bar (each update waits for the device).
+_POSTFIX_INTERVAL = 10
+
+
+def evaluate(model: nn.Module | InferenceRunner, preprocess: nn.Module | None, loader: Iterable, *,
+             device: str | torch.device | None = None, amp: str | None = None, progress: bool = True,
+             keep_predictions: bool = False) -> dict:
+    """Top-1/top-5 accuracy and error (%), mean loss, images, skipped and images/s of `model` over `loader`.
+
+    `model` is a network, run in eval mode (its mode is restored afterwards) behind `preprocess` on `device`
+    under `amp`; or an InferenceRunner from prepare_inference_model, which holds all three (pass None for them).
+    `loader` yields (uint8 RGB images, int64 labels, skipped count, positions), as common.data.build_eval_loader
+    does. With `keep_predictions` the result also holds "predictions": this rank's positions, labels and top-5
+    classes and probabilities, in evaluation order.
+    """
+    if isinstance(model, InferenceRunner):
+        return _evaluate(model, loader, progress, keep_predictions)
+    was_training = model.training
+    model.eval()
+    try:
+        runner = InferenceRunner(InferenceModel(model, preprocess), torch.device(device), amp)
+        return _evaluate(runner, loader, progress, keep_predictions)
+    finally:
+        model.train(was_training)
+
+
+def _planned_images(loader: Iterable) -> int | None:
+    batches = getattr(loader, "batch_sampler", None)
+    return sum(len(batch) for batch in batches) if batches is not None else None
+
+
+def _evaluate(runner: InferenceRunner, loader: Iterable, progress: bool, keep_predictions: bool) -> dict:
+    device = runner.device
+    # correct top-1, correct top-k, summed loss, images, skipped: kept on the device to avoid a sync per batch.
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    kept: dict[str, list[torch.Tensor]] = {"positions": [], "labels": [], "top_classes": [], "top_probs": []}
+    bar = tqdm(total=_planned_images(loader), unit="img", desc="eval", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    started = time.perf_counter()
+    for step, (images, labels, skipped, positions) in enumerate(loader):
+        bar.update(len(labels) + skipped)
+        totals[4] += skipped
+        if not len(labels):
+            continue
+        logits = runner(images)
+        labels = labels.to(device, non_blocking=True)
+        k = min(TOP_K, logits.shape[1])
+        top_probs, top_classes = logits.softmax(1).topk(k, dim=1)
+        correct = top_classes == labels[:, None]
+        totals[0] += correct[:, 0].sum()
+        totals[1] += correct.any(1).sum()
+        totals[2] += F.cross_entropy(logits, labels, reduction="sum")
+        totals[3] += len(labels)
+        if keep_predictions:
+            for name, value in (("positions", positions), ("labels", labels), ("top_classes", top_classes),
+                                ("top_probs", top_probs)):
+                kept[name].append(value.cpu())
+        if progress and step % _POSTFIX_INTERVAL == 0:
+            bar.set_postfix_str(f"acc@1 {100 * totals[0].item() / totals[3].item():.2f}%", refresh=False)
+    totals = totals.cpu()
+    seconds = time.perf_counter() - started
+    bar.close()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        reduced = torch.cat((totals, torch.tensor([seconds], dtype=torch.float64))).to(device)
+        dist.all_reduce(reduced[:5])
+        dist.all_reduce(reduced[5:], op=dist.ReduceOp.MAX)
+        totals, seconds = reduced[:5].cpu(), reduced[5].item()
+    correct1, correct5, loss_sum, images, skipped = totals.tolist()
+    images = int(images)
+    results = {
+        "top1_accuracy": 100 * correct1 / max(images, 1),
+        "top5_accuracy": 100 * correct5 / max(images, 1),
+        "loss": loss_sum / max(images, 1),
+        "images": images,
+        "skipped": int(skipped),
+        "seconds": seconds,
+        "images_per_second": images / seconds if seconds > 0 else 0.0,
+    }
+    results["top1_error"] = 100 - results["top1_accuracy"]
+    results["top5_error"] = 100 - results["top5_accuracy"]
+    if keep_predictions:
+        results["predictions"] = {name: torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
+                                  for name, values in kept.items()}
+    return results
+
+
+# -- result files -------------------------------------------------------------------------------------------------
+
+RESULT_KEYS = ("top1_accuracy", "top5_accuracy", "top1_error", "top5_error", "loss", "images", "skipped",
+               "images_per_second")
+
+
+def write_results_json(path: str | Path, record: dict) -> None:
+    """Write one evaluation's record (see `results_record`) as indented JSON."""
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def results_record(results: dict, *, model: str, weights: str | Path, params: int, macs: int, image_size: int,
+                   input_format: InputFormat, device: torch.device, amp: str | None, compile: bool, fast: bool,
+                   published: dict | None) -> dict:
+    """The --results-json record: what was evaluated, how, the metrics, and the library versions."""
+    return {
+        "model": model,
+        "weights": str(weights),
+        "weights_sha256": file_sha256(weights),
+        "params": params,
+        "macs": macs,
+        "image_size": image_size,
+        "input_format": {**input_format.to_dict(), "description": input_format.describe()},
+        **{key: results[key] for key in RESULT_KEYS},
+        "published": published,
+        "device": str(device),
+        "amp": amp,
+        "compile": compile,
+        "fast": fast,
+        "versions": library_versions(),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_predictions_csv(path: str | Path, predictions: dict, paths: Sequence[str],
+                          class_names: Sequence[str]) -> None:
+    """One row per image: path, label, label_name, then index, name and probability of the top-5 classes."""
+    k = predictions["top_classes"].shape[1] if predictions["top_classes"].dim() == 2 else TOP_K
+    header = ["path", "label", "label_name"]
+    for rank in range(1, k + 1):
+        header += [f"top{rank}_index", f"top{rank}_name", f"top{rank}_prob"]
+    order = predictions["positions"].argsort()
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        for row in order.tolist():
+            label = int(predictions["labels"][row])
+            cells = [paths[int(predictions["positions"][row])], label, class_names[label]]
+            for index, prob in zip(predictions["top_classes"][row].tolist(), predictions["top_probs"][row].tolist()):
+                cells += [index, class_names[index], f"{prob:.6f}"]
+            writer.writerow(cells)
+
+
+# -- the eval.py command line -------------------------------------------------------------------------------------
+
+LoadCheckpoint = Callable[..., object]
+
+
+def build_parser(model_name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=f"Evaluate {model_name} on an ImageNet-layout val folder (single center crop) and report "
+                    "top-1/top-5 accuracy and error, mean loss and images/s, as timm's validate.py does.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--weights", "--eval-resume", dest="weights", required=True, metavar="FILE",
+                        help="weights to evaluate: a released file of any layout (.pkl/.pth/.pth.tar), a .safetensors "
+                             "release or a training checkpoint of this project")
+    parser.add_argument("--val-dir", required=True, metavar="DIR",
+                        help="val images in ImageFolder layout, one sub-folder per class named by ImageNet wnid "
+                             "(or by the class names a checkpoint of this project was trained on)")
+    parser.add_argument("--batch-size", type=int, default=100, help="images per batch")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data-loading worker processes (0: load in the main process)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when CUDA is present, else cpu), cpu, cuda "
+                                                         "or cuda:N")
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="center-crop size; the short side is first resized to round(N * 256 / 224) (default: "
+                             "the size a checkpoint of this project was trained at, else 224)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="evaluate only the first N images of the fixed evaluation order (spread over the "
+                             "classes)")
+    parser.add_argument("--results-json", metavar="FILE",
+                        help="write metrics, model, weights SHA-256, params, MACs, input format and library "
+                             "versions to FILE")
+    parser.add_argument("--predictions-csv", metavar="FILE",
+                        help="write per-image top-5 classes (index, name, probability) to FILE")
+    parser.add_argument("--class-map", metavar="FILE", help=f"match val folders to network outputs: {CLASS_MAP_HELP}")
+    fmt = parser.add_argument_group("input format (default: what the weights expect; see MODELS.md)")
+    fmt.add_argument("--mean-image", metavar="FILE",
+                     help="subtract this per-pixel mean image (OpenCV FileStorage XML, BGR, e.g. the original "
+                          "ImageNet_1000_scale224_mean.xml) instead of per-channel means")
+    fmt.add_argument("--channel-order", choices=("BGR", "RGB"), help="channel order the network takes")
+    fmt.add_argument("--mean", type=float, nargs=3, metavar=("M1", "M2", "M3"),
+                     help="per-channel mean to subtract, in the network's channel order, on the 0..255 scale")
+    fmt.add_argument("--std", type=float, nargs=3, metavar=("S1", "S2", "S3"),
+                     help="per-channel divisor, in the network's channel order")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the inference model")
+    speed.add_argument("--amp", choices=("bf16", "fp16"),
+                       help="autocast to this precision (bf16 is fast on CPUs with AMX; results may differ slightly "
+                            "from float32)")
+    speed.add_argument("--no-fast", action="store_true",
+                       help="plain path: BatchNorm not folded, NCHW memory (the fast path's outputs equal it within "
+                            "float tolerance)")
+    weights = parser.add_argument_group("weights")
+    weights.add_argument("--trust-pickle", action="store_true",
+                         help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
+                              "made yourself")
+    weights.add_argument("--use-ema", action="store_true",
+                         help="evaluate the EMA weights of a training checkpoint")
+    return parser
+
+
+def _model_name(network: ModuleType) -> str:
+    return Path(network.__file__).resolve().parent.name
+
+
+def _input_format(args: argparse.Namespace, default: InputFormat) -> InputFormat:
+    try:
+        return default.replace(channel_order=args.channel_order, mean=tuple(args.mean) if args.mean else None,
+                               std=tuple(args.std) if args.std else None, mean_image=args.mean_image)
+    except ValueError as error:
+        raise UserError(f"input format: {error}") from None
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """What the data and model code would only find after the weights are read."""
+    if args.image_size is not None and args.image_size < 32:
+        raise UserError(f"--image-size {args.image_size}: must be at least 32")
+    if args.mean_image and not Path(args.mean_image).is_file():
+        raise UserError(f"--mean-image {args.mean_image}: no such file")
+
+
+def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpoint: LoadCheckpoint) -> dict:
+    """The eval.py command line of a model folder; returns the results. Bad input ends with a one-line error.
+
+    `network` is the folder's network.py module; `load_checkpoint(model, weights, **options)` loads a read
+    weights object (options: source_name, use_ema) into the model.
+    """
+    return exit_on_user_error(_run_eval)(network, argv, load_checkpoint)
+
+
+def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: LoadCheckpoint) -> dict:
+    model_name = _model_name(network)
+    args = build_parser(model_name).parse_args(argv)
+    _check_args(args)
+    device = resolve_device(args.device)
+
+    weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
+    metadata = read_checkpoint_metadata(weights)
+    if metadata.get("arch") not in (None, model_name):
+        raise UserError(f"--weights {args.weights}: a {metadata['arch']} checkpoint; evaluate it with "
+                        f"{metadata['arch']}/eval.py")
+    classes = metadata.get("classes") or imagenet_wnids()
+    num_classes = metadata.get("num_classes") or len(classes)
+    is_imagenet = list(classes) == imagenet_wnids()
+    class_names = imagenet_names() if is_imagenet else list(classes)
+    # A checkpoint trained with --num-classes above its class folders has outputs without a class.
+    class_names += [f"output {index}" for index in range(len(class_names), num_classes)]
+    image_size = args.image_size or metadata.get("image_size") or 224
+    stored_format = metadata.get("input_format")
+    input_format = _input_format(args, InputFormat.from_dict(stored_format) if stored_format
+                                 else network.INPUT_FORMAT)
+
+    # The val folder is checked before the network is built: large models take seconds to build and load.
+    folders = scan_image_folder(args.val_dir, "--val-dir")[1]
+    class_to_index = class_to_index_for(folders, classes, args.class_map)
+    loader, _, paths = build_eval_loader(args.val_dir, crop_size=image_size, batch_size=args.batch_size,
+                                         workers=args.workers, limit=args.limit, class_to_index=class_to_index,
+                                         pin_memory=device.type == "cuda")
+    model = network.create_network(num_classes)
+    report = load_checkpoint(model, weights, source_name=str(args.weights), use_ema=args.use_ema)
+    del weights
+    params = count_parameters(model, include_side_heads=False)
+    macs = _count_macs(network, num_classes, image_size) if args.results_json else None
+    fast = not args.no_fast
+    runner = prepare_inference_model(model, input_format=input_format, device=device, channels_last=fast,
+                                     compile=args.compile, amp=args.amp, fold_bn=fast)
+    path_name = "fast path (BatchNorm folded, channels_last)" if fast else "plain path"
+    extras = "".join(f", {flag}" for flag, on in ((f"{args.amp} autocast", args.amp), ("compiled", args.compile))
+                     if on)
+    print(f"{model_name}: {report.summary()}", flush=True)
+    print(f"{len(paths):,} images of {args.val_dir}, {image_size}px center crop of a "
+          f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {path_name}{extras} "
+          f"on {device}", flush=True)
+
+    results = evaluate(runner, None, loader, keep_predictions=bool(args.predictions_csv))
+    published = ({"top1_error": network.PUBLISHED["top1_error"], "top5_error": network.PUBLISHED["top5_error"]}
+                 if is_imagenet else None)
+    print(_summary_line(results, published), flush=True)
+    if args.results_json:
+        write_results_json(args.results_json, results_record(
+            results, model=model_name, weights=args.weights, params=params, macs=macs, image_size=image_size,
+            input_format=input_format, device=device, amp=args.amp, compile=args.compile, fast=fast,
+            published=published))
+    if args.predictions_csv:
+        write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths, class_names)
+    return results
+
+
+def _count_macs(network: ModuleType, num_classes: int, image_size: int) -> int:
+    # On a meta-device copy: the count needs shapes only, and a forward pass of the real model on the CPU costs
+    # seconds for the large models.
+    with torch.device("meta"):
+        return count_macs(network.create_network(num_classes), image_size)
+
+
+def _summary_line(results: dict, published: dict | None) -> str:
+    """timm validate.py's summary, ` * Acc@1 a (error) Acc@5 b (error)`, with loss, count and speed."""
+    line = (f" * Acc@1 {results['top1_accuracy']:.3f} ({results['top1_error']:.3f}) "
+            f"Acc@5 {results['top5_accuracy']:.3f} ({results['top5_error']:.3f})  loss {results['loss']:.4f}  "
+            f"{results['images']:,} images")
+    if results["skipped"]:
+        line += f" ({results['skipped']:,} skipped: undecodable)"
+    line += f"  {results['images_per_second']:.1f} images/s"
+    if published:
+        line += f"  [published error: top-1 {published['top1_error']}, top-5 {published['top5_error']}]"
+    return line
