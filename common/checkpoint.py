@@ -89,7 +89,7 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
         "data_position": to_plain(data_position or {}),
         "metrics": to_plain(metrics or {}, json_only=True),
         "rng": _rng_state(),
-        "metadata": {**to_plain(metadata or {}), "versions": _versions(),
+        "metadata": {**to_plain(metadata or {}), "versions": library_versions(),
                      "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     }
 
@@ -305,7 +305,8 @@ def _set_rng_state(rng: dict) -> None:
             torch.cuda.set_rng_state(cuda_state.cpu(), device)
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
+    """Versions of Python and the libraries that decide numerics, as recorded in checkpoints and results."""
     versions = {"python": platform.python_version()}
     for package in ("torch", "torchvision", "numpy"):
         try:

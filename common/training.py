@@ -41,13 +41,13 @@ from common.run_log import RunLog, plot_curves
 class DemoRecipe:
     """What `--demo` changes: a few minutes on a laptop CPU with the built-in dataset."""
 
-    batch_size: int = 64
+    batch_size: int = 48
     learning_rate: float = 0.1
-    total_iters: int = 300
+    total_iters: int = 200
     image_size: int = 64
     display_interval: int = 10
-    val_interval: int = 100
-    save_interval: int = 100
+    val_interval: int = 50
+    save_interval: int = 50
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,8 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     end.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
                      help="re-estimate BatchNorm statistics over N training batches (OneShot's original: 1250)")
     end.add_argument("--average-best", type=int, default=0, metavar="K",
-                     help="write and validate the average of the best K checkpoints by validation top-1 error")
+                     help="write and validate the average of the best K checkpoints by validation top-1 error, "
+                          "chosen among those still on disk (raise --keep to keep more)")
     end.add_argument("--recompute-bn", type=int, default=0, metavar="N",
                      help="re-estimate BatchNorm statistics of the averaged weights over N training batches")
     return parser
