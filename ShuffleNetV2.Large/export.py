@@ -1,0 +1,12 @@
+"""Export ShuffleNetV2.Large to Core ML or ONNX, verified against PyTorch: python export.py --weights FILE [--format onnx]."""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import network  # noqa: E402
+from common.export import run_export  # noqa: E402
+
+if __name__ == "__main__":
+    run_export(network)

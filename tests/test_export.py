@@ -1,0 +1,242 @@
+"""Core ML and ONNX export: every network converts and verifies; the Linux verifier rejects wrong conversions.
+
+Large and ExLarge convert at 64x64 (the same operations as at 224, a sixteenth of the arithmetic); OneShot goes
+through the full command line at 224. Networks get random weights with BatchNorm statistics estimated on synthetic
+images, so their logits depend on the image the way a trained network's do.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from common.coreml_verify import (ExportVerificationError, MLProgram, UnsupportedProgramError, import_coremltools,
+                                  judge, make_test_images)
+from common.export import convert_pytorch_to_coreml, export_onnx, run_export, verify_coreml, verify_onnx
+from common.input_format import InputFormat, Preprocess
+from common.model_state import RELEASE_METADATA_KEY
+from conftest import network
+
+SMALL = 64
+
+
+def calibrated_network(model: str, input_format: InputFormat, num_classes: int = 10, seed: int = 0):
+    """The network in eval mode with random weights and BatchNorm statistics of synthetic images."""
+    torch.manual_seed(seed)
+    net = network(model).create_network(num_classes)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the calibration batch
+    images = torch.from_numpy(make_test_images(8, SMALL, seed=100 + seed)).permute(0, 3, 1, 2)
+    net.train()
+    with torch.no_grad():
+        net(Preprocess(input_format)(images))
+    return net.eval()
+
+
+def write_mean_image(path, size: int) -> None:
+    """An OpenCV FileStorage XML mean image (BGR, H x W x 3) that varies across the image, like the real one."""
+    rows = np.linspace(-12, 12, size, dtype=np.float32)[:, None]
+    cols = rows.T
+    mean = np.stack(np.broadcast_arrays(103 + rows, 116 + cols, 123 - rows + cols), axis=-1)
+    values = " ".join(f"{v:.4f}" for v in mean.reshape(-1))
+    path.write_text(f'<?xml version="1.0"?>\n<opencv_storage>\n<Channel>3</Channel>\n<Row>{size}</Row>\n'
+                    f'<Col>{size}</Col>\n<MeanImg type_id="opencv-matrix">\n<rows>1</rows>\n<cols>{mean.size}</cols>'
+                    f'\n<dt>f</dt>\n<data>{values}</data></MeanImg>\n</opencv_storage>\n')
+
+
+def spec_of(package):
+    return import_coremltools().models.MLModel(str(package), skip_model_load=True).get_spec()
+
+
+@pytest.fixture(scope="module")
+def oneshot():
+    return calibrated_network("OneShot", network("OneShot").INPUT_FORMAT)
+
+
+@pytest.fixture(scope="module")
+def oneshot_fp32_package(oneshot, tmp_path_factory):
+    path = tmp_path_factory.mktemp("coreml") / "oneshot.mlpackage"
+    return convert_pytorch_to_coreml(oneshot, input_format=network("OneShot").INPUT_FORMAT, image_size=SMALL,
+                                     precision="fp32", class_names=[f"class {i}" for i in range(10)], output=path)
+
+
+def test_oneshot_command_line_full_size_fp16(tmp_path, capsys):
+    """The released-file workflow at 224: defaults (Core ML, fp16, ImageNet names), verified, time and size."""
+    weights = tmp_path / "oneshot.pth"
+    torch.save(calibrated_network("OneShot", network("OneShot").INPUT_FORMAT, num_classes=1000).state_dict(),
+               weights)
+    assert run_export(network("OneShot"), ["--weights", str(weights), "--num-verify-images", "3"]) == 0
+    printed = capsys.readouterr().out
+    package = tmp_path / "OneShot-fp16.mlpackage"
+    assert "exported in" in printed and "MB" in printed and "top-1 agreement 3/3" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["OneShot-fp16.mlpackage", "oneshot.pth"]
+
+    spec = spec_of(package)
+    assert spec.WhichOneof("Type") == "mlProgram" and spec.specificationVersion >= 6  # iOS 15: ML programs
+    image = spec.description.input[0].type.imageType
+    assert (image.width, image.height) == (224, 224) and image.colorSpace == image.BGR
+    metadata = spec.description.metadata.userDefined
+    assert metadata["model"] == "OneShot" and metadata["published_imagenet_top1_error"] == "25.1%"
+    assert metadata["source_weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert json.loads(metadata["input_format"])["channel_order"] == "BGR"
+    assert "iOS15" in metadata["minimum_deployment_target"]
+    program = MLProgram(package)
+    assert program.precision == "fp16" and len(program.class_names) == 1000 and program.class_names[0] == "tench"
+
+
+def test_large_per_pixel_mean_fp32(tmp_path):
+    """Large with a per-pixel mean image (resized to the export size): fp32 within 1e-4 of the logit range."""
+    mean_file = tmp_path / "mean.xml"
+    write_mean_image(mean_file, 56)
+    input_format = network("ShuffleNetV2.Large").INPUT_FORMAT.replace(mean_image=str(mean_file))
+    net = calibrated_network("ShuffleNetV2.Large", input_format)
+    package = convert_pytorch_to_coreml(net, input_format=input_format, image_size=SMALL, precision="fp32",
+                                        class_names=[f"c{i}" for i in range(10)], output=tmp_path / "large.mlpackage")
+    report = verify_coreml(package, net, input_format, num_images=2)
+    assert report.precision == "fp32" and report.max_abs_diff <= report.tolerance
+    ops = report.operations
+    # One max-pool and 2 x 53 SE linears + fc: the side heads (each with its own max-pool and fc) are not there.
+    assert ops["max_pool"] == 1 and ops["linear"] == 2 * 53 + 1 and ops["sub"] == 1
+
+
+def test_exlarge_fp16(tmp_path):
+    """ExLarge, the largest network, in fp16: top-1 agreement on every test image."""
+    input_format = network("ShuffleNetV2.ExLarge").INPUT_FORMAT
+    net = calibrated_network("ShuffleNetV2.ExLarge", input_format)
+    package = convert_pytorch_to_coreml(net, input_format=input_format, image_size=SMALL, precision="fp16",
+                                        class_names=[f"c{i}" for i in range(10)], output=tmp_path / "ex.mlpackage")
+    report = verify_coreml(package, net, input_format, num_images=2)
+    assert report.precision == "fp16" and report.top1_agreement == 2
+    assert report.operations["max_pool"] == 1 and report.operations["linear"] == 2 * 70 + 1
+
+
+def test_verifier_passes_the_right_conversion(oneshot, oneshot_fp32_package):
+    report = verify_coreml(oneshot_fp32_package, oneshot, network("OneShot").INPUT_FORMAT)
+    assert report.max_abs_diff <= report.tolerance and report.top1_agreement == report.images
+
+
+@pytest.mark.parametrize("wrong", [{"channel_order": "RGB"}, {"dropped_mean": True}], ids=["rgb-for-bgr", "no-mean"])
+def test_verifier_rejects_a_wrong_conversion(oneshot, tmp_path, wrong):
+    """A package built with the wrong input format fails against the network's real input format."""
+    right = network("OneShot").INPUT_FORMAT
+    if "dropped_mean" in wrong:
+        right = right.replace(mean=(103.06, 115.90, 123.15))
+        built_with = right.replace(mean=(0.0, 0.0, 0.0))
+    else:
+        built_with = right.replace(**wrong)
+    package = convert_pytorch_to_coreml(oneshot, input_format=built_with, image_size=SMALL, precision="fp32",
+                                        class_names=[f"c{i}" for i in range(10)], output=tmp_path / "w.mlpackage")
+    with pytest.raises(ExportVerificationError, match="does not match PyTorch"):
+        verify_coreml(package, oneshot, right)
+
+
+def test_verifier_refuses_unknown_operations(oneshot_fp32_package, tmp_path):
+    ct = import_coremltools()
+    spec = spec_of(oneshot_fp32_package)
+    function = spec.mlProgram.functions["main"]
+    relu = next(op for op in function.block_specializations[function.opset].operations if op.type == "relu")
+    relu.type = "gelu"
+    changed = tmp_path / "changed.mlpackage"
+    weights = ct.models.MLModel(str(oneshot_fp32_package), skip_model_load=True).weights_dir
+    ct.models.MLModel(spec, weights_dir=weights, skip_model_load=True).save(str(changed))
+    with pytest.raises(UnsupportedProgramError, match="gelu"):
+        MLProgram(changed)
+
+
+def test_onnx_command_line_dynamic_batch(oneshot, tmp_path, capsys):
+    """ONNX through the command line, class names from the file's metadata; onnxruntime at batch 1 and 3."""
+    classes = [f"class {i}" for i in range(10)]
+    weights = tmp_path / "oneshot.safetensors"
+    save_file({k: v.contiguous() for k, v in oneshot.state_dict().items()}, str(weights),
+              metadata={RELEASE_METADATA_KEY: json.dumps({"classes": classes})})
+    assert run_export(network("OneShot"), ["--weights", str(weights), "--format", "onnx",
+                                           "--image-size", str(SMALL)]) == 0
+    assert "verified OneShot-fp32.onnx" in capsys.readouterr().out
+    path = tmp_path / "OneShot-fp32.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version >= 17 and proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["class_names"]) == classes
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = make_test_images(3, SMALL, seed=7)
+    with torch.no_grad():
+        batch = torch.from_numpy(images).permute(0, 3, 1, 2)
+        expected = oneshot(Preprocess(network("OneShot").INPUT_FORMAT)(batch)).numpy()
+    for count in (1, 3):
+        logits = session.run(None, {"image": batch[:count].float().numpy()})[0]
+        assert logits.shape == (count, 10)
+        np.testing.assert_allclose(logits, expected[:count], rtol=0, atol=1e-4 * np.ptp(expected))
+
+
+class OperationZoo(torch.nn.Module):
+    """A small classifier whose conversion has the operations the three networks do not produce."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8 * 4, 5)
+        self.register_buffer("order", torch.tensor([3, 1, 0, 2, 7, 6, 5, 4]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(torch.relu(self.conv(x)) + 1)  # not foldable into the conv: stays batch_norm
+        x = torch.nn.functional.avg_pool2d(x, 3, 2, 1, count_include_pad=False).index_select(1, self.order)
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 4)
+        x = torch.matmul(x, x.transpose(2, 3)) / (1 + torch.sigmoid(x))
+        return self.fc(x[:, :, 1:3].mean(dim=2).flatten(1))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_verifier_on_other_operations(tmp_path, precision):
+    """batch_norm, avg_pool excluding padding, gather, matmul, real_div, RGB with scale and a per-channel std."""
+    torch.manual_seed(0)
+    model = OperationZoo().eval()
+    model.bn.running_mean.uniform_(0, 1)
+    model.bn.running_var.uniform_(0.5, 2)
+    input_format = InputFormat(channel_order="RGB", scale=1 / 255, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    package = convert_pytorch_to_coreml(model, input_format=input_format, image_size=32, precision=precision,
+                                        class_names=list("abcde"), output=tmp_path / "zoo.mlpackage")
+    report = verify_coreml(package, model, input_format)
+    assert {"batch_norm", "avg_pool", "gather", "matmul", "real_div"} <= set(report.operations)
+    if precision == "fp32":  # the fp16 criterion is top-1 agreement, which a small change may keep
+        with pytest.raises(ExportVerificationError):
+            verify_coreml(package, model, input_format.replace(std=(0.3, 0.25, 0.2)))
+
+
+def test_judge_criteria():
+    reference = np.array([[0.0, 1.0, 5.0], [2.0, 0.0, 1.0]])
+    judge(reference, reference + 4e-4, [2, 0], precision="fp32", target="t", method="m")
+    with pytest.raises(ExportVerificationError, match="exceeds"):
+        judge(reference, reference + 6e-4, [2, 0], precision="fp32", target="t", method="m")
+    report = judge(reference, reference + 0.5, [2, 0], precision="fp16", target="t", method="m")
+    assert report.top1_agreement == 2
+    with pytest.raises(ExportVerificationError, match="agrees on 1 of 2"):
+        judge(reference, reference, [2, 1], precision="fp16", target="t", method="m")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--format", "onnx", "--precision", "fp16"], "ONNX exports are fp32"),
+    (["--output", "model.onnx"], "must end in .mlpackage"),
+    (["--mean", "1,2"], "three numbers"),
+])
+def test_command_line_errors(tmp_path, capsys, flags, message):
+    weights = tmp_path / "w.pth"
+    torch.save({}, weights)
+    with pytest.raises(SystemExit) as exit_info:
+        run_export(network("OneShot"), ["--weights", str(weights), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_weights_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_export(network("OneShot"), ["--weights", str(tmp_path / "absent.pkl")])
+    assert "no such file" in capsys.readouterr().err
