@@ -1,4 +1,4 @@
-"""Export OneShot to Core ML or ONNX, verified against PyTorch: python export.py --weights FILE [--format onnx]."""
+"""Export OneShot to Core ML or ONNX, verified against PyTorch (python export.py --help)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Export ShuffleNetV2.Large to Core ML or ONNX, verified against PyTorch: python export.py --weights FILE [--format onnx]."""
+"""Export ShuffleNetV2.Large to Core ML or ONNX, verified against PyTorch (python export.py --help)."""
 from __future__ import annotations
 
 import os

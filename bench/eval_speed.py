@@ -31,7 +31,7 @@ VARIANTS = {
     "fast+compile": {"compile": True},
     "fast+compile+bf16": {"compile": True, "amp": "bf16"},
 }
-DEFAULT_VARIANTS = ("plain", "fast", "fast+bf16", "fast+compile")
+DEFAULT_VARIANTS = ("plain", "fast", "fast+bf16", "fast+compile+bf16")
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, dict[str, float]]:

@@ -72,16 +72,20 @@ def _check_common(model: nn.Module, image_size: int, output: str | Path, suffix:
     return output
 
 
-def _replace_path(output: Path, kind: str) -> None:
-    """Make room for a new export at `output`: an older export of the same kind is replaced, anything else kept."""
-    if not output.exists():
-        return
-    if kind == "coreml" and output.is_dir() and (output / "Manifest.json").is_file():
-        shutil.rmtree(output)
-    elif kind == "onnx" and output.is_file():
-        output.unlink()
-    else:
+def _check_replaceable(output: Path, kind: str) -> None:
+    """Refuse an output path that holds something other than an earlier export of the same kind."""
+    earlier = output.is_dir() and (output / "Manifest.json").is_file() if kind == "coreml" else output.is_file()
+    if output.exists() and not earlier:
         raise UserError(f"{output} exists and is not an earlier export; choose another --output")
+
+
+def _replace_path(output: Path, kind: str) -> None:
+    """Make room for a new export at `output`: an earlier export of the same kind is removed, anything else kept."""
+    _check_replaceable(output, kind)
+    if output.is_dir():
+        shutil.rmtree(output)
+    elif output.exists():
+        output.unlink()
 
 
 @torch.no_grad()
@@ -124,7 +128,6 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
         exported, inputs=[image], classifier_config=ct.ClassifierConfig(class_names), convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
         minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET))
-    del exported
 
     fields = dict(metadata or {})
     mlmodel.short_description = str(fields.pop("description", "image classifier"))
@@ -301,7 +304,8 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
         raise UserError("give either --mean or --mean-image, not both")
     weights = Path(args.weights)
     stored = read_checkpoint_metadata(weights)
-    class_names = stored.get("classes")
+    imagenet = not stored.get("classes")
+    class_names = imagenet_class_names() if imagenet else list(stored["classes"])
     input_format = (InputFormat.from_dict(stored["input_format"]) if stored.get("input_format")
                     else network_module.INPUT_FORMAT)
     input_format = input_format.replace(channel_order=args.channel_order, mean=args.mean,
@@ -314,14 +318,15 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     output = Path(args.output) if args.output else weights.parent / f"{model_name}-{precision}{suffix}"
     if output.suffix != suffix:
         raise UserError(f"--output {output} must end in {suffix} for --format {args.format}")
+    _check_replaceable(output, args.format)
 
-    model = network_module.create_network(len(class_names) if class_names else 1000)
+    model = network_module.create_network(len(class_names))
     load_model_state(model, weights, for_inference=True, trust_pickle=args.trust_pickle)
     model.eval()
     metadata = {"model": model_name, "source_weights": weights.name, "source_weights_sha256": _sha256(weights),
                 "description": f"{model_name} image classifier (ShuffleNet-Series), {image_size}x{image_size} "
-                               f"input, {len(class_names) if class_names else 1000} classes"}
-    if not class_names:
+                               f"input, {len(class_names)} classes"}
+    if imagenet:
         published = network_module.PUBLISHED
         metadata["published_imagenet_top1_error"] = f"{published['top1_error']}%"
         metadata["published_imagenet_top5_error"] = f"{published['top5_error']}%"
@@ -340,8 +345,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
             convert_pytorch_to_coreml(model, input_format=input_format, image_size=image_size, precision=precision,
                                       class_names=class_names, metadata=metadata, output=staging)
         else:
-            metadata.pop("description")
-            metadata["class_names"] = json.dumps(class_names or imagenet_class_names())
+            metadata["class_names"] = json.dumps(class_names)
             export_onnx(model, input_format=input_format, image_size=image_size, output=staging,
                         metadata=metadata)
         export_seconds = time.perf_counter() - started

@@ -35,15 +35,17 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of `model` in eval mode with every Conv2d -> BatchNorm2d pair folded into the conv (BN -> Identity).
 
-    Pairs are found where the conv output can only reach the BN: adjacent children of an nn.Sequential, and the
-    `conv`/`bn` of a ConvBNReLU unit. Other layouts are left alone, since their forward could reuse the conv output.
+    Pairs are taken only where the conv output can reach nothing but the BN: adjacent children of an
+    nn.Sequential, and the `conv`/`bn` of a ConvBNReLU unit, each with its own forward unchanged (a subclass
+    with another forward could use the conv output elsewhere). Any other layout is left as it is.
     """
     model = copy.deepcopy(model).eval()
     for module in model.modules():
-        if isinstance(module, ConvBNReLU) and _foldable(module.conv, module.bn):
+        forward = type(module).forward
+        if forward is ConvBNReLU.forward and _foldable(module.conv, module.bn):
             _folded_conv(module.conv, module.bn)
             module.bn = nn.Identity()
-        elif isinstance(module, nn.Sequential):
+        elif forward is nn.Sequential.forward:
             names = list(module._modules)
             for first, second in zip(names, names[1:]):
                 if _foldable(module._modules[first], module._modules[second]):

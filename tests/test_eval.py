@@ -23,7 +23,7 @@ from common.checkpoint import get_training_state
 from common.counting import count_macs
 from common.data import EvalTransform
 from common.demo_data import DEMO_CLASSES, make_image_folder
-from common.evaluate import evaluate
+from common.evaluate import build_parser, evaluate
 from common.imagenet import ClassMapError, class_to_index_for, imagenet_names, imagenet_wnids
 from common.inference import fold_batchnorm, prepare_inference_model
 from common.input_format import InputFormat, MeanImageError, Preprocess, read_opencv_mean_image
@@ -100,7 +100,7 @@ def write_opencv_mean_xml(path: Path, image: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def wnid_folder(tmp_path_factory) -> Path:
-    """Generated JPEGs (3 classes x 4, 80 x 60: not square) under ImageNet wnid folders 0, 7 and 999."""
+    """Generated JPEGs (3 classes x 4 of 72 x 72) under the ImageNet wnid folders of outputs 0, 7 and 999."""
     root = make_image_folder(tmp_path_factory.mktemp("wnid_val"), num_classes=3, images_per_class=4, size=72)
     for folder, wnid in zip(sorted(root.iterdir()), (WNIDS[0], WNIDS[7], WNIDS[999])):
         folder.rename(root / wnid)
@@ -121,7 +121,14 @@ def oneshot_file(tmp_path_factory) -> Path:
     return path
 
 
-# -- released files through the folders' eval.py ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def oneshot_reference(oneshot_eval, oneshot_file, wnid_folder) -> dict:
+    """The results of `oneshot_file` on 4 images, and the arguments (less --weights) that gave them."""
+    argv = ["--val-dir", str(wnid_folder), "--image-size", "64", "--workers", "0", "--limit", "4"]
+    return {"argv": argv, "results": oneshot_eval.main(["--weights", str(oneshot_file), *argv])}
+
+
+# -- released files through the folders' eval.py --------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=MODELS)
 def released(request) -> tuple[str, dict]:
@@ -142,7 +149,7 @@ def test_released_layout_file_evaluates_through_the_folders_eval_script(released
         torch.save(without_side_heads(state), weights,
                    _use_new_zipfile_serialization=model == "ShuffleNetV2.ExLarge")
     results = tmp_path / "results.json"
-    # One batch for the large models: each call of their plain-layout convs reorders 0.5-1 GB of weights.
+    # One batch for the large models: each of their forward calls costs seconds on a CPU, however small the images.
     argv = ["--weights", str(weights), "--val-dir", str(wnid_folder), "--image-size", "32", "--workers", "0",
             "--batch-size", "5" if model == "OneShot" else "12", "--results-json", str(results)]
     if model == "OneShot":
@@ -178,7 +185,7 @@ def test_fast_path_equals_the_plain_path(released):
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
 
 
-# -- BatchNorm folding ------------------------------------------------------------------------------------------------
+# -- BatchNorm folding ----------------------------------------------------------------------------------------------
 
 def _randomise_batchnorm(model: nn.Module) -> None:
     generator = torch.Generator().manual_seed(1)
@@ -203,16 +210,26 @@ class ConvUsedTwice(nn.Module):
         return self.bn(y) + y
 
 
+class SequentialUsedTwice(nn.Sequential):
+    """A Sequential subclass with its own forward, which also uses its conv output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self[0](x)
+        return self[1](y) * y
+
+
 def test_fold_batchnorm_folds_sequential_and_unit_pairs_only_and_copies():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          ConvBNReLU(8, 8, 3, groups=4, bn_eps=1e-9), nn.BatchNorm2d(8), ConvUsedTwice())
+                          ConvBNReLU(8, 8, 3, groups=4, bn_eps=1e-9), nn.BatchNorm2d(8), ConvUsedTwice(),
+                          SequentialUsedTwice(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)))
     _randomise_batchnorm(model)
     model.train()
     original = copy.deepcopy(model.state_dict())
     folded = fold_batchnorm(model)
-    # Folded: the Sequential pair and the unit's pair. Kept: a BN after a non-conv, and the conv used twice.
+    # Folded: the Sequential pair and the unit's pair. Kept: a BN after a non-conv, and the convs used twice.
     assert isinstance(folded[1], nn.Identity) and isinstance(folded[3].bn, nn.Identity)
     assert isinstance(folded[4], nn.BatchNorm2d) and isinstance(folded[5].bn, nn.BatchNorm2d)
+    assert isinstance(folded[6][1], nn.BatchNorm2d)
     assert not folded.training and model.training
     assert all(torch.equal(value, original[key]) for key, value in model.state_dict().items())
     x = torch.randn(2, 3, 16, 16)
@@ -220,7 +237,7 @@ def test_fold_batchnorm_folds_sequential_and_unit_pairs_only_and_copies():
         torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
 
 
-# -- the evaluation loop -----------------------------------------------------------------------------------------------
+# -- the evaluation loop --------------------------------------------------------------------------------------------
 
 class LookupNetwork(nn.Module):
     """Returns the logits stored for each image; an image carries its sample number in its first pixel."""
@@ -267,7 +284,7 @@ def test_evaluate_with_fewer_than_five_classes_counts_top5_over_all():
     assert (results["top1_accuracy"], results["top5_accuracy"]) == (50.0, 100.0)
 
 
-# -- eval.py in-process: layouts, result files, options ------------------------------------------------------------
+# -- eval.py in-process: layouts, result files, options -------------------------------------------------------------
 
 def test_results_json_schema_and_predictions_csv(oneshot_eval, oneshot_file, wnid_folder, tmp_path):
     results_path, predictions_path = tmp_path / "results.json", tmp_path / "predictions.csv"
@@ -310,7 +327,7 @@ def test_results_json_schema_and_predictions_csv(oneshot_eval, oneshot_file, wni
 
 @pytest.mark.parametrize("layout", ["flat", "state_dict_module_prefix_zip", "no_num_batches_tracked",
                                     "safetensors"])
-def test_oneshot_file_layouts_give_the_same_results(layout, oneshot_eval, oneshot_file, wnid_folder, tmp_path):
+def test_oneshot_file_layouts_give_the_same_results(layout, oneshot_eval, oneshot_reference, tmp_path):
     state = released_state_dict("OneShot")
     path = tmp_path / "weights.pth"
     if layout == "flat":
@@ -322,9 +339,8 @@ def test_oneshot_file_layouts_give_the_same_results(layout, oneshot_eval, onesho
     else:
         path = tmp_path / "weights.safetensors"
         safetensors.torch.save_file({key: value.contiguous() for key, value in state.items()}, path)
-    argv = ["--val-dir", str(wnid_folder), "--image-size", "64", "--workers", "0", "--limit", "4"]
-    reference = oneshot_eval.main(["--weights", str(oneshot_file), *argv])
-    results = oneshot_eval.main(["--eval-resume", str(path), *argv])
+    results = oneshot_eval.main(["--eval-resume", str(path), *oneshot_reference["argv"]])
+    reference = oneshot_reference["results"]
     assert results["loss"] == pytest.approx(reference["loss"], rel=1e-6)
     assert results["top5_accuracy"] == reference["top5_accuracy"]
 
@@ -377,7 +393,15 @@ def test_mean_image_option_reads_the_xml_and_reports_it(oneshot_eval, oneshot_fi
     assert described["mean_image"] == str(tmp_path / "mean.xml") and "mean.xml" in described["description"]
 
 
-# -- one-line errors ---------------------------------------------------------------------------------------------------
+def test_every_flag_has_help(oneshot_eval, capsys):
+    parser = build_parser("OneShot")
+    assert all(action.help for action in parser._actions)
+    with pytest.raises(SystemExit) as exit_info:
+        oneshot_eval.main(["--help"])
+    assert exit_info.value.code == 0 and "--eval-resume" in capsys.readouterr().out
+
+
+# -- one-line errors ------------------------------------------------------------------------------------------------
 
 def test_wrong_model_file_fails_with_one_line_through_the_script(oneshot_file, wnid_folder):
     completed = run_script("ShuffleNetV2.Large", "--weights", str(oneshot_file), "--val-dir", str(wnid_folder),
@@ -426,7 +450,7 @@ def test_bad_inputs_give_one_line_errors(case, oneshot_eval, oneshot_file, wnid_
     assert expected in error
 
 
-# -- ImageNet classes --------------------------------------------------------------------------------------------------
+# -- ImageNet classes -----------------------------------------------------------------------------------------------
 
 def test_imagenet_classes_come_from_timm_in_sorted_wnid_order():
     assert len(WNIDS) == 1000 and WNIDS == sorted(WNIDS) and WNIDS[0] == "n01440764"
@@ -452,7 +476,7 @@ def test_class_map_conflicts_are_refused(tmp_path):
     assert mapping[WNIDS[0]] == 1 and sorted(mapping.values()) == list(range(1000))
 
 
-# -- image size and the OpenCV XML mean image ----------------------------------------------------------------------------
+# -- image size and the OpenCV XML mean image -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("crop, resize", [(224, 256), (64, 73), (96, 110), (288, 329), (320, 366)])
 def test_image_size_keeps_the_256_to_224_resize_ratio(crop, resize, oneshot_eval, oneshot_file, wnid_folder, capsys):
