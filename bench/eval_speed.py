@@ -1,9 +1,12 @@
-"""Eval images/s per model at 224: the plain path against the fast path and its compile / bf16 variants.
+"""Eval images/s per model at 224: the plain path against the fast path and its steps, with achieved GFLOP/s.
 
-The plain path is eager float32 with BatchNorm not folded on contiguous NCHW; the fast path folds BatchNorm into
-the convs and runs channels_last under inference mode (common.inference.prepare_inference_model, as eval.py does).
-Both include the input format (uint8 RGB -> BGR float, mean) on the device. Variants are timed in turns, one call
-of each per round, so a load from other processes on the machine slows all of them alike.
+The plain path is eager float32 with BatchNorm not folded on contiguous NCHW. The fast path folds BatchNorm into
+the convs and runs channels_last under inference mode (common.inference.prepare_inference_model, as eval.py does);
+its full form adds torch.compile with frozen weights and, where the CPU computes bfloat16 natively, bf16 autocast
+(eval.py --compile --amp bf16). All include the input format (uint8 RGB -> BGR float, mean) on the device.
+Variants are timed in turns, one call of each per round, so a load from other processes on the machine slows all
+of them alike. GFLOP/s counts 2 FLOPs per multiply-add of the published MACs and is set against this machine's
+dense matmul GFLOP/s in the same precision, measured in the same run.
 
     python bench/eval_speed.py [--models OneShot ...] [--batch-size N] [--variants ...] [--quick] [--json FILE]
 """
@@ -17,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from timing import rate, write_json
-from common.inference import prepare_inference_model
+from timing import matmul_gflops, rate, write_json
+from common.inference import cpu_supports_bf16, prepare_inference_model
 from common.models import MODEL_FOLDERS, load_network_module
 
 IMAGE_SIZE = 224
@@ -27,11 +30,14 @@ BATCH = {"OneShot": 32, "ShuffleNetV2.Large": 8, "ShuffleNetV2.ExLarge": 4}
 VARIANTS = {
     "plain": {"fold_bn": False, "channels_last": False},
     "fast": {},
-    "fast+bf16": {"amp": "bf16"},
     "fast+compile": {"compile": True},
+    "fast+bf16": {"amp": "bf16"},
     "fast+compile+bf16": {"compile": True, "amp": "bf16"},
 }
-DEFAULT_VARIANTS = ("plain", "fast", "fast+bf16", "fast+compile+bf16")
+
+
+def full_fast_path() -> str:
+    return "fast+compile+bf16" if cpu_supports_bf16() else "fast+compile"
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
@@ -49,7 +55,8 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int
             for name, values in seconds.items()}
 
 
-def bench_model(model_name: str, variants: list[str], batch: int, repeats: int, warmup: int) -> dict:
+def bench_model(model_name: str, variants: list[str], batch: int, repeats: int, warmup: int,
+                peak: dict[str, float]) -> dict:
     network = load_network_module(model_name)
     torch.manual_seed(0)
     model = network.create_network().eval()
@@ -67,10 +74,12 @@ def bench_model(model_name: str, variants: list[str], batch: int, repeats: int, 
     del runs, model
     gc.collect()
     results = {variant: rate(seconds[variant], batch) for variant in variants}
-    if "plain" in results:
-        for variant in variants:
-            results[variant]["ratio"] = results[variant]["median"] / results["plain"]["median"]
-    return {"batch": batch, "images_per_second": results}
+    for variant, speed in results.items():
+        speed["gflops"] = 2 * network.PUBLISHED["macs"] * speed["median"] / 1e9
+        speed["fraction_of_matmul"] = speed["gflops"] / peak["bfloat16" if "bf16" in variant else "float32"]
+        if "plain" in results:
+            speed["ratio"] = speed["median"] / results["plain"]["median"]
+    return {"batch": batch, "macs": network.PUBLISHED["macs"], "images_per_second": results}
 
 
 def main() -> None:
@@ -78,25 +87,38 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS)
     parser.add_argument("--batch-size", type=int,
                         help="images per call (default: " + ", ".join(f"{m} {b}" for m, b in BATCH.items()) + ")")
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                        help="paths to time (fast+compile compiles for minutes on 2 cores)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="paths to time (default: all; bf16 ones only where the CPU supports bf16). Each "
+                             "compiled one compiles for up to a minute per model on 2 cores")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per model")
-    parser.add_argument("--quick", action="store_true", help="3 rounds after one warm-up round, no torch.compile")
+    parser.add_argument("--quick", action="store_true",
+                        help="plain, fast and the full fast path only; 3 rounds after one warm-up round")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
-    variants = [v for v in args.variants if not (args.quick and "compile" in v)]
+    if args.variants:
+        variants = args.variants
+    elif args.quick:
+        variants = ["plain", "fast", full_fast_path()]
+    else:
+        variants = [v for v in VARIANTS if "bf16" not in v or cpu_supports_bf16()]
     repeats, warmup = (3, 1) if args.quick else (args.repeats, 2)
+    peak = {dtype: matmul_gflops(dtype=dtype) for dtype in ("float32", "bfloat16")}
     print(f"eval images/s at {IMAGE_SIZE}px on {torch.get_num_threads()} threads; median of {repeats} rounds "
-          f"after {warmup} warm-up round(s), [min, max]; ratio = median / plain median", flush=True)
+          f"after {warmup} warm-up round(s), [min, max]; ratio = median / plain median; dense matmul "
+          f"{peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} GFLOP/s bf16 "
+          f"(bf16 {'native' if cpu_supports_bf16() else 'emulated'})", flush=True)
     results = {}
     for model_name in args.models:
-        result = bench_model(model_name, variants, args.batch_size or BATCH[model_name], repeats, warmup)
+        result = bench_model(model_name, variants, args.batch_size or BATCH[model_name], repeats, warmup, peak)
         results[model_name] = result
         for variant, speed in result["images_per_second"].items():
             ratio = f"  {speed['ratio']:.2f}x" if "ratio" in speed else ""
             print(f"eval {model_name:22s} {variant:18s} {speed['median']:8.2f} img/s  "
-                  f"[{speed['min']:.2f}, {speed['max']:.2f}]{ratio}  (batch {result['batch']})", flush=True)
-    write_json(args.json, {"image_size": IMAGE_SIZE, "threads": torch.get_num_threads(), "models": results})
+                  f"[{speed['min']:.2f}, {speed['max']:.2f}]{ratio}  {speed['gflops']:6.1f} GFLOP/s "
+                  f"({speed['fraction_of_matmul']:.0%} of matmul)  (batch {result['batch']})", flush=True)
+    write_json(args.json, {"image_size": IMAGE_SIZE, "threads": torch.get_num_threads(), "matmul_gflops": peak,
+                           "bf16_native": cpu_supports_bf16(), "full_fast_path": full_fast_path(),
+                           "models": results})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from timing import matmul_gflops
+from common.inference import cpu_supports_bf16
 
 BENCH = Path(__file__).resolve().parent
 # section: (script, arguments, arguments added with --quick)
@@ -59,7 +60,7 @@ def main() -> None:
           f"dense fp32 matmul {gflops:.0f} GFLOP/s, torch {torch.__version__}", flush=True)
     results = {"machine": {"matmul_gflops": gflops, "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "python": platform.python_version(),
-                           "bf16_supported": torch.backends.mkldnn.is_available()},
+                           "bf16_native": cpu_supports_bf16()},
                "quick": args.quick, "sections": {}, "seconds": {}}
     for name in args.only or SECTIONS:
         results["sections"][name], results["seconds"][name] = run_section(name, args.quick)

@@ -33,9 +33,9 @@ def write_json(path: str | None, results: object) -> None:
         Path(path).write_text(json.dumps(results, indent=2))
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's dense float32 matmul speed in GFLOP/s (multiply and add counted as 2)."""
+def matmul_gflops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """This machine's dense matmul speed in GFLOP/s (multiply and add counted as 2) for `dtype`."""
     import torch
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = (torch.randn(size, size).to(getattr(torch, dtype)) for _ in range(2))
     seconds = measure(lambda: a @ b, repeats=repeats)
     return 2 * size ** 3 / seconds["median"] / 1e9

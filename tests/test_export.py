@@ -2,7 +2,7 @@
 
 Large and ExLarge convert at 64x64 (the same operations as at 224, a twelfth of the arithmetic); OneShot goes
 through the full command line at 224. Networks get random weights with BatchNorm statistics estimated on synthetic
-images (see calibrated_network), so their logits depend on the image as a trained network's do.
+images (common.random_weights), so their logits depend on the image as a trained network's do.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from common.coreml_verify import (ExportVerificationError, MLProgram, Unsupporte
 from common.export import convert_pytorch_to_coreml, export_onnx, run_export, verify_coreml, verify_onnx
 from common.input_format import InputFormat, Preprocess
 from common.model_state import RELEASE_METADATA_KEY
+from common.random_weights import calibrated_random_network
 from conftest import network
 
 SMALL = 64
@@ -39,27 +40,7 @@ def one_thread():
 
 
 def calibrated_network(model: str, input_format: InputFormat, num_classes: int = 10, seed: int = 0):
-    """The network in eval mode with random weights and BatchNorm statistics of synthetic images.
-
-    The residual branches of Large and ExLarge then get a small output scale, as trained residual networks have:
-    with full-size random branches a 60-block network is chaotic (measured on ExLarge at 224: PyTorch fp32 itself
-    is 1.3e-3 of the logit range away from fp64), which no fp32 export can match to 1e-4.
-    """
-    torch.manual_seed(seed)
-    net = network(model).create_network(num_classes)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a cumulative average over the calibration batch
-    images = torch.from_numpy(make_test_images(8, SMALL, seed=100 + seed)).permute(0, 3, 1, 2)
-    net.train()
-    with torch.no_grad():
-        net(Preprocess(input_format)(images))
-        for block in net.modules():
-            if hasattr(block, "se_fc1"):
-                block.branch_main[-1].bn.weight.mul_(0.2)
-                block.branch_main[-1].bn.bias.mul_(0.2)
-    return net.eval()
+    return calibrated_random_network(network(model), input_format, num_classes, seed, SMALL)
 
 
 def write_mean_image(path, size: int) -> None:
