@@ -222,8 +222,8 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
                        help="torch.compile the inference model (about a minute of compiling for Large and ExLarge "
                             "on 2 CPU cores; with --amp bf16 the fastest CPU path)")
     speed.add_argument("--amp", choices=("bf16", "fp16"),
-                       help="autocast to this precision (bf16 is 2-3x faster on CPUs with AVX512-BF16 or AMX; results may differ slightly "
-                            "from float32)")
+                       help="autocast to this precision (bf16 is 2-3x faster on CPUs with AVX512-BF16 or AMX; "
+                            "results may differ slightly from float32)")
     speed.add_argument("--no-fast", action="store_true",
                        help="plain path: BatchNorm not folded, NCHW memory (the fast path's outputs equal it within "
                             "float tolerance)")
