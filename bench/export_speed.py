@@ -28,7 +28,7 @@ def size_of(path: Path) -> int:
 def bench_model(model_name: str, image_size: int, folder: Path, cases) -> list[dict]:
     module = load_network_module(model_name)
     # Calibrated, not plain random: an uncalibrated 60-block network is chaotic, and its fp16 top-1 is noise.
-    model = calibrated_random_network(module, module.INPUT_FORMAT)
+    model = calibrated_random_network(module, module.INPUT_FORMAT, image_size=image_size)
     results = []
     for kind, precision in cases:
         output = folder / f"{model_name}-{precision}.{'mlpackage' if kind == 'coreml' else 'onnx'}"

@@ -48,12 +48,74 @@ def run_section(name: str, quick: bool) -> tuple[object, float]:
         return json.loads(Path(output.name).read_text() or "null"), seconds
 
 
+def _speed(value: dict, unit: str = "") -> str:
+    return f"{value['median']:.3g}{unit} [{value['min']:.3g}, {value['max']:.3g}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def summary(results: dict) -> list[str]:
+    """The results as Markdown tables (the README's Performance section is one of these): median [min, max]."""
+    sections, machine = results["sections"], results["machine"]
+    lines = [f"{machine['threads']} threads, dense fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, bf16 "
+             f"{'native' if machine['bf16_native'] else 'not native'}, torch {machine['torch']}"
+             f"{' (--quick)' if results['quick'] else ''}."]
+    ok = {name: value for name, value in sections.items() if not (isinstance(value, dict) and "error" in value)}
+    if "eval" in ok:
+        models = ok["eval"]["models"]
+        variants = list(next(iter(models.values()))["images_per_second"])
+        lines += ["", f"Eval images/s at {ok['eval']['image_size']}px (x plain; GFLOP/s as % of dense matmul in "
+                      "the same precision):", ""]
+        lines += _table(["model"] + variants, [
+            [name] + [f"{v['median']:.3g} ({v['ratio']:.2f}x; {v['fraction_of_matmul']:.0%})"
+                      for v in result["images_per_second"].values()] for name, result in models.items()])
+    if "train" in ok:
+        variants = list(dict.fromkeys(r["variant"] for r in ok["train"]))
+        cells: dict[tuple, dict] = {}
+        for r in ok["train"]:
+            cells.setdefault((r["model"], r["size"], r["batch"]), {})[r["variant"]] = r["images_per_second"]
+        lines += ["", "Training images/s (one SGD step of the real loss; compile and bf16 run channels_last):", ""]
+        lines += _table(["model", "size", "batch"] + variants, [
+            [model, f"{size}px", str(batch)] + [_speed(speeds[v]) if v in speeds else "-" for v in variants]
+            for (model, size, batch), speeds in cells.items()])
+    if "data" in ok:
+        pil = ok["data"]["pil_decode"]["median"]
+        lines += ["", "Data pipeline, images/s per worker process (JPEGs of 500x375):", ""]
+        lines += _table(["case", "images/s", "x PIL decode"],
+                        [[name, _speed(v), f"{v['median'] / pil:.2f}"] for name, v in ok["data"].items()])
+    if "checkpoint" in ok:
+        lines += ["", "Checkpoint of a full training state (weights, momentum, EMA) against raw disk speed:", ""]
+        lines += _table(["model", "size", "save s", "x raw write+fsync", "load s", "x raw read"], [
+            [r["model"], f"{r['bytes'] / 1e9:.2f} GB", _speed(r["seconds"]["save"]), f"{r['save_ratio']:.2f}",
+             _speed(r["seconds"]["load"]), f"{r['load_ratio']:.2f}"] for r in ok["checkpoint"]])
+    if "average" in ok:
+        a = ok["average"]
+        lines += ["", f"Averaging {a['files']} {a['model']} checkpoints of {a['file_bytes'] / 1e9:.2f} GB:", ""]
+        lines += _table(["task", "peak memory x one file", "time x reading the files"], [
+            [task, f"{a[f'{task}_peak_to_file_size']:.2f}", f"{a[f'{task}_time_to_read_time']:.2f}"]
+            for task in ("read", "average", "average_and_write")])
+    if "export" in ok:
+        lines += ["", "Export (random weights with calibrated BatchNorm), verified against PyTorch:", ""]
+        lines += _table(["model", "format", "size px", "export s", "MB", "max logit diff", "top-1 agree"], [
+            [r["model"], f"{r['format']} {r['precision']}", str(r["image_size"]), f"{r['export_seconds']:.1f}",
+             f"{r['bytes'] / 1e6:.1f}", f"{r['max_abs_diff']:.1e} of {r['logit_range']:.1f}",
+             r["top1_agreement"]] for r in ok["export"]])
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     parser.add_argument("--quick", action="store_true", help="the quick variant of every section")
     parser.add_argument("--output", default=str(BENCH / "results.json"), help="where to write the results")
+    parser.add_argument("--summary", metavar="RESULTS_JSON",
+                        help="only print the tables of an earlier run's results file, running nothing")
     args = parser.parse_args()
+    if args.summary:
+        print("\n".join(summary(json.loads(Path(args.summary).read_text()))))
+        return
     started = time.perf_counter()
     gflops = matmul_gflops()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -70,6 +132,7 @@ def main() -> None:
     for name, seconds in results["seconds"].items():
         status = results["sections"][name].get("error", "ok") if isinstance(results["sections"][name], dict) else "ok"
         print(f"  {name:12s} {seconds:7.1f} s  {status}")
+    print("\n" + "\n".join(summary(results)))
 
 
 if __name__ == "__main__":
