@@ -48,8 +48,12 @@ def run_section(name: str, quick: bool) -> tuple[object, float]:
         return json.loads(Path(output.name).read_text() or "null"), seconds
 
 
-def _speed(value: dict, unit: str = "") -> str:
-    return f"{value['median']:.3g}{unit} [{value['min']:.3g}, {value['max']:.3g}]"
+def _number(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _speed(value: dict) -> str:
+    return f"{_number(value['median'])} [{_number(value['min'])}, {_number(value['max'])}]"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -69,7 +73,7 @@ def summary(results: dict) -> list[str]:
         lines += ["", f"Eval images/s at {ok['eval']['image_size']}px (x plain; GFLOP/s as % of dense matmul in "
                       "the same precision):", ""]
         lines += _table(["model"] + variants, [
-            [name] + [f"{v['median']:.3g} ({v['ratio']:.2f}x; {v['fraction_of_matmul']:.0%})"
+            [name] + [f"{_number(v['median'])} ({v['ratio']:.2f}x; {v['fraction_of_matmul']:.0%})"
                       for v in result["images_per_second"].values()] for name, result in models.items()])
     if "train" in ok:
         variants = list(dict.fromkeys(r["variant"] for r in ok["train"]))
