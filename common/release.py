@@ -78,6 +78,8 @@ def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> di
 
 def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
     """Write the .safetensors file and its .sha256 beside it, both atomically; returns the SHA-256."""
+    # safetensors stores dense row-major data only; a channels_last network's weights are not.
+    weights = {name: tensor.contiguous() for name, tensor in weights.items()}
     data = safetensors.torch.save(weights, metadata={"format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata)})
     try:
         digest, _ = atomic_write(output, lambda file: file.write(data))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.checkpoint import get_latest_model
-from common.model_state import extract_model_state, read_weights_file
+from common.model_state import extract_model_state, load_model_state, read_weights_file
 from conftest import REPO_ROOT, network
 
 ONESHOT = REPO_ROOT / "OneShot"
@@ -34,17 +34,21 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return extract_model_state(read_weights_file(path))
 
 
-def test_demo_flag_trains_and_validates(tmp_path):
+def test_demo_flag_trains_validates_and_averages(tmp_path):
     result = run([sys.executable, "train.py", "--demo", "--save", str(tmp_path), "--total-iters", "4",
                   "--batch-size", "12", "--image-size", "32", "--val-interval", "2", "--save-interval", "2",
-                  "--display-interval", "2", "--workers", "2"])
+                  "--display-interval", "2", "--workers", "2", "--average-best", "2", "--recompute-bn", "1"])
     assert result.returncode == 0, result.stderr
     assert "iter 4/4" in result.stdout and "img/s" in result.stdout and "ETA" in result.stdout
-    assert "val @ 4" in result.stdout
+    assert "val @ 4" in result.stdout and "val_average_best_2_recomputed_bn @ 4" in result.stdout
+    # The averaged release file of a channels_last run loads into a fresh network.
+    average = network("OneShot").create_network(num_classes=6)
+    load_model_state(average, tmp_path / "average-best-2-recomputed-bn.safetensors")
     path, iterations = get_latest_model(tmp_path)
     assert iterations == 4
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in records} == {"train", "val"}
+    assert {r["split"] for r in records} == {"train", "val", "val_average_best_2",
+                                             "val_average_best_2_recomputed_bn"}
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert any((tmp_path / "tensorboard").iterdir())
 
