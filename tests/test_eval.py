@@ -25,7 +25,7 @@ from common.data import EvalTransform
 from common.demo_data import DEMO_CLASSES, make_image_folder
 from common.evaluate import build_parser, evaluate
 from common.imagenet import ClassMapError, class_to_index_for, imagenet_names, imagenet_wnids
-from common.inference import fold_batchnorm, prepare_inference_model
+from common.inference import InferenceModel, InferenceRunner, fold_batchnorm, prepare_inference_model
 from common.input_format import InputFormat, MeanImageError, Preprocess, read_opencv_mean_image
 from common.layers import ConvBNReLU
 from common.model_state import load_model_state
@@ -183,6 +183,22 @@ def test_fast_path_equals_the_plain_path(released):
                                     channels_last=False)(images)
     assert fast.dtype == plain.dtype == torch.float32
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
+
+
+def test_fixed_batch_pads_short_batches_and_drops_their_logits(released):
+    """A compiled runner pads a short last batch to the first batch's size, so it never recompiles."""
+    model, state = released
+    net = network(model).create_network()
+    load_model_state(net, state, for_inference=True)
+    inner = InferenceModel(fold_batchnorm(net), Preprocess(network(model).INPUT_FORMAT))
+    seen = []
+    inner.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    padded, plain = InferenceRunner(inner, "cpu", fixed_batch=True), InferenceRunner(inner, "cpu")
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    padded(images)
+    short = padded(images[:1])
+    assert seen == [3, 3] and short.shape == (1, 1000)
+    torch.testing.assert_close(short, plain(images[:1]), rtol=1e-4, atol=1e-4 * short.abs().max().item())
 
 
 # -- BatchNorm folding ----------------------------------------------------------------------------------------------
