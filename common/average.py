@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import math
 import mmap
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointInfo, list_checkpoints
+from common.checkpoint import CheckpointInfo, atomic_output, file_sha256, list_checkpoints
 from common.errors import UserError, exit_on_user_error
 from common.model_state import (RELEASE_METADATA_KEY, extract_model_state, read_checkpoint_metadata,
                                 read_weights_file)
@@ -284,43 +283,15 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
 
 def _write_atomically(state: dict[str, torch.Tensor], output: Path, metadata: dict) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(output) as temporary:
         if output.suffix == ".safetensors":
             # safetensors creates its files 0600; give the average the umask's mode, like every other output.
             with open(temporary, "xb"):
                 mode = os.stat(temporary).st_mode & 0o777
             save_file(state, temporary, metadata={RELEASE_METADATA_KEY: json.dumps(metadata, default=str)})
             os.chmod(temporary, mode)
-            descriptor = os.open(temporary, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
         else:
-            with open(temporary, "wb") as file:
-                torch.save(state, file)
-                file.flush()
-                os.fsync(file.fileno())
-        os.replace(temporary, output)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    # The rename itself is only durable once the folder's entry is on disk.
-    descriptor = os.open(output.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+            torch.save(state, temporary)
 
 
 # -- command line ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import platform
 import random
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -211,21 +212,36 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     return state
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
-    """Write a file through `write(file)` so that `path` holds either its old content or the complete new one.
-
-    Returns (SHA-256 hex, size) of what was written, hashed on the way (no read back). Raises OSError.
-    """
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` for the caller to write the whole new file to. When the block ends without
+    an exception the file is fsynced and renamed over `path`, and the rename made durable, so `path` holds either
+    its old content or the complete new one; on any exception the temporary file is removed."""
     path = Path(path)
     temp = _temp_path(path)
     try:
-        result = _write_temp(temp, write)
+        yield temp
+        _fsync_file(temp)
         os.replace(temp, path)
     except BaseException:
         _remove_quietly(temp)
         raise
     _fsync_dir(path.parent)
-    return result
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
+    """Write a file through `write(file)` so that `path` holds either its old content or the complete new one.
+
+    Returns (SHA-256 hex, size) of what was written, hashed on the way (no read back). Raises OSError.
+    """
+    with atomic_output(path) as temp:
+        return _write_temp(temp, write)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's content."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def to_plain(value: Any, *, json_only: bool = False) -> Any:
@@ -422,8 +438,7 @@ def _verified_info(path: Path) -> CheckpointInfo:
 
 def _hash_matches(info: CheckpointInfo) -> bool:
     try:
-        with open(info.path, "rb") as file:
-            return hashlib.file_digest(file, "sha256").hexdigest() == info.sha256
+        return file_sha256(info.path) == info.sha256
     except OSError:
         return False
 
@@ -461,13 +476,19 @@ def _write_temp(temp: Path, write: Callable[[BinaryIO], object]) -> tuple[str, i
             if writer.error is not None:
                 raise writer.error from None
             raise
-        file.flush()
-        os.fsync(file.fileno())
     return writer.sha256.hexdigest(), writer.size
 
 
 def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDWR)  # Windows refuses to fsync a read-only descriptor
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _fsync_dir(folder: Path) -> None:

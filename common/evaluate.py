@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common.average import file_sha256
-from common.checkpoint import library_versions
+from common.checkpoint import file_sha256, library_versions
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import resolve_device

@@ -11,7 +11,6 @@ Each model folder's export.py calls `run_export`, the command line.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -26,6 +25,7 @@ from torch import nn
 
 from common.coreml_verify import (ExportVerificationError, VerificationReport, import_coremltools, judge,
                                   make_test_images, reference_logits, verify_coreml)
+from common.checkpoint import file_sha256
 from common.errors import UserError, exit_on_user_error
 from common.input_format import InputFormat, Preprocess
 
@@ -234,14 +234,6 @@ def verify_onnx(onnx_path: str | Path, model: nn.Module, input_format: InputForm
     return report
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _size_of(path: Path) -> int:
     if path.is_dir():
         return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
@@ -323,7 +315,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     model = network_module.create_network(len(class_names))
     load_model_state(model, weights, for_inference=True, trust_pickle=args.trust_pickle)
     model.eval()
-    metadata = {"model": model_name, "source_weights": weights.name, "source_weights_sha256": _sha256(weights),
+    metadata = {"model": model_name, "source_weights": weights.name, "source_weights_sha256": file_sha256(weights),
                 "description": f"{model_name} image classifier (ShuffleNet-Series), {image_size}x{image_size} "
                                f"input, {len(class_names)} classes"}
     if imagenet:

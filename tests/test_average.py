@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from common import average
-from common.average import average_checkpoints, file_sha256, main, select_best_checkpoints
+from common.average import average_checkpoints, main, select_best_checkpoints
 from common.bn_recalibrate import recalibrate_batchnorm
-from common.checkpoint import get_training_state, load_checkpoint, save_checkpoint
+from common.checkpoint import file_sha256, get_training_state, load_checkpoint, save_checkpoint
 from common.ema import create_ema
 from common.errors import UserError
 from common.model_state import RELEASE_METADATA_KEY
