@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointInfo, atomic_output, file_sha256, list_checkpoints
 from common.errors import UserError, exit_on_user_error
+from common.paths import prepare_output
+from common.release import shareable_metadata
 from common.model_state import (RELEASE_METADATA_KEY, extract_model_state, read_checkpoint_metadata,
                                 read_weights_file)
 
@@ -37,6 +39,10 @@ from common.model_state import (RELEASE_METADATA_KEY, extract_model_state, read_
 ACCURACY_ALIASES = {"top1": "top1_error", "top5": "top5_error"}
 _HIGHER_IS_BETTER = {"top1", "top5", "accuracy"}
 _SHOWN = 3
+BATCHNORM_NOTE = ("an average's BatchNorm statistics are means of its inputs' and do not fit its weights: "
+                  "re-estimate them before judging it, by running the training command again with "
+                  "--average-best K --recompute-bn N (at the end of a finished run it only averages the best K "
+                  "checkpoints and re-estimates over N training batches, e.g. 200)")
 # Elements per slice when summing: 256 kB of float64, which stays in a core's cache. It is also torch's grain
 # size, below which an element-wise op runs on the calling thread alone: memory-bound work gains little from more
 # threads, and on a machine whose cores are busy they wait for each other at every op (measured on 2 busy
@@ -122,9 +128,8 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
     Floating-point tensors are summed in float64 and cast back to their dtype. Integer and bool tensors (BN's
     num_batches_tracked) are taken from the newest input, the one with the highest recorded iteration (the last
     path when not every input records one): a mean of counters is no count of anything, and the EMA treats them
-    the same way. Keys, shapes and kinds of dtype must agree across inputs. `output` ending in `.safetensors` is
-    written with safetensors (metadata of the newest input plus the list of sources), anything else with
-    torch.save (a flat state dict); either way through a temporary file, fsync and rename.
+    the same way. Keys, shapes and kinds of dtype must agree across inputs. `output` is written by
+    `write_average`, with the metadata of `average_metadata`.
     """
     paths = [Path(path) for path in paths]
     if not paths:
@@ -156,12 +161,35 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
                 _release_pages(tensor, item.mapped)
             bar.update(sum(tensor.nbytes for tensor in tensors))
     if output is not None:
-        metadata = dict(newest.metadata)
-        metadata["time_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        metadata["averaged_from"] = [{"file": item.path.name, "iteration": item.iteration} for item in inputs]
-        metadata["weights"] = "ema" if use_ema else "model"
-        _write_atomically(averaged, Path(output), metadata)
+        write_average(averaged, Path(output),
+                      _metadata_of([(item.path, item.metadata) for item in inputs], newest.metadata, use_ema))
     return averaged
+
+
+def average_metadata(paths: Sequence[str | os.PathLike], use_ema: bool = False) -> dict:
+    """What an average of `paths` says about itself: the shareable metadata of the newest input (architecture,
+    classes, input format), and each input with its iteration and recorded metrics.
+
+    It holds no metrics or iteration of its own: nobody has measured the average. A caller that validates it
+    adds the result under "validation" (see train.py --average-best).
+    """
+    sources = [(Path(path), read_checkpoint_metadata(path)) for path in paths]
+    iterations = [metadata.get("iteration") for _, metadata in sources]
+    newest = sources[-1][1]
+    if all(isinstance(iteration, int) for iteration in iterations):
+        newest = max(reversed(sources), key=lambda source: source[1]["iteration"])[1]
+    return _metadata_of(sources, newest, use_ema)
+
+
+def _metadata_of(sources: list[tuple[Path, dict]], newest: dict, use_ema: bool) -> dict:
+    metadata = {key: value for key, value in shareable_metadata(newest).items()
+                if key not in ("iteration", "metrics", "bn_recalibrated")}
+    metadata["time_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    metadata["averaged_from"] = [{"file": path.name, "iteration": source.get("iteration"),
+                                  "metrics": source.get("metrics") or {}} for path, source in sources]
+    metadata["weights"] = "ema" if use_ema else "model"
+    metadata["batchnorm_statistics"] = "means of the inputs' running statistics (not re-estimated)"
+    return metadata
 
 
 def _mean_into(mean: torch.Tensor, tensors: list[torch.Tensor], total: torch.Tensor, scratch: torch.Tensor) -> None:
@@ -281,7 +309,8 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
 
 # -- output ---------------------------------------------------------------------------------------------------
 
-def _write_atomically(state: dict[str, torch.Tensor], output: Path, metadata: dict) -> None:
+def write_average(state: dict[str, torch.Tensor], output: Path, metadata: dict) -> None:
+    """Write an average atomically: `.safetensors` with `metadata`, any other name as a torch.save state dict."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(output) as temporary:
         if output.suffix == ".safetensors":
@@ -330,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prepare_output("--output", args.output)
     started = time.perf_counter()
     if args.save_dir is not None:
         if args.best is None:
@@ -341,13 +371,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--best goes with --save-dir; --inputs averages every file given")
         paths = [Path(name) for name in args.inputs]
         metrics = [_recorded_metrics(path) for path in paths]
-    average_checkpoints(paths, args.output, use_ema=args.ema, trust_pickle=args.trust_pickle,
-                        progress=not args.no_progress)
+    averaged = average_checkpoints(paths, args.output, use_ema=args.ema, trust_pickle=args.trust_pickle,
+                                   progress=not args.no_progress)
     chosen_text = ", ".join(_describe(path, recorded, args.metric) for path, recorded in zip(paths, metrics))
     size = os.path.getsize(args.output)
     print(f"averaged {len(paths)} checkpoint(s) ({'EMA' if args.ema else 'model'} weights): {chosen_text} -> "
           f"{args.output} ({_format_size(size)}, sha256 {file_sha256(args.output)}) in "
           f"{time.perf_counter() - started:.1f} s")
+    if any(key.endswith("running_mean") for key in averaged):
+        _note(BATCHNORM_NOTE)
     return 0
 
 

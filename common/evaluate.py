@@ -34,6 +34,7 @@ from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_names, 
 from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
 from common.input_format import InputFormat
 from common.model_state import read_checkpoint_metadata, read_weights_file
+from common.paths import prepare_output
 
 TOP_K = 5
 # Batches between updates of the running accuracy in the progress bar (each update waits for the device).
@@ -253,6 +254,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--image-size {args.image_size}: must be at least 32")
     if args.mean_image and not Path(args.mean_image).is_file():
         raise UserError(f"--mean-image {args.mean_image}: no such file")
+    for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
+        if path:
+            prepare_output(flag, path)
 
 
 def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpoint: LoadCheckpoint) -> dict:

@@ -27,6 +27,7 @@ from common.coreml_verify import (ExportVerificationError, VerificationReport, i
                                   make_test_images, reference_logits, verify_coreml)
 from common.checkpoint import file_sha256
 from common.errors import UserError, exit_on_user_error
+from common.paths import prepare_output
 from common.input_format import InputFormat, Preprocess
 
 __all__ = ["convert_pytorch_to_coreml", "export_onnx", "verify_coreml", "verify_onnx", "run_export",
@@ -311,6 +312,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     if output.suffix != suffix:
         raise UserError(f"--output {output} must end in {suffix} for --format {args.format}")
     _check_replaceable(output, args.format)
+    prepare_output("--output", output)
 
     model = network_module.create_network(len(class_names))
     load_model_state(model, weights, for_inference=True, trust_pickle=args.trust_pickle)

@@ -18,6 +18,7 @@ import torch
 
 from common.checkpoint import atomic_write, to_plain
 from common.errors import UserError, exit_on_user_error
+from common.paths import prepare_output
 from common.model_state import (RELEASE_METADATA_KEY, describe_weights, extract_model_state, load_model_state,
                                 read_checkpoint_metadata, read_weights_file)
 from common.models import MODEL_FOLDERS, load_network_module
@@ -66,9 +67,15 @@ def release_weights(weights: dict[str, torch.Tensor], keep_side_heads: bool = Fa
     return released
 
 
+def shareable_metadata(metadata: dict) -> dict:
+    """`metadata` without what only means something on the machine that trained: the rule for every file meant
+    to be shared (releases, averages)."""
+    return {key: value for key, value in metadata.items() if key not in _PRIVATE_METADATA}
+
+
 def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> dict:
     """The metadata stored in the release: the checkpoint's own (without training arguments), what it holds."""
-    metadata = {key: value for key, value in read_checkpoint_metadata(obj).items() if key not in _PRIVATE_METADATA}
+    metadata = shareable_metadata(read_checkpoint_metadata(obj))
     metadata["contents"] = describe_weights(weights)
     if use_ema:
         metadata["weights"] = "ema"
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--output {output}: the release file name must end in .safetensors")
     if output.resolve() == source.resolve():
         raise UserError(f"--output {output} is the input file; choose another name")
+    prepare_output("--output", output)
     obj = read_weights_file(source, trust_pickle=args.trust_pickle)
     weights = release_weights(extract_model_state(obj, use_ema=args.ema, source=str(source)), args.keep_side_heads)
     if args.model:

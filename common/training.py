@@ -34,6 +34,7 @@ from common.evaluate import evaluate
 from common.input_format import InputFormat, Preprocess
 from common.model_state import get_model_state_dict, load_model_state, read_checkpoint_metadata, unwrap_model
 from common.models import REPO_ROOT
+from common.paths import prepare_output
 from common.run_log import RunLog, plot_curves
 
 
@@ -164,6 +165,9 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
         raise UserError(f"--image-size {args.image_size}: use a multiple of 32")
     if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
         raise UserError(f"--learning-rate {args.learning_rate}: must be a positive number")
+    # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
+    prepare_output("--save", args.save, folder=True)
+    prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
     return args
 
 
@@ -553,20 +557,33 @@ def _preprocessed_batches(trainer: Trainer):
 
 
 def _average_best(trainer: Trainer) -> None:
-    from common.average import average_checkpoints, select_best_checkpoints
+    from common.average import (BATCHNORM_NOTE, average_checkpoints, average_metadata, select_best_checkpoints,
+                                write_average)
     args = trainer.args
     chosen = select_best_checkpoints(args.save, args.average_best, "top1_error", lower_is_better=True)
-    output = Path(args.save) / f"average-best-{args.average_best}.safetensors"
-    average_checkpoints([c.path for c in chosen], output)
-    load_model_state(trainer.model, output)
+    paths = [c.path for c in chosen]
+    averaged = average_checkpoints(paths)
+    # The inputs and their metrics; the average's own score is only what is measured on it below.
+    metadata = average_metadata(paths)
+    load_model_state(trainer.model, averaged)
     split = f"val_average_best_{args.average_best}"
-    if args.recompute_bn:
-        from common.bn_recalibrate import recalibrate_batchnorm
-        from common.release import write_release
-        trainer.validate(args.total_iters, split=split)
-        recalibrate_batchnorm(trainer.model, _preprocessed_batches(trainer), args.recompute_bn)
-        output = output.with_name(output.stem + "-recomputed-bn.safetensors")
-        write_release(output, get_model_state_dict(trainer.model), trainer.metadata)
-        split += "_recomputed_bn"
+    output = Path(args.save) / f"average-best-{args.average_best}.safetensors"
+    write_average(averaged, output, _with_validation(metadata, split, trainer.validate(args.total_iters, split=split)))
     print(f"averaged the best {len(chosen)} checkpoints into {output}")
-    trainer.validate(args.total_iters, split=split)
+    if not args.recompute_bn:
+        print(f"note: {BATCHNORM_NOTE}", file=sys.stderr)
+        return
+    from common.bn_recalibrate import recalibrate_batchnorm
+    from common.release import write_release
+    recalibrate_batchnorm(trainer.model, _preprocessed_batches(trainer), args.recompute_bn)
+    metadata["batchnorm_statistics"] = f"re-estimated over {args.recompute_bn} training batches"
+    split += "_recomputed_bn"
+    output = output.with_name(output.stem + "-recomputed-bn.safetensors")
+    write_release(output, get_model_state_dict(trainer.model),
+                  _with_validation(metadata, split, trainer.validate(args.total_iters, split=split)))
+    print(f"re-estimated the average's BatchNorm statistics into {output}")
+
+
+def _with_validation(metadata: dict, split: str, metrics: dict | None) -> dict:
+    """An average's metadata with its measured score under its own name (none without --val-dir)."""
+    return {**metadata, "validation": {"split": split, **metrics}} if metrics else metadata

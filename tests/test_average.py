@@ -17,7 +17,7 @@ from common.bn_recalibrate import recalibrate_batchnorm
 from common.checkpoint import file_sha256, get_training_state, load_checkpoint, save_checkpoint
 from common.ema import create_ema
 from common.errors import UserError
-from common.model_state import RELEASE_METADATA_KEY
+from common.model_state import RELEASE_METADATA_KEY, read_checkpoint_metadata
 
 from conftest import REPO_ROOT
 
@@ -374,3 +374,33 @@ def test_recalibration_with_a_forward_function_and_too_little_data():
     with pytest.raises(UserError, match="needs 5 batches but the data gave only 2"):
         recalibrate_batchnorm(model, [torch.randn(4, 3, 2, 2)] * 2, 5)
     assert model.bn.momentum == 0.3 and model.training
+
+
+# -- what an average says about itself -------------------------------------------------------------------------
+
+def test_an_average_claims_no_metrics_of_its_own_and_strips_local_paths(tmp_path):
+    """Item 8 and 10 of issue 12: through the real commands, python -m common.average then common.release."""
+    for iteration, error in ((10, 40.0), (20, 30.0), (30, 35.0)):
+        metadata = {"arch": "Tiny", "classes": ["a", "b"], "args": {"train_dir": "/home/someone/data"}}
+        save_checkpoint(get_training_state(_randomised(iteration), iteration=iteration, metadata=metadata,
+                                           metrics={"top1_error": error}), iteration, tmp_path, keep=100)
+    output = tmp_path / "out" / "avg.safetensors"
+    result = subprocess.run([sys.executable, "-m", "common.average", "--save-dir", str(tmp_path), "--best", "2",
+                             "--output", str(output), "--no-progress"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("--average-best K --recompute-bn N") == 1
+    stored = read_checkpoint_metadata(output)
+    assert "metrics" not in stored and "iteration" not in stored and "args" not in stored
+    assert "/home/someone" not in json.dumps(stored)
+    assert stored["arch"] == "Tiny" and stored["classes"] == ["a", "b"]
+    assert stored["averaged_from"] == [
+        {"file": "checkpoint-0000000020.pth", "iteration": 20, "metrics": {"top1_error": 30.0}},
+        {"file": "checkpoint-0000000030.pth", "iteration": 30, "metrics": {"top1_error": 35.0}}]
+
+    release = tmp_path / "release.safetensors"
+    result = subprocess.run([sys.executable, "-m", "common.release", str(output), "--output", str(release)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    released = read_checkpoint_metadata(release)
+    assert "metrics" not in released and released["averaged_from"] == stored["averaged_from"]

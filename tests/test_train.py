@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.checkpoint import get_latest_model
-from common.model_state import extract_model_state, load_model_state, read_weights_file
+from common.model_state import extract_model_state, load_model_state, read_checkpoint_metadata, read_weights_file
 from conftest import REPO_ROOT, network
 
 ONESHOT = REPO_ROOT / "OneShot"
@@ -51,6 +51,19 @@ def test_demo_flag_trains_validates_and_averages(tmp_path):
                                              "val_average_best_2_recomputed_bn"}
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert any((tmp_path / "tensorboard").iterdir())
+    # An average claims no checkpoint's metrics: it lists its inputs with theirs, and stores what was measured
+    # on it under its own name; no local path of the training arguments is in a file meant to be shared.
+    measured = {r["split"]: r for r in records if r["split"].startswith("val_average")}
+    for name, split in (("average-best-2", "val_average_best_2"),
+                        ("average-best-2-recomputed-bn", "val_average_best_2_recomputed_bn")):
+        stored = read_checkpoint_metadata(tmp_path / f"{name}.safetensors")
+        assert "metrics" not in stored and "iteration" not in stored and "args" not in stored, name
+        assert str(tmp_path) not in json.dumps(stored)
+        assert [source["iteration"] for source in stored["averaged_from"]] and \
+            all("top1_error" in source["metrics"] for source in stored["averaged_from"])
+        assert stored["validation"]["split"] == split
+        assert stored["validation"]["top1_error"] == pytest.approx(measured[split]["top1_error"])
+    assert "--recompute-bn" not in result.stderr  # asked for: no advice to do it
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path, image_folder):
