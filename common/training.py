@@ -145,6 +145,9 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace:
     """Fill recipe defaults (demo ones with --demo) and check the values before any work starts."""
+    # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
+    prepare_output("--save", args.save, folder=True)
+    prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
     source = recipe.demo if args.demo else recipe
     for name in ("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval"):
         if getattr(args, name) is None:
@@ -165,9 +168,6 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
         raise UserError(f"--image-size {args.image_size}: use a multiple of 32")
     if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
         raise UserError(f"--learning-rate {args.learning_rate}: must be a positive number")
-    # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
-    prepare_output("--save", args.save, folder=True)
-    prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
     return args
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -55,3 +56,20 @@ def image_folder(tmp_path_factory) -> Path:
 
 def network(model: str):
     return load_network_module(model)
+
+
+def script_module(model: str, script: str):
+    """A model folder's script (train, eval, export) as a module; its `import network` gets that folder's."""
+    spec = importlib.util.spec_from_file_location(f"{script}_{model.replace('.', '_')}",
+                                                  REPO_ROOT / model / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get("network")
+    sys.modules["network"] = network(model)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["network"]
+        else:
+            sys.modules["network"] = saved
+    return module

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import REPO_ROOT, SHARED, network, released_state_dict
+from conftest import REPO_ROOT, SHARED, network, released_state_dict, script_module
 from torch import nn
 
 from common.checkpoint import get_training_state
@@ -45,18 +44,7 @@ RESULT_SCHEMA = {
 
 def eval_script(model: str):
     """A folder's eval.py as a module; its `import network` gets that folder's network.py."""
-    spec = importlib.util.spec_from_file_location("eval_" + model.replace(".", "_"), REPO_ROOT / model / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    saved = sys.modules.get("network")
-    sys.modules["network"] = network(model)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del sys.modules["network"]
-        else:
-            sys.modules["network"] = saved
-    return module
+    return script_module(model, "eval")
 
 
 def run_script(model: str, *args: str) -> subprocess.CompletedProcess:

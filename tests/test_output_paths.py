@@ -1,0 +1,131 @@
+"""Every output path of every script is checked before the work starts (issue 12, item 1), through the scripts.
+
+A folder that cannot be written is a one-line error naming the flag and the path; missing parent folders are
+created. Tests run as root, for whom permission bits block nothing, so the unwritable folder is a path through a
+regular file: that fails for every user. The scripts' mains run in this process (a subprocess per case costs
+seconds of imports each); test_average and test_train run the same scripts as subprocesses.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import average, release
+from common.checkpoint import get_training_state, save_checkpoint
+from common.demo_data import make_image_folder
+from common.imagenet import imagenet_wnids
+from conftest import network, script_module
+
+
+def one_line_error(capsys, main, argv: list[str]) -> str:
+    """Run a script's main; it must exit with status 2 and print one `error:` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def oneshot():
+    """OneShot's train.py, eval.py and export.py as modules."""
+    return {script: script_module("OneShot", script) for script in ("train", "eval", "export")}
+
+
+@pytest.fixture(scope="module")
+def blocked(tmp_path_factory) -> Path:
+    """A regular file: any path under it cannot be created, by root either."""
+    path = tmp_path_factory.mktemp("blocked") / "a-file"
+    path.write_text("not a folder\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def imagenet_weights(tmp_path_factory) -> Path:
+    """A flat OneShot state dict with the 1000 ImageNet outputs, as released files hold (random values)."""
+    path = tmp_path_factory.mktemp("weights") / "oneshot.pth"
+    torch.save(network("OneShot").create_network(1000).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def wnid_val(tmp_path_factory) -> Path:
+    root = make_image_folder(tmp_path_factory.mktemp("val"), num_classes=3, images_per_class=2, size=40)
+    for folder, wnid in zip(sorted(root.iterdir()), imagenet_wnids()[:3]):
+        folder.rename(root / wnid)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    model = network("OneShot").create_network(3)
+    for iteration in (1, 2):
+        save_checkpoint(get_training_state(model, iteration=iteration, metrics={"top1_error": 50.0}), iteration,
+                        folder)
+    return folder
+
+
+@pytest.mark.parametrize("flag", ["--results-json", "--predictions-csv"])
+def test_eval_refuses_an_unwritable_output_before_evaluating(flag, oneshot, blocked, imagenet_weights, wnid_val,
+                                                             capsys):
+    line = one_line_error(capsys, oneshot["eval"].main,
+                          ["--weights", str(imagenet_weights), "--val-dir", str(wnid_val), "--workers", "0",
+                           "--image-size", "32", flag, str(blocked / "out" / "file")])
+    assert line == (f"error: {flag} {blocked / 'out' / 'file'}: cannot write there ({blocked} is a file, not a "
+                    "folder); choose another path")
+
+
+def test_eval_creates_missing_output_folders(tmp_path, oneshot, imagenet_weights, wnid_val):
+    results, predictions = tmp_path / "a" / "b" / "results.json", tmp_path / "c" / "predictions.csv"
+    oneshot["eval"].main(["--weights", str(imagenet_weights), "--val-dir", str(wnid_val), "--workers", "0",
+                          "--image-size", "32", "--results-json", str(results), "--predictions-csv",
+                          str(predictions)])
+    assert json.loads(results.read_text())["images"] == 6
+    assert len(predictions.read_text().splitlines()) == 7
+
+
+def test_an_existing_folder_is_no_output_file(tmp_path, oneshot, imagenet_weights, wnid_val, capsys):
+    line = one_line_error(capsys, oneshot["eval"].main, ["--weights", str(imagenet_weights), "--val-dir",
+                                                         str(wnid_val), "--results-json", str(tmp_path)])
+    assert line == f"error: --results-json {tmp_path}: is a folder; give a file name"
+
+
+def test_train_refuses_an_unwritable_save_folder_and_tensorboard_folder(tmp_path, oneshot, blocked, capsys):
+    line = one_line_error(capsys, oneshot["train"].main, ["--train-dir", str(tmp_path), "--save", str(blocked / "run")])
+    assert line.startswith(f"error: --save {blocked / 'run'}: cannot write there")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tensorboard").write_text("a file where TensorBoard's folder goes\n")
+    line = one_line_error(capsys, oneshot["train"].main, ["--train-dir", str(tmp_path), "--save", str(tmp_path / "run")])
+    assert line.startswith(f"error: --save {tmp_path / 'run' / 'tensorboard'}: cannot write there")
+
+
+@pytest.mark.parametrize("kind", ["onnx", "coreml"])
+def test_export_refuses_an_unwritable_output(kind, oneshot, blocked, imagenet_weights, capsys):
+    output = blocked / f"OneShot.{'onnx' if kind == 'onnx' else 'mlpackage'}"
+    line = one_line_error(capsys, lambda argv: oneshot["export"].run_export(network("OneShot"), argv),
+                          ["--weights", str(imagenet_weights), "--format", kind, "--output", str(output)])
+    assert line.startswith(f"error: --output {output}: cannot write there")
+
+
+def test_average_refuses_an_unwritable_output_and_creates_missing_folders(tmp_path, blocked, checkpoints, capsys):
+    line = one_line_error(capsys, average.main, ["--save-dir", str(checkpoints), "--best", "2", "--output",
+                                                 str(blocked / "avg.safetensors")])
+    assert line.startswith(f"error: --output {blocked / 'avg.safetensors'}: cannot write there")
+    output = tmp_path / "new" / "avg.safetensors"
+    assert average.main(["--save-dir", str(checkpoints), "--best", "2", "--output", str(output),
+                         "--no-progress"]) == 0
+    assert output.is_file()
+
+
+def test_release_refuses_an_unwritable_output_and_creates_missing_folders(tmp_path, blocked, checkpoints, capsys):
+    source = str(checkpoints / "checkpoint-0000000002.pth")
+    line = one_line_error(capsys, release.main, [source, "--output", str(blocked / "r.safetensors")])
+    assert line.startswith(f"error: --output {blocked / 'r.safetensors'}: cannot write there")
+    output = tmp_path / "new" / "r.safetensors"
+    assert release.main([source, "--output", str(output)]) == 0
+    assert output.is_file() and output.with_name("r.safetensors.sha256").is_file()
