@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from common.checkpoint import CheckpointInfo, atomic_output, file_sha256, list_checkpoints
+from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error
-from common.paths import prepare_output
 from common.release import shareable_metadata
 from common.model_state import (RELEASE_METADATA_KEY, extract_model_state, read_checkpoint_metadata,
                                 read_weights_file)
@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_dir is not None:
         if args.best is None:
             parser.error("--save-dir needs --best K")
+        if args.best < 1:
+            raise UserError(f"--best {args.best}: average at least 1 checkpoint")
         chosen = select_best_checkpoints(args.save_dir, args.best, args.metric, args.lower_is_better)
         paths, metrics = [info.path for info in chosen], [info.metrics for info in chosen]
     else:

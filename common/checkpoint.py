@@ -199,8 +199,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     # The hash pass above has just read the file, so loading it again comes from the page cache.
     state = read_weights_file(path, map_location=map_location)
     if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a training checkpoint of this project; to start from its weights "
-                              "load them with load_model_state (the --pretrained option of the scripts)")
+        raise CheckpointError(f"{path} is not a training checkpoint of this project, so training cannot resume "
+                              "from it; move it out of the --save folder (eval.py and export.py read it as it is)")
     load_model_state(model, state["model"], strict=True, source_name=str(path))
     _restore(path, "optimizer", optimizer, state.get("optimizer"))
     _restore(path, "scheduler", scheduler, state.get("scheduler"))
@@ -551,9 +551,9 @@ def _best(complete: list[CheckpointInfo], metric: str, lower_is_better: bool) ->
 def _write_error_text(save_dir: Path, name: str, error: OSError) -> str:
     reason = error.strerror or str(error)
     code = errno.errorcode.get(error.errno or 0)
-    hint = {errno.ENOSPC: "free some disk space or choose another --save-dir",
-            errno.EDQUOT: "free some quota or choose another --save-dir",
-            errno.EACCES: "choose a folder you can write to (--save-dir)",
-            errno.EROFS: "choose a folder you can write to (--save-dir)"}.get(error.errno, "check the folder")
+    hint = {errno.ENOSPC: "free some disk space or choose another --save",
+            errno.EDQUOT: "free some quota or choose another --save",
+            errno.EACCES: "choose a folder you can write to (--save)",
+            errno.EROFS: "choose a folder you can write to (--save)"}.get(error.errno, "check the folder")
     return (f"could not save {name} in {save_dir}: {reason}{f' ({code})' if code else ''}; the checkpoints "
             f"saved before are intact; {hint}")

@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
-from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from common.errors import UserError
 
@@ -84,6 +82,9 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
         if sorted(class_to_index.values()) != list(range(len(class_to_index))):
             raise ValueError("class_to_index must map its names to 0 .. len - 1")
         classes = sorted(class_to_index, key=class_to_index.__getitem__)
+
+    # torchvision is imported where it is used: importing it costs seconds, which `--help` need not wait.
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     present = {name: class_to_index[name] for name in folders}
     samples = make_dataset(str(root), present, extensions=IMG_EXTENSIONS, allow_empty=True)
@@ -182,6 +183,8 @@ class TrainTransform:
         self.jitter_range = (max(0.0, 1 - jitter), 1 + jitter)
 
     def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        from torchvision import transforms
+
         top, left, height, width = transforms.RandomResizedCrop.get_params(image, list(self.scale),
                                                                            list(self.ratio))
         if isinstance(image, Tensor):

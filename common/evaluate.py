@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.checkpoint import file_sha256, library_versions
+from common.cli import check_image_size, prepare_output
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import resolve_device
@@ -34,7 +35,6 @@ from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_names, 
 from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
 from common.input_format import InputFormat
 from common.model_state import read_checkpoint_metadata, read_weights_file
-from common.paths import prepare_output
 
 TOP_K = 5
 # Batches between updates of the running accuracy in the progress bar (each update waits for the device).
@@ -231,7 +231,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     weights.add_argument("--trust-pickle", action="store_true",
                          help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
                               "made yourself")
-    weights.add_argument("--use-ema", action="store_true",
+    weights.add_argument("--ema", "--use-ema", dest="use_ema", action="store_true",
                          help="evaluate the EMA weights of a training checkpoint")
     return parser
 
@@ -250,8 +250,7 @@ def _input_format(args: argparse.Namespace, default: InputFormat) -> InputFormat
 
 def _check_args(args: argparse.Namespace) -> None:
     """What the data and model code would only find after the weights are read."""
-    if args.image_size is not None and args.image_size < 32:
-        raise UserError(f"--image-size {args.image_size}: must be at least 32")
+    check_image_size(args.image_size)
     if args.mean_image and not Path(args.mean_image).is_file():
         raise UserError(f"--mean-image {args.mean_image}: no such file")
     for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
@@ -313,8 +312,9 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
           f"on {device}", flush=True)
 
     results = evaluate(runner, None, loader, keep_predictions=bool(args.predictions_csv))
+    # The published errors are of the 1000 ImageNet classes: beside a score on fewer they would mislead.
     published = ({"top1_error": network.PUBLISHED["top1_error"], "top5_error": network.PUBLISHED["top5_error"]}
-                 if is_imagenet else None)
+                 if is_imagenet and len(folders) == len(classes) else None)
     print(_summary_line(results, published), flush=True)
     if args.results_json:
         write_results_json(args.results_json, results_record(

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.cli import check_image_size, prepare_output
 from common.coreml_verify import (ExportVerificationError, VerificationReport, import_coremltools, judge,
                                   make_test_images, reference_logits, verify_coreml)
 from common.checkpoint import file_sha256
 from common.errors import UserError, exit_on_user_error
-from common.paths import prepare_output
 from common.input_format import InputFormat, Preprocess
 
 __all__ = ["convert_pytorch_to_coreml", "export_onnx", "verify_coreml", "verify_onnx", "run_export",
@@ -288,6 +288,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
 
     model_name = Path(network_module.__file__).resolve().parent.name
     args = _parser(model_name, network_module.INPUT_FORMAT).parse_args(argv)
+    check_image_size(args.image_size)
     if args.num_verify_images < 1:
         raise UserError("--num-verify-images must be at least 1")
     precision = args.precision or ("fp16" if args.format == "coreml" else "fp32")

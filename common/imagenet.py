@@ -10,9 +10,12 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-from timm.data import ImageNetInfo
+from typing import TYPE_CHECKING
 
 from common.errors import UserError
+
+if TYPE_CHECKING:
+    from timm.data import ImageNetInfo
 
 CLASS_MAP_HELP = ("a text file of lines '<class folder> <output index or class name>' (e.g. 'cat 281' or "
                   "'cat n02123045'); blank lines and lines starting with # are skipped; folders it does not name "
@@ -26,6 +29,8 @@ class ClassMapError(UserError):
 
 @functools.cache
 def _info() -> ImageNetInfo:
+    from timm.data import ImageNetInfo  # imported on first use: timm takes seconds to import
+
     return ImageNetInfo("imagenet-1k")
 
 

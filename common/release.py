@@ -17,8 +17,8 @@ import safetensors.torch
 import torch
 
 from common.checkpoint import atomic_write, to_plain
+from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error
-from common.paths import prepare_output
 from common.model_state import (RELEASE_METADATA_KEY, describe_weights, extract_model_state, load_model_state,
                                 read_checkpoint_metadata, read_weights_file)
 from common.models import MODEL_FOLDERS, load_network_module

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import get_latest_model, get_training_state, load_checkpoint, save_checkpoint
+from common.cli import DefaultsHelpFormatter, prepare_output
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
 from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, init_distributed,
@@ -34,7 +35,6 @@ from common.evaluate import evaluate
 from common.input_format import InputFormat, Preprocess
 from common.model_state import get_model_state_dict, load_model_state, read_checkpoint_metadata, unwrap_model
 from common.models import REPO_ROOT
-from common.paths import prepare_output
 from common.run_log import RunLog, plot_curves
 
 
@@ -84,7 +84,7 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     d = recipe
     parser = argparse.ArgumentParser(
         description=f"Train {d.model_name} (ImageFolder data, the original recipe; resumes automatically).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--train-dir", help="training images in ImageFolder layout (one sub-folder per class)")
     data.add_argument("--val-dir", help="validation images, same class sub-folders as --train-dir")
@@ -164,6 +164,9 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
                  "keep", "val_batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    for name in ("bn_recalibrate", "average_best", "recompute_bn"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 (off) or more")
     if args.image_size % 32:
         raise UserError(f"--image-size {args.image_size}: use a multiple of 32")
     if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):

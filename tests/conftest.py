@@ -73,3 +73,13 @@ def script_module(model: str, script: str):
         else:
             sys.modules["network"] = saved
     return module
+
+
+def user_error_line(capsys, main, argv: list[str]) -> str:
+    """Run a script's main in this process: it must exit with status 2 after one `error:` line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]

@@ -147,10 +147,11 @@ def test_released_layout_file_evaluates_through_the_folders_eval_script(released
     else:
         eval_script(model).main(argv)
         output = capsys.readouterr().out
-    assert output.count(" * Acc@1") == 1 and "published error" in output
+    # The published figures are of all 1000 classes, not of these 3 (test_published_errors_only_beside_imagenet).
+    assert output.count(" * Acc@1") == 1 and "published error" not in output
     record = json.loads(results.read_text())
     assert record["model"] == model and record["images"] == 12 and record["image_size"] == 32
-    assert record["published"]["top1_error"] == network(model).PUBLISHED["top1_error"]
+    assert record["published"] is None
     input_format = network(model).INPUT_FORMAT
     assert record["input_format"] == json.loads(json.dumps({**input_format.to_dict(),
                                                             "description": input_format.describe()}))

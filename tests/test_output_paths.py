@@ -17,17 +17,7 @@ from common import average, release
 from common.checkpoint import get_training_state, save_checkpoint
 from common.demo_data import make_image_folder
 from common.imagenet import imagenet_wnids
-from conftest import network, script_module
-
-
-def one_line_error(capsys, main, argv: list[str]) -> str:
-    """Run a script's main; it must exit with status 2 and print one `error:` line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+from conftest import network, script_module, user_error_line
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +63,7 @@ def checkpoints(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("flag", ["--results-json", "--predictions-csv"])
 def test_eval_refuses_an_unwritable_output_before_evaluating(flag, oneshot, blocked, imagenet_weights, wnid_val,
                                                              capsys):
-    line = one_line_error(capsys, oneshot["eval"].main,
+    line = user_error_line(capsys, oneshot["eval"].main,
                           ["--weights", str(imagenet_weights), "--val-dir", str(wnid_val), "--workers", "0",
                            "--image-size", "32", flag, str(blocked / "out" / "file")])
     assert line == (f"error: {flag} {blocked / 'out' / 'file'}: cannot write there ({blocked} is a file, not a "
@@ -90,30 +80,30 @@ def test_eval_creates_missing_output_folders(tmp_path, oneshot, imagenet_weights
 
 
 def test_an_existing_folder_is_no_output_file(tmp_path, oneshot, imagenet_weights, wnid_val, capsys):
-    line = one_line_error(capsys, oneshot["eval"].main, ["--weights", str(imagenet_weights), "--val-dir",
+    line = user_error_line(capsys, oneshot["eval"].main, ["--weights", str(imagenet_weights), "--val-dir",
                                                          str(wnid_val), "--results-json", str(tmp_path)])
     assert line == f"error: --results-json {tmp_path}: is a folder; give a file name"
 
 
 def test_train_refuses_an_unwritable_save_folder_and_tensorboard_folder(tmp_path, oneshot, blocked, capsys):
-    line = one_line_error(capsys, oneshot["train"].main, ["--train-dir", str(tmp_path), "--save", str(blocked / "run")])
+    line = user_error_line(capsys, oneshot["train"].main, ["--train-dir", str(tmp_path), "--save", str(blocked / "run")])
     assert line.startswith(f"error: --save {blocked / 'run'}: cannot write there")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "tensorboard").write_text("a file where TensorBoard's folder goes\n")
-    line = one_line_error(capsys, oneshot["train"].main, ["--train-dir", str(tmp_path), "--save", str(tmp_path / "run")])
+    line = user_error_line(capsys, oneshot["train"].main, ["--train-dir", str(tmp_path), "--save", str(tmp_path / "run")])
     assert line.startswith(f"error: --save {tmp_path / 'run' / 'tensorboard'}: cannot write there")
 
 
 @pytest.mark.parametrize("kind", ["onnx", "coreml"])
 def test_export_refuses_an_unwritable_output(kind, oneshot, blocked, imagenet_weights, capsys):
     output = blocked / f"OneShot.{'onnx' if kind == 'onnx' else 'mlpackage'}"
-    line = one_line_error(capsys, lambda argv: oneshot["export"].run_export(network("OneShot"), argv),
+    line = user_error_line(capsys, lambda argv: oneshot["export"].run_export(network("OneShot"), argv),
                           ["--weights", str(imagenet_weights), "--format", kind, "--output", str(output)])
     assert line.startswith(f"error: --output {output}: cannot write there")
 
 
 def test_average_refuses_an_unwritable_output_and_creates_missing_folders(tmp_path, blocked, checkpoints, capsys):
-    line = one_line_error(capsys, average.main, ["--save-dir", str(checkpoints), "--best", "2", "--output",
+    line = user_error_line(capsys, average.main, ["--save-dir", str(checkpoints), "--best", "2", "--output",
                                                  str(blocked / "avg.safetensors")])
     assert line.startswith(f"error: --output {blocked / 'avg.safetensors'}: cannot write there")
     output = tmp_path / "new" / "avg.safetensors"
@@ -124,7 +114,7 @@ def test_average_refuses_an_unwritable_output_and_creates_missing_folders(tmp_pa
 
 def test_release_refuses_an_unwritable_output_and_creates_missing_folders(tmp_path, blocked, checkpoints, capsys):
     source = str(checkpoints / "checkpoint-0000000002.pth")
-    line = one_line_error(capsys, release.main, [source, "--output", str(blocked / "r.safetensors")])
+    line = user_error_line(capsys, release.main, [source, "--output", str(blocked / "r.safetensors")])
     assert line.startswith(f"error: --output {blocked / 'r.safetensors'}: cannot write there")
     output = tmp_path / "new" / "r.safetensors"
     assert release.main([source, "--output", str(output)]) == 0

@@ -1,4 +1,4 @@
-"""Output paths checked before the work starts, the same way in every script.
+"""Command-line pieces every script shares: output paths checked before the work starts, and help defaults.
 
 A result written after an hour of evaluation into a folder that cannot take it is an hour lost; so each script
 hands its output flags to `prepare_output` first. Missing parent folders are created; a folder that cannot be
@@ -6,6 +6,7 @@ written (read-only, a path through a regular file, no permission) is a one-line 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -37,9 +38,28 @@ def prepare_output(flag: str, path: str | os.PathLike, *, folder: bool = False) 
     return path
 
 
+def check_image_size(size: int | None) -> None:
+    """Refuse an --image-size the networks do not take evenly (None: the default, fine)."""
+    if size is not None and (size < 32 or size % 32):
+        raise UserError(f"--image-size {size}: use a multiple of 32 such as 224 (the networks halve the resolution "
+                        "five times; at other sizes the halvings pad unevenly and train.py refuses them too)")
+
+
 def _blocking_file(folder: Path) -> Path:
     """The first existing non-folder on the way to `folder`."""
     for candidate in [*reversed(folder.parents), folder]:
         if candidate.exists() and not candidate.is_dir():
             return candidate
     return folder
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help only where it tells something: not for a default of None or
+    False (an unset option, an off switch), and not where the help already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return super()._get_help_string(action)

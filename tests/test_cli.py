@@ -1,0 +1,221 @@
+"""What the scripts say (issue 12, items 12 and 15, and startup): help texts, the flags their messages name, the
+published figures, --image-size, --best, where the shared tools run from, MODELS.md citations and --help imports."""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import average, export, release, training
+from common.demo_data import make_image_folder
+from common.evaluate import build_parser as eval_parser
+from common.imagenet import imagenet_wnids
+from conftest import REPO_ROOT, network, script_module, user_error_line
+
+MODELS = ("OneShot", "ShuffleNetV2.Large", "ShuffleNetV2.ExLarge")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
+
+
+def parsers() -> dict[str, argparse.ArgumentParser]:
+    built = {"eval": eval_parser("OneShot"), "export": export._parser("OneShot", network("OneShot").INPUT_FORMAT),
+             "average": average.build_parser(), "release": release.build_parser()}
+    for model in MODELS:
+        built[f"train {model}"] = training.build_parser(script_module(model, "train").RECIPE)
+    return built
+
+
+def flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+# -- help texts -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["eval", "export", "average", "release", *(f"train {m}" for m in MODELS)])
+def test_help_states_each_default_once_and_never_none(name):
+    parser = parsers()[name]
+    assert "(default: None)" not in parser.format_help()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help:
+            text = formatter._expand_help(action)
+            assert text.count("default") <= 1, f"{action.option_strings}: {text}"
+
+
+# -- flags named in messages exist ------------------------------------------------------------------------------
+
+# The scripts whose output can show each module's texts. A message of a module names flags of those scripts.
+SHOWN_BY = {
+    "common/training.py": ["train"], "common/checkpoint.py": ["train"], "common/run_log.py": ["train"],
+    "common/evaluate.py": ["eval"], "common/imagenet.py": ["eval"],
+    "common/export.py": ["export"], "common/coreml_verify.py": ["export"],
+    "common/data.py": ["train", "eval"], "common/distributed.py": ["train", "eval"],
+    "common/model_state.py": ["eval", "release", "average"],
+    "common/release.py": ["release"], "common/cli.py": ["train", "eval", "export", "average", "release"],
+    # The averaging command points to train.py's own averaging and BatchNorm re-estimation.
+    "common/average.py": ["average", "train"],
+}
+
+
+def string_flags(path: Path) -> set[str]:
+    """Flags named in the string literals of a source file (messages, help texts, docstrings)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.update(FLAG.findall(node.value))
+    return found
+
+
+def test_every_flag_a_message_names_exists_in_the_script_that_shows_it():
+    built = parsers()
+    by_script = {"eval": flags(built["eval"]), "export": flags(built["export"]), "average": flags(built["average"]),
+                 "release": flags(built["release"]), "train": flags(built["train OneShot"])}
+    missing = {}
+    for module, scripts in SHOWN_BY.items():
+        known = set().union(*(by_script[script] for script in scripts))
+        unknown = string_flags(REPO_ROOT / module) - known
+        if unknown:
+            missing[module] = sorted(unknown)
+    for model in MODELS:
+        for script in ("train", "eval", "export"):
+            known = by_script[script] | {"--help", "--nproc_per_node"}
+            unknown = string_flags(REPO_ROOT / model / f"{script}.py") - known
+            if unknown:
+                missing[f"{model}/{script}.py"] = sorted(unknown)
+    assert not missing
+
+
+def test_ema_is_spelled_the_same_in_every_script_that_reads_ema_weights():
+    built = parsers()
+    for name in ("eval", "average", "release"):
+        assert "--ema" in flags(built[name]), name
+
+
+# -- eval.py and export.py ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def imagenet_weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "oneshot.pth"
+    torch.save(network("OneShot").create_network(1000).state_dict(), path)
+    return path
+
+
+def test_published_errors_only_beside_a_score_on_all_imagenet_classes(tmp_path, imagenet_weights, capsys):
+    """The published ImageNet errors are of 1000 classes: not shown beside a score on 3 of them."""
+    evaluate = script_module("OneShot", "eval").main
+    full = tmp_path / "full"
+    three = make_image_folder(tmp_path / "three", num_classes=3, images_per_class=1, size=32)
+    for folder, wnid in zip(sorted(three.iterdir()), imagenet_wnids()):
+        folder.rename(three / wnid)
+    image = next(three.rglob("*.jpg")).read_bytes()
+    for wnid in imagenet_wnids():
+        (full / wnid).mkdir(parents=True)
+        (full / wnid / "image.jpg").write_bytes(image)
+    argv = ["--weights", str(imagenet_weights), "--image-size", "32", "--workers", "0"]
+    evaluate([*argv, "--val-dir", str(three), "--results-json", str(tmp_path / "three.json")])
+    assert "published error" not in capsys.readouterr().out
+    assert '"published": null' in (tmp_path / "three.json").read_text()
+    evaluate([*argv, "--val-dir", str(full), "--limit", "3"])
+    assert "[published error: top-1 25.1, top-5 8.0]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["eval", "export"])
+def test_image_size_not_a_multiple_of_32_is_refused(script, imagenet_weights, tmp_path, capsys):
+    module = script_module("OneShot", script)
+    main = module.main if script == "eval" else (lambda argv: module.run_export(network("OneShot"), argv))
+    argv = ["--weights", str(imagenet_weights), "--image-size", "200"]
+    if script == "eval":
+        argv += ["--val-dir", str(tmp_path)]
+    line = user_error_line(capsys, main, argv)
+    assert line.startswith("error: --image-size 200: use a multiple of 32")
+
+
+# -- common.average ---------------------------------------------------------------------------------------------
+
+def test_best_zero_names_the_flag(tmp_path, capsys):
+    line = user_error_line(capsys, average.main, ["--save-dir", str(tmp_path), "--best", "0", "--output",
+                                                 str(tmp_path / "avg.safetensors")])
+    assert line == "error: --best 0: average at least 1 checkpoint"
+
+
+def test_train_refuses_a_negative_average_best(tmp_path, capsys):
+    line = user_error_line(capsys, script_module("OneShot", "train").main,
+                          ["--train-dir", str(tmp_path), "--save", str(tmp_path / "run"), "--average-best", "-1"])
+    assert line == "error: --average-best -1: must be 0 (off) or more"
+
+
+def test_shared_tools_run_as_each_readme_says(tmp_path):
+    """A model card's `python -m common...` commands run from its folder; the root README's from the root."""
+    commands = []
+    for model in MODELS:
+        lines = [line for line in (REPO_ROOT / model / "README.md").read_text().splitlines()
+                 if "python -m common." in line]
+        assert lines, f"{model}/README.md shows no averaging command"
+        assert all(line.startswith("PYTHONPATH=.. python -m common.") for line in lines), lines
+        commands += [(REPO_ROOT / model, line.split()[3]) for line in lines]
+    root_lines = [line for line in (REPO_ROOT / "README.md").read_text().splitlines()
+                  if line.startswith("python -m common.")]
+    commands += [(REPO_ROOT, line.split()[2]) for line in root_lines]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    # One interpreter per place a user stands, each importing every module its README names, as -m would.
+    for cwd in {cwd for cwd, _ in commands}:
+        modules = sorted({module for place, module in commands if place == cwd})
+        extra = {"PYTHONPATH": ".."} if cwd != REPO_ROOT else {}
+        result = subprocess.run([sys.executable, "-c", "import importlib, sys; [importlib.import_module(m) "
+                                 "for m in sys.argv[1:]]", *modules], cwd=cwd, env={**env, **extra},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (cwd, result.stderr)
+
+
+# -- MODELS.md --------------------------------------------------------------------------------------------------
+
+CITATION = re.compile(r'MODELS\.md(?:, "([^"]+)")?')
+
+
+def test_every_models_md_citation_names_a_section_that_exists():
+    text = (REPO_ROOT / "MODELS.md").read_text()
+    sections = {line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")}
+    cited = []
+    for path in [*REPO_ROOT.glob("*/*.py"), *REPO_ROOT.glob("*.md"), *REPO_ROOT.glob("*/*.md"),
+                 *REPO_ROOT.glob("tests/*.py")]:
+        if path.name == "MODELS.md" or path.name == "test_cli.py":
+            continue
+        content = path.read_text()
+        assert "shared/spec" not in content, f"{path} points outside the repository"
+        for match in CITATION.finditer(content):
+            cited.append((path.relative_to(REPO_ROOT), match.group(1)))
+    assert len(cited) >= 10
+    unknown = [(str(path), name) for path, name in cited if name is not None and name not in sections]
+    assert not unknown, f"sections of MODELS.md: {sorted(sections)}"
+
+
+# -- startup ----------------------------------------------------------------------------------------------------
+
+HEAVY = ("coremltools", "onnx", "onnxruntime", "matplotlib", "tensorboard", "torch.utils.tensorboard",
+         "torchvision", "timm")
+
+
+def test_help_imports_no_heavy_library():
+    """`--help` of every script (run in one interpreter, one after another) imports none of HEAVY."""
+    runs = [(REPO_ROOT / model, [f"{script}.py"]) for model in MODELS for script in ("train", "eval", "export")]
+    code = (
+        "import os, runpy, sys\n"
+        "for folder, script in " + repr([(str(cwd), argv[0]) for cwd, argv in runs]) + ":\n"
+        "    os.chdir(folder); sys.argv = [script, '--help']; sys.modules.pop('network', None)\n"
+        "    try: runpy.run_path(script, run_name='__main__')\n"
+        "    except SystemExit: pass\n"
+        "os.chdir(" + repr(str(REPO_ROOT)) + "); sys.path.insert(0, os.getcwd())\n"
+        "for module in ('common.average', 'common.release'):\n"
+        "    sys.argv = [module, '--help']\n"
+        "    try: runpy.run_module(module, run_name='__main__')\n"
+        "    except SystemExit: pass\n"
+        "print('imported:', *sorted(m for m in " + repr(HEAVY) + " if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "imported:"
