@@ -208,7 +208,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--predictions-csv", metavar="FILE",
                         help="write per-image top-5 classes (index, name, probability) to FILE")
     parser.add_argument("--class-map", metavar="FILE", help=f"match val folders to network outputs: {CLASS_MAP_HELP}")
-    fmt = parser.add_argument_group("input format (default: what the weights expect; see MODELS.md)")
+    fmt = parser.add_argument_group('input format (default: what the weights expect; MODELS.md, "Input format")')
     fmt.add_argument("--mean-image", metavar="FILE",
                      help="subtract this per-pixel mean image (OpenCV FileStorage XML, BGR, e.g. the original "
                           "ImageNet_1000_scale224_mean.xml) instead of per-channel means")

@@ -1,4 +1,4 @@
-"""Building pieces shared by the ShuffleNet-Series networks (see ../shared/spec/MODELS.md)."""
+"""Building pieces shared by the ShuffleNet-Series networks (MODELS.md, "Split and shuffle")."""
 from __future__ import annotations
 
 import torch
