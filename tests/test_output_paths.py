@@ -86,11 +86,12 @@ def test_an_existing_folder_is_no_output_file(tmp_path, oneshot, imagenet_weight
 
 
 def test_train_refuses_an_unwritable_save_folder_and_tensorboard_folder(tmp_path, oneshot, blocked, capsys):
-    line = user_error_line(capsys, oneshot["train"].main, ["--train-dir", str(tmp_path), "--save", str(blocked / "run")])
+    train = oneshot["train"].main
+    line = user_error_line(capsys, train, ["--train-dir", str(tmp_path), "--save", str(blocked / "run")])
     assert line.startswith(f"error: --save {blocked / 'run'}: cannot write there")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "tensorboard").write_text("a file where TensorBoard's folder goes\n")
-    line = user_error_line(capsys, oneshot["train"].main, ["--train-dir", str(tmp_path), "--save", str(tmp_path / "run")])
+    line = user_error_line(capsys, train, ["--train-dir", str(tmp_path), "--save", str(tmp_path / "run")])
     assert line.startswith(f"error: --save {tmp_path / 'run' / 'tensorboard'}: cannot write there")
 
 
