@@ -1,5 +1,6 @@
 """train.py's checks and reports, through the real script: val classes checked at start, a one-class folder refused,
-a NaN validation loss said in words, an unreadable image named once, and `--eval` as eval.py evaluates."""
+a NaN validation loss said in words, an unreadable image named once, `--eval` as eval.py evaluates; the demo's
+curves and its word on averaging."""
 from __future__ import annotations
 
 import shutil
@@ -8,6 +9,8 @@ import sys
 import torch
 
 from common.checkpoint import get_latest_model, save_checkpoint
+from common.run_log import curves_figure
+from demo import averaging_verdict
 from test_train import network, run, train_command
 
 
@@ -81,3 +84,20 @@ def test_eval_scores_this_runs_checkpoint_without_train_dir(tmp_path, image_fold
     assert result.returncode == 0, result.stderr
     # eval.py's report: the checkpoint's 3 classes at its own 32px crop, all 24 images.
     assert " * Acc@1 " in result.stdout and "24 images" in result.stdout and "32px center crop" in result.stdout
+
+
+def test_curves_loss_panel_shows_the_curve_under_a_huge_early_val_loss():
+    records = [{"split": "train", "iteration": i, "loss": 2.0 - i / 200, "top1_error": 80.0 - i / 4}
+               for i in range(10, 201, 10)]
+    records += [{"split": "val", "iteration": i, "loss": loss, "top1_error": 50.0, "top5_error": 10.0}
+                for i, loss in ((25, 12_000.0), (50, 1.5), (75, float("nan")), (100, 0.8))]
+    figure = curves_figure(records)
+    loss_axis = figure.axes[0]
+    assert loss_axis.get_yscale() == "log"
+    val_line = next(line for line in loss_axis.get_lines() if line.get_label() == "val loss")
+    assert list(val_line.get_xdata()) == [25, 50, 100]  # the NaN is left out, not drawn as a gap to nowhere
+
+
+def test_demo_says_plainly_when_the_average_loses():
+    assert "worse than the last checkpoint" in averaging_verdict(18.3, 21.1, 200)
+    assert "beats the last checkpoint by 1.0 points" in averaging_verdict(10.0, 9.0, 200)
