@@ -360,9 +360,9 @@ class Trainer:
                   f"{metrics['top5_error']:.2f}%  loss {metrics['loss']:.4f}  ({results['images']} images)",
                   flush=True)
             if not math.isfinite(metrics["loss"]):
-                print(f"warning: the {split} loss is {metrics['loss']}: the network's outputs overflowed on "
-                      "validation images (the weights or BatchNorm statistics hold huge or NaN values); its "
-                      "errors above are not to be trusted", file=sys.stderr, flush=True)
+                print(f"warning: the {split} loss is {metrics['loss']}: the network's outputs on some validation "
+                      "images are NaN or infinite (huge or NaN values in the weights or BatchNorm statistics), so the "
+                      "errors above count arbitrary predictions for them", file=sys.stderr, flush=True)
         return metrics
 
 
