@@ -11,13 +11,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import network  # noqa: E402
-from common.training import Recipe, load_training_checkpoint, run_training  # noqa: E402
+from common.training import Recipe, exit_status, load_training_checkpoint, run_training  # noqa: E402
 
 RECIPE = Recipe(model_name="OneShot", batch_size=1024, learning_rate=0.5, total_iters=300_000)
 
 
 def load_checkpoint(path, model, **objects) -> dict:
-    """Resume from this project's checkpoints; `--eval` also takes released OneShot files of any layout."""
+    """Resume from this project's checkpoints (`--eval` runs eval.py, which takes released files too)."""
     return load_training_checkpoint(path, model, **objects)
 
 
@@ -26,4 +26,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import network  # noqa: E402
-from common.training import Recipe, load_training_checkpoint, run_training  # noqa: E402
+from common.training import Recipe, exit_status, load_training_checkpoint, run_training  # noqa: E402
 
 # Loss weights of (logits, predict_14, predict_28, predict_56), the order the network returns them in training.
 RECIPE = Recipe(model_name="ShuffleNetV2.Large", batch_size=256, learning_rate=0.25, total_iters=600_000,
@@ -19,8 +19,8 @@ RECIPE = Recipe(model_name="ShuffleNetV2.Large", batch_size=256, learning_rate=0
 
 
 def load_checkpoint(path, model, **objects) -> dict:
-    """Resume from this project's checkpoints; for `--eval`, released files without side heads load too."""
-    return load_training_checkpoint(path, model, side_heads_optional=True, **objects)
+    """Resume from this project's checkpoints (`--eval` runs eval.py, which takes released files too)."""
+    return load_training_checkpoint(path, model, **objects)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -28,4 +28,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

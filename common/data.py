@@ -369,8 +369,8 @@ def evaluation_order(labels: Sequence[int]) -> np.ndarray:
 # Dataset, collation, loaders
 
 
-def _decode_rgb(path: str) -> Image.Image | None:
-    """The image at `path` fully decoded as RGB, or None (with one warning line) when it cannot be read."""
+def _decode_rgb(path: str, warn: bool = True) -> Image.Image | None:
+    """The image at `path` fully decoded as RGB, or None (with one warning line if `warn`) when it cannot be read."""
     # Another import may have turned this on; truncated files must fail here rather than load half grey.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -381,8 +381,22 @@ def _decode_rgb(path: str) -> Image.Image | None:
     # Decoders raise many types on damaged input (OSError, SyntaxError, ValueError, DecompressionBombError, ...);
     # whatever the type, this file is unusable and is skipped and counted, and nothing else is caught.
     except Exception as error:
-        log.warning("skipped %s: cannot decode it (%s: %s)", path, type(error).__name__, error)
+        if warn:
+            log.warning("skipped %s: cannot decode it (%s: %s); from now on it is skipped without a word, and "
+                        "counted", path, type(error).__name__, error)
         return None
+
+
+# Per list of files, which ones were warned about: in shared memory, so a file is named once per run whichever
+# worker process meets it, in whichever epoch or validation.
+_warned_by_files: dict[tuple[int, int], Tensor] = {}
+
+
+def _warned_flags(paths: bytes, count: int) -> Tensor:
+    key = (hash(paths), count)
+    if key not in _warned_by_files:
+        _warned_by_files[key] = torch.zeros(count, dtype=torch.uint8).share_memory_()
+    return _warned_by_files[key]
 
 
 class ImageDataset(Dataset):
@@ -399,6 +413,7 @@ class ImageDataset(Dataset):
         self._paths = b"".join(encoded)
         self._path_ends = np.cumsum([len(path) for path in encoded], dtype=np.int64)
         self._labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
+        self._warned = _warned_flags(self._paths, len(samples))
         self.transform = transform
         self.with_index = with_index
 
@@ -414,8 +429,9 @@ class ImageDataset(Dataset):
             index, sample_seed = item
         else:
             index, sample_seed = item, None
-        image = _decode_rgb(self.path(index))
+        image = _decode_rgb(self.path(index), warn=not self._warned[index])
         if image is None:
+            self._warned[index] = 1
             return None
         label = int(self._labels[index])
         if sample_seed is None:

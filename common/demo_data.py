@@ -4,8 +4,10 @@ Each class is a distinct coloured shape on a noisy background, so a network lear
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +65,45 @@ def make_image_folder(root: str | Path, num_classes: int = len(DEMO_CLASSES), im
 
 def demo_dataset(cache_dir: str | Path, train_per_class: int = 120, val_per_class: int = 30, size: int = 72,
                  seed: int = 0) -> tuple[Path, Path]:
-    """(train_dir, val_dir) of the built-in demo dataset, generated on first use and cached in `cache_dir`."""
+    """(train_dir, val_dir) of the built-in demo dataset, generated on first use and cached in `cache_dir`.
+
+    Safe with any number of processes (torchrun's ranks, two shells): one generates while the others wait on a
+    lock file beside `cache_dir`, and the dataset is built in a temporary folder that is renamed into place when
+    complete, so a killed generation leaves only a temporary folder (removed by the next one), never a half-made
+    `cache_dir`.
+    """
     cache_dir = Path(cache_dir)
     recipe = {"classes": list(DEMO_CLASSES), "train": train_per_class, "val": val_per_class, "size": size,
               "seed": seed}
-    stamp = cache_dir / "demo_dataset.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == recipe:
-        return cache_dir / "train", cache_dir / "val"
-    for split in ("train", "val"):
-        shutil.rmtree(cache_dir / split, ignore_errors=True)
-    make_image_folder(cache_dir / "train", images_per_class=train_per_class, size=size, seed=seed)
-    make_image_folder(cache_dir / "val", images_per_class=val_per_class, size=size, seed=seed + 1)
-    stamp.write_text(json.dumps(recipe))
-    return cache_dir / "train", cache_dir / "val"
+    splits = cache_dir / "train", cache_dir / "val"
+    if _is_built(cache_dir, recipe):
+        return splits
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir.with_name(cache_dir.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_built(cache_dir, recipe):  # another process made it while this one waited
+            return splits
+        for leftover in cache_dir.parent.glob(f".{cache_dir.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-building-", dir=cache_dir.parent))
+        make_image_folder(building / "train", images_per_class=train_per_class, size=size, seed=seed)
+        make_image_folder(building / "val", images_per_class=val_per_class, size=size, seed=seed + 1)
+        (building / _STAMP).write_text(json.dumps(recipe))
+        if cache_dir.exists():  # another recipe's dataset, or one of an older layout: set aside, then removed
+            old = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-old-", dir=cache_dir.parent))
+            cache_dir.rename(old / cache_dir.name)
+        building.rename(cache_dir)
+        for leftover in cache_dir.parent.glob(f".{cache_dir.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return splits
+
+
+_STAMP = "demo_dataset.json"
+
+
+def _is_built(cache_dir: Path, recipe: dict) -> bool:
+    stamp = cache_dir / _STAMP
+    try:
+        return json.loads(stamp.read_text()) == recipe
+    except (OSError, ValueError):
+        return False

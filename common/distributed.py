@@ -52,9 +52,26 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                **_restart_store(rank, world_size, timeout))
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """After torchrun restarted its workers, a store namespace of this attempt's own; {} otherwise.
+
+    torchrun's default (static) rendezvous keeps one store for every attempt, and the process group's keys (each
+    rank's gloo address, the start-up barrier) have the same names each time: a restarted rank could read the
+    address a dead rank of the previous attempt published ("connectFullMesh ... Connection refused") before the
+    new one overwrites it. Prefixing the keys with the restart count makes every attempt start from a clean slate.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"attempt-{restart}", store), "rank": rank, "world_size": world_size}
 
 
 def shutdown_distributed() -> None:
@@ -77,6 +94,22 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (nothing when not distributed)."""
+    if info.distributed:
+        dist.barrier()
+
+
+def average_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Replace every floating-point buffer (BatchNorm's running statistics) by its mean over the ranks."""
+    if not info.distributed:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= info.world_size
 
 
 def all_gather_objects(obj, info: DistInfo) -> list:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -49,19 +50,30 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -> Path:
     """A PNG of training loss and top-1 error, with validation error, against the iteration."""
+    figure = curves_figure(read_metrics(metrics_path), title)
+    import matplotlib.pyplot as plt
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return Path(output)
+
+
+def curves_figure(records: list[dict], title: str = ""):
+    """The figure of `plot_curves`. Losses are on a log scale: an early validation loss in the thousands (running
+    BatchNorm statistics that have not settled yet) would flatten every other point on a linear one."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
     figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    loss_axis.plot([r["iteration"] for r in train], [r["loss"] for r in train], label="train loss")
-    if val:
-        loss_axis.plot([r["iteration"] for r in val], [r["loss"] for r in val], "o-", label="val loss")
+    for split, style, label in ((train, "-", "train loss"), (val, "o-", "val loss")):
+        points = [(r["iteration"], r["loss"]) for r in split if math.isfinite(r["loss"]) and r["loss"] > 0]
+        if points:
+            loss_axis.plot(*zip(*points), style, label=label)
+    loss_axis.set_yscale("log")
     loss_axis.set_xlabel("iteration")
-    loss_axis.set_ylabel("loss")
+    loss_axis.set_ylabel("loss (log scale)")
     loss_axis.legend()
     error_axis.plot([r["iteration"] for r in train], [r["top1_error"] for r in train], label="train top-1 error")
     for key, label in (("top1_error", "val top-1 error"), ("top5_error", "val top-5 error")):
@@ -72,6 +84,4 @@ def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -
     error_axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
-    return Path(output)
+    return figure

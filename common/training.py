@@ -9,6 +9,7 @@ calls `run_training`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import random
@@ -28,12 +29,12 @@ from common.checkpoint import get_latest_model, get_training_state, load_checkpo
 from common.cli import DefaultsHelpFormatter, prepare_output
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
-from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, init_distributed,
-                                shutdown_distributed)
+from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, average_buffers, barrier,
+                                init_distributed, shutdown_distributed)
 from common.errors import UserError, exit_on_user_error
 from common.evaluate import evaluate
 from common.input_format import InputFormat, Preprocess
-from common.model_state import get_model_state_dict, load_model_state, read_checkpoint_metadata, unwrap_model
+from common.model_state import get_model_state_dict, load_model_state, unwrap_model
 from common.models import REPO_ROOT
 from common.run_log import RunLog, plot_curves
 
@@ -71,6 +72,9 @@ class Recipe:
     val_interval: int = 10_000
     save_interval: int = 10_000
     demo: DemoRecipe = field(default_factory=DemoRecipe)
+
+
+DEMO_DATA = REPO_ROOT / "data" / "demo"
 
 
 class TrainingDiverged(UserError):
@@ -130,8 +134,10 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                      help=f"iterations between checkpoints (default {d.save_interval})")
     run.add_argument("--val-batch-size", type=int, default=100, help="validation batch size per rank")
     run.add_argument("--eval", action="store_true",
-                     help="only evaluate (the newest checkpoint in --save, or --eval-resume FILE) and exit")
-    run.add_argument("--eval-resume", help="weights file to evaluate with --eval (any released layout)")
+                     help="only evaluate the newest checkpoint in --save (or --eval-resume FILE) on --val-dir with "
+                          "this folder's eval.py (its classes and image size: the checkpoint's), and exit")
+    run.add_argument("--eval-resume", metavar="FILE",
+                     help="weights file to evaluate with --eval (any layout eval.py takes)")
     end = parser.add_argument_group("after the main schedule")
     end.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
                      help="re-estimate BatchNorm statistics over N training batches (OneShot's original: 1250)")
@@ -155,7 +161,7 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
     if args.learning_rate is None:
         args.learning_rate = source.learning_rate * args.batch_size / source.batch_size
     if args.demo:
-        train_dir, val_dir = demo_dataset(REPO_ROOT / "data" / "demo")
+        train_dir, val_dir = demo_dataset(DEMO_DATA)
         args.train_dir = args.train_dir or str(train_dir)
         args.val_dir = args.val_dir or str(val_dir)
     if not args.train_dir and not args.eval:
@@ -172,6 +178,26 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
     if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
         raise UserError(f"--learning-rate {args.learning_rate}: must be a positive number")
     return args
+
+
+def check_val_classes(val_classes: list[str], classes: list[str] | None, args: argparse.Namespace,
+                      say: Callable[..., None]) -> None:
+    """Validation scores the training classes: a val folder that is not one of them is an error at start, not
+    after --val-interval iterations; training classes without a val folder are only noted."""
+    if classes is None:
+        return
+    stray = [name for name in val_classes if name not in classes]
+    if stray:
+        raise UserError(f"--val-dir {args.val_dir}: {len(stray)} class folder(s) not in --train-dir: "
+                        f"{_listed(stray)}; validation needs the training classes' folder names")
+    missing = [name for name in classes if name not in val_classes]
+    if missing:
+        say(f"note: --val-dir has no folder for {len(missing)} of the {len(classes)} training classes "
+            f"({_listed(missing)}); validation scores the others")
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------------------
@@ -201,25 +227,82 @@ def linear_decay(total_iters: int) -> Callable[[int], float]:
     return lambda k: max(0.0, 1.0 - k / total_iters)
 
 
-class StopRequest:
-    """SIGINT/SIGTERM ask the loop to save a checkpoint and leave after the current iteration.
+class SignalStop(BaseException):
+    """A signal that ends the run at once (a second Ctrl-C, or any stop signal after the schedule).
 
-    SIGUSR2 is SLURM's (and submitit's) warning before preemption or time-out. A second Ctrl-C interrupts at
-    once; the last complete checkpoint stays intact either way.
+    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"{self.signal_name}: stopped at once")
+
+
+class Stopped(str):
+    """The status "stopped" of a run a signal ended early (after saving), with the signal's name."""
+
+    def __new__(cls, signal_name: str) -> Stopped:
+        status = super().__new__(cls, "stopped")
+        status.signal_name = signal_name
+        return status
+
+
+def exit_status(status: str) -> int:
+    """The process exit status of a run's result: 0 when finished, 128 + the signal's number when a signal
+    stopped it (the shell's convention: 130 for Ctrl-C, 143 for SIGTERM), so `train.py && eval.py` stops too."""
+    if isinstance(status, Stopped):
+        return 128 + signal.Signals[status.signal_name].value
+    return 0 if status == "finished" else 1
+
+
+_STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None)) if s is not None)
+
+
+class StopRequest:
+    """While the schedule runs, SIGINT/SIGTERM ask the loop to save a checkpoint and leave at the next progress
+    line or checkpoint (at once when not distributed).
+
+    SIGUSR2 is SLURM's (and submitit's) warning before preemption or time-out. A second Ctrl-C stops at once;
+    the last complete checkpoint stays intact either way. Used as a context manager: on leaving, the handlers
+    that were installed before come back.
     """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None)):
-            if signum is not None:
-                signal.signal(signum, self._handle)
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        for signum in _STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise SignalStop(signum)
         self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: saving a checkpoint after this iteration, then stopping "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        print(f"\n{self.signal_name}: saving a checkpoint, then stopping (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+
+class StopAtOnce:
+    """SIGINT and SIGTERM end the run at once (SignalStop), for the work outside the schedule, where no checkpoint
+    is pending. SIGUSR2 keeps whatever handler was there before (submitit's requeue)."""
+
+    def __enter__(self) -> StopAtOnce:
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @staticmethod
+    def _handle(signum, frame) -> None:
+        raise SignalStop(signum)
 
 
 def format_duration(seconds: float) -> str:
@@ -283,6 +366,10 @@ class Trainer:
             print(f"{split} @ {iteration}: top-1 error {metrics['top1_error']:.2f}%  top-5 error "
                   f"{metrics['top5_error']:.2f}%  loss {metrics['loss']:.4f}  ({results['images']} images)",
                   flush=True)
+            if not math.isfinite(metrics["loss"]):
+                print(f"warning: the {split} loss is {metrics['loss']}: the network's outputs on some validation "
+                      "images are NaN or infinite (huge or NaN values in the weights or BatchNorm statistics), so the "
+                      "errors above count arbitrary predictions for them", file=sys.stderr, flush=True)
         return metrics
 
 
@@ -322,14 +409,9 @@ def compute_loss(outputs, labels: torch.Tensor, criterion: nn.Module, weights: t
 LoadCheckpoint = Callable[..., dict]
 
 
-def load_training_checkpoint(path: str | Path, model: nn.Module, *, for_inference: bool = False,
-                             side_heads_optional: bool = False, **objects) -> dict:
+def load_training_checkpoint(path: str | Path, model: nn.Module, **objects) -> dict:
     """Resume: restore the whole training state of one of this project's checkpoints into `model` and `objects`
-    (optimizer, scheduler, scaler, ema). For inference (`--eval`): weights only, from any accepted file layout;
-    `side_heads_optional` lets files without the training-only `predict_*` heads load."""
-    if for_inference:
-        load_model_state(model, path, for_inference=side_heads_optional)
-        return {"iteration": read_checkpoint_metadata(path).get("iteration", 0)}
+    (optimizer, scheduler, scaler, ema)."""
     return load_checkpoint(path, model, **objects)
 
 
@@ -337,18 +419,55 @@ def run_training(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheck
                  argv: list[str] | None = None) -> str:
     """Parse the command line and train (or only evaluate with --eval). Bad input ends with a one-line error.
 
-    Returns "finished", or "stopped" when a signal ended the run early after saving a checkpoint.
+    Returns "finished", or a `Stopped` status ("stopped") when a signal ended the run early after saving a
+    checkpoint; `exit_status` turns either into the process's exit status. A signal that stops the run at once
+    (a second Ctrl-C, or one after the schedule) exits here with 128 + its number.
     """
-    return exit_on_user_error(_run)(network, recipe, load_checkpoint, argv)
+    try:
+        return exit_on_user_error(_run)(network, recipe, load_checkpoint, argv)
+    except SignalStop as stop:
+        print(f"\n{stop.signal_name}: stopped at once; the checkpoints saved before are intact", file=sys.stderr,
+              flush=True)
+        sys.exit(128 + signal.Signals[stop.signal_name].value)
 
 
 def _run(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, argv: list[str] | None) -> str:
-    args = resolve_args(build_parser(recipe).parse_args(argv), recipe)
+    args = build_parser(recipe).parse_args(argv)
+    if args.eval:
+        return _evaluate_only(network, args)
+    args = resolve_args(args, recipe)
     info = init_distributed(args.device)
     try:
-        return train(network, recipe, load_checkpoint, args, info)
+        # Outside the schedule (set-up, BN re-estimation, averaging) no checkpoint is pending: a signal stops at once.
+        with StopAtOnce():
+            return train(network, recipe, load_checkpoint, args, info)
     finally:
         shutdown_distributed()
+
+
+def _evaluate_only(network: ModuleType, args: argparse.Namespace) -> str:
+    """`--eval`: the model folder's eval.py on the newest checkpoint in --save (or --eval-resume FILE), so there is
+    one evaluation: the same class handling and refusals, at the checkpoint's own classes and image size."""
+    if args.demo and not args.val_dir:
+        args.val_dir = str(demo_dataset(DEMO_DATA)[1])
+    if not args.val_dir:
+        raise UserError("--eval needs --val-dir DIR (or --demo)")
+    weights = args.eval_resume or get_latest_model(args.save)[0]
+    if weights is None:
+        raise UserError(f"--eval: no checkpoint in --save {args.save} and no --eval-resume FILE given")
+    eval_argv = ["--weights", str(weights), "--val-dir", args.val_dir, "--batch-size", str(args.val_batch_size),
+                 "--workers", str(args.workers), "--device", args.device]
+    for flag, value in (("--image-size", args.image_size), ("--amp", args.amp)):
+        if value is not None:
+            eval_argv += [flag, str(value)]
+    if args.compile:
+        eval_argv.append("--compile")
+    folder = Path(network.__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location(f"eval_{folder.name.replace('.', '_')}", folder / "eval.py")
+    eval_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_script)
+    eval_script.main(eval_argv)
+    return "finished"
 
 
 def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, args: argparse.Namespace,
@@ -360,8 +479,12 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
     say = print if info.is_main else (lambda *a, **k: None)
 
     classes = scan_image_folder(args.train_dir, "--train-dir")[1] if args.train_dir else None
+    if classes is not None and len(classes) < 2:
+        raise UserError(f"--train-dir {args.train_dir}: only one class folder ({classes[0]}); a classifier needs "
+                        f"two or more, one sub-folder per class")
     if args.val_dir:
-        scan_image_folder(args.val_dir, "--val-dir")
+        val_classes = scan_image_folder(args.val_dir, "--val-dir")[1]
+        check_val_classes(val_classes, classes, args, say)
     num_classes = args.num_classes or (len(classes) if classes else 1000)
     if classes and num_classes < len(classes):
         raise UserError(f"--num-classes {num_classes} is smaller than the {len(classes)} class folders "
@@ -386,14 +509,6 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
     log = RunLog(args.save, enabled=info.is_main)
     trainer = Trainer(args, recipe, info, model, model, preprocess, optimizer, scheduler, scaler, ema,
                       metadata, log)
-
-    if args.eval:
-        path = args.eval_resume or get_latest_model(args.save)[0]
-        if path is None:
-            raise UserError(f"--eval: no checkpoint in {args.save} and no --eval-resume FILE given")
-        state = load_checkpoint(path, model, for_inference=True)
-        trainer.validate(state.get("iteration", 0))
-        return "finished"
 
     start_iteration = 0
     if args.auto_continue:
@@ -420,15 +535,23 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
     say(f"{recipe.model_name}: {num_classes} classes, {args.total_iters} iterations of global batch "
         f"{args.batch_size} on {info.world_size} x {info.device}, lr {args.learning_rate:g}, image "
         f"{args.image_size}px, input {input_format.describe()}")
-    if start_iteration < args.total_iters and not _train_iterations(trainer, start_iteration):
-        trainer.log.close()
-        return "stopped"
+    if start_iteration < args.total_iters:
+        with StopRequest() as stop:
+            completed = _train_iterations(trainer, start_iteration, stop)
+            # A signal may come after the last check: every rank learns of it and stops with the others.
+            signals = [name for name in all_gather_objects(stop.signal_name, info) if name]
+        if signals:
+            if completed:
+                say(f"{signals[0]} after the last iteration: stopped before the steps after the schedule; run "
+                    "the same command to do them")
+            trainer.log.close()
+            return Stopped(signals[0])
     _finish(trainer)
     return "finished"
 
 
-def _train_iterations(trainer: Trainer, start_iteration: int) -> bool:
-    """Train from `start_iteration` to the end; False when a signal stopped the run early (after saving)."""
+def _train_iterations(trainer: Trainer, start_iteration: int, stop: StopRequest) -> bool:
+    """Train from `start_iteration` to the end (True), or until `stop` holds a signal (False, after saving)."""
     args, info, recipe = trainer.args, trainer.info, trainer.recipe
     loader, _ = build_train_loader(
         args.train_dir, crop_size=args.image_size, global_batch_size=args.batch_size, seed=args.seed,
@@ -437,7 +560,6 @@ def _train_iterations(trainer: Trainer, start_iteration: int) -> bool:
     sampler = loader.batch_sampler
     batches = iter(loader)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smooth)
-    stop = StopRequest()
     trainer.train_model.train()
     nonfinite = torch.zeros((), dtype=torch.bool, device=info.device)
     window_loss = torch.zeros((), device=info.device)
@@ -472,9 +594,15 @@ def _train_iterations(trainer: Trainer, start_iteration: int) -> bool:
         window_images += labels.numel()
         window_skipped += skipped
         done = iteration + 1
-        stopping = any_rank(stop.signal_name is not None, info)
-        if done % args.display_interval == 0 or done == args.total_iters or stopping or \
-                done % args.save_interval == 0 or done % args.val_interval == 0:
+        at_boundary = done % args.display_interval == 0 or done == args.total_iters or \
+            done % args.save_interval == 0 or done % args.val_interval == 0
+        # Asking the other ranks is a collective and a wait for the device: only at progress lines and
+        # checkpoints, so a signal waits at most one display interval. Alone, a process stops at once.
+        if info.distributed:
+            stopping = at_boundary and any_rank(stop.signal_name is not None, info)
+        else:
+            stopping = stop.signal_name is not None
+        if at_boundary or stopping:
             if any_rank(bool(nonfinite) or not weights_finite(trainer.model), info):
                 raise TrainingDiverged(
                     f"the loss or the weights became NaN or infinite after iteration {last_saved} (noticed at "
@@ -529,16 +657,21 @@ def _train_iterations(trainer: Trainer, start_iteration: int) -> bool:
 
 
 def _finish(trainer: Trainer) -> None:
-    """After the schedule: optional BN re-estimation and best-K averaging, then the curves plot."""
+    """After the schedule: optional BN re-estimation and best-K averaging, then the curves plot.
+
+    Every rank takes part (validation and BN re-estimation are spread over the ranks and summed); only the main
+    rank writes files.
+    """
     args, info = trainer.args, trainer.info
     if args.bn_recalibrate:
-        from common.bn_recalibrate import recalibrate_batchnorm
         if not trainer.metadata.get("bn_recalibrated"):
-            recalibrate_batchnorm(trainer.model, _preprocessed_batches(trainer), args.bn_recalibrate)
+            _recalibrate_batchnorm(trainer, args.bn_recalibrate)
             trainer.metadata["bn_recalibrated"] = True
             metrics = trainer.validate(args.total_iters, split="val_bn_recalibrated")
             trainer.save(args.total_iters, metrics, {"iteration": args.total_iters})
-    if args.average_best and info.is_main:
+    if args.average_best:
+        # The main rank's last checkpoint must be on disk before any rank picks the best ones.
+        barrier(info)
         _average_best(trainer)
     if info.is_main:
         trainer.log.close()
@@ -559,32 +692,44 @@ def _preprocessed_batches(trainer: Trainer):
             yield trainer.preprocess(images.to(trainer.info.device))
 
 
+def _recalibrate_batchnorm(trainer: Trainer, num_batches: int) -> None:
+    """Re-estimate BatchNorm statistics over `num_batches` global batches: each rank over its part, then the
+    ranks' statistics averaged, so every rank holds the same ones."""
+    from common.bn_recalibrate import recalibrate_batchnorm
+    recalibrate_batchnorm(trainer.model, _preprocessed_batches(trainer), num_batches)
+    average_buffers(trainer.model, trainer.info)
+
+
 def _average_best(trainer: Trainer) -> None:
     from common.average import (BATCHNORM_NOTE, average_checkpoints, average_metadata, select_best_checkpoints,
                                 write_average)
-    args = trainer.args
+    args, info = trainer.args, trainer.info
     chosen = select_best_checkpoints(args.save, args.average_best, "top1_error", lower_is_better=True)
     paths = [c.path for c in chosen]
-    averaged = average_checkpoints(paths)
+    # Every rank averages the same files itself (no rank waits on another's file); only the main rank writes.
+    averaged = average_checkpoints(paths, progress=info.is_main)
     # The inputs and their metrics; the average's own score is only what is measured on it below.
     metadata = average_metadata(paths)
-    load_model_state(trainer.model, averaged)
-    split = f"val_average_best_{args.average_best}"
     output = Path(args.save) / f"average-best-{args.average_best}.safetensors"
-    write_average(averaged, output, _with_validation(metadata, split, trainer.validate(args.total_iters, split=split)))
-    print(f"averaged the best {len(chosen)} checkpoints into {output}")
+    load_model_state(trainer.model, averaged, source_name=str(output))
+    split = f"val_average_best_{args.average_best}"
+    metrics = trainer.validate(args.total_iters, split=split)
+    if info.is_main:
+        write_average(averaged, output, _with_validation(metadata, split, metrics))
+        print(f"averaged the best {len(chosen)} checkpoints into {output}")
     if not args.recompute_bn:
-        print(f"note: {BATCHNORM_NOTE}", file=sys.stderr)
+        if info.is_main:
+            print(f"note: {BATCHNORM_NOTE}", file=sys.stderr)
         return
-    from common.bn_recalibrate import recalibrate_batchnorm
     from common.release import write_release
-    recalibrate_batchnorm(trainer.model, _preprocessed_batches(trainer), args.recompute_bn)
+    _recalibrate_batchnorm(trainer, args.recompute_bn)
     metadata["batchnorm_statistics"] = f"re-estimated over {args.recompute_bn} training batches"
     split += "_recomputed_bn"
     output = output.with_name(output.stem + "-recomputed-bn.safetensors")
-    write_release(output, get_model_state_dict(trainer.model),
-                  _with_validation(metadata, split, trainer.validate(args.total_iters, split=split)))
-    print(f"re-estimated the average's BatchNorm statistics into {output}")
+    metrics = trainer.validate(args.total_iters, split=split)
+    if info.is_main:
+        write_release(output, get_model_state_dict(trainer.model), _with_validation(metadata, split, metrics))
+        print(f"re-estimated the average's BatchNorm statistics into {output}")
 
 
 def _with_validation(metadata: dict, split: str, metrics: dict | None) -> dict:

@@ -1,0 +1,103 @@
+"""train.py's checks and reports, through the real script: val classes checked at start, a one-class folder refused,
+a NaN validation loss said in words, an unreadable image named once, `--eval` as eval.py evaluates; the demo's
+curves and its word on averaging."""
+from __future__ import annotations
+
+import shutil
+import sys
+
+import torch
+
+from common.checkpoint import get_latest_model, save_checkpoint
+from common.run_log import curves_figure
+from demo import averaging_verdict
+from test_train import network, run, train_command
+
+
+def test_a_stray_val_class_is_refused_before_training(tmp_path, image_folder):
+    val = tmp_path / "val"
+    shutil.copytree(image_folder, val)
+    some_image = next(val.glob("*/*.jpg"))
+    (val / "zebra").mkdir()
+    shutil.copy(some_image, val / "zebra" / "z.jpg")
+    result = run(train_command(tmp_path / "save", image_folder, "--val-dir", str(val), "--total-iters", "4"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--val-dir" in result.stderr and "zebra" in result.stderr
+    assert "iter " not in result.stdout and get_latest_model(tmp_path / "save")[0] is None
+
+
+def test_a_one_class_training_folder_is_refused(tmp_path, image_folder):
+    data = tmp_path / "data"
+    first_class = sorted(image_folder.iterdir())[0]
+    shutil.copytree(first_class, data / first_class.name)
+    result = run(train_command(tmp_path / "save", data, "--total-iters", "2"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "only one class folder" in result.stderr
+
+
+def test_a_nan_validation_loss_is_reported_in_words(tmp_path, image_folder):
+    first = run(train_command(tmp_path, image_folder, "--total-iters", "2", "--save-interval", "2"))
+    assert first.returncode == 0, first.stderr
+    # Running statistics are buffers, not weights: training goes on (batch statistics) and validation overflows.
+    path, iterations = get_latest_model(tmp_path)
+    state = torch.load(path, weights_only=False)
+    key = next(k for k in state["model"] if k.endswith("running_var"))
+    state["model"][key].fill_(float("nan"))
+    save_checkpoint(state, 3, tmp_path, keep=5)
+    result = run(train_command(tmp_path, image_folder, "--val-dir", str(image_folder), "--total-iters", "4",
+                               "--val-interval", "4"))
+    assert result.returncode == 0, result.stderr
+    assert "val @ 4" in result.stdout
+    assert "warning: the val loss is nan" in result.stderr
+
+
+def test_an_unreadable_image_is_named_once_then_counted(tmp_path, image_folder):
+    data, val = tmp_path / "data", tmp_path / "val"
+    for folder in (data, val):
+        shutil.copytree(image_folder, folder)
+        (sorted(folder.iterdir())[0] / f"broken-{folder.name}.jpg").write_bytes(b"not a jpeg at all")
+    # 25 images in batches of 8 with 2 worker processes: each broken file comes up in every epoch or validation.
+    result = run(train_command(tmp_path / "save", data, "--total-iters", "12", "--workers", "2",
+                               "--val-dir", str(val), "--val-interval", "4"))
+    assert result.returncode == 0, result.stderr
+    for name in ("broken-data.jpg", "broken-val.jpg"):
+        assert result.stderr.count(f"{name}: cannot decode it") == 1, result.stderr
+    assert "skipped 1 unreadable images" in result.stdout
+
+
+def test_eval_refuses_custom_classes_for_imagenet_weights_as_eval_py_does(tmp_path, image_folder):
+    weights = tmp_path / "imagenet.pth"
+    torch.save(network("OneShot").create_network(num_classes=1000).state_dict(), weights)
+    result = run([sys.executable, "train.py", "--eval", "--eval-resume", str(weights), "--val-dir",
+                  str(image_folder), "--workers", "0"])
+    eval_py = run([sys.executable, "eval.py", "--weights", str(weights), "--val-dir", str(image_folder),
+                   "--workers", "0"])
+    assert eval_py.returncode == 2 and result.returncode == 2
+    assert result.stderr == eval_py.stderr and "are not ImageNet wnids" in result.stderr
+
+
+def test_eval_scores_this_runs_checkpoint_without_train_dir(tmp_path, image_folder):
+    trained = run(train_command(tmp_path, image_folder, "--total-iters", "2", "--save-interval", "2"))
+    assert trained.returncode == 0, trained.stderr
+    result = run([sys.executable, "train.py", "--eval", "--save", str(tmp_path), "--val-dir", str(image_folder),
+                  "--workers", "0"])
+    assert result.returncode == 0, result.stderr
+    # eval.py's report: the checkpoint's 3 classes at its own 32px crop, all 24 images.
+    assert " * Acc@1 " in result.stdout and "24 images" in result.stdout and "32px center crop" in result.stdout
+
+
+def test_curves_loss_panel_shows_the_curve_under_a_huge_early_val_loss():
+    records = [{"split": "train", "iteration": i, "loss": 2.0 - i / 200, "top1_error": 80.0 - i / 4}
+               for i in range(10, 201, 10)]
+    records += [{"split": "val", "iteration": i, "loss": loss, "top1_error": 50.0, "top5_error": 10.0}
+                for i, loss in ((25, 12_000.0), (50, 1.5), (75, float("nan")), (100, 0.8))]
+    figure = curves_figure(records)
+    loss_axis = figure.axes[0]
+    assert loss_axis.get_yscale() == "log"
+    val_line = next(line for line in loss_axis.get_lines() if line.get_label() == "val loss")
+    assert list(val_line.get_xdata()) == [25, 50, 100]  # the NaN is left out, not drawn as a gap to nowhere
+
+
+def test_demo_says_plainly_when_the_average_loses():
+    assert "worse than the last checkpoint" in averaging_verdict(18.3, 21.1, 200)
+    assert "beats the last checkpoint by 1.0 points" in averaging_verdict(10.0, 9.0, 200)

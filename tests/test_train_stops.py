@@ -1,0 +1,57 @@
+"""Signals and train.py, through the real script: a stopped run saves and exits non-zero (130 for Ctrl-C, 143 for
+SIGTERM, 140 for SLURM's SIGUSR2), and after the schedule (BN re-estimation, averaging) a signal stops at once."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common.checkpoint import get_latest_model
+from test_train import ONESHOT, train_command
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, cwd=ONESHOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_after(process: subprocess.Popen, marker: str, signum: int, delay: float = 0.0) -> tuple[str, str]:
+    """Send `signum` once a stdout line contains `marker` (after `delay` seconds); (stdout, stderr) at the end."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            time.sleep(delay)
+            process.send_signal(signum)
+            break
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"{signal.Signals(signum).name} did not stop the run:\n{''.join(seen)}{out}\n{err}")
+    return "".join(seen) + out, err
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR2, 140)])
+def test_a_stopped_run_saves_and_exits_non_zero(tmp_path, image_folder, signum, status):
+    process = start(train_command(tmp_path, image_folder, "--total-iters", "400", "--save-interval", "1000"))
+    out, err = signal_after(process, "iter 2/400", signum)
+    assert process.returncode == status, err
+    path, iterations = get_latest_model(tmp_path)
+    assert 2 <= iterations < 400 and f"stopped at iteration {iterations}" in out
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_after_the_schedule_stops_at_once(tmp_path, image_folder, signum, status):
+    # BatchNorm re-estimation over far more batches than the test waits for: only the signal can end it in time.
+    process = start(train_command(tmp_path, image_folder, "--total-iters", "2", "--save-interval", "2",
+                                  "--bn-recalibrate", "100000"))
+    out, err = signal_after(process, "saved", signum, delay=2.0)
+    assert process.returncode == status, err
+    assert f"{signal.Signals(signum).name}: stopped at once" in err and "Traceback" not in err
+    assert get_latest_model(tmp_path)[1] == 2  # the schedule's last checkpoint stays
