@@ -31,10 +31,10 @@ def test_stage_shapes_agree_with_feature_info_at_two_sizes(model):
             assert tuple(net.forward_head(final, pre_logits=True).shape) == (2, net.num_features)
             for name in [info["module"] for info in net.feature_info]:
                 net.get_submodule(name)
-            backbone = network(model).create_network(features_only=True, out_indices=(1, -1))
-            assert [tuple(f.shape) for f in backbone(x)] == [
-                (2, net.feature_info[i]["num_chs"], size // r, size // r) for i, r in ((1, 8), (3, 32))]
-            assert [info["reduction"] for info in backbone.feature_info] == [8, 32]
+        backbone = network(model).create_network(features_only=True, out_indices=(1, -1))
+        assert [tuple(f.shape) for f in backbone(x)] == [
+            (2, net.feature_info[i]["num_chs"], size // r, size // r) for i, r in ((1, 8), (3, 32))]
+        assert [info["reduction"] for info in backbone.feature_info] == [8, 32]
 
 
 @pytest.mark.parametrize("model", MODELS)
