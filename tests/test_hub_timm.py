@@ -41,12 +41,11 @@ def test_torch_hub_load_from_a_fresh_clone(tmp_path):
     script = f"""
 import json, torch
 from PIL import Image
-names = torch.hub.list({str(clone)!r}, source="local")
 model = torch.hub.load({str(clone)!r}, "oneshot", source="local", weights={str(weights)!r})
 x = model.transforms()(Image.open({str(image)!r}))
 logits = model(x.unsqueeze(0))
 few = torch.hub.load({str(clone)!r}, "oneshot", source="local", weights={str(weights)!r}, num_classes=4)
-print(json.dumps({{"names": names, "training": model.training, "shape": list(x.shape), "logits": logits[0].tolist(),
+print(json.dumps({{"training": model.training, "shape": list(x.shape), "logits": logits[0].tolist(),
                   "format": model.input_format.describe(), "few": few(x.unsqueeze(0)).shape[1],
                   "module": model.__class__.__module__}}))
 """
@@ -54,7 +53,6 @@ print(json.dumps({{"names": names, "training": model.training, "shape": list(x.s
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.splitlines()[-1])
-    assert sorted(out["names"]) == ["oneshot", "shufflenetv2_exlarge", "shufflenetv2_large"]
     assert out["training"] is False and out["shape"] == [3, 224, 224] and out["format"] == "BGR 0..255"
     assert out["few"] == 4 and "re-initialised classifier" in result.stdout
 
