@@ -53,7 +53,9 @@ def test_snippet_runs_in_a_fresh_clone(clone, index):
     blocks = snippets((clone / "README.md").read_text())
     assert len(blocks) == 5
     language, code = blocks[index]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # `python` is this interpreter, as in a shell with the project's environment activated.
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     if language == "bash":
         code = re.sub(r"(python train\.py [^\n]*)", r"\1" + SHORT_TRAINING, code)
         command = ["bash", "-euo", "pipefail", "-c", code]
