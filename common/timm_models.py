@@ -30,7 +30,6 @@ _FOLDERS = {"oneshot": "OneShot", "shufflenetv2_large": "ShuffleNetV2.Large",
             "shufflenetv2_exlarge": "ShuffleNetV2.ExLarge"}
 _FIRST_CONVS = {"oneshot": "first_conv.0", "shufflenetv2_large": "first_conv.0.conv",
                 "shufflenetv2_exlarge": "first_conv.0.conv"}
-_CLASSIFIERS = {"oneshot": "classifier.0", "shufflenetv2_large": "fc", "shufflenetv2_exlarge": "fc.fc"}
 
 
 def timm_input_format(weights_format: InputFormat) -> InputFormat:
@@ -47,7 +46,7 @@ def _cfg(name: str) -> dict:
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 224 / 256,
         "crop_mode": "center", "interpolation": "bilinear", "mean": fmt.mean, "std": fmt.std,
-        "first_conv": _FIRST_CONVS[name], "classifier": _CLASSIFIERS[name],
+        "first_conv": _FIRST_CONVS[name], "classifier": network.CLASSIFIER,
         "description": f"{_FOLDERS[name]} of the ShuffleNet series; weights from a local file (file=PATH)",
         "notes": (f"the released weights take {network.INPUT_FORMAT.describe()}; this timm model takes RGB as timm's "
                   "transforms give it (mean and std put it on the 0..255 scale) and reverses the channels before "
