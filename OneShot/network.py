@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.backbone import ClassifierNetwork, make_features_only  # noqa: E402
 from common.input_format import InputFormat  # noqa: E402
 from common.layers import channel_split_shuffle, init_weights  # noqa: E402
 
@@ -23,6 +24,9 @@ LAST_WIDTH = 1024
 PUBLISHED = {"params": 3_432_579, "macs": 327_857_920, "top1_error": 25.1, "top5_error": 8.0}
 # Released weights: BGR 0..255, no mean subtraction (MODELS.md, "Input format").
 INPUT_FORMAT = InputFormat(channel_order="BGR")
+# What depends on the number of classes (re-initialised by fine-tuning to another count, dropped by features_only).
+CLASSIFIER = "classifier"
+SIDE_HEADS: tuple[str, ...] = ()
 
 
 def _dw_conv(channels: int, kernel: int, stride: int) -> nn.Conv2d:
@@ -69,7 +73,14 @@ class SearchedBlock(nn.Module):
         return torch.cat((self.branch_proj(x), self.branch_main(x)), 1)
 
 
-class OneShotNetwork(nn.Module):
+class OneShotNetwork(ClassifierNetwork):
+    classifier_name = CLASSIFIER
+    side_head_names = SIDE_HEADS
+    head_conv_name = "conv_last"
+    stage_channels = tuple(STAGE_WIDTHS)
+    num_features = LAST_WIDTH
+    input_format = INPUT_FORMAT
+
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
         self.first_conv = nn.Sequential(
@@ -91,15 +102,34 @@ class OneShotNetwork(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(LAST_WIDTH, num_classes, bias=False))
         init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_last(self.features(self.first_conv(x)))
-        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-        return self.classifier(self.dropout(x))
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first_conv(x)
+
+    def stages(self) -> list[nn.Module]:
+        return [self.features[start:end] for start, end in zip(_STAGE_STARTS, _STAGE_ENDS)]
+
+    def stage_module_names(self) -> list[str]:
+        return [f"features.{end - 1}" for end in _STAGE_ENDS]
+
+    def drop_stages_after(self, last: int) -> None:
+        del self.features[_STAGE_ENDS[last]:]
+
+    def new_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(LAST_WIDTH, num_classes, bias=False))
 
 
-def create_network(num_classes: int = 1000) -> OneShotNetwork:
-    """The OneShot network with its original initialisation; keys match the released weights."""
-    return OneShotNetwork(num_classes)
+_STAGE_ENDS = [sum(STAGE_REPEATS[:i + 1]) for i in range(len(STAGE_REPEATS))]
+_STAGE_STARTS = [0] + _STAGE_ENDS[:-1]
+
+
+def create_network(num_classes: int = 1000, *, features_only: bool = False,
+                   out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> OneShotNetwork:
+    """The OneShot network with its original initialisation; keys match the released weights.
+
+    `features_only`: a backbone returning the outputs of stages `out_indices` (strides 4, 8, 16, 32).
+    """
+    model = OneShotNetwork(num_classes)
+    return make_features_only(model, out_indices) if features_only else model
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.backbone import StagedNetwork, make_features_only  # noqa: E402
 from common.input_format import InputFormat  # noqa: E402
 from common.layers import ConvBNReLU, SideHead, channel_split_shuffle, init_weights  # noqa: E402
 
@@ -16,12 +17,17 @@ GROUPS = 16
 SE_REDUCTION = 4
 # (blocks, stage width o, stride of the first block)
 STAGES = [(8, 320, 1), (16, 640, 2), (36, 1280, 2), (10, 2560, 2)]
+STAGE_CHANNELS = tuple(width for _, width, _ in STAGES)
 STEM_WIDTH = 256
 
 PUBLISHED = {"params": 271_283_296, "macs": 46_174_794_752, "top1_error": 15.52, "top5_error": 2.9}
 # The published evaluation used BGR 0..255 without mean subtraction; whether the released weights expect that
 # could not be confirmed (MODELS.md), so eval/export let a user override it.
 INPUT_FORMAT = InputFormat(channel_order="BGR")
+# What depends on the number of classes (re-initialised by fine-tuning to another count, dropped by features_only);
+# the side heads in the order of the stages they follow.
+CLASSIFIER = "fc"
+SIDE_HEADS = ("predict_56", "predict_28", "predict_14")
 
 
 class FC(nn.Module):
@@ -70,7 +76,14 @@ class ExLargeBlock(nn.Module):
         return torch.cat((even, torch.relu(odd + self.squeeze_excite(self.branch_main(odd)))), 1)
 
 
-class ShuffleNetV2ExLarge(nn.Module):
+class ShuffleNetV2ExLarge(StagedNetwork):
+    classifier_name = CLASSIFIER
+    side_head_names = SIDE_HEADS
+    head_conv_name = None
+    stage_channels = STAGE_CHANNELS
+    num_features = STAGES[-1][1]
+    input_format = INPUT_FORMAT
+
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
         self.first_conv = nn.Sequential(_unit(3, 64, 3, 2), _unit(64, 128, 3), _unit(128, STEM_WIDTH, 3))
@@ -89,26 +102,18 @@ class ShuffleNetV2ExLarge(nn.Module):
         self.fc = FC(inp, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor):
-        """Logits in eval mode; (logits, predict_14, predict_28, predict_56) in training mode."""
-        x = self.max_pool(self.first_conv(x))
-        x = self.features[0](x)
-        side_56 = self.predict_56(x) if self.training else None
-        x = self.features[1](x)
-        side_28 = self.predict_28(x) if self.training else None
-        x = self.features[2](x)
-        side_14 = self.predict_14(x) if self.training else None
-        x = self.features[3](x)
-        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-        logits = self.fc(self.dropout(x))
-        if self.training:
-            return logits, side_14, side_28, side_56
-        return logits
+    def new_classifier(self, num_classes: int) -> nn.Module:
+        return FC(STAGES[-1][1], num_classes)
 
 
-def create_network(num_classes: int = 1000) -> ShuffleNetV2ExLarge:
-    """ShuffleNetV2.ExLarge with its original initialisation; keys match the released weights."""
-    return ShuffleNetV2ExLarge(num_classes)
+def create_network(num_classes: int = 1000, *, features_only: bool = False,
+                   out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> ShuffleNetV2ExLarge:
+    """ShuffleNetV2.ExLarge with its original initialisation; keys match the released weights.
+
+    `features_only`: a backbone returning the outputs of stages `out_indices` (strides 4, 8, 16, 32).
+    """
+    model = ShuffleNetV2ExLarge(num_classes)
+    return make_features_only(model, out_indices) if features_only else model
 
 
 if __name__ == "__main__":

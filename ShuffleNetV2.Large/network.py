@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.backbone import StagedNetwork, make_features_only  # noqa: E402
 from common.input_format import InputFormat  # noqa: E402
 from common.layers import ConvBNReLU, SideHead, channel_split_shuffle, init_weights  # noqa: E402
 
@@ -15,6 +16,7 @@ BN_EPS = 1e-9
 GROUPS = 8
 # (stage prefix, blocks, half width, stride of the first block)
 STAGES = [("2", 10, 128, 1), ("3", 10, 256, 2), ("4", 23, 512, 2), ("5", 10, 1024, 2)]
+STAGE_CHANNELS = tuple(2 * width for _, _, width, _ in STAGES)
 STEM_WIDTH = 128
 LAST_WIDTH = 1280
 
@@ -22,6 +24,10 @@ PUBLISHED = {"params": 140_685_664, "macs": 12_780_652_544, "top1_error": 18.56,
 # The released weights were evaluated on BGR 0..255 with the ImageNet mean image subtracted; these are its
 # per-channel averages (MODELS.md, "Input format"). `--mean-image FILE` uses the original per-pixel file.
 INPUT_FORMAT = InputFormat(channel_order="BGR", mean=(103.06, 115.90, 123.15))
+# What depends on the number of classes (re-initialised by fine-tuning to another count, dropped by features_only);
+# the side heads in the order of the stages they follow.
+CLASSIFIER = "fc"
+SIDE_HEADS = ("predict_56", "predict_28", "predict_14")
 
 
 def _unit(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1,
@@ -64,7 +70,14 @@ class LargeBlock(nn.Module):
         return self.down(x) if self.stride == 2 else x
 
 
-class ShuffleNetV2Large(nn.Module):
+class ShuffleNetV2Large(StagedNetwork):
+    classifier_name = CLASSIFIER
+    side_head_names = SIDE_HEADS
+    head_conv_name = "conv_last"
+    stage_channels = STAGE_CHANNELS
+    num_features = LAST_WIDTH
+    input_format = INPUT_FORMAT
+
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
         self.first_conv = nn.Sequential(_unit(3, 64, 3, 2), _unit(64, 64, 3), _unit(64, STEM_WIDTH, 3))
@@ -87,26 +100,18 @@ class ShuffleNetV2Large(nn.Module):
         self.fc = nn.Linear(LAST_WIDTH, num_classes)
         init_weights(self)
 
-    def forward(self, x: torch.Tensor):
-        """Logits in eval mode; (logits, predict_14, predict_28, predict_56) in training mode."""
-        x = self.max_pool(self.first_conv(x))
-        x = self.features[0](x)
-        side_56 = self.predict_56(x) if self.training else None
-        x = self.features[1](x)
-        side_28 = self.predict_28(x) if self.training else None
-        x = self.features[2](x)
-        side_14 = self.predict_14(x) if self.training else None
-        x = self.conv_last(self.features[3](x))
-        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-        logits = self.fc(self.dropout(x))
-        if self.training:
-            return logits, side_14, side_28, side_56
-        return logits
+    def new_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(LAST_WIDTH, num_classes)
 
 
-def create_network(num_classes: int = 1000) -> ShuffleNetV2Large:
-    """ShuffleNetV2.Large with its original initialisation; keys match the released weights."""
-    return ShuffleNetV2Large(num_classes)
+def create_network(num_classes: int = 1000, *, features_only: bool = False,
+                   out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> ShuffleNetV2Large:
+    """ShuffleNetV2.Large with its original initialisation; keys match the released weights.
+
+    `features_only`: a backbone returning the outputs of stages `out_indices` (strides 4, 8, 16, 32).
+    """
+    model = ShuffleNetV2Large(num_classes)
+    return make_features_only(model, out_indices) if features_only else model
 
 
 if __name__ == "__main__":

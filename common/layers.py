@@ -42,6 +42,15 @@ class SideHead(nn.Module):
         )
         self.fc = nn.Linear(channels, num_classes)
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """A freshly initialised `fc` for `num_classes` outputs (0: the pooled features themselves)."""
+        channels = self.conv[-1].conv.out_channels
+        old = self.fc.weight if isinstance(self.fc, nn.Linear) else None
+        self.fc = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
+        init_weights(self.fc)
+        if old is not None:
+            self.fc.to(device=old.device, dtype=old.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(self.pool(x))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))

@@ -9,6 +9,7 @@ calls `run_training`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import math
 import os
@@ -54,6 +55,19 @@ class DemoRecipe:
 
 
 @dataclass(frozen=True)
+class FinetuneRecipe:
+    """What `--pretrained` changes: defaults for fine-tuning on a few thousand images (a model card states them)."""
+
+    batch_size: int
+    learning_rate: float
+    total_iters: int
+    warmup_iters: int
+    display_interval: int = 20
+    val_interval: int = 250
+    save_interval: int = 250
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A model's training defaults (the original recipe) and what its loss is made of."""
 
@@ -72,6 +86,7 @@ class Recipe:
     val_interval: int = 10_000
     save_interval: int = 10_000
     demo: DemoRecipe = field(default_factory=DemoRecipe)
+    finetune: FinetuneRecipe = FinetuneRecipe(batch_size=64, learning_rate=0.01, total_iters=1500, warmup_iters=100)
 
 
 DEMO_DATA = REPO_ROOT / "data" / "demo"
@@ -106,6 +121,9 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     optim.add_argument("--learning-rate", type=float,
                        help=f"base learning rate (default {d.learning_rate} at batch {d.batch_size}, scaled "
                             "linearly with --batch-size)")
+    optim.add_argument("--warmup-iters", type=int,
+                       help="iterations of linear learning-rate warm-up from 0 before the linear decay (default 0; "
+                            f"{d.finetune.warmup_iters} with --pretrained)")
     optim.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=d.weight_decay,
                        help="weight decay, applied to weights of 2 or more dimensions only")
@@ -115,6 +133,17 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                        help="deterministic algorithms only (slower): a resumed run is bit-identical")
     optim.add_argument("--ema", action="store_true", help="keep and validate an exponential moving average")
     optim.add_argument("--ema-decay", type=float, default=0.9998, help="EMA decay (with warm-up)")
+    tune = parser.add_argument_group(
+        "fine-tuning", f"--pretrained switches the defaults to the fine-tuning recipe: batch {d.finetune.batch_size}, "
+                       f"lr {d.finetune.learning_rate}, {d.finetune.total_iters} iterations, "
+                       f"{d.finetune.warmup_iters} of warm-up")
+    tune.add_argument("--pretrained", metavar="FILE",
+                      help="start a new run from these weights (any file eval.py accepts); with another number of "
+                           "classes the classifier and side heads start afresh. An interrupted run resumes from its "
+                           "own checkpoints in --save, never from FILE again")
+    tune.add_argument("--freeze-backbone", action="store_true",
+                      help="train the classifier only (a linear probe): every other weight and all BatchNorm "
+                           "statistics stay as loaded")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     run.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16 uses a gradient scaler)")
@@ -154,10 +183,11 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
     # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
     prepare_output("--save", args.save, folder=True)
     prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
-    source = recipe.demo if args.demo else recipe
-    for name in ("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval"):
+    source = recipe.demo if args.demo else recipe.finetune if args.pretrained else recipe
+    for name in ("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval",
+                 "warmup_iters"):
         if getattr(args, name) is None:
-            setattr(args, name, getattr(source, name))
+            setattr(args, name, getattr(source, name, getattr(recipe, name, 0)))
     if args.learning_rate is None:
         args.learning_rate = source.learning_rate * args.batch_size / source.batch_size
     if args.demo:
@@ -175,6 +205,10 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 (off) or more")
     if args.image_size % 32:
         raise UserError(f"--image-size {args.image_size}: use a multiple of 32")
+    if args.warmup_iters < 0:
+        raise UserError(f"--warmup-iters {args.warmup_iters}: must be 0 or more")
+    if args.freeze_backbone and not args.pretrained:
+        raise UserError("--freeze-backbone trains only the classifier of loaded weights: give --pretrained FILE")
     if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
         raise UserError(f"--learning-rate {args.learning_rate}: must be a positive number")
     return args
@@ -225,6 +259,12 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def linear_decay(total_iters: int) -> Callable[[int], float]:
     """Iteration k trains with lr * (1 - k / total)."""
     return lambda k: max(0.0, 1.0 - k / total_iters)
+
+
+def warmup_linear_decay(total_iters: int, warmup_iters: int) -> Callable[[int], float]:
+    """Iteration k trains with lr * min(1, (k + 1) / warmup) * (1 - k / total): a function of k alone."""
+    decay = linear_decay(total_iters)
+    return lambda k: decay(k) * min(1.0, (k + 1) / warmup_iters) if warmup_iters else decay(k)
 
 
 class SignalStop(BaseException):
@@ -494,13 +534,26 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),
                 "class_to_index": {name: i for i, name in enumerate(classes)} if classes else None}
 
-    model = network.create_network(num_classes).to(info.device)
+    model = network.create_network(num_classes)
+    resume_path = get_latest_model(args.save)[0] if args.auto_continue and not args.eval else None
+    if args.pretrained and resume_path is None and not args.eval:
+        # Only a run without checkpoints of its own starts from the file: a resumed one continues its own weights.
+        from common.pretrained import load_pretrained
+        if not Path(args.pretrained).is_file():
+            raise UserError(f"--pretrained {args.pretrained}: no such file")
+        report = load_pretrained(model, args.pretrained)
+        say(f"--pretrained: {report.summary()}")
+    if args.freeze_backbone:
+        model.freeze_backbone()
+        recipe = dataclasses.replace(recipe, loss_weights=(1.0,) + (0.0,) * (len(recipe.loss_weights) - 1))
+    model = model.to(info.device)
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     model = model.to(memory_format=memory_format)
     preprocess = Preprocess(input_format).to(info.device)
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                 momentum=args.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_decay(args.total_iters))
+    schedule = warmup_linear_decay(args.total_iters, args.warmup_iters)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
     ema = None
     if args.ema:
@@ -512,7 +565,7 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
 
     start_iteration = 0
     if args.auto_continue:
-        path, _ = get_latest_model(args.save)
+        path = resume_path
         if path is not None:
             state = load_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
             restore_rank_rng(state, info)
@@ -522,7 +575,7 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
             # gives the same rate, so an ordinary resume is unchanged.
             scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
             for group in optimizer.param_groups:
-                group["lr"] = args.learning_rate * linear_decay(args.total_iters)(start_iteration)
+                group["lr"] = args.learning_rate * schedule(start_iteration)
             trainer.best_error = state.get("best_metric")
             say(f"resumed from {path} at iteration {start_iteration}")
 

@@ -1,0 +1,227 @@
+"""The interface every network of this repository has, the one timm models have: forward_features, forward_head,
+get_classifier, reset_classifier, feature_info, forward_intermediates, and a features-only form for detection or
+segmentation backbones.
+
+The three networks share one shape: a stem, four stages (outputs at strides 4, 8, 16, 32), an optional last conv,
+global average pooling, dropout and a classifier; Large and ExLarge add training-only side heads after the first
+three stages. `ClassifierNetwork` runs that shape once; each network.py declares its pieces and names.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from common.input_format import InputFormat
+from common.layers import init_weights
+
+STAGE_REDUCTIONS = (4, 8, 16, 32)
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+class ClassifierNetwork(nn.Module):
+    """Base class of the networks. Subclasses set the class attributes and implement the three methods below.
+
+    `classifier_name` is the module holding the classifier, `side_head_names` the side heads in the order of the
+    stages they follow, `head_conv_name` the conv between the last stage and the pooling (None without one).
+    """
+
+    classifier_name: str = "fc"
+    side_head_names: tuple[str, ...] = ()
+    head_conv_name: str | None = None
+    stage_channels: tuple[int, int, int, int]
+    num_features: int
+    input_format: InputFormat = InputFormat()
+    # Set by make_features_only: the stage outputs forward returns, and the keys of the removed modules.
+    out_indices: tuple[int, ...] | None = None
+    removed_keys: frozenset[str] = frozenset()
+    _batchnorm_frozen: bool = False
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stages(self) -> list[nn.Module]:
+        """The four stages, each a module from the previous stage's output to its own."""
+        raise NotImplementedError
+
+    def stage_module_names(self) -> list[str]:
+        """For feature_info: the name of the module whose output each stage's output is."""
+        raise NotImplementedError
+
+    def drop_stages_after(self, last: int) -> None:
+        """Remove the stages after stage `last` (the names of the others unchanged)."""
+        raise NotImplementedError
+
+    def new_classifier(self, num_classes: int) -> nn.Module:
+        """A classifier for `num_classes` outputs with the layout of this network's (same key names)."""
+        raise NotImplementedError
+
+    # -- the forward passes ------------------------------------------------------------------------------------
+
+    def forward_head_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.head_conv_name)(x) if self.head_conv_name else x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before pooling (stride 32), head conv included."""
+        x = self.forward_stem(x)
+        for stage in self.stages():
+            x = stage(x)
+        return self.forward_head_conv(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits of a forward_features map; with `pre_logits` the pooled features (N x num_features) instead."""
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        if pre_logits:
+            return x
+        return self.get_classifier()(self.dropout(x))
+
+    def forward(self, x: torch.Tensor):
+        """Logits in eval mode; with side heads, (logits, side heads from the deepest to the shallowest) in training
+        mode; the chosen stage outputs for a features-only network."""
+        if self.out_indices is not None:
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
+        if not (self.training and self.side_head_names):
+            return self.forward_head(self.forward_features(x))
+        x = self.forward_stem(x)
+        sides = []
+        for index, stage in enumerate(self.stages()):
+            x = stage(x)
+            if index < len(self.side_head_names):
+                sides.append(getattr(self, self.side_head_names[index])(x))
+        return (self.forward_head(self.forward_head_conv(x)), *reversed(sides))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's interface: the outputs of the stages `indices` (an int n: the last n), and unless
+        `intermediates_only` the final feature map too, as (final, intermediates)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r}: only NCHW is supported")
+        take = self._stage_indices(indices)
+        stages = self.stages()
+        if intermediates_only or stop_early:
+            stages = stages[:max(take) + 1]
+        intermediates = []
+        x = self.forward_stem(x)
+        for index, stage in enumerate(stages):
+            x = stage(x)
+            if index in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return (self.forward_head_conv(x) if len(stages) == len(STAGE_REDUCTIONS) else x), intermediates
+
+    # -- classifier --------------------------------------------------------------------------------------------
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self, self.classifier_name)
+
+    @property
+    def num_classes(self) -> int:
+        linears = [m for m in self.get_classifier().modules() if isinstance(m, nn.Linear)]
+        return linears[-1].out_features if linears else 0
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A freshly initialised classifier (and side heads) for `num_classes` outputs; 0 for none (pooled
+        features out)."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool {global_pool!r}: these networks pool by average only")
+        old = next(self.get_classifier().parameters(), None)
+        new = self.new_classifier(num_classes) if num_classes else nn.Identity()
+        init_weights(new)
+        if old is not None:
+            new.to(device=old.device, dtype=old.dtype)
+        setattr(self, self.classifier_name, new)
+        for name in self.side_head_names:
+            getattr(self, name).reset_classifier(num_classes)
+
+    # -- features --------------------------------------------------------------------------------------------
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """Per stage output (the chosen ones for a features-only network): num_chs, reduction, module."""
+        info = [{"num_chs": channels, "reduction": reduction, "module": module}
+                for channels, reduction, module in zip(self.stage_channels, STAGE_REDUCTIONS,
+                                                       self.stage_module_names())]
+        return info if self.out_indices is None else [info[i] for i in self.out_indices]
+
+    def _stage_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        count = len(STAGE_REDUCTIONS)
+        if indices is None:
+            return list(range(count))
+        if isinstance(indices, int):
+            if not 0 < indices <= count:
+                raise ValueError(f"indices {indices}: the last n stages, n from 1 to {count}")
+            return list(range(count - indices, count))
+        chosen = sorted({i % count if -count <= i < count else _bad_index(i) for i in indices})
+        if not chosen:
+            raise ValueError("indices: choose at least one stage")
+        return chosen
+
+    # -- fine-tuning -------------------------------------------------------------------------------------------
+
+    def head_prefixes(self) -> list[str]:
+        """The classifier and side heads present: what depends on the number of classes."""
+        return [name for name in (self.classifier_name, *self.side_head_names) if hasattr(self, name)]
+
+    def freeze_backbone(self) -> None:
+        """A linear probe: only the classifier trains; every BatchNorm stays in eval mode, even in train()."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(_under(name, self.classifier_name))
+        self._batchnorm_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._batchnorm_frozen:
+            for name, module in self.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not _under(name, self.classifier_name):
+                    module.eval()
+        return self
+
+    def transforms(self, image_size: int = 224):
+        """A callable turning a PIL image into this network's input: EXIF orientation applied, OpenCV-style
+        resize of the short side to image_size * 256 / 224, center crop, then `input_format` (3 x H x W float)."""
+        from common.predict import ImageTransform
+        return ImageTransform(self.input_format, image_size)
+
+
+class StagedNetwork(ClassifierNetwork):
+    """Large and ExLarge: stem `first_conv` then `max_pool`, the four stages in the ModuleList `features`."""
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.max_pool(self.first_conv(x))
+
+    def stages(self) -> list[nn.Module]:
+        return list(self.features)
+
+    def stage_module_names(self) -> list[str]:
+        return [f"features.{index}" for index in range(len(self.stage_channels))]
+
+    def drop_stages_after(self, last: int) -> None:
+        del self.features[last + 1:]
+
+
+def _bad_index(index: int) -> int:
+    raise ValueError(f"stage index {index}: choose from 0 to {len(STAGE_REDUCTIONS) - 1} (or -1 to "
+                     f"-{len(STAGE_REDUCTIONS)})")
+
+
+def make_features_only(network: ClassifierNetwork, out_indices: Sequence[int] | int = (0, 1, 2, 3)
+                       ) -> ClassifierNetwork:
+    """`network` turned into a backbone whose forward returns the outputs of the stages `out_indices` (0 to 3:
+    strides 4, 8, 16, 32). The classifier, side heads, head conv and the stages after the last chosen one are
+    removed; every other key keeps its name, so released weights load (see common.pretrained.load_pretrained)."""
+    indices = tuple(network._stage_indices(out_indices))
+    before = set(network.state_dict())
+    for name in (network.classifier_name, *network.side_head_names, network.head_conv_name):
+        if name:
+            delattr(network, name)
+    network.drop_stages_after(max(indices))
+    network.out_indices = indices
+    network.removed_keys = frozenset(before - set(network.state_dict()))
+    return network

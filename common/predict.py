@@ -1,0 +1,214 @@
+"""Classify your own images: the predict.py command line of every model folder (`run_predict`).
+
+Images are read with PIL (any format it reads), turned upright by their EXIF orientation, then prepared as eval.py
+prepares them (common.data.EvalTransform, the weights' input format) and run in batches on the fast inference
+path. Class names: the 1000 ImageNet names for released files, the class folders a checkpoint of this project was
+trained on (its metadata), or a --class-names file.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from common.data import EvalTransform, collate_skip_corrupt_with_indices
+from common.distributed import resolve_device
+from common.errors import UserError, exit_on_user_error
+from common.imagenet import imagenet_names, imagenet_wnids
+from common.inference import prepare_inference_model
+from common.input_format import InputFormat, Preprocess
+from common.model_state import load_model_state, read_checkpoint_metadata, read_weights_file
+from common.pretrained import classifier_rows
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The image at `path` fully decoded, turned upright by its EXIF orientation, as RGB (raises on failure)."""
+    # Another import may have turned this on; a truncated file must fail rather than predict on half grey.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with Image.open(path) as opened:
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class ImageTransform:
+    """A PIL image (or a path) to a network's input: upright, eval transform, input format; 3 x H x W float."""
+
+    def __init__(self, input_format: InputFormat, image_size: int = 224) -> None:
+        self.input_format = input_format
+        self.eval_transform = EvalTransform(image_size)
+        self.preprocess = Preprocess(input_format)
+
+    def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
+        image = read_image(image) if isinstance(image, (str, Path)) else ImageOps.exif_transpose(image)
+        with torch.no_grad():
+            return self.preprocess(self.eval_transform(image).unsqueeze(0))[0]
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.eval_transform!r}, input {self.input_format.describe()})"
+
+
+def find_images(paths: list[str]) -> tuple[list[str], int]:
+    """(files to classify, files skipped in folders because PIL does not read their extension).
+
+    A file given by name is always tried; folders are searched recursively, in sorted order.
+    """
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    files, others = [], 0
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    if os.path.splitext(name)[1].lower() in extensions:
+                        files.append(os.path.join(root, name))
+                    else:
+                        others += 1
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such file or folder")
+    return files, others
+
+
+class _PredictDataset(Dataset):
+    """(uint8 image, 0, index) per file, or None (with one line on stderr) for a file PIL cannot read."""
+
+    def __init__(self, files: list[str], image_size: int) -> None:
+        self.files = files
+        self.transform = EvalTransform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        try:
+            image = read_image(self.files[index])
+        # PIL raises many types on files it cannot read; whatever the type, this file is skipped and reported.
+        except Exception as error:
+            print(f"skipped {self.files[index]}: cannot read it as an image ({type(error).__name__}: {error})",
+                  file=sys.stderr, flush=True)
+            return None
+        return self.transform(image), 0, index
+
+
+def read_class_names(path: str | Path, count: int) -> list[str]:
+    """One name per line (blank lines kept out), exactly `count` of them."""
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise UserError(f"--class-names {path}: cannot read it ({error.strerror or error})") from None
+    if len(names) != count:
+        raise UserError(f"--class-names {path}: {len(names)} names, but the weights predict {count} classes; "
+                        "give one name per line, in output order")
+    return names
+
+
+def class_names_for(metadata: dict, num_classes: int, class_names_file: str | None) -> list[str]:
+    """The name of each output: --class-names, else the checkpoint's classes, else ImageNet's, else 'class i'."""
+    if class_names_file:
+        return read_class_names(class_names_file, num_classes)
+    classes = list(metadata.get("classes") or [])
+    if classes == imagenet_wnids() or (not classes and num_classes == 1000):
+        return imagenet_names()
+    return classes + [f"class {index}" for index in range(len(classes), num_classes)]
+
+
+def build_parser(model_name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=f"Classify images with {model_name}: the top-k classes of each image, with the same "
+                    "preprocessing as eval.py.")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    parser.add_argument("--weights", required=True, metavar="FILE",
+                        help="a released file of any layout, a .safetensors release or a checkpoint of this project")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown per image (default 5)")
+    parser.add_argument("--json", metavar="FILE",
+                        help='write [{"path", "predictions": [{"index", "name", "probability"}]}] to FILE')
+    parser.add_argument("--class-names", metavar="FILE",
+                        help="class names, one per line in output order (default: ImageNet's for released files, "
+                             "the training class folders for checkpoints of this project)")
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="center-crop size; the short side is first resized to round(N * 256 / 224) (default: "
+                             "the size a checkpoint of this project was trained at, else 224)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="image-decoding worker processes; 0 decodes in the main process (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu, cuda or cuda:N")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast to this precision")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the inference model")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
+                             "made yourself")
+    parser.add_argument("--use-ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    return parser
+
+
+def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict]:
+    """The predict.py command line of a model folder (`network`: its network.py); returns the records written
+    to --json. Bad input ends with a one-line error before any image is read."""
+    return exit_on_user_error(_run_predict)(network, argv)
+
+
+def _run_predict(network: ModuleType, argv: list[str] | None) -> list[dict]:
+    model_name = Path(network.__file__).resolve().parent.name
+    args = build_parser(model_name).parse_args(argv)
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if args.image_size is not None and args.image_size < 32:
+        raise UserError(f"--image-size {args.image_size}: must be at least 32")
+    device = resolve_device(args.device)
+    files, others = find_images(args.paths)
+    if others:
+        print(f"ignored {others} file(s) in the folders without an image extension PIL reads", file=sys.stderr)
+    if not files:
+        raise UserError(f"no image files in {' '.join(args.paths)}")
+
+    weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
+    metadata = read_checkpoint_metadata(weights)
+    if metadata.get("arch") not in (None, model_name):
+        raise UserError(f"--weights {args.weights}: a {metadata['arch']} checkpoint; use {metadata['arch']}/predict.py")
+    num_classes = metadata.get("num_classes") or classifier_rows(network, weights)
+    names = class_names_for(metadata, num_classes, args.class_names)
+    image_size = args.image_size or metadata.get("image_size") or 224
+    stored = metadata.get("input_format")
+    input_format = InputFormat.from_dict(stored) if stored else network.INPUT_FORMAT
+    model = network.create_network(num_classes)
+    load_model_state(model, weights, for_inference=True, use_ema=args.use_ema, source_name=str(args.weights))
+    del weights
+    runner = prepare_inference_model(model, input_format=input_format, device=device, compile=args.compile,
+                                     amp=args.amp)
+    loader = DataLoader(_PredictDataset(files, image_size), batch_size=args.batch_size, num_workers=args.workers,
+                        collate_fn=functools.partial(collate_skip_corrupt_with_indices,
+                                                     image_shape=(3, image_size, image_size)))
+    print(f"{model_name}: {len(files)} images, {image_size}px center crop, input {input_format.describe()}, "
+          f"on {device}", flush=True)
+
+    records, skipped = [], 0
+    k = min(args.top_k, num_classes)
+    started = time.perf_counter()
+    for images, _, batch_skipped, indices in loader:
+        skipped += batch_skipped
+        if not len(indices):
+            continue
+        probabilities, classes = runner(images).softmax(1).topk(k, dim=1)
+        for index, probs, tops in zip(indices.tolist(), probabilities.tolist(), classes.tolist()):
+            predictions = [{"index": c, "name": names[c], "probability": p} for c, p in zip(tops, probs)]
+            records.append({"path": files[index], "predictions": predictions})
+            print(f"{files[index]}: " + "; ".join(f"{p['name']} ({p['index']}) {p['probability']:.3f}"
+                                                  for p in predictions), flush=True)
+    seconds = time.perf_counter() - started
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    note = f", {skipped} unreadable skipped" if skipped else ""
+    print(f"{len(records)} images in {seconds:.2f} s: {len(records) / max(seconds, 1e-9):.1f} images/s{note}")
+    return records

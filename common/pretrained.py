@@ -1,0 +1,148 @@
+"""Starting from trained weights: fine-tuning to another number of classes, backbones, torch.hub and timm.
+
+`load_pretrained` loads any weights file eval.py accepts into a network whose classifier may have another number
+of classes, or that is features-only: the classifier and side heads (declared in each network.py) are freshly
+initialised when they do not fit, the keys a features-only network dropped are ignored, and every other tensor
+must load with its exact shape. `create_model` builds a model folder's network that way (hub and timm use it).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.backbone import ClassifierNetwork, _under
+from common.errors import UserError
+from common.input_format import InputFormat
+from common.layers import init_weights
+from common.model_state import (WeightsMismatchError, describe_weights, extract_model_state,
+                                read_checkpoint_metadata, read_weights_file, unwrap_model)
+from common.models import load_network_module
+
+_SHOWN = 4
+
+
+@dataclass
+class PretrainedReport:
+    """What load_pretrained did: tensors copied, modules re-initialised, file keys ignored."""
+
+    loaded: int
+    reinitialised: list[str] = field(default_factory=list)
+    ignored: int = 0
+    source: str = "the weights"
+
+    def summary(self) -> str:
+        text = f"loaded {self.loaded} tensors from {self.source}"
+        if self.reinitialised:
+            text += f"; re-initialised {', '.join(self.reinitialised)}"
+        return text
+
+
+def _shown(keys: list[str]) -> str:
+    return ", ".join(keys[:_SHOWN]) + (", ..." if len(keys) > _SHOWN else "")
+
+
+def pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the weights"
+                     ) -> tuple[dict[str, torch.Tensor], list[str], int]:
+    """(tensors to load, head modules to re-initialise, count of ignored file tensors) for `model` from a clean
+    state dict. Raises WeightsMismatchError naming the keys that neither fit nor belong to a head."""
+    network = unwrap_model(model)
+    if not isinstance(network, ClassifierNetwork):
+        raise TypeError(f"expected a network of this repository, got {type(network).__name__}")
+    target = network.state_dict()
+    heads = network.head_prefixes()
+    all_heads = (network.classifier_name, *network.side_head_names)
+
+    def fits(prefix: str) -> bool:
+        keys = [k for k in target if _under(k, prefix) and not k.endswith("num_batches_tracked")]
+        return all(k in state and state[k].shape == target[k].shape for k in keys)
+
+    # Another number of classes: the classifier and every side head start afresh; otherwise only a head the file
+    # lacks (released files may have no side heads).
+    if heads and network.classifier_name in heads and not fits(network.classifier_name):
+        reinitialised = list(heads)
+    else:
+        reinitialised = [prefix for prefix in heads if not fits(prefix)]
+    body = [k for k in target if not any(_under(k, p) for p in heads)]
+    missing = [k for k in body if k not in state and not k.endswith("num_batches_tracked")]
+    misshaped = [k for k in body if k in state and state[k].shape != target[k].shape]
+    unexpected = [k for k in state if k not in target and k not in network.removed_keys
+                  and not any(_under(k, p) for p in all_heads)]
+    if missing or misshaped or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_shown(missing)})")
+        if misshaped:
+            parts.append(f"{len(misshaped)} with other shapes (" + ", ".join(
+                f"{k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}" for k in misshaped[:_SHOWN])
+                + (", ..." if len(misshaped) > _SHOWN else "") + ")")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_shown(unexpected)})")
+        raise WeightsMismatchError(
+            f"{source} does not fit {type(network).__name__} outside the classifier and side heads: "
+            f"{'; '.join(parts)}; the file looks like {describe_weights(state)}")
+    loading = {k: state[k] for k in target if k in state and not any(_under(k, p) for p in reinitialised)}
+    ignored = sum(1 for k in state if k not in loading and k not in network.removed_keys)
+    return loading, reinitialised, ignored
+
+
+def load_pretrained(model: nn.Module, source: Any, *, trust_pickle: bool = False, use_ema: bool = False,
+                    source_name: str | None = None) -> PretrainedReport:
+    """Load a weights file (path or read object) into `model` for fine-tuning or as a backbone (see module doc).
+
+    Re-initialised heads get the original initialisation; their names are in the report's summary line.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source_name = source_name or str(source)
+        source = read_weights_file(source, trust_pickle=trust_pickle)
+    source_name = source_name or "the weights"
+    state = extract_model_state(source, use_ema=use_ema, source=source_name)
+    network = unwrap_model(model)
+    loading, reinitialised, ignored = pretrained_state(network, state, source_name)
+    network.load_state_dict(loading, strict=False)
+    for prefix in reinitialised:
+        init_weights(network.get_submodule(prefix))
+    return PretrainedReport(loaded=len(loading), reinitialised=reinitialised, ignored=ignored, source=source_name)
+
+
+MODEL_NAMES = {"oneshot": "OneShot", "shufflenetv2_large": "ShuffleNetV2.Large",
+               "shufflenetv2_exlarge": "ShuffleNetV2.ExLarge"}
+
+
+def create_model(model: str, weights: str | os.PathLike | None = None, num_classes: int | None = None, *,
+                 features_only: bool = False, out_indices: tuple[int, ...] = (0, 1, 2, 3),
+                 verbose: bool = True) -> ClassifierNetwork:
+    """A model folder's network (`model`: folder name or one of MODEL_NAMES), with `weights` loaded when given.
+
+    `num_classes` defaults to the file's (1000 for a released file); another number re-initialises the
+    classifier and side heads. The input format is the file's (stored by this project) or the network's default,
+    in `model.input_format`. The model is returned in eval mode.
+    """
+    folder = MODEL_NAMES.get(model, model)
+    network = load_network_module(folder)
+    metadata, state = {}, None
+    if weights is not None:
+        state = read_weights_file(weights)
+        metadata = read_checkpoint_metadata(state)
+        if metadata.get("arch") not in (None, folder):
+            raise UserError(f"{weights}: a {metadata['arch']} file, not {folder}")
+    if num_classes is None:
+        num_classes = metadata.get("num_classes") or (classifier_rows(network, state) if state else 1000)
+    net = network.create_network(num_classes, features_only=features_only, out_indices=out_indices)
+    if metadata.get("input_format"):
+        net.input_format = InputFormat.from_dict(metadata["input_format"])
+    if state is not None:
+        report = load_pretrained(net, state, source_name=str(weights))
+        if verbose and report.reinitialised:
+            print(f"{folder}: {report.summary()}")
+    return net.eval()
+
+
+def classifier_rows(network, weights: Any) -> int:
+    """The number of classes of a weights object, read from its classifier's last weight matrix."""
+    state = extract_model_state(weights)
+    rows = [v.shape[0] for k, v in state.items() if _under(k, network.CLASSIFIER) and v.dim() == 2]
+    return rows[-1] if rows else 1000

@@ -1,0 +1,103 @@
+"""The three networks registered with timm: `import common.timm_models` (with the repository root on sys.path), then
+
+    model = timm.create_model("shufflenetv2_large", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))
+    model = timm.create_model("oneshot", features_only=True, out_indices=(1, 2, 3))
+    config = timm.data.resolve_model_data_config(model)
+
+Nothing is downloaded: pretrained weights come from a local file (any layout eval.py accepts, through timm's own
+reader, then this module's pretrained_filter_fn). A timm data pipeline gives RGB images scaled to 0..1 and
+normalised by the config's mean and std; the released weights take BGR 0..255 (minus a mean for Large). The config's
+mean and std (the weights' mean / 255, std 1 / 255) make the pipeline's output RGB 0..255 minus the weights' mean,
+and the timm models reverse the channel order in front of their first convolution, so they take what the pipeline
+gives while their weights stay the released ones. Their `input_format` says the same for common.input_format.
+The remaining difference to eval.py is the resize: timm resizes with PIL (antialiased), eval.py without antialiasing
+as OpenCV does, which moves accuracy slightly.
+"""
+from __future__ import annotations
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from common.backbone import ClassifierNetwork
+from common.input_format import InputFormat
+from common.model_state import extract_model_state
+from common.models import load_network_module
+from common.pretrained import pretrained_state
+
+__all__ = ["oneshot", "shufflenetv2_large", "shufflenetv2_exlarge", "timm_input_format"]
+
+_FOLDERS = {"oneshot": "OneShot", "shufflenetv2_large": "ShuffleNetV2.Large",
+            "shufflenetv2_exlarge": "ShuffleNetV2.ExLarge"}
+_FIRST_CONVS = {"oneshot": "first_conv.0", "shufflenetv2_large": "first_conv.0.conv",
+                "shufflenetv2_exlarge": "first_conv.0.conv"}
+
+
+def timm_input_format(weights_format: InputFormat) -> InputFormat:
+    """What a timm model takes: RGB, 0..1, minus `mean`, divided by `std` (the config's), for weights that take
+    `weights_format` (BGR or RGB 0..255 minus a per-channel mean, std 1)."""
+    mean = weights_format.mean[::-1] if weights_format.channel_order == "BGR" else weights_format.mean
+    return InputFormat(channel_order="RGB", scale=1 / 255, mean=tuple(m / 255 for m in mean),
+                       std=tuple(s / 255 for s in weights_format.std))
+
+
+def _cfg(name: str) -> dict:
+    network = load_network_module(_FOLDERS[name])
+    fmt = timm_input_format(network.INPUT_FORMAT)
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 224 / 256,
+        "crop_mode": "center", "interpolation": "bilinear", "mean": fmt.mean, "std": fmt.std,
+        "first_conv": _FIRST_CONVS[name], "classifier": network.CLASSIFIER,
+        "description": f"{_FOLDERS[name]} of the ShuffleNet series; weights from a local file (file=PATH)",
+        "notes": (f"the released weights take {network.INPUT_FORMAT.describe()}; this timm model takes RGB as timm's "
+                  "transforms give it (mean and std put it on the 0..255 scale) and reverses the channels before "
+                  "its first conv",),
+    }
+
+
+default_cfgs = generate_default_cfgs({f"{name}.released": _cfg(name) for name in _FOLDERS})
+
+
+def _rgb_to_bgr(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].flip(1),) + args[1:]
+
+
+def _filter_fn(state_dict: dict, model: ClassifierNetwork) -> dict:
+    """A file's tensors (any released layout or checkpoint of this project) as a complete state dict of `model`:
+    heads that do not fit keep the model's fresh initialisation; anything else that does not fit is an error."""
+    loading, _, _ = pretrained_state(model, extract_model_state(state_dict))
+    return {**model.state_dict(), **loading}
+
+
+def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
+    network = load_network_module(_FOLDERS[name])
+
+    def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg") -> ClassifierNetwork:
+        if in_chans != 3 or global_pool != "avg":
+            raise ValueError(f"{name}: only in_chans=3 and global_pool='avg' are supported")
+        model = network.create_network(num_classes)
+        if network.INPUT_FORMAT.channel_order == "BGR":
+            model.first_conv.register_forward_pre_hook(_rgb_to_bgr)
+            model.input_format = timm_input_format(network.INPUT_FORMAT)
+        return model
+
+    return build_model_with_cfg(build, name, pretrained, pretrained_filter_fn=_filter_fn,
+                                feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}, **kwargs)
+
+
+@register_model
+def oneshot(pretrained: bool = False, **kwargs) -> ClassifierNetwork:
+    """OneShot (Single Path One-Shot search), 3.4M parameters."""
+    return _create("oneshot", pretrained, **kwargs)
+
+
+@register_model
+def shufflenetv2_large(pretrained: bool = False, **kwargs) -> ClassifierNetwork:
+    """ShuffleNetV2.Large (SE, residuals, side heads in training), 140.7M parameters."""
+    return _create("shufflenetv2_large", pretrained, **kwargs)
+
+
+@register_model
+def shufflenetv2_exlarge(pretrained: bool = False, **kwargs) -> ClassifierNetwork:
+    """ShuffleNetV2.ExLarge, 271.3M parameters."""
+    return _create("shufflenetv2_exlarge", pretrained, **kwargs)
+

@@ -1,0 +1,114 @@
+"""torch.hub from a fresh clone, and the timm registration against create_network plus eval.py's loading."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import common.timm_models  # noqa: F401  (registers the models with timm)
+from common.input_format import Preprocess
+from common.model_state import load_model_state
+from conftest import REPO_ROOT, network, released_state_dict
+
+TIMM_NAMES = {"OneShot": "oneshot", "ShuffleNetV2.Large": "shufflenetv2_large",
+              "ShuffleNetV2.ExLarge": "shufflenetv2_exlarge"}
+
+
+def released_file(folder: Path, model: str, side_heads: bool = False) -> Path:
+    """A file laid out as a released one: {'state_dict': ...}, `module.` prefixes, both SE names, no side heads."""
+    state = {"module." + k: v for k, v in released_state_dict(model).items()
+             if side_heads or not k.startswith("predict_")}
+    path = folder / f"{TIMM_NAMES[model]}.pth.tar"
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def test_torch_hub_load_from_a_fresh_clone(tmp_path):
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True, timeout=120)
+    weights = released_file(tmp_path, "OneShot")
+    image = tmp_path / "photo.jpg"
+    from PIL import Image
+    Image.new("RGB", (90, 60), (200, 30, 40)).save(image)
+    script = f"""
+import json, torch
+from PIL import Image
+model = torch.hub.load({str(clone)!r}, "oneshot", source="local", weights={str(weights)!r})
+x = model.transforms()(Image.open({str(image)!r}))
+logits = model(x.unsqueeze(0))
+few = torch.hub.load({str(clone)!r}, "oneshot", source="local", weights={str(weights)!r}, num_classes=4)
+print(json.dumps({{"training": model.training, "shape": list(x.shape), "logits": logits[0].tolist(),
+                  "format": model.input_format.describe(), "few": few(x.unsqueeze(0)).shape[1],
+                  "module": model.__class__.__module__}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out["training"] is False and out["shape"] == [3, 224, 224] and out["format"] == "BGR 0..255"
+    assert out["few"] == 4 and "re-initialised classifier" in result.stdout
+
+    # The same image through eval.py's loading and preprocessing gives the same logits.
+    from common.data import EvalTransform
+    from common.predict import read_image
+    model = network("OneShot").create_network().eval()
+    load_model_state(model, weights)
+    pixels = EvalTransform(224)(read_image(image)).unsqueeze(0)
+    with torch.no_grad():
+        expected = model(Preprocess(model.input_format)(pixels))[0]
+    assert torch.allclose(torch.tensor(out["logits"]), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["OneShot", "ShuffleNetV2.Large", "ShuffleNetV2.ExLarge"])
+def test_timm_create_model_equals_create_network_and_eval_loading(tmp_path, model):
+    path = released_file(tmp_path, model)
+    created = timm.create_model(TIMM_NAMES[model], pretrained=True, pretrained_cfg_overlay={"file": str(path)}).eval()
+    with torch.device("meta"):
+        reference = network(model).create_network()
+    reference = reference.to_empty(device="cpu").eval()
+    load_model_state(reference, path, for_inference=True)  # what eval.py's load_checkpoint does
+    assert {k: v for k, v in created.state_dict().items() if not k.startswith("predict_")}.keys() == \
+        {k for k in reference.state_dict() if not k.startswith("predict_")}
+
+    config = timm.data.resolve_model_data_config(created)
+    assert config["input_size"] == (3, 224, 224) and config["interpolation"] == "bilinear"
+    assert config["crop_pct"] == pytest.approx(224 / 256)
+    cfg = created.pretrained_cfg
+    assert cfg["num_classes"] == 1000 and cfg["first_conv"] and cfg["classifier"]
+    created.get_submodule(cfg["first_conv"])
+    created.get_submodule(cfg["classifier"])
+
+    # timm's pipeline ends with ToTensor (0..1 RGB) and Normalize(mean, std): its output into the timm model
+    # equals eval.py's input format into the plain network.
+    pixels = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(config["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ours = reference(Preprocess(network(model).INPUT_FORMAT)(pixels))
+        theirs = created((pixels.float() / 255 - mean) / std)
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * ours.abs().max().item())
+    assert torch.allclose(created(Preprocess(created.input_format)(pixels)), theirs, atol=1e-4)
+
+
+def test_timm_features_only_and_another_class_count(tmp_path):
+    path = released_file(tmp_path, "OneShot")
+    features = timm.create_model("oneshot", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                 features_only=True, out_indices=(1, 2, 3)).eval()
+    assert features.feature_info.channels() == [160, 320, 640]
+    assert features.feature_info.reduction() == [8, 16, 32]
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        outputs = features(x)
+    assert [tuple(o.shape) for o in outputs] == [(1, 160, 12, 12), (1, 320, 6, 6), (1, 640, 3, 3)]
+    few = timm.create_model("oneshot", pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=5)
+    assert few.eval()(x).shape == (1, 5)
+    state = released_state_dict("OneShot")
+    assert all(torch.equal(few.state_dict()[k], state[k]) for k in few.state_dict() if not k.startswith("classifier"))

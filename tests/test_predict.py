@@ -1,0 +1,118 @@
+"""predict.py: top-k names and probabilities for released and trained files, JSON, bad files, EXIF, --class-names."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.imagenet import imagenet_names
+from common.predict import ImageTransform, read_image, run_predict
+from common.release import write_release
+from conftest import REPO_ROOT, network, released_state_dict
+
+ONESHOT = network("OneShot")
+
+
+@pytest.fixture(scope="module")
+def released_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("released") / "oneshot.pth.tar"
+    torch.save({"state_dict": {"module." + k: v for k, v in released_state_dict("OneShot").items()}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_file(tmp_path_factory, image_folder) -> Path:
+    """A release file of this project for the 3 classes of `image_folder`, as train.py and release.py write it."""
+    torch.manual_seed(0)
+    model = ONESHOT.create_network(3)
+    classes = sorted(p.name for p in image_folder.iterdir())
+    path = tmp_path_factory.mktemp("trained") / "trained.safetensors"
+    write_release(path, model.state_dict(), {"arch": "OneShot", "classes": classes, "num_classes": 3,
+                                             "image_size": 64, "input_format": ONESHOT.INPUT_FORMAT.to_dict()})
+    return path
+
+
+def test_released_file_through_the_script_json_and_bad_files(tmp_path, released_file, image_folder):
+    folder = tmp_path / "photos"
+    shutil.copytree(image_folder, folder)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "red_disc" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG")
+    output = tmp_path / "predictions.json"
+    result = subprocess.run(
+        [sys.executable, "predict.py", "--weights", str(released_file), str(folder), "--top-k", "1000",
+         "--json", str(output), "--batch-size", "10", "--workers", "2", "--image-size", "64"],
+        cwd=REPO_ROOT / "OneShot", capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    skipped = [line for line in result.stderr.splitlines() if "broken.jpg" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped")
+    assert "ignored 1 file" in result.stderr
+    assert "images/s" in result.stdout.splitlines()[-1] and "24 images" in result.stdout.splitlines()[-1]
+
+    records = json.loads(output.read_text())
+    images = sorted(str(p) for p in folder.rglob("*.jpg") if p.name != "broken.jpg")
+    assert [r["path"] for r in records] == images
+    names = imagenet_names()
+    for record in records:
+        assert set(record) == {"path", "predictions"}
+        predictions = record["predictions"]
+        assert all(set(p) == {"index", "name", "probability"} for p in predictions)
+        assert sorted(p["index"] for p in predictions) == list(range(1000))
+        assert all(p["name"] == names[p["index"]] for p in predictions)
+        probabilities = [p["probability"] for p in predictions]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_trained_file_names_its_class_folders(trained_file, image_folder):
+    records = run_predict(ONESHOT, ["--weights", str(trained_file), str(image_folder / "red_disc"), "--top-k", "5",
+                                    "--workers", "0"])
+    assert len(records) == 8
+    for record in records:
+        assert len(record["predictions"]) == 3  # top-k is capped at the number of classes
+        assert {p["name"] for p in record["predictions"]} == {"red_disc", "green_square", "blue_triangle"}
+        assert sum(p["probability"] for p in record["predictions"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_class_names_file(tmp_path, trained_file, image_folder, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("disc\nsquare\n\ntriangle\n")
+    image = next((image_folder / "green_square").iterdir())
+    records = run_predict(ONESHOT, ["--weights", str(trained_file), str(image), "--class-names", str(names),
+                                    "--workers", "0"])
+    assert {p["name"] for p in records[0]["predictions"]} == {"disc", "square", "triangle"}
+    names.write_text("only\ntwo\n")
+    with pytest.raises(SystemExit) as stopped:
+        run_predict(ONESHOT, ["--weights", str(trained_file), str(image), "--class-names", str(names)])
+    assert stopped.value.code == 2
+    assert "2 names, but the weights predict 3 classes" in capsys.readouterr().err
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    pixels = torch.zeros(40, 80, 3, dtype=torch.uint8)
+    pixels[:, :40] = 255  # left half white
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: show the image rotated 90 degrees clockwise
+    Image.fromarray(pixels.numpy()).save(path, exif=exif, quality=95)
+    upright = read_image(path)
+    assert upright.size == (40, 80)
+    top = np.asarray(upright)[:40].mean()
+    assert top > 200  # the white left half is now on top
+    x = ImageTransform(ONESHOT.INPUT_FORMAT, 32)(path)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+def test_missing_path_is_one_line(released_file, capsys):
+    with pytest.raises(SystemExit):
+        run_predict(ONESHOT, ["--weights", str(released_file), "/no/such/photo.jpg"])
+    assert capsys.readouterr().err.strip() == "error: /no/such/photo.jpg: no such file or folder"
