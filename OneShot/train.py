@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import network  # noqa: E402
@@ -33,7 +34,7 @@ class ArchitectureHooks(NetworkHooks):
 def read_architecture(path: str) -> dict:
     """The architecture in FILE (an architecture object, or search.py's output: its first entry)."""
     try:
-        obj = json.loads(open(path).read())
+        obj = json.loads(Path(path).read_text())
     except OSError as error:
         raise UserError(f"--architecture {path}: cannot read it ({error.strerror or error})") from None
     except json.JSONDecodeError as error:
