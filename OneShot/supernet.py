@@ -20,7 +20,7 @@ from torch import nn
 
 import network
 import search_space
-from common.layers import channel_split_shuffle, init_weights
+from common.layers import init_weights
 
 # Same as network.py: BGR 0..255 without mean subtraction, the original's input.
 INPUT_FORMAT = network.INPUT_FORMAT
@@ -74,12 +74,12 @@ def _pw(in_channels: int, out_channels: int) -> SlicedConv2d:
     return SlicedConv2d(in_channels, out_channels, 1, bias=False)
 
 
-class SupernetBlock(nn.Module):
-    """network.SearchedBlock at the largest middle width, with the same module indices, so a path's weights copy
-    into a standalone network key for key (`path_state_dict`)."""
+class SupernetBlock(network.SearchedBlock):
+    """network.SearchedBlock (and its forward) at the largest middle width with sliceable layers, the same module
+    indices, so a path's weights copy into a standalone network key for key (`path_state_dict`)."""
 
     def __init__(self, inp: int, oup: int, mid: int, choice: int, stride: int) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.stride = stride
         kernel = 3 if choice == 3 else (3, 5, 7)[choice]
         out_main = oup - inp
@@ -110,12 +110,6 @@ class SupernetBlock(nn.Module):
     def set_width(self, mid: int) -> None:
         for conv in self.width_convs:
             conv.active_out = mid
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == 1:
-            even, odd = channel_split_shuffle(x)
-            return torch.cat((even, self.branch_main(odd)), 1)
-        return torch.cat((self.branch_proj(x), self.branch_main(x)), 1)
 
 
 class SupernetLayer(nn.Module):
