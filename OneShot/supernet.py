@@ -3,8 +3,8 @@
 Every layer holds all four blocks at the largest channel scale (2.0). A path (an architecture) runs one block per
 layer and the first `mid` channels of that block's middle convolutions and BatchNorms: weights are shared across
 channel choices, as in the paper's channel search. BatchNorm running statistics are shared in the same way (each
-path updates the slices it uses); they only serve to watch training, since the search re-estimates them for every
-candidate. The stem and last-conv BatchNorms have no affine parameters, as in the original supernet.
+path updates the slices it uses), so they fit no path well: supernet validation normalises with batch statistics
+instead (`use_batch_statistics_in_eval`) and the search re-estimates them for every candidate. The stem and last-conv BatchNorms have no affine parameters, as in the original supernet.
 
 Parameters of blocks outside the path take no part in the forward pass, so they get no gradient (None) and SGD
 leaves them alone: no weight decay, no momentum. Inside the path, a weight's channels beyond the path's width get a
@@ -47,21 +47,26 @@ class SlicedConv2d(nn.Conv2d):
 
 
 class SlicedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm over the leading channels of its parameters and running statistics (as many as the input has)."""
+    """BatchNorm over the leading channels of its parameters and running statistics (as many as the input has).
+
+    With `batch_statistics_in_eval` set, eval mode normalises with the batch's own statistics (and updates
+    nothing): the supernet's shared running statistics mix every path's, so its validation uses these instead.
+    """
+
+    batch_statistics_in_eval = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
-        if channels == self.num_features:
-            return super().forward(x)
         factor = 0.0
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or self.running_mean is None
+        use_batch_stats = self.training or self.running_mean is None or self.batch_statistics_in_eval
+        update = self.training and self.running_mean is not None
         # The running statistics' slices are views, so batch_norm's in-place update lands in the full buffers.
         return F.batch_norm(
-            x, None if self.running_mean is None else self.running_mean[:channels],
-            None if self.running_var is None else self.running_var[:channels],
+            x, self.running_mean[:channels] if update or not use_batch_stats else None,
+            self.running_var[:channels] if update or not use_batch_stats else None,
             None if self.weight is None else self.weight[:channels],
             None if self.bias is None else self.bias[:channels], use_batch_stats, factor, self.eps)
 
@@ -131,12 +136,12 @@ class Supernet(nn.Module):
         super().__init__()
         self.first_conv = nn.Sequential(
             nn.Conv2d(3, network.STEM_WIDTH, 3, 2, 1, bias=False),
-            nn.BatchNorm2d(network.STEM_WIDTH, affine=False), nn.ReLU(inplace=True))
+            SlicedBatchNorm2d(network.STEM_WIDTH, affine=False), nn.ReLU(inplace=True))
         self.features = nn.Sequential(*(SupernetLayer(block_inp, oup, stride)
                                         for block_inp, oup, stride, _, _ in search_space.layer_shapes()))
         self.conv_last = nn.Sequential(
             nn.Conv2d(network.STAGE_WIDTHS[-1], network.LAST_WIDTH, 1, bias=False),
-            nn.BatchNorm2d(network.LAST_WIDTH, affine=False), nn.ReLU(inplace=True))
+            SlicedBatchNorm2d(network.LAST_WIDTH, affine=False), nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(0.1)
         self.classifier = nn.Sequential(nn.Linear(network.LAST_WIDTH, num_classes, bias=False))
         init_weights(self)
@@ -150,6 +155,12 @@ class Supernet(nn.Module):
                 self.features, zip(*self.architecture), search_space.layer_shapes()):
             layer.choice = block
             layer.choices[block].set_width(network.middle_width(oup, scale_id))
+
+    def use_batch_statistics_in_eval(self, enabled: bool) -> None:
+        """Eval mode with each batch's own BatchNorm statistics (supernet validation) or the running ones."""
+        for module in self.modules():
+            if isinstance(module, SlicedBatchNorm2d):
+                module.batch_statistics_in_eval = enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_last(self.features(self.first_conv(x)))

@@ -9,8 +9,9 @@ its candidates on them. Recipe: the original supernet's (batch 1024, lr 0.5 line
     torchrun --nproc_per_node 8 train_supernet.py --train-dir ... --val-dir ... --save supernet
     python train_supernet.py --demo
 
-Validation runs the fixed reference path (the released OneShot when within the FLOPs range, else a fixed draw)
-with the supernet's shared BatchNorm statistics: a sign of progress, not a figure of any one architecture.
+Validation runs the fixed reference path (the released OneShot when within the FLOPs range, else a fixed draw),
+normalised with each validation batch's own BatchNorm statistics (the shared running statistics mix all paths'):
+a sign of progress, not a figure of any one architecture; search.py re-estimates them for every candidate.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ class SupernetHooks(NetworkHooks):
             path = search_space.path_for_iteration(args.seed, iteration, args.flops_min, args.flops_max,
                                                    num_classes)
         model.set_architecture(path)
+        model.use_batch_statistics_in_eval(iteration is None)
 
 
 RECIPE = Recipe(model_name="OneShot-supernet", batch_size=1024, learning_rate=0.5, total_iters=150_000,
