@@ -55,3 +55,7 @@ def image_folder(tmp_path_factory) -> Path:
 
 def network(model: str):
     return load_network_module(model)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: a long end-to-end test (deselect with -m 'not slow')")

@@ -193,6 +193,7 @@ def straight_search(tmp_path_factory, supernet_run) -> Path:
     return output
 
 
+@pytest.mark.slow
 def test_search_killed_between_generations_resumes_to_the_same_result(tmp_path, supernet_run, straight_search):
     checkpoint = str(get_latest_model(supernet_run)[0])
     straight, killed = straight_search, tmp_path / "killed.json"
