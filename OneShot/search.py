@@ -254,6 +254,10 @@ def search(args: argparse.Namespace) -> dict:
         raise UserError(f"--train-dir {train_dir}: its classes differ from those the supernet was trained on")
     num_classes = metadata["num_classes"]
     search_space.check_budget(args.flops_min, args.flops_max, num_classes)
+    if args.flops_max < trained["flops_min"] or args.flops_min > trained["flops_max"]:
+        print(f"warning: the supernet trained paths of {trained['flops_min'] / 1e6:g}M-"
+              f"{trained['flops_max'] / 1e6:g}M FLOPs only; every candidate here lies outside that range",
+              file=sys.stderr)
     held_out = search_space.held_out_split(samples, trained["held_out_per_class"], trained["seed"])
     held = held_out_record(samples, held_out, train_dir, trained["held_out_per_class"], trained["seed"])
     bn_indices, score_indices = split_images(samples, held_out, args.bn_images, args.score_images, args.seed)
