@@ -388,6 +388,11 @@ def run_demo() -> None:
     for name, arch in (("evolution", found), ("random", random_best)):
         print(f"  best of {name:9s}: held-out top-1 {arch['held_out_top1']:6.2f}%  {arch['macs'] / 1e6:6.1f}M "
               f"FLOPs  {arch['params'] / 1e6:.2f}M params  {search_space.describe(search_space.from_json(arch))}")
+    retrained, iterations = get_latest_model(run / "retrain")
+    metrics = read_checkpoint_metadata(retrained).get("metrics") or {}
+    if "top1_error" in metrics:
+        print(f"  the found architecture retrained from scratch for {iterations} iterations: validation top-1 "
+              f"error {metrics['top1_error']:.1f}% (chance: 83.3%)")
     print(f"Files in {run}: supernet/, search.json (+ .png, .state.json), random.json, retrain/")
 
 
