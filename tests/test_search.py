@@ -1,6 +1,7 @@
 """Single Path One-Shot: search space, supernet, train_supernet.py, search.py and retraining, through the scripts."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -152,8 +153,7 @@ def test_supernet_trains_on_the_training_part_only(image_folder):
     assert len(held_out) == 6 and held_out == search_space.held_out_split(samples, 2, seed=0)
     assert sorted({samples[i][1] for i in held_out}) == [0, 1, 2]
     import train_supernet
-    args = train_supernet.RECIPE.hooks
-    kept = args.train_samples(samples, type("Args", (), {"held_out_per_class": 2, "seed": 0})())
+    kept = train_supernet.RECIPE.hooks.train_samples(samples, argparse.Namespace(held_out_per_class=2, seed=0))
     assert len(kept) == len(samples) - 6 and not {samples[i] for i in held_out} & set(kept)
 
 
