@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -14,8 +15,10 @@ from common.layers import channel_split_shuffle, init_weights  # noqa: E402
 
 # Searched choice per layer: 0, 1, 2 = shuffle block with a 3x3, 5x5, 7x7 depthwise kernel; 3 = Xception block.
 ARCHITECTURE = [0, 0, 3, 1, 1, 1, 0, 0, 2, 0, 2, 1, 1, 0, 2, 0, 2, 1, 3, 2]
-CHANNEL_SCALES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
+# Scales of a layer's middle width, the paper's channel search space (the released network uses the first 8).
+CHANNEL_SCALES = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]
 SCALE_IDS = [6, 5, 3, 5, 2, 6, 3, 4, 2, 5, 7, 5, 4, 6, 7, 4, 4, 5, 4, 3]
+NUM_BLOCK_CHOICES = 4
 STAGE_REPEATS = [4, 4, 8, 4]
 STAGE_WIDTHS = [64, 160, 320, 640]
 STEM_WIDTH = 16
@@ -81,8 +84,9 @@ class OneShotNetwork(ClassifierNetwork):
     num_features = LAST_WIDTH
     input_format = INPUT_FORMAT
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, num_classes: int = 1000, architecture: Mapping | None = None) -> None:
         super().__init__()
+        choices, scale_ids = architecture_choices(architecture)
         self.first_conv = nn.Sequential(
             nn.Conv2d(3, STEM_WIDTH, 3, 2, 1, bias=False), nn.BatchNorm2d(STEM_WIDTH), nn.ReLU(inplace=True))
         blocks = []
@@ -91,8 +95,8 @@ class OneShotNetwork(ClassifierNetwork):
             for i in range(repeats):
                 stride = 2 if i == 0 else 1
                 block_inp = inp if stride == 2 else oup // 2
-                mid = int((oup // 2) * CHANNEL_SCALES[SCALE_IDS[layer]])
-                blocks.append(SearchedBlock(block_inp, oup, mid, ARCHITECTURE[layer], stride))
+                mid = middle_width(oup, scale_ids[layer])
+                blocks.append(SearchedBlock(block_inp, oup, mid, choices[layer], stride))
                 layer += 1
             inp = oup
         self.features = nn.Sequential(*blocks)
@@ -122,14 +126,54 @@ _STAGE_ENDS = [sum(STAGE_REPEATS[:i + 1]) for i in range(len(STAGE_REPEATS))]
 _STAGE_STARTS = [0] + _STAGE_ENDS[:-1]
 
 
-def create_network(num_classes: int = 1000, *, features_only: bool = False,
+def create_network(num_classes: int = 1000, architecture: Mapping | None = None, *, features_only: bool = False,
                    out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> OneShotNetwork:
     """The OneShot network with its original initialisation; keys match the released weights.
 
-    `features_only`: a backbone returning the outputs of stages `out_indices` (strides 4, 8, 16, 32).
+    `architecture` is any point of the search space, `{"blocks": [20 ints 0-3], "channel_scales": [20 floats
+    0.2-2.0]}` (other keys ignored); None is the released OneShot. `features_only`: a backbone returning the
+    outputs of stages `out_indices` (strides 4, 8, 16, 32).
     """
-    model = OneShotNetwork(num_classes)
+    model = OneShotNetwork(num_classes, architecture)
     return make_features_only(model, out_indices) if features_only else model
+
+
+def create_network_for(metadata: Mapping, num_classes: int | None = None) -> OneShotNetwork:
+    """The network a checkpoint's metadata describes: its searched `architecture` when it has one (train.py
+    --architecture stores it), else the released OneShot; `num_classes` defaults to the metadata's."""
+    return create_network(num_classes or metadata.get("num_classes") or 1000, metadata.get("architecture"))
+
+
+def released_architecture() -> dict:
+    """The released OneShot as a search-space point."""
+    return {"blocks": list(ARCHITECTURE), "channel_scales": [CHANNEL_SCALES[i] for i in SCALE_IDS]}
+
+
+def middle_width(out_channels: int, scale_id: int) -> int:
+    """A layer's middle width, `int((oup // 2) * scale)` as in the original code."""
+    return int((out_channels // 2) * CHANNEL_SCALES[scale_id])
+
+
+def architecture_choices(architecture: Mapping | None) -> tuple[list[int], list[int]]:
+    """(block choice, channel-scale index) per layer of an architecture object; ValueError names what is wrong."""
+    if architecture is None:
+        return list(ARCHITECTURE), list(SCALE_IDS)
+    if not isinstance(architecture, Mapping) or "blocks" not in architecture or "channel_scales" not in architecture:
+        raise ValueError('an architecture is an object {"blocks": [20 ints 0-3], "channel_scales": [20 floats]}')
+    layers = sum(STAGE_REPEATS)
+    blocks, scales = list(architecture["blocks"]), list(architecture["channel_scales"])
+    if len(blocks) != layers or len(scales) != layers:
+        raise ValueError(f"an architecture has {layers} blocks and {layers} channel_scales, not "
+                         f"{len(blocks)} and {len(scales)}")
+    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < NUM_BLOCK_CHOICES for b in blocks):
+        raise ValueError(f"blocks must be integers 0-3 (shuffle 3x3, 5x5, 7x7, Xception), not {blocks}")
+    scale_ids = []
+    for scale in scales:
+        index = round(float(scale) / 0.2) - 1 if isinstance(scale, (int, float)) else -1
+        if not 0 <= index < len(CHANNEL_SCALES) or abs(float(scale) - CHANNEL_SCALES[index]) > 1e-6:
+            raise ValueError(f"channel_scales must be among {CHANNEL_SCALES}, not {scale}")
+        scale_ids.append(index)
+    return blocks, scale_ids
 
 
 if __name__ == "__main__":

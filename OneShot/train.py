@@ -3,20 +3,57 @@
     python train.py --train-dir /data/imagenet/train --val-dir /data/imagenet/val
     torchrun --nproc_per_node 8 train.py --train-dir ... --val-dir ...
     python train.py --demo
+    python train.py --architecture search.json ...   # a searched architecture (search.py), from scratch
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import network  # noqa: E402
-from common.training import FinetuneRecipe, Recipe, exit_status, load_training_checkpoint, run_training  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.training import (FinetuneRecipe, NetworkHooks, Recipe, exit_status, load_training_checkpoint,  # noqa: E402
+                             run_training)
+
+
+class ArchitectureHooks(NetworkHooks):
+    """--architecture: train a point of the search space; the checkpoints carry it in their metadata."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--architecture", metavar="FILE",
+                            help='JSON file: an architecture {"blocks": [...], "channel_scales": [...]} or the '
+                                 "output of search.py (its first, best entry); default: the released OneShot")
+
+    def metadata(self, args: argparse.Namespace) -> dict:
+        return {"architecture": read_architecture(args.architecture)} if args.architecture else {}
+
+
+def read_architecture(path: str) -> dict:
+    """The architecture in FILE (an architecture object, or search.py's output: its first entry)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UserError(f"--architecture {path}: cannot read it ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"--architecture {path}: not JSON ({error})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("architectures"), list) and obj["architectures"]:
+        obj = obj["architectures"][0]
+    try:
+        blocks, scale_ids = network.architecture_choices(obj)
+    except ValueError as error:
+        raise UserError(f"--architecture {path}: {error}") from None
+    return {"blocks": blocks, "channel_scales": [network.CHANNEL_SCALES[i] for i in scale_ids]}
+
 
 # --pretrained FILE: fine-tuning defaults for a few thousand images (about 32 epochs of 3,000 at this batch),
 # chosen by rule of thumb, not tuned.
 RECIPE = Recipe(model_name="OneShot", batch_size=1024, learning_rate=0.5, total_iters=300_000,
-                finetune=FinetuneRecipe(batch_size=64, learning_rate=0.02, total_iters=1500, warmup_iters=100))
+                finetune=FinetuneRecipe(batch_size=64, learning_rate=0.02, total_iters=1500, warmup_iters=100),
+                hooks=ArchitectureHooks())
 
 
 def load_checkpoint(path, model, **objects) -> dict:

@@ -16,7 +16,7 @@ import logging
 import os
 import random
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -498,13 +498,18 @@ def _loader(dataset: Dataset, batch_sampler, collate_fn, workers: int, pin_memor
 def build_train_loader(train_dir: str | Path, *, crop_size: int, global_batch_size: int, seed: int,
                        start_iteration: int = 0, rank: int = 0, world_size: int = 1, workers: int = 4,
                        pin_memory: bool = False, total_iterations: int | None = None,
-                       flag: str = "--train-dir") -> tuple[DataLoader, list[str]]:
+                       flag: str = "--train-dir", samples_filter: Callable[[list], list] | None = None
+                       ) -> tuple[DataLoader, list[str]]:
     """(loader, classes): the loader yields (uint8 images, int64 labels, skipped count) for this rank.
+
+    `samples_filter` takes the folder's (path, label) list and returns the part to train on.
 
     Endless unless `total_iterations` is given. `loader.batch_sampler` is the `StreamSampler`; to resume
     elsewhere without rescanning the folder, set its `start_iteration` and call iter(loader) again.
     """
     samples, classes = scan_image_folder(train_dir, flag)
+    if samples_filter is not None:
+        samples = samples_filter(samples)
     sampler = StreamSampler(len(samples), global_batch_size, seed, start_iteration=start_iteration, rank=rank,
                             world_size=world_size, total_iterations=total_iterations)
     dataset = ImageDataset(samples, TrainTransform(crop_size))

@@ -35,6 +35,7 @@ from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_names, 
 from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
 from common.input_format import InputFormat
 from common.model_state import read_checkpoint_metadata, read_weights_file
+from common.models import create_network_for
 
 TOP_K = 5
 # Batches between updates of the running accuracy in the progress bar (each update waits for the device).
@@ -295,11 +296,11 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
     loader, _, paths = build_eval_loader(args.val_dir, crop_size=image_size, batch_size=args.batch_size,
                                          workers=args.workers, limit=args.limit, class_to_index=class_to_index,
                                          pin_memory=device.type == "cuda")
-    model = network.create_network(num_classes)
+    model = create_network_for(network, num_classes, metadata)
     report = load_checkpoint(model, weights, source_name=str(args.weights), use_ema=args.use_ema)
     del weights
     params = count_parameters(model, include_side_heads=False)
-    macs = _count_macs(network, num_classes, image_size) if args.results_json else None
+    macs = _count_macs(network, num_classes, image_size, metadata) if args.results_json else None
     fast = not args.no_fast
     runner = prepare_inference_model(model, input_format=input_format, device=device, channels_last=fast,
                                      compile=args.compile, amp=args.amp, fold_bn=fast)
@@ -312,9 +313,10 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
           f"on {device}", flush=True)
 
     results = evaluate(runner, None, loader, keep_predictions=bool(args.predictions_csv))
-    # The published errors are of the 1000 ImageNet classes: beside a score on fewer they would mislead.
+    # The published errors are of the 1000 ImageNet classes and of the released architecture: beside a score on
+    # fewer classes, or of a searched architecture (metadata "architecture"), they would mislead.
     published = ({"top1_error": network.PUBLISHED["top1_error"], "top5_error": network.PUBLISHED["top5_error"]}
-                 if is_imagenet and len(folders) == len(classes) else None)
+                 if is_imagenet and len(folders) == len(classes) and not metadata.get("architecture") else None)
     print(_summary_line(results, published), flush=True)
     if args.results_json:
         write_results_json(args.results_json, results_record(
@@ -326,11 +328,11 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
     return results
 
 
-def _count_macs(network: ModuleType, num_classes: int, image_size: int) -> int:
+def _count_macs(network: ModuleType, num_classes: int, image_size: int, metadata: dict) -> int:
     # On a meta-device copy: the count needs shapes only, and a forward pass of the real model on the CPU costs
     # seconds for the large models.
     with torch.device("meta"):
-        return count_macs(network.create_network(num_classes), image_size)
+        return count_macs(create_network_for(network, num_classes, metadata), image_size)
 
 
 def _summary_line(results: dict, published: dict | None) -> str:

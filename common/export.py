@@ -285,6 +285,7 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
 def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int:
     """The export command line of a model folder: load weights, export, verify, print time and size."""
     from common.model_state import load_model_state, read_checkpoint_metadata
+    from common.models import create_network_for
 
     model_name = Path(network_module.__file__).resolve().parent.name
     args = _parser(model_name, network_module.INPUT_FORMAT).parse_args(argv)
@@ -315,13 +316,13 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     _check_replaceable(output, args.format)
     prepare_output("--output", output)
 
-    model = network_module.create_network(len(class_names))
+    model = create_network_for(network_module, len(class_names), stored)
     load_model_state(model, weights, for_inference=True, trust_pickle=args.trust_pickle)
     model.eval()
     metadata = {"model": model_name, "source_weights": weights.name, "source_weights_sha256": file_sha256(weights),
                 "description": f"{model_name} image classifier (ShuffleNet-Series), {image_size}x{image_size} "
                                f"input, {len(class_names)} classes"}
-    if imagenet:
+    if imagenet and not stored.get("architecture"):
         published = network_module.PUBLISHED
         metadata["published_imagenet_top1_error"] = f"{published['top1_error']}%"
         metadata["published_imagenet_top5_error"] = f"{published['top5_error']}%"

@@ -68,7 +68,7 @@ def init_weights(model: nn.Module) -> None:
             nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
+        elif isinstance(module, nn.BatchNorm2d) and module.affine:
             nn.init.ones_(module.weight)
             nn.init.constant_(module.bias, 1e-4)
             nn.init.zeros_(module.running_mean)

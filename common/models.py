@@ -10,6 +10,7 @@ import sys
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_FOLDERS = ("OneShot", "ShuffleNetV2.Large", "ShuffleNetV2.ExLarge")
@@ -26,3 +27,10 @@ def load_network_module(model: str) -> ModuleType:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def create_network_for(network: ModuleType, num_classes: int, metadata: Mapping):
+    """A folder's network as a checkpoint's metadata describes it (a OneShot checkpoint may carry a searched
+    architecture: the folder's `create_network_for(metadata, num_classes)`), else `create_network(num_classes)`."""
+    build = getattr(network, "create_network_for", None)
+    return build(metadata, num_classes) if build else network.create_network(num_classes)

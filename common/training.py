@@ -36,7 +36,7 @@ from common.errors import UserError, exit_on_user_error
 from common.evaluate import evaluate
 from common.input_format import InputFormat, Preprocess
 from common.model_state import get_model_state_dict, load_model_state, unwrap_model
-from common.models import REPO_ROOT
+from common.models import REPO_ROOT, create_network_for
 from common.run_log import RunLog, plot_curves
 
 
@@ -52,6 +52,31 @@ class DemoRecipe:
     # Checkpoints close together near the end, so that averaging the best few (demo.py) is meaningful.
     val_interval: int = 25
     save_interval: int = 25
+
+
+class NetworkHooks:
+    """What a folder whose network is not fixed adds to the loop; the defaults add nothing.
+
+    OneShot's train.py stores a searched architecture in the checkpoint metadata (the network is built from the
+    metadata, as eval.py and export.py build it); its train_supernet.py also picks the path each iteration trains.
+    """
+
+    # DDP must expect parameters that get no gradient in an iteration (a supernet trains one path at a time).
+    find_unused_parameters: bool = False
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The folder's own flags."""
+
+    def metadata(self, args: argparse.Namespace) -> dict:
+        """Checkpoint metadata from those flags (checked here: raise UserError for bad values)."""
+        return {}
+
+    def train_samples(self, samples: list[tuple[str, int]], args: argparse.Namespace) -> list[tuple[str, int]]:
+        """The (path, label) samples of --train-dir to train on."""
+        return samples
+
+    def prepare(self, model: nn.Module, iteration: int | None, args: argparse.Namespace) -> None:
+        """Called before the forward pass of each training iteration, and with None before validation."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +112,7 @@ class Recipe:
     save_interval: int = 10_000
     demo: DemoRecipe = field(default_factory=DemoRecipe)
     finetune: FinetuneRecipe = FinetuneRecipe(batch_size=64, learning_rate=0.01, total_iters=1500, warmup_iters=100)
+    hooks: NetworkHooks = field(default_factory=NetworkHooks)
 
 
 DEMO_DATA = REPO_ROOT / "data" / "demo"
@@ -175,6 +201,7 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                           "chosen among those still on disk (raise --keep to keep more)")
     end.add_argument("--recompute-bn", type=int, default=0, metavar="N",
                      help="re-estimate BatchNorm statistics of the averaged weights over N training batches")
+    recipe.hooks.add_arguments(parser)
     return parser
 
 
@@ -398,6 +425,7 @@ class Trainer:
             workers=self.args.workers, rank=self.info.rank, world_size=self.info.world_size,
             class_to_index=self.metadata["class_to_index"])
         network = model if model is not None else self.model
+        self.recipe.hooks.prepare(network, None, self.args)
         results = evaluate(network, self.preprocess, loader, device=self.info.device, amp=self.args.amp,
                            progress=False)
         metrics = {key: results[key] for key in ("top1_error", "top5_error", "loss")}
@@ -517,6 +545,7 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
         raise UserError(f"--batch-size {args.batch_size} must divide by the {info.world_size} processes")
     seed_everything(args.seed, args.deterministic)
     say = print if info.is_main else (lambda *a, **k: None)
+    network_metadata = recipe.hooks.metadata(args)
 
     classes = scan_image_folder(args.train_dir, "--train-dir")[1] if args.train_dir else None
     if classes is not None and len(classes) < 2:
@@ -532,9 +561,10 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
     input_format: InputFormat = network.INPUT_FORMAT
     metadata = {"arch": recipe.model_name, "classes": classes, "num_classes": num_classes,
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),
-                "class_to_index": {name: i for i, name in enumerate(classes)} if classes else None}
+                "class_to_index": {name: i for i, name in enumerate(classes)} if classes else None,
+                **network_metadata}
 
-    model = network.create_network(num_classes)
+    model = create_network_for(network, num_classes, metadata)
     resume_path = get_latest_model(args.save)[0] if args.auto_continue and not args.eval else None
     if args.pretrained and resume_path is None and not args.eval:
         # Only a run without checkpoints of its own starts from the file: a resumed one continues its own weights.
@@ -581,7 +611,8 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
 
     if info.distributed:
         trainer.train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            find_unused_parameters=recipe.hooks.find_unused_parameters)
     if args.compile:
         trainer.train_model = torch.compile(trainer.train_model)
 
@@ -609,7 +640,8 @@ def _train_iterations(trainer: Trainer, start_iteration: int, stop: StopRequest)
     loader, _ = build_train_loader(
         args.train_dir, crop_size=args.image_size, global_batch_size=args.batch_size, seed=args.seed,
         start_iteration=start_iteration, rank=info.rank, world_size=info.world_size, workers=args.workers,
-        pin_memory=info.device.type == "cuda")
+        pin_memory=info.device.type == "cuda",
+        samples_filter=lambda samples: recipe.hooks.train_samples(samples, args))
     sampler = loader.batch_sampler
     batches = iter(loader)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smooth)
@@ -625,6 +657,7 @@ def _train_iterations(trainer: Trainer, start_iteration: int, stop: StopRequest)
         images, labels, skipped = next(batches)
         images = images.to(info.device, non_blocking=True)
         labels = labels.to(info.device, non_blocking=True)
+        recipe.hooks.prepare(trainer.model, iteration, args)
         with trainer.autocast():
             inputs = trainer.preprocess(images)
             if args.channels_last:

@@ -1,0 +1,75 @@
+"""Training images/s of the OneShot supernet (a new path every step) next to the OneShot network's.
+
+One SGD step of the label-smoothed loss on random images, channels_last, both models at the same batch and size,
+timed in alternating rounds so that machine noise falls on both alike. The supernet's paths are those
+train_supernet.py draws (290M-360M FLOPs by default).
+    python bench/supernet_speed.py [--size 64] [--batch 48] [--rounds 3] [--steps 3] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch import nn
+
+from timing import write_json
+from common.models import REPO_ROOT, load_network_module
+
+sys.path.insert(0, str(REPO_ROOT / "OneShot"))
+import search_space  # noqa: E402
+import supernet  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=64, help="image size")
+    parser.add_argument("--batch", type=int, default=48, help="batch size")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--steps", type=int, default=3, help="steps per model per round")
+    parser.add_argument("--flops-min", type=float, default=290e6)
+    parser.add_argument("--flops-max", type=float, default=360e6)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    models = {"supernet": supernet.create_network(), "OneShot": load_network_module("OneShot").create_network()}
+    images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (args.batch,))
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    optimizers, seconds, iteration = {}, {name: 0.0 for name in models}, 0
+    for name, model in models.items():
+        models[name] = model.train().to(memory_format=torch.channels_last)
+        optimizers[name] = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
+
+    def step(name: str) -> None:
+        nonlocal iteration
+        if name == "supernet":
+            models[name].set_architecture(search_space.path_for_iteration(0, iteration, args.flops_min,
+                                                                          args.flops_max))
+            iteration += 1
+        loss = criterion(models[name](images), labels)
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    for name in models:  # warm-up
+        step(name)
+    for _ in range(args.rounds):
+        for name in models:
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                step(name)
+            seconds[name] += time.perf_counter() - started
+    steps = args.rounds * args.steps
+    results = {name: args.batch * steps / seconds[name] for name in models}
+    print(f"training images/s at batch {args.batch}, {args.size}px, {torch.get_num_threads()} threads:")
+    for name, value in results.items():
+        print(f"  {name:9s} {value:8.1f}")
+    print(f"  supernet / OneShot: {results['supernet'] / results['OneShot']:.2f}x")
+    write_json(args.json, {"batch": args.batch, "size": args.size, "images_per_second": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Single Path One-Shot: search space, supernet, train_supernet.py, search.py and retraining, through the scripts."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import get_latest_model
+from common.counting import count_macs, count_parameters
+from common.data import scan_image_folder
+from conftest import REPO_ROOT, network
+
+ONESHOT = REPO_ROOT / "OneShot"
+sys.path.insert(0, str(ONESHOT))
+import search  # noqa: E402
+import search_space  # noqa: E402
+import supernet  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SUPERNET = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--deterministic", "--display-interval", "1",
+            "--val-interval", "1000", "--learning-rate", "0.05", "--held-out-per-class", "2", "--total-iters", "4",
+            "--save-interval", "2"]
+SEARCH = ["--population", "4", "--top-k", "2", "--mutations", "1", "--crossovers", "1", "--generations", "3",
+          "--bn-images", "8", "--bn-batch-size", "4", "--batch-size", "3", "--workers", "0", "--flops-max", "330e6"]
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *command], cwd=ONESHOT, capture_output=True, text=True, timeout=600,
+                          env=ENV, **kwargs)
+
+
+def run_killed(command: list[str], marker: str) -> None:
+    """Start `command` and SIGKILL it as soon as it prints a line containing `marker`."""
+    process = subprocess.Popen([sys.executable, *command], cwd=ONESHOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:
+        if marker in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+
+
+def state_of(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def supernet_run(tmp_path_factory, image_folder) -> Path:
+    """A supernet trained straight through 4 iterations on the 3-class folder."""
+    save = tmp_path_factory.mktemp("supernet")
+    result = run(["train_supernet.py", "--train-dir", str(image_folder), "--save", str(save), *SUPERNET])
+    assert result.returncode == 0, result.stderr
+    return save
+
+
+def randomise_batchnorm(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator))
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            if module.affine:
+                module.weight.data.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.data.copy_(torch.randn(module.bias.shape, generator=generator))
+
+
+def test_released_architecture_through_the_builder_equals_todays_network():
+    module = network("OneShot")
+    torch.manual_seed(0)
+    today = module.create_network()
+    torch.manual_seed(0)
+    built = module.create_network(architecture=json.loads(json.dumps(module.released_architecture())))
+    a, b = today.state_dict(), built.state_dict()
+    assert [(k, v.shape) for k, v in a.items()] == [(k, v.shape) for k, v in b.items()]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(today.eval()(x), built.eval()(x))
+    with pytest.raises(ValueError, match="channel_scales"):
+        module.create_network(architecture={"blocks": [0] * 20, "channel_scales": [0.3] * 20})
+    assert module.create_network_for({"num_classes": 6}).classifier[0].out_features == 6
+
+
+def test_path_weights_in_a_standalone_network_give_the_supernets_outputs():
+    torch.manual_seed(0)
+    model = supernet.create_network(5)
+    randomise_batchnorm(model)
+    x = torch.randn(2, 3, 32, 32) * 50
+    for iteration in range(2):
+        path = search_space.path_for_iteration(7, iteration, 100e6, 500e6, 5)
+        model.set_architecture(path)
+        standalone = network("OneShot").create_network(5, search_space.to_json(path, 5))
+        standalone.load_state_dict(supernet.path_state_dict(model, path))
+        assert torch.allclose(model.eval()(x), standalone.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_outside_the_path_get_no_gradient():
+    torch.manual_seed(0)
+    model = supernet.create_network(5)
+    path = search_space.path_for_iteration(0, 0, 100e6, 500e6, 5)
+    model.set_architecture(path)
+    model.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    for layer, block in enumerate(path[0]):
+        for choice, candidate in enumerate(model.features[layer].choices):
+            grads = [p.grad is not None for p in candidate.parameters()]
+            assert all(grads) if choice == block else not any(grads)
+    assert model.first_conv[1].weight is None and model.conv_last[1].weight is None  # affine=False
+
+
+@pytest.mark.parametrize("num_classes,low,high", [(1000, 290e6, 360e6), (6, 100e6, 200e6), (6, 500e6, 900e6)])
+def test_flops_of_sampled_paths_equal_the_counters_on_the_standalone_network(num_classes, low, high):
+    for iteration in range(3):
+        path = search_space.path_for_iteration(0, iteration, low, high, num_classes)
+        macs, params = search_space.costs(path, num_classes)
+        assert low <= macs <= high
+        with torch.device("meta"):
+            standalone = network("OneShot").create_network(num_classes, search_space.to_json(path, num_classes))
+        assert count_macs(standalone) == macs and count_parameters(standalone) == params
+    released = search_space.from_json(network("OneShot").released_architecture())
+    assert search_space.costs(released) == (327_857_920, 3_432_579)
+
+
+def test_the_path_of_an_iteration_depends_on_seed_and_iteration_only():
+    code = ("import sys; sys.path.insert(0, 'OneShot'); import search_space; "
+            "print([search_space.path_for_iteration(3, i, 290e6, 360e6) for i in range(5)])")
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                           env={**ENV, "PYTHONHASHSEED": "12345"}).stdout
+    assert other.strip() == str([search_space.path_for_iteration(3, i, 290e6, 360e6) for i in range(5)])
+    assert len({search_space.path_for_iteration(3, i, 290e6, 360e6) for i in range(5)}) == 5
+
+
+def test_supernet_run_killed_and_resumed_is_bit_identical(tmp_path, image_folder, supernet_run):
+    command = ["train_supernet.py", "--train-dir", str(image_folder), "--save", str(tmp_path), *SUPERNET]
+    run_killed(command, "0000000002")
+    assert get_latest_model(tmp_path)[1] == 2, "the kill must land between the checkpoints at 2 and 4"
+    result = run(command)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout
+    a, b = state_of(get_latest_model(supernet_run)[0]), state_of(get_latest_model(tmp_path)[0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_supernet_trains_on_the_training_part_only(image_folder):
+    samples, _ = scan_image_folder(image_folder)
+    held_out = search_space.held_out_split(samples, 2, seed=0)
+    assert len(held_out) == 6 and held_out == search_space.held_out_split(samples, 2, seed=0)
+    assert sorted({samples[i][1] for i in held_out}) == [0, 1, 2]
+    import train_supernet
+    kept = train_supernet.RECIPE.hooks.train_samples(samples, argparse.Namespace(held_out_per_class=2, seed=0))
+    assert len(kept) == len(samples) - 6 and not {samples[i] for i in held_out} & set(kept)
+
+
+def test_held_out_split_is_disjoint_from_bn_images_and_the_val_folder(image_folder, tmp_path):
+    from common.demo_data import make_image_folder
+    val = make_image_folder(tmp_path / "val", num_classes=3, images_per_class=4, size=48, seed=5)
+    samples, _ = scan_image_folder(image_folder)
+    held_out = search_space.held_out_split(samples, 2, seed=0)
+    bn, scored = search.split_images(samples, held_out, bn_images=100, score_images=100, seed=0)
+    assert len(bn) == len(samples) - len(held_out) and not set(bn) & set(held_out)
+    assert sorted(scored) == held_out
+    val_paths = {path for path, _ in scan_image_folder(val)[0]}
+    assert all(Path(samples[i][0]).is_relative_to(image_folder) for i in scored)
+    assert not {samples[i][0] for i in scored} & val_paths
+
+
+def test_candidates_respect_the_budget_and_are_new():
+    args = search.build_parser().parse_args(["--flops-max", "250e6", "--flops-min", "200e6", "--population", "20",
+                                             "--top-k", "5", "--mutations", "8", "--crossovers", "8"])
+    scores: dict[str, float] = {}
+    for generation in range(3):
+        population = search.next_population(generation, scores, args, 1000)
+        keys = [search.key_of(c) for c in population]
+        assert len(population) == 20 and len(set(keys)) == 20 and not set(keys) & set(scores)
+        assert all(200e6 <= search_space.costs(c)[0] <= 250e6 for c in population)
+        scores.update({k: float(np.random.default_rng(len(scores) + i).random()) for i, k in enumerate(keys)})
+
+
+@pytest.fixture(scope="module")
+def straight_search(tmp_path_factory, supernet_run) -> Path:
+    """search.py's output of an uninterrupted 3-generation search of `supernet_run`."""
+    output = tmp_path_factory.mktemp("search") / "straight.json"
+    result = run(["search.py", "--supernet", str(get_latest_model(supernet_run)[0]), "--output", str(output),
+                  *SEARCH])
+    assert result.returncode == 0, result.stderr
+    assert "candidates/s" in result.stdout and "ETA" in result.stdout
+    return output
+
+
+@pytest.mark.slow
+def test_search_killed_between_generations_resumes_to_the_same_result(tmp_path, supernet_run, straight_search):
+    checkpoint = str(get_latest_model(supernet_run)[0])
+    straight, killed = straight_search, tmp_path / "killed.json"
+    run_killed(["search.py", "--supernet", checkpoint, "--output", str(killed), *SEARCH], "generation 1/3")
+    state = json.loads(killed.with_name("killed.json.state.json").read_text())
+    assert 1 <= state["generation"] < 3 and not killed.exists()
+    result = run(["search.py", "--supernet", checkpoint, "--output", str(killed), *SEARCH])
+    assert result.returncode == 0, result.stderr
+    a, b = json.loads(straight.read_text()), json.loads(killed.read_text())
+    assert a["architectures"] == b["architectures"]
+    assert a["search"]["candidates_evaluated"] == 12
+    assert all(arch["macs"] <= 330e6 and 0 <= arch["held_out_top1"] <= 100 for arch in a["architectures"])
+    assert a["search"]["held_out"]["images"] == 6
+    assert straight.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_random_search_then_retrain_and_evaluate_the_found_architecture(tmp_path, supernet_run, image_folder):
+    checkpoint = str(get_latest_model(supernet_run)[0])
+    random = tmp_path / "random.json"
+    result = run(["search.py", "--supernet", checkpoint, "--output", str(random), "--random", *SEARCH])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(random.read_text())["search"]["candidates_evaluated"] == 12
+    found = json.loads(random.read_text())["architectures"][0]
+
+    # Retraining the found architecture: its checkpoints carry it, and eval.py builds the network from them.
+    save = tmp_path / "retrain"
+    result = run(["train.py", "--train-dir", str(image_folder), "--architecture", str(random), "--save", str(save),
+                  "--image-size", "32", "--batch-size", "8", "--workers", "0", "--total-iters", "1"])
+    assert result.returncode == 0, result.stderr
+    checkpoint, _ = get_latest_model(save)
+    metadata = torch.load(checkpoint, map_location="cpu", weights_only=False)["metadata"]
+    assert metadata["architecture"] == {k: found[k] for k in ("blocks", "channel_scales")}
+    result = run(["eval.py", "--weights", str(checkpoint), "--val-dir", str(image_folder), "--workers", "0",
+                  "--results-json", str(tmp_path / "eval.json")])
+    assert result.returncode == 0, result.stderr
+    with torch.device("meta"):
+        standalone = network("OneShot").create_network(3, found)
+    assert json.loads((tmp_path / "eval.json").read_text())["macs"] == count_macs(standalone, 32)
+
+
+def test_bad_architecture_file_is_a_one_line_error(tmp_path, image_folder):
+    bad = tmp_path / "arch.json"
+    bad.write_text(json.dumps({"blocks": [5] * 20, "channel_scales": [1.0] * 20}))
+    result = run(["train.py", "--train-dir", str(image_folder), "--architecture", str(bad), "--save",
+                  str(tmp_path / "x")])
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "--architecture" in result.stderr
+
+
+@pytest.mark.slow
+def test_supernet_trains_under_two_gloo_ranks(tmp_path, image_folder):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "train_supernet.py", "--train-dir", str(image_folder), "--save", str(tmp_path), *SUPERNET,
+         "--device", "cpu"], cwd=ONESHOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert get_latest_model(tmp_path)[1] == 4
+
+
+@pytest.mark.slow
+def test_search_under_two_gloo_ranks_finds_what_one_process_finds(tmp_path, supernet_run, straight_search):
+    output = tmp_path / "two.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "search.py",
+         "--supernet", str(get_latest_model(supernet_run)[0]), "--output", str(output), *SEARCH, "--device", "cpu"],
+        cwd=ONESHOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(output.read_text())["architectures"] == json.loads(straight_search.read_text())["architectures"]
