@@ -170,11 +170,12 @@ class TrainTransform:
     horizontal flip; a PIL image in (opened; decoded here if not yet), a uint8 RGB 3 x H x W tensor out.
 
     Randomness comes from the global torch generator, drawn as torchvision's RandomResizedCrop, ColorJitter and
-    RandomHorizontalFlip draw it, so a seed gives the parameters torchvision would draw. The work stays on uint8
-    and in PIL's C code: a JPEG whose crop is at least twice the output size in both directions is decoded at
-    reduced size (1/2, 1/4, 1/8, done by the decoder in the DCT domain); the crop and its antialiased bilinear
-    resize are one step; brightness and contrast, which act per channel value, are composed into one lookup table
-    (the contrast's grey mean computed from the histogram), and only saturation blends whole images.
+    RandomHorizontalFlip draw it, so a seed gives the parameters torchvision would draw. The parameters are drawn
+    before decoding: a JPEG whose crop is at least twice the output size in both directions is decoded at
+    reduced size (1/2, 1/4, 1/8, done by the decoder in the DCT domain); only the crop window is converted and
+    resized (antialiased bilinear, torch's uint8 kernel, about twice as fast as PIL's); the jitter runs on the
+    small output in float with one rounding at the end (measured faster than PIL's uint8 blends with the
+    conversions they need).
     """
 
     def __init__(self, crop_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
@@ -199,50 +200,42 @@ class TrainTransform:
         drafted = image.draft(None, (math.ceil(full_width * size / width), math.ceil(image.height * size / height)))
         factor = drafted[1][2] / full_width if drafted else 1.0
         image = decode_rgb(image)
-        box = (left * factor, top * factor, (left + width) * factor, (top + height) * factor)
-        out = image.resize((size, size), Image.BILINEAR, box=box)
-        out = _color_jitter(out, order.tolist(), brightness, contrast, saturation)
-        if flip:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
+        box = (round(left * factor), round(top * factor), round((left + width) * factor),
+               round((top + height) * factor))
+        # Cropping before the conversion copies only the window.
+        crop = torch.from_numpy(np.array(image.crop(box))).permute(2, 0, 1).unsqueeze(0)
+        resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+        out = _color_jitter(resized, order.tolist(), brightness, contrast, saturation)
+        return out.flip(-1) if flip else out
 
     def __repr__(self) -> str:
         return (f"TrainTransform(RandomResizedCrop {self.crop_size} scale {self.scale} ratio "
                 f"({self.ratio[0]:.3g}, {self.ratio[1]:.3g}), ColorJitter {self.jitter_range}, flip)")
 
 
-def _color_jitter(image: Image.Image, order: list[int], brightness: float, contrast: float,
-                  saturation: float) -> Image.Image:
-    """Brightness, contrast and saturation blends of an RGB image in the given order (3 = hue, unused), each
-    clamped to 0..255 as torchvision's are.
-
-    Brightness (x * b) and contrast (x * c + (1 - c) * grey mean) map each channel value on its own, so a run of
-    them is one float lookup table per channel, rounded once when applied; saturation (a blend with the image's
-    greyscale) needs the pixels and applies the table first.
-    """
-    table = np.tile(np.arange(256, dtype=np.float64), (3, 1))
-    pending = False
+def _color_jitter(image: Tensor, order: list[int], brightness: float, contrast: float,
+                  saturation: float) -> Tensor:
+    """Brightness, contrast and saturation blends in the given order (3 = hue, unused), clamped after each."""
+    x = image.float()
     for step in order:
         if step == 0:
-            table = np.clip(table * brightness, 0, 255)
-            pending = True
+            x.mul_(brightness)
         elif step == 1:
-            histogram = np.asarray(image.histogram(), dtype=np.float64).reshape(3, 256)
-            channel_means = (histogram * table).sum(axis=1) / histogram[0].sum()
-            grey = float(np.dot(_LUMA, channel_means))
-            table = np.clip(table * contrast + (1 - contrast) * grey, 0, 255)
-            pending = True
+            # The grey level is that of the image before this step, as torchvision's.
+            grey = _luma(x).mean()
+            x.mul_(contrast).add_((1 - contrast) * grey)
         elif step == 2:
-            if pending:
-                image = _apply_table(image, table)
-                table = np.tile(np.arange(256, dtype=np.float64), (3, 1))
-                pending = False
-            image = Image.blend(image.convert("L").convert("RGB"), image, saturation)
-    return _apply_table(image, table) if pending else image
+            grey = _luma(x)
+            x.mul_(saturation).add_(grey.mul_(1 - saturation))
+        else:
+            continue
+        x.clamp_(0, 255)
+    # float -> int32 -> uint8 is about three times faster on CPU than float -> uint8.
+    return x.round_().to(torch.int32).to(torch.uint8)
 
 
-def _apply_table(image: Image.Image, table: np.ndarray) -> Image.Image:
-    return image.point(np.rint(table).astype(np.uint8).ravel().tolist())
+def _luma(x: Tensor) -> Tensor:
+    return (x[0] * _LUMA[0]).add_(x[1], alpha=_LUMA[1]).add_(x[2], alpha=_LUMA[2])
 
 
 # ---------------------------------------------------------------------------------------------------------------
