@@ -195,15 +195,29 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     """Restore a checkpoint into the given live objects; returns the whole state (iteration, best_metric,
     data_position, metrics, metadata).
 
-    The file's SHA-256 is checked first (`verify=False` skips that for a data file copied without its sidecar).
+    The file's SHA-256 is checked before anything is restored (in a second thread while the file is mapped and
+    unpickled; `verify=False` skips it for a data file copied without its sidecar).
     Parts the checkpoint lacks (e.g. no scaler state from a run without AMP) leave that object as it is, with
     a warning.
     """
     path = Path(path)
     if verify:
-        _verified_info(path)
-    # The hash pass above has just read the file, so loading it again comes from the page cache.
-    state = read_weights_file(path, map_location=map_location)
+        info = _verified_info(path, check_hash=False)
+        # Mapping and unpickling the file changes nothing outside it, so it runs while a second thread checks
+        # the SHA-256; nothing is written into the live objects before the check has passed.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+            hashing = hasher.submit(_hash_matches, info)
+            try:
+                state = read_weights_file(path, map_location=map_location)
+            except Exception:
+                # A damaged file may already fail to unpickle: the hash tells which error is the right one.
+                if not hashing.result():
+                    raise CheckpointCorruptError(_hash_mismatch_text(path)) from None
+                raise
+            if not hashing.result():
+                raise CheckpointCorruptError(_hash_mismatch_text(path))
+    else:
+        state = read_weights_file(path, map_location=map_location)
     if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this project; to start from its weights "
                               "load them with load_model_state (the --pretrained option of the scripts)")
@@ -433,7 +447,12 @@ def _parse_sidecar(path: Path, sidecar_path: Path, iteration: int) -> Checkpoint
         raise CheckpointCorruptError(f"its sidecar {sidecar_path.name} is unreadable") from None
 
 
-def _verified_info(path: Path) -> CheckpointInfo:
+def _hash_mismatch_text(path: Path) -> str:
+    return (f"{path}: its SHA-256 does not match its sidecar, the file is damaged; resume from an earlier "
+            "checkpoint (get_latest_model picks the newest good one)")
+
+
+def _verified_info(path: Path, check_hash: bool = True) -> CheckpointInfo:
     advice = "resume from an earlier checkpoint (get_latest_model picks the newest good one)"
     if not path.is_file():
         raise CheckpointCorruptError(f"{path}: no such checkpoint file; check the path")
@@ -450,8 +469,8 @@ def _verified_info(path: Path) -> CheckpointInfo:
     if size != info.size:
         raise CheckpointCorruptError(f"{path} has {size} bytes but its sidecar says {info.size}: an unfinished or "
                                      f"damaged save; {advice}")
-    if not _hash_matches(info):
-        raise CheckpointCorruptError(f"{path}: its SHA-256 does not match its sidecar, the file is damaged; {advice}")
+    if check_hash and not _hash_matches(info):
+        raise CheckpointCorruptError(_hash_mismatch_text(path))
     return info
 
 

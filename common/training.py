@@ -118,10 +118,10 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                      help="mixed precision: auto picks bf16 on CUDA (fp16 where bf16 is not supported; fp16 uses a "
                           "gradient scaler), on a CPU bf16 only where it is native and measured faster, else "
                           "float32 (none); a resumed run keeps the choice it started with")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                     help="channels_last memory format (default: auto, channels_last on CUDA; on a CPU the layout "
-                          "measured faster for this model in a few steps at start, or NCHW with --deterministic; "
-                          "a resumed run keeps the layout it started with); --no-channels-last for NCHW")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default="auto",
+                     help="channels_last memory format; --no-channels-last for NCHW; auto: channels_last on CUDA, "
+                          "on a CPU the layout measured faster for this model in a few steps at start (NCHW with "
+                          "--deterministic); a resumed run keeps the layout it started with")
     run.add_argument("--compile", action="store_true", help="torch.compile the network")
     run.add_argument("--save", default="./models", help="checkpoint folder (also metrics.jsonl, TensorBoard)")
     run.add_argument("--keep", type=int, default=5, help="newest checkpoints to keep (the best one is kept too)")
@@ -234,6 +234,8 @@ def resolve_training_speed(args: argparse.Namespace, model: nn.Module, info: Dis
     """
     recorded = _recorded_args(args.save) if args.auto_continue and not args.eval else {}
     kept = []
+    if args.channels_last == "auto":
+        args.channels_last = None
     if args.channels_last is None and isinstance(recorded.get("channels_last"), bool):
         args.channels_last = recorded["channels_last"]
         kept.append("layout")
