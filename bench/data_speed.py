@@ -1,5 +1,7 @@
 """Data pipeline images/s per worker: decode + train augmentation and decode + eval transform, against decoding
-alone with PIL, on the same ImageNet-sized JPEG files (500 x 375, quality 90) written for the run.
+alone with PIL and against the original training pipeline (PIL decode, torchvision RandomResizedCrop,
+ColorJitter and flip on PIL images, then the original OpenCV-style BGR float tensor conversion), all in the same
+run on the same ImageNet-sized JPEG files (500 x 375, quality 90) written for it.
 
     python bench/data_speed.py [--images 64] [--json FILE]
 """
@@ -12,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms
 
-from timing import measure, rate, write_json
+from timing import interleaved, rate, write_json
 from common.data import EvalTransform, ImageDataset, TrainTransform
 
 
@@ -31,10 +34,26 @@ def write_jpegs(folder: Path, count: int) -> list[tuple[str, int]]:
     return samples
 
 
+def original_train_pipeline(crop_size: int = 224):
+    """The original training pipeline, as the 2019 training scripts ran it."""
+    augment = transforms.Compose([transforms.RandomResizedCrop(crop_size),
+                                  transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+                                  transforms.RandomHorizontalFlip(0.5)])
+
+    def run(path: str) -> torch.Tensor:
+        with Image.open(path) as image:
+            pixels = np.asarray(augment(image.convert("RGB")))
+        # ToBGRTensor: HWC RGB -> CHW BGR float.
+        return torch.from_numpy(np.ascontiguousarray(pixels[:, :, ::-1].transpose(2, 0, 1))).float()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64, help="JPEG files per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="measured passes over the files")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measured passes over the files, every case once per round")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one worker process uses one core
@@ -48,13 +67,18 @@ def main() -> None:
 
         train = ImageDataset(samples, TrainTransform(224))
         evaluation = ImageDataset(samples, EvalTransform(224))
+        original = original_train_pipeline(224)
         cases = {"pil_decode": pil_only,
+                 "original_train_augment": lambda: [original(path) for path, _ in samples],
                  "decode_train_augment": lambda: [train[(i, 1000 + i)] for i in range(len(samples))],
                  "decode_eval_transform": lambda: [evaluation[i] for i in range(len(samples))]}
-        results = {name: rate(measure(run, repeats=args.repeats), len(samples)) for name, run in cases.items()}
+        results = {name: rate(seconds, len(samples))
+                   for name, seconds in interleaved(cases, repeats=args.repeats, warmup=1).items()}
     for name, value in results.items():
         ratio = value["median"] / results["pil_decode"]["median"]
-        print(f"data {name:24s} {value['median']:8.1f} img/s per worker  ({ratio:.2f} x PIL decode alone)")
+        versus = value["median"] / results["original_train_augment"]["median"]
+        print(f"data {name:24s} {value['median']:8.1f} img/s per worker  ({ratio:.2f} x PIL decode alone, "
+              f"{versus:.2f} x the original training pipeline)")
     write_json(args.json, results)
 
 

@@ -1,8 +1,9 @@
 """Eval images/s per model at 224: the plain path against the fast path and its steps, with achieved GFLOP/s.
 
-The plain path is eager float32 with BatchNorm not folded on contiguous NCHW. The fast path folds BatchNorm into
-the convs and runs channels_last under inference mode (common.inference.prepare_inference_model, as eval.py does);
-its full form adds torch.compile with frozen weights and, where the CPU computes bfloat16 natively, bf16 autocast
+The plain path is eager float32 with BatchNorm not folded on contiguous NCHW. The fast path, eval.py's default,
+folds BatchNorm into the convs and runs under inference mode in the layout (and, where bf16 is native, the
+precision) it measures faster on this machine at start (common.inference.prepare_inference_model); its full form
+adds torch.compile with frozen weights and, where the CPU computes bfloat16 natively, bf16 autocast
 (eval.py --compile --amp bf16). All include the input format (uint8 RGB -> BGR float, mean) on the device.
 Variants are timed in turns, one call of each per round, so a load from other processes on the machine slows all
 of them alike. GFLOP/s counts 2 FLOPs per multiply-add of the published MACs and is set against this machine's
@@ -14,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import time
-from typing import Callable
 
 import torch
 
-from timing import matmul_gflops, rate, write_json
+from timing import interleaved, matmul_gflops, rate, write_json
 from common.inference import cpu_supports_bf16, prepare_inference_model
 from common.models import MODEL_FOLDERS, load_network_module
 
@@ -38,21 +37,6 @@ VARIANTS = {
 
 def full_fast_path() -> str:
     return "fast+compile+bf16" if cpu_supports_bf16() else "fast+compile"
-
-
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Seconds per call of each run (median, min, max), calling every run once per round."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - started)
-    return {name: {"median": statistics.median(values), "min": min(values), "max": max(values)}
-            for name, values in seconds.items()}
 
 
 def bench_model(model_name: str, variants: list[str], batch: int, repeats: int, warmup: int,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from timing import matmul_gflops
-from common.inference import cpu_supports_bf16
+from common.hardware import cpu_capabilities, describe_cpu
 
 BENCH = Path(__file__).resolve().parent
 # section: (script, arguments, arguments added with --quick)
@@ -56,6 +56,15 @@ def _speed(value: dict) -> str:
     return f"{_number(value['median'])} [{_number(value['min'])}, {_number(value['max'])}]"
 
 
+def _training_cell(result: dict) -> str:
+    text = _speed(result["images_per_second"])
+    if "ratio" in result:
+        text += f" ({result['ratio']:.2f}x)"
+    if "choice" in result:
+        text += f" {result['choice'].split(' (')[0]}"
+    return text
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -63,9 +72,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def summary(results: dict) -> list[str]:
     """The results as Markdown tables (the README's Performance section is one of these): median [min, max]."""
     sections, machine = results["sections"], results["machine"]
-    lines = [f"{machine['threads']} threads, dense fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, bf16 "
-             f"{'native' if machine['bf16_native'] else 'not native'}, torch {machine['torch']}"
-             f"{' (--quick)' if results['quick'] else ''}."]
+    cpu = describe_cpu(machine["cpu"]) if "cpu" in machine else \
+        f"bf16 {'native' if machine['bf16_native'] else 'not native'}"
+    dated = f", measured {machine['date']}" if "date" in machine else ""
+    lines = [f"{cpu}; {machine['threads']} threads, dense fp32 matmul {machine['matmul_gflops']:.0f} GFLOP/s, "
+             f"torch {machine['torch']}{' (--quick)' if results['quick'] else ''}{dated}."]
     ok = {name: value for name, value in sections.items() if not (isinstance(value, dict) and "error" in value)}
     if "eval" in ok:
         models = ok["eval"]["models"]
@@ -79,16 +90,19 @@ def summary(results: dict) -> list[str]:
         variants = list(dict.fromkeys(r["variant"] for r in ok["train"]))
         cells: dict[tuple, dict] = {}
         for r in ok["train"]:
-            cells.setdefault((r["model"], r["size"], r["batch"]), {})[r["variant"]] = r["images_per_second"]
-        lines += ["", "Training images/s (one SGD step of the real loss; compile and bf16 run channels_last):", ""]
+            cells.setdefault((r["model"], r["size"], r["batch"]), {})[r["variant"]] = r
+        lines += ["", "Training images/s (one SGD step of the real loss; compile and bf16 run channels_last; default: "
+                      "the layout and precision train.py picks here; x eager):", ""]
         lines += _table(["model", "size", "batch"] + variants, [
-            [model, f"{size}px", str(batch)] + [_speed(speeds[v]) if v in speeds else "-" for v in variants]
+            [model, f"{size}px", str(batch)] + [_training_cell(speeds[v]) if v in speeds else "-" for v in variants]
             for (model, size, batch), speeds in cells.items()])
     if "data" in ok:
         pil = ok["data"]["pil_decode"]["median"]
+        original = ok["data"].get("original_train_augment", {}).get("median")
         lines += ["", "Data pipeline, images/s per worker process (JPEGs of 500x375):", ""]
-        lines += _table(["case", "images/s", "x PIL decode"],
-                        [[name, _speed(v), f"{v['median'] / pil:.2f}"] for name, v in ok["data"].items()])
+        lines += _table(["case", "images/s", "x PIL decode", "x original training pipeline"],
+                        [[name, _speed(v), f"{v['median'] / pil:.2f}",
+                          f"{v['median'] / original:.2f}" if original else "-"] for name, v in ok["data"].items()])
     if "checkpoint" in ok:
         lines += ["", "Checkpoint of a full training state (weights, momentum, EMA) against raw disk speed:", ""]
         lines += _table(["model", "size", "save s", "x raw write+fsync", "load s", "x raw read"], [
@@ -122,11 +136,13 @@ def main() -> None:
         return
     started = time.perf_counter()
     gflops = matmul_gflops()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"dense fp32 matmul {gflops:.0f} GFLOP/s, torch {torch.__version__}", flush=True)
+    cpu = cpu_capabilities()
+    print(f"machine: {describe_cpu(cpu)}; {torch.get_num_threads()} threads, dense fp32 matmul {gflops:.0f} "
+          f"GFLOP/s, torch {torch.__version__}", flush=True)
     results = {"machine": {"matmul_gflops": gflops, "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "python": platform.python_version(),
-                           "bf16_native": cpu_supports_bf16()},
+                           "bf16_native": cpu["bf16_native"], "cpu": cpu,
+                           "date": time.strftime("%Y-%m-%d", time.gmtime())},
                "quick": args.quick, "sections": {}, "seconds": {}}
     for name in args.only or SECTIONS:
         results["sections"][name], results["seconds"][name] = run_section(name, args.quick)

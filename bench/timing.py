@@ -23,6 +23,21 @@ def measure(run: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dic
     return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
 
 
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Seconds per call of each run (median, min, max), calling every run once per round."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            for name, values in seconds.items()}
+
+
 def rate(seconds: dict[str, float], items: float) -> dict[str, float]:
     """Items per second from `measure`'s seconds (the fastest run gives the max rate)."""
     return {"median": items / seconds["median"], "min": items / seconds["max"], "max": items / seconds["min"]}

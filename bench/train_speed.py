@@ -1,6 +1,8 @@
-"""Training images/s per model: eager vs channels_last vs torch.compile vs bf16 autocast.
+"""Training images/s per model: eager (float32 NCHW) vs channels_last vs torch.compile vs bf16 autocast vs the
+default, the layout and precision train.py picks on this machine ("auto": measured at start, as train.py does).
 
-One optimiser step of the real loss (label smoothing, side-head weights) on random images, per variant.
+One optimiser step of the real loss (label smoothing, side-head weights) on random images, per variant. bf16 runs
+only where the CPU computes it natively (emulated bf16 is several times slower than float32).
     python bench/train_speed.py [--models OneShot ...] [--sizes 64 224] [--quick] [--json FILE]
 """
 from __future__ import annotations
@@ -12,18 +14,26 @@ import torch
 from torch import nn
 
 from timing import measure, rate, write_json
+from common.hardware import cpu_supports_bf16, resolve_speed, training_step_timer
 from common.models import MODEL_FOLDERS, load_network_module
 from common.training import compute_loss
 
 LOSS_WEIGHTS = {"OneShot": (1.0,), "ShuffleNetV2.Large": (1.0, 0.7, 0.5, 0.3),
                 "ShuffleNetV2.ExLarge": (1.0, 0.7, 0.5, 0.3)}
-VARIANTS = ("eager", "channels_last", "compile", "bf16")
+VARIANTS = ("eager", "channels_last", "compile", "bf16", "default")
 
 
 def bench_variant(model_name: str, variant: str, size: int, batch: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = load_network_module(model_name).create_network().train()
-    memory_format = torch.channels_last if variant in ("channels_last", "compile", "bf16") else torch.contiguous_format
+    choice = None
+    if variant == "default":
+        choice = resolve_speed(None, "auto", "cpu", training_step_timer(model, min(8, batch), size, "cpu"),
+                               what=f"on training steps of {min(8, batch)} images of {size}px")
+        channels_last, amp = choice.channels_last, choice.amp
+    else:
+        channels_last, amp = variant in ("channels_last", "compile", "bf16"), "bf16" if variant == "bf16" else None
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     step_model = torch.compile(model) if variant == "compile" else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -32,7 +42,7 @@ def bench_variant(model_name: str, variant: str, size: int, batch: int, repeats:
     labels = torch.randint(0, 1000, (batch,))
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
             loss, _ = compute_loss(step_model(images), labels, criterion, LOSS_WEIGHTS[model_name])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -41,7 +51,10 @@ def bench_variant(model_name: str, variant: str, size: int, batch: int, repeats:
     seconds = measure(step, repeats=repeats, warmup=2 if variant == "compile" else 1)
     del model, step_model, optimizer
     gc.collect()
-    return {"images_per_second": rate(seconds, batch), "batch": batch}
+    result = {"images_per_second": rate(seconds, batch), "batch": batch}
+    if choice is not None:
+        result["choice"] = choice.describe()
+    return result
 
 
 def main() -> None:
@@ -60,15 +73,21 @@ def main() -> None:
             heavy = model_name != "OneShot" and size >= 224
             batch = 2 if heavy else (8 if size >= 224 or model_name != "OneShot" else 32)
             repeats = 2 if args.quick or heavy else 4
+            eager = None
             for variant in args.variants:
                 if variant == "compile" and args.quick:
                     continue
-                if variant == "bf16" and not torch.backends.mkldnn.is_available():
+                if variant == "bf16" and not cpu_supports_bf16():
                     continue
                 result = bench_variant(model_name, variant, size, batch, repeats)
                 result.update(model=model_name, size=size, variant=variant)
+                if variant != "eager" and eager is not None:
+                    result["ratio"] = result["images_per_second"]["median"] / eager["images_per_second"]["median"]
+                eager = result if variant == "eager" else eager
+                ratio = f" ({result['ratio']:.2f}x eager)" if "ratio" in result else ""
                 print(f"train {model_name:22s} {size:4d}px {variant:14s} "
-                      f"{result['images_per_second']['median']:8.2f} img/s (batch {batch})", flush=True)
+                      f"{result['images_per_second']['median']:8.2f} img/s{ratio} (batch {batch})"
+                      f"{'  ' + result['choice'] if 'choice' in result else ''}", flush=True)
                 results.append(result)
     write_json(args.json, results)
 

@@ -14,12 +14,14 @@ import hashlib
 import importlib.metadata
 import json
 import math
+import mmap
 import os
 import platform
 import random
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
@@ -41,6 +43,10 @@ _TEMP_RE = re.compile(r"^\.checkpoint-(\d+)\.(?:pth|json)\.\d+\.tmp$")
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".pkl", ".tar", ".ckpt", ".bin")
 # Integer attributes that EMA helpers use to count their updates (e.g. `updates` in YOLO-style ModelEMA).
 _EMA_COUNTERS = ("updates", "num_updates")
+# Writes at least this large are hashed in a second thread while they are written.
+_PARALLEL_HASH_BYTES = 1 << 20
+# Bytes hashed per step when checking a file, each step asking the disk for the next.
+_HASH_CHUNK = 16 << 20
 
 
 class CheckpointError(UserError):
@@ -126,7 +132,7 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(save_dir)
-        digest, size = _write_temp(data_temp, lambda file: torch.save(state, file))
+        digest, size = _write_temp(data_temp, lambda file: _save_without_crc(state, file))
         sidecar = {"format": CHECKPOINT_FORMAT, "file": data_path.name, "iteration": int(iters), "sha256": digest,
                    "size": size, "metrics": to_plain(state.get("metrics") or {}, json_only=True)}
         _write_temp(sidecar_temp, lambda file: file.write(json.dumps(sidecar, indent=1).encode() + b"\n"))
@@ -189,15 +195,29 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     """Restore a checkpoint into the given live objects; returns the whole state (iteration, best_metric,
     data_position, metrics, metadata).
 
-    The file's SHA-256 is checked first (`verify=False` skips that for a data file copied without its sidecar).
+    The file's SHA-256 is checked before anything is restored (in a second thread while the file is mapped and
+    unpickled; `verify=False` skips it for a data file copied without its sidecar).
     Parts the checkpoint lacks (e.g. no scaler state from a run without AMP) leave that object as it is, with
     a warning.
     """
     path = Path(path)
     if verify:
-        _verified_info(path)
-    # The hash pass above has just read the file, so loading it again comes from the page cache.
-    state = read_weights_file(path, map_location=map_location)
+        info = _verified_info(path, check_hash=False)
+        # Mapping and unpickling the file changes nothing outside it, so it runs while a second thread checks
+        # the SHA-256; nothing is written into the live objects before the check has passed.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+            hashing = hasher.submit(_hash_matches, info)
+            try:
+                state = read_weights_file(path, map_location=map_location)
+            except Exception:
+                # A damaged file may already fail to unpickle: the hash tells which error is the right one.
+                if not hashing.result():
+                    raise CheckpointCorruptError(_hash_mismatch_text(path)) from None
+                raise
+            if not hashing.result():
+                raise CheckpointCorruptError(_hash_mismatch_text(path))
+    else:
+        state = read_weights_file(path, map_location=map_location)
     if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this project, so training cannot resume "
                               "from it; move it out of the --save folder (eval.py and export.py read it as it is)")
@@ -239,9 +259,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's content."""
+    """SHA-256 (hex) of a file's content, hashed straight from the page cache while the kernel reads ahead (no
+    copy into this process, the disk read overlapping the hashing)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            return digest.hexdigest()
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            if hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_SEQUENTIAL)
+            for start in range(0, size, _HASH_CHUNK):
+                if hasattr(os, "posix_fadvise"):
+                    # Ask for the next chunk now, so the disk reads it while this one is hashed.
+                    os.posix_fadvise(file.fileno(), start + _HASH_CHUNK, _HASH_CHUNK, os.POSIX_FADV_WILLNEED)
+                digest.update(view[start:start + _HASH_CHUNK])
+    return digest.hexdigest()
 
 
 def to_plain(value: Any, *, json_only: bool = False) -> Any:
@@ -414,7 +447,12 @@ def _parse_sidecar(path: Path, sidecar_path: Path, iteration: int) -> Checkpoint
         raise CheckpointCorruptError(f"its sidecar {sidecar_path.name} is unreadable") from None
 
 
-def _verified_info(path: Path) -> CheckpointInfo:
+def _hash_mismatch_text(path: Path) -> str:
+    return (f"{path}: its SHA-256 does not match its sidecar, the file is damaged; resume from an earlier "
+            "checkpoint (get_latest_model picks the newest good one)")
+
+
+def _verified_info(path: Path, check_hash: bool = True) -> CheckpointInfo:
     advice = "resume from an earlier checkpoint (get_latest_model picks the newest good one)"
     if not path.is_file():
         raise CheckpointCorruptError(f"{path}: no such checkpoint file; check the path")
@@ -431,8 +469,8 @@ def _verified_info(path: Path) -> CheckpointInfo:
     if size != info.size:
         raise CheckpointCorruptError(f"{path} has {size} bytes but its sidecar says {info.size}: an unfinished or "
                                      f"damaged save; {advice}")
-    if not _hash_matches(info):
-        raise CheckpointCorruptError(f"{path}: its SHA-256 does not match its sidecar, the file is damaged; {advice}")
+    if check_hash and not _hash_matches(info):
+        raise CheckpointCorruptError(_hash_mismatch_text(path))
     return info
 
 
@@ -443,23 +481,46 @@ def _hash_matches(info: CheckpointInfo) -> bool:
         return False
 
 
-class _HashingWriter:
-    """A write-only file wrapper that hashes and counts the bytes passing through it."""
+def _save_without_crc(state: dict, file: BinaryIO) -> None:
+    """torch.save without the zip's CRC-32 of every record: a whole extra pass over the bytes, and the sidecar's
+    SHA-256, checked before every load, already covers them (torch.load does not read the CRCs)."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, file)
+    finally:
+        torch.serialization.set_crc32_options(previous)
 
-    def __init__(self, file: BinaryIO) -> None:
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts the bytes passing through it.
+
+    torch.save hands over each tensor's storage as a memoryview of the tensor itself (no copy); a large one is
+    hashed in a second thread while this one writes it (both release the GIL), so hashing costs no extra time
+    where the disk is the slower of the two.
+    """
+
+    def __init__(self, file: BinaryIO, hasher: ThreadPoolExecutor) -> None:
         self._file = file
+        self._hasher = hasher
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
+        hashing = self._hasher.submit(self.sha256.update, data) if len(data) >= _PARALLEL_HASH_BYTES else None
         try:
             written = self._file.write(data)
         except OSError as error:
             # torch.save's C++ writer turns exceptions into a RuntimeError; keep the OSError for the message.
             self.error = error
             raise
-        self.sha256.update(data)
+        finally:
+            # The memoryview may point into memory torch frees once this call returns: finish hashing first.
+            if hashing is not None:
+                hashing.result()
+        if hashing is None:
+            self.sha256.update(data)
         self.size += len(data)
         return written
 
@@ -468,8 +529,8 @@ class _HashingWriter:
 
 
 def _write_temp(temp: Path, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
-    with open(temp, "wb") as file:
-        writer = _HashingWriter(file)
+    with open(temp, "wb") as file, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+        writer = _HashingWriter(file, hasher)
         try:
             write(writer)
         except Exception:

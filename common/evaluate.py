@@ -31,6 +31,7 @@ from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import resolve_device
 from common.errors import UserError, exit_on_user_error
+from common.hardware import AMP_CHOICES
 from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_names, imagenet_wnids
 from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
 from common.input_format import InputFormat
@@ -137,7 +138,7 @@ def write_results_json(path: str | Path, record: dict) -> None:
 
 def results_record(results: dict, *, model: str, weights: str | Path, params: int, macs: int, image_size: int,
                    input_format: InputFormat, device: torch.device, amp: str | None, compile: bool, fast: bool,
-                   published: dict | None) -> dict:
+                   published: dict | None, channels_last: bool | None = None) -> dict:
     """The --results-json record: what was evaluated, how, the metrics, and the library versions."""
     return {
         "model": model,
@@ -151,6 +152,7 @@ def results_record(results: dict, *, model: str, weights: str | Path, params: in
         "published": published,
         "device": str(device),
         "amp": amp,
+        "channels_last": channels_last,
         "compile": compile,
         "fast": fast,
         "versions": library_versions(),
@@ -221,13 +223,18 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     speed = parser.add_argument_group("speed")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the inference model (about a minute of compiling for Large and ExLarge "
-                            "on 2 CPU cores; with --amp bf16 the fastest CPU path)")
-    speed.add_argument("--amp", choices=("bf16", "fp16"),
-                       help="autocast to this precision (bf16 is 2-3x faster on CPUs with AVX512-BF16 or AMX; "
-                            "results may differ slightly from float32)")
+                            "on 2 CPU cores)")
+    speed.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                       help="autocast precision. auto (the default): bf16 on CUDA (fp16 where bf16 is not "
+                            "supported), on a CPU bf16 only where it is native (AVX512-BF16 or AMX) and measured "
+                            "faster, else float32; none: float32, which reproduces the published accuracy exactly "
+                            "(bf16 results may differ slightly)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="memory layout of the fast path (default: auto, channels_last on CUDA, on a CPU the "
+                            "layout measured faster for this model in a few calls at start)")
     speed.add_argument("--no-fast", action="store_true",
-                       help="plain path: BatchNorm not folded, NCHW memory (the fast path's outputs equal it within "
-                            "float tolerance)")
+                       help="plain path: BatchNorm not folded, float32 NCHW unless --amp/--channels-last say "
+                            "otherwise (the fast path's outputs equal it within float tolerance)")
     weights = parser.add_argument_group("weights")
     weights.add_argument("--trust-pickle", action="store_true",
                          help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
@@ -302,11 +309,11 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
     params = count_parameters(model, include_side_heads=False)
     macs = _count_macs(network, num_classes, image_size, metadata) if args.results_json else None
     fast = not args.no_fast
-    runner = prepare_inference_model(model, input_format=input_format, device=device, channels_last=fast,
-                                     compile=args.compile, amp=args.amp, fold_bn=fast)
-    path_name = "fast path (BatchNorm folded, channels_last)" if fast else "plain path"
-    extras = "".join(f", {flag}" for flag, on in ((f"{args.amp} autocast", args.amp), ("compiled", args.compile))
-                     if on)
+    runner = prepare_inference_model(model, input_format=input_format, device=device,
+                                     channels_last=args.channels_last, compile=args.compile, amp=args.amp,
+                                     fold_bn=fast, image_size=image_size)
+    path_name = "fast path (BatchNorm folded)" if fast else "plain path"
+    extras = f", {runner.speed.describe()}" + (", compiled" if args.compile else "")
     print(f"{model_name}: {report.summary()}", flush=True)
     print(f"{len(paths):,} images of {args.val_dir}, {image_size}px center crop of a "
           f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {path_name}{extras} "
@@ -321,8 +328,8 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
     if args.results_json:
         write_results_json(args.results_json, results_record(
             results, model=model_name, weights=args.weights, params=params, macs=macs, image_size=image_size,
-            input_format=input_format, device=device, amp=args.amp, compile=args.compile, fast=fast,
-            published=published))
+            input_format=input_format, device=device, amp=runner.amp, compile=args.compile, fast=fast,
+            published=published, channels_last=runner.speed.channels_last))
     if args.predictions_csv:
         write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths, class_names)
     return results

@@ -7,15 +7,12 @@ import copy
 import torch
 from torch import nn
 
+from common.hardware import AMP_DTYPES, SpeedChoice, cpu_supports_bf16, resolve_speed  # noqa: F401 (re-exported)
 from common.input_format import InputFormat, Preprocess
 from common.layers import ConvBNReLU
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast is a speed-up."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# Images per call of the layout measurement of the fast path: enough for the per-image speed, cheap for ExLarge.
+PROBE_BATCH = 4
 
 
 def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -113,23 +110,45 @@ class InferenceRunner:
 
 
 def prepare_inference_model(model: nn.Module, *, input_format: InputFormat, device: str | torch.device,
-                            channels_last: bool = True, compile: bool = False, amp: str | None = None,
-                            fold_bn: bool = True) -> InferenceRunner:
+                            channels_last: bool | None = None, compile: bool = False, amp: str | None = "auto",
+                            fold_bn: bool = True, image_size: int = 224) -> InferenceRunner:
     """A callable for evaluation: uint8 RGB batches N x 3 x H x W in, float32 logits out.
 
     The input format is applied on `device`, inside the callable. The fast path (the defaults) folds BatchNorm
-    into the convs and uses channels_last; `compile` adds torch.compile with frozen weights, `amp` ("bf16" or
-    "fp16") autocast.
-    fold_bn=False with channels_last=False is the plain path. Folding works on a copy; without it `model`
-    itself is put in eval mode and moved to `device`.
+    into the convs and picks the layout and precision by the device (common.hardware.resolve_speed): on a CPU
+    by timing the folded network on a few `image_size` images in each layout (and in bf16 where it is native),
+    so it is never slower than float32 NCHW; on CUDA channels_last with bf16 or fp16. `channels_last`
+    (True/False) and `amp` ("bf16", "fp16" or None/"none") fix them instead; `compile` adds torch.compile with
+    frozen weights. fold_bn=False is the plain path, float32 NCHW unless asked otherwise. Folding works on a
+    copy; without it `model` itself is put in eval mode and moved to `device`. The runner's `speed` tells what
+    was chosen and why.
     """
     device = torch.device(device)
     network = fold_batchnorm(model) if fold_bn else model.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    wrapped = InferenceModel(network, Preprocess(input_format), memory_format).to(device).eval()
-    wrapped.network.to(memory_format=memory_format)
+    wrapped = InferenceModel(network, Preprocess(input_format)).to(device).eval()
+    if not fold_bn:
+        channels_last = bool(channels_last)
+        amp = None if amp == "auto" else amp
+    images = torch.randint(0, 256, (PROBE_BATCH, 3, image_size, image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+
+    def prepare(layout: bool, precision: str | None):
+        _set_layout(wrapped, layout)
+        runner = InferenceRunner(wrapped, device, precision)
+        return lambda: runner(images)
+
+    speed = resolve_speed(channels_last, amp, device, prepare, what=f"on {PROBE_BATCH} images of {image_size}px")
+    _set_layout(wrapped, speed.channels_last)
     if compile:
         # Freezing turns the weights into constants, so inductor folds and prepacks them once (oneDNN's blocked
         # layouts on CPU) instead of on every call: measured 1.2x on Large, 1.1x on OneShot at float32.
         wrapped = torch.compile(wrapped, options={"freezing": True})
-    return InferenceRunner(wrapped, device, amp, fixed_batch=compile)
+    runner = InferenceRunner(wrapped, device, speed.amp, fixed_batch=compile)
+    runner.speed = speed
+    return runner
+
+
+def _set_layout(model: InferenceModel, channels_last: bool) -> None:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.memory_format = memory_format
+    model.network.to(memory_format=memory_format)

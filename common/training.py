@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.checkpoint import get_latest_model, get_training_state, load_checkpoint, save_checkpoint
+from common.checkpoint import (get_latest_model, get_training_state, list_checkpoints, load_checkpoint,
+                               save_checkpoint)
 from common.cli import DefaultsHelpFormatter, prepare_output
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
@@ -34,8 +35,9 @@ from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, an
                                 init_distributed, shutdown_distributed)
 from common.errors import UserError, exit_on_user_error
 from common.evaluate import evaluate
+from common.hardware import AMP_CHOICES, SpeedChoice, resolve_speed, training_step_timer
 from common.input_format import InputFormat, Preprocess
-from common.model_state import get_model_state_dict, load_model_state, unwrap_model
+from common.model_state import get_model_state_dict, load_model_state, read_checkpoint_metadata, unwrap_model
 from common.models import REPO_ROOT, create_network_for
 from common.run_log import RunLog, plot_curves
 
@@ -172,11 +174,14 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                            "statistics stay as loaded")
     run = parser.add_argument_group("running")
     run.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
-    run.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16 uses a gradient scaler)")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="channels_last memory format, the layout cuDNN and oneDNN convolutions prefer (measured "
-                          "on a 2-core CPU: 1.1x to 1.7x for OneShot and ExLarge, 0.9x for Large); "
-                          "--no-channels-last for NCHW")
+    run.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                     help="mixed precision: auto picks bf16 on CUDA (fp16 where bf16 is not supported; fp16 uses a "
+                          "gradient scaler), on a CPU bf16 only where it is native and measured faster, else "
+                          "float32 (none); a resumed run keeps the choice it started with")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default="auto",
+                     help="channels_last memory format; --no-channels-last for NCHW; auto: channels_last on CUDA, "
+                          "on a CPU the layout measured faster for this model in a few steps at start (NCHW with "
+                          "--deterministic); a resumed run keeps the layout it started with")
     run.add_argument("--compile", action="store_true", help="torch.compile the network")
     run.add_argument("--save", default="./models", help="checkpoint folder (also metrics.jsonl, TensorBoard)")
     run.add_argument("--keep", type=int, default=5, help="newest checkpoints to keep (the best one is kept too)")
@@ -375,6 +380,48 @@ class StopAtOnce:
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def resolve_training_speed(args: argparse.Namespace, model: nn.Module, info: DistInfo) -> SpeedChoice:
+    """Set `args.channels_last` (bool) and `args.amp` (None for float32, "bf16" or "fp16") from their flags.
+
+    Explicit flags win. "auto" takes the settings the run's newest checkpoint recorded (a resumed run computes
+    as it did before), else resolves by the device, timing the candidates on a CPU (rank 0 measures for all;
+    with --deterministic nothing is timed: plain float32 NCHW there).
+    """
+    recorded = _recorded_args(args.save) if args.auto_continue and not args.eval else {}
+    kept = []
+    if args.channels_last == "auto":
+        args.channels_last = None
+    if args.channels_last is None and isinstance(recorded.get("channels_last"), bool):
+        args.channels_last = recorded["channels_last"]
+        kept.append("layout")
+    if args.amp == "auto" and "amp" in recorded:
+        args.amp = recorded["amp"]
+        kept.append("precision")
+    batch = min(8, args.batch_size // info.world_size)
+    prepare = None
+    if info.is_main and not (args.eval or args.deterministic):
+        prepare = training_step_timer(model, batch, args.image_size, info.device)
+    speed = resolve_speed(args.channels_last, args.amp, info.device, prepare,
+                          what=f"on training steps of {batch} images of {args.image_size}px")
+    if kept:
+        reason = f"{' and '.join(kept)} as recorded in the checkpoint of this run"
+        speed = SpeedChoice(speed.channels_last, speed.amp, reason if len(kept) == 2 else f"{reason}; {speed.reason}")
+    speed = all_gather_objects(speed, info)[0]
+    args.channels_last, args.amp = speed.channels_last, speed.amp
+    return speed
+
+
+def _recorded_args(save_dir: str) -> dict:
+    """The command line recorded in the newest readable checkpoint of `save_dir` ({} if none): every checkpoint
+    of a folder comes from the same run, so the settings of an unverified one are the run's."""
+    for info in reversed(list_checkpoints(save_dir)):
+        try:
+            return read_checkpoint_metadata(info.path).get("args") or {}
+        except UserError:
+            continue
+    return {}
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -577,6 +624,9 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
         model.freeze_backbone()
         recipe = dataclasses.replace(recipe, loss_weights=(1.0,) + (0.0,) * (len(recipe.loss_weights) - 1))
     model = model.to(info.device)
+    speed = resolve_training_speed(args, model, info)
+    metadata.update(args=plain_args(args), speed=speed.describe())
+    say(f"speed settings: {speed.describe()}")
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     model = model.to(memory_format=memory_format)
     preprocess = Preprocess(input_format).to(info.device)
