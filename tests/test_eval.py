@@ -35,7 +35,8 @@ RESULT_SCHEMA = {
     "model": str, "weights": str, "weights_sha256": str, "params": int, "macs": int, "image_size": int,
     "input_format": dict, "top1_accuracy": float, "top5_accuracy": float, "top1_error": float,
     "top5_error": float, "loss": float, "images": int, "skipped": int, "images_per_second": float, "device": str,
-    "amp": (str, type(None)), "compile": bool, "fast": bool, "published": (dict, type(None)), "versions": dict,
+    "amp": (str, type(None)), "channels_last": bool, "compile": bool, "fast": bool, "published": (dict, type(None)),
+    "versions": dict,
     "time": str,
 }
 
