@@ -222,13 +222,13 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
                      help="per-channel divisor, in the network's channel order")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--compile", action="store_true",
-                       help="torch.compile the inference model (about a minute of compiling for Large and ExLarge "
-                            "on 2 CPU cores)")
-    speed.add_argument("--amp", choices=AMP_CHOICES, default="auto",
-                       help="autocast precision. auto (the default): bf16 on CUDA (fp16 where bf16 is not "
-                            "supported), on a CPU bf16 only where it is native (AVX512-BF16 or AMX) and measured "
-                            "faster, else float32; none: float32, which reproduces the published accuracy exactly "
-                            "(bf16 results may differ slightly)")
+                       help="torch.compile the inference model (compiling Large and ExLarge takes a while on a "
+                            "CPU)")
+    speed.add_argument("--amp", choices=AMP_CHOICES, default="none",
+                       help="autocast precision. none (the default): float32, which reproduces the published "
+                            "accuracy exactly; auto: bf16 on CUDA (fp16 where bf16 is not supported), on a CPU bf16 "
+                            "only where it is native (AVX512-BF16 or AMX) and measured faster, else float32 (bf16 "
+                            "results may differ slightly)")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="memory layout of the fast path (default: auto, channels_last on CUDA, on a CPU the "
                             "layout measured faster for this model in a few calls at start)")
