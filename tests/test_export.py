@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.coreml_verify import (ExportVerificationError, MLProgram, UnsupportedProgramError, import_coremltools,
-                                  judge, make_test_images)
+from common.coreml_verify import MLProgram, UnsupportedProgramError, import_coremltools
 from common.export import convert_pytorch_to_coreml, export_onnx, run_export, verify_coreml, verify_onnx
 from common.input_format import InputFormat, Preprocess
 from common.model_state import RELEASE_METADATA_KEY
 from common.random_weights import calibrated_random_network
+from common.verification import ExportVerificationError, judge, make_test_images
 from conftest import network
 
 SMALL = 64
