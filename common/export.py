@@ -360,6 +360,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.mean is not None and args.mean_image is not None:
         raise UserError("give either --mean or --mean-image, not both")
     if args.sweep:
+        if not (args.calibration_dir or args.val_dir):
+            raise UserError("--sweep exports int8 too: give --calibration-dir DIR (or --val-dir DIR) for its "
+                            "calibration images")
         return
     if args.format != "coreml":
         if args.precision == "fp16":

@@ -116,7 +116,7 @@ def test_exlarge_fp16(tmp_path):
     package = convert_pytorch_to_coreml(net, input_format=input_format, image_size=SMALL, precision="fp16",
                                         class_names=[f"c{i}" for i in range(10)], output=tmp_path / "ex.mlpackage")
     report = verify_coreml(package, net, input_format, num_images=2)
-    assert report.precision == "fp16" and report.top1_agreement == 2
+    assert report.precision == "fp16" and report.clear_images >= 1 and report.top1_agreement == report.clear_images
     assert report.operations["max_pool"] == 1 and report.operations["linear"] == 2 * 70 + 1
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
 from common.demo_data import make_image_folder
-from common.export import compress_coreml, convert_pytorch_to_coreml, run_export
+from common.export import _forwarded_flags, compress_coreml, convert_pytorch_to_coreml, run_export, sweep_table
 from common.model_state import RELEASE_METADATA_KEY
 from common.quantize import load_calibration_images
 from common.random_weights import calibrated_random_network
@@ -216,3 +216,20 @@ def test_untrained_network_fp16_export(tmp_path):
                                         class_names=CLASSES, output=tmp_path / "untrained.mlpackage")
     report = verify_coreml(package, net, network("OneShot").INPUT_FORMAT, num_images=2)
     assert report.clear_images < report.images
+
+
+def test_sweep_command_and_table():
+    """The sweep passes each entry the user's flags but sets format, precision and output itself, and tabulates
+    failures as well as measurements."""
+    argv = ["--weights", "w.pth", "--sweep", "--format", "onnx", "--val-dir=v", "--output", "o", "--image-size",
+            "64", "--min-agreement", "0.5"]
+    assert _forwarded_flags(argv) == ["--weights", "w.pth", "--val-dir=v", "--image-size", "64"]
+    rows = [{"name": "ONNX int8", "bytes": 3.6e6, "top1_agreement": 0.95, "verify_clear_images": 20,
+             "mean_kl": 0.004, "export_seconds": 12.0, "peak_memory_mb": 900.0, "export_images_per_s": 80.0,
+             "pytorch_images_per_s": 40.0, "export_top1": 0.7, "export_top5": 0.9, "pytorch_top1": 0.71,
+             "pytorch_top5": 0.9},
+            {"name": "Core ML palettize4", "error": "exit status 2"}]
+    table = sweep_table(rows).splitlines()
+    assert table[0].startswith("| format | MB | top-1 agreement | mean KL | top-1 / top-5")
+    assert "| ONNX int8 | 3.6 | 95% of 20 | 0.004 | 70.0% / 90.0% (71.0% / 90.0%) | 12 | 900 | 80.0 (40.0) |" in table
+    assert table[3].startswith("| Core ML palettize4 | failed: exit status 2 |")
