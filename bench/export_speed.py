@@ -1,6 +1,6 @@
 """Every export format per model, measured: `export.py --sweep` on random weights with calibrated BatchNorm
 (common.random_weights) and a classifier scaled to a trained network's logit range, calibrated for int8 on
-generated JPEGs (common.demo_data). Size, top-1 agreement and KL with PyTorch, export time, peak memory, and
+JPEGs of the synthetic images the verification uses (another seed). Size, top-1 agreement and KL with PyTorch, export time, peak memory, and
 batch-1 images/s of ExecuTorch and ONNX against PyTorch eager on this CPU. Random weights: no accuracy.
 
     python bench/export_speed.py [--models ...] [--image-size 224] [--quick] [--json FILE]
@@ -16,18 +16,20 @@ import tempfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from timing import write_json
-from common.demo_data import make_image_folder
 from common.model_state import RELEASE_METADATA_KEY
 from common.models import MODEL_FOLDERS, load_network_module
 from common.random_weights import calibrated_random_network
+from common.verification import make_test_images
 
 REPO = Path(__file__).resolve().parent.parent
 # A trained ImageNet classifier's logits span about 15-30; calibrated random ones about 1.5, where int8 and
 # palette rounding would turn near-ties into disagreements a trained network does not have.
 CLASSIFIER_SCALE = 10.0
+CALIBRATION_IMAGES = 100
 
 
 def sweep_model(model_name: str, image_size: int, folder: Path, calibration: Path) -> list[dict]:
@@ -58,7 +60,10 @@ def main() -> None:
         args.models = ["OneShot"]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-export-") as folder:
-        calibration = make_image_folder(Path(folder) / "calibration", images_per_class=25, size=256)
+        calibration = Path(folder) / "calibration"
+        calibration.mkdir()
+        for index, image in enumerate(make_test_images(CALIBRATION_IMAGES, 256, seed=50)):
+            Image.fromarray(image).save(calibration / f"{index}.jpg", quality=95)
         for model_name in args.models:
             results += sweep_model(model_name, args.image_size, Path(folder), calibration)
     write_json(args.json, results)

@@ -146,7 +146,7 @@ class MLProgram:
             raise UnsupportedProgramError(f"{path.name} is a {spec.WhichOneof('Type')} model, not an ML program")
         try:
             function = load(spec, spec.specificationVersion, mlmodel.weights_dir).functions["main"]
-        except (ValueError, KeyError, NotImplementedError) as error:
+        except (ValueError, KeyError, NotImplementedError, RuntimeError) as error:
             raise ExportVerificationError(f"{path.name}: coremltools cannot read its ML program ({error})") from None
         self.operations = list(function.operations)
         self.operation_counts = dict(Counter(op.op_type for op in self.operations))

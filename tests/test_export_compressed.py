@@ -14,10 +14,10 @@ import struct
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
-from common.demo_data import make_image_folder
 from common.export import _forwarded_flags, compress_coreml, convert_pytorch_to_coreml, run_export, sweep_table
 from common.model_state import RELEASE_METADATA_KEY
 from common.quantize import load_calibration_images
@@ -58,9 +58,13 @@ def weights(oneshot, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibration_dir(tmp_path_factory):
-    """A flat folder of real JPEGs with one file that is not an image at all."""
-    root = make_image_folder(tmp_path_factory.mktemp("calibration"), num_classes=4, images_per_class=6, size=80)
-    (sorted(root.iterdir())[0] / "broken.jpg").write_bytes(b"not a jpeg")
+    """23 JPEGs like the verification images, in two class folders, and one file that is not an image at all."""
+    root = tmp_path_factory.mktemp("calibration")
+    for index, image in enumerate(make_test_images(23, SMALL, seed=50)):
+        folder = root / ("a" if index % 2 else "b")
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index}.jpg", quality=95)
+    (root / "a" / "broken.jpg").write_bytes(b"not a jpeg")
     return root
 
 
@@ -114,22 +118,34 @@ def test_broken_palette_is_caught(oneshot, tmp_path):
     mlmodel.save(str(good))
     verify_coreml(good, oneshot, network("OneShot").INPUT_FORMAT, num_images=8, min_agreement=0.5)
 
-    broken = tmp_path / "broken.mlpackage"
-    shutil.copytree(good, broken)
-    function = mlmodel.get_spec().mlProgram.functions["main"]
+    # The palettes are stored in weight.bin or inline in the program; reverse each one where it is.
+    patched = tmp_path / "patched-weights"
+    shutil.copytree(mlmodel.weights_dir, patched)
+    spec = mlmodel.get_spec()
+    function = spec.mlProgram.functions["main"]
     operations = function.block_specializations[function.opset].operations
     producers = {op.outputs[0].name: op for op in operations}
-    weight_file = next(broken.rglob("weight.bin"))
-    with open(weight_file, "r+b") as file:
-        for op in operations:
-            if op.type == "constexpr_lut_to_dense":
-                lut = producers[op.inputs["lut"].arguments[0].name].attributes["val"].blobFileValue
-                file.seek(lut.offset)
+    reversed_palettes = 0
+    for op in operations:
+        if op.type != "constexpr_lut_to_dense":
+            continue
+        argument = op.inputs["lut"].arguments[0]
+        value = producers[argument.name].attributes["val"] if argument.name else argument.value
+        if value.WhichOneof("value") == "blobFileValue":
+            with open(patched / value.blobFileValue.fileName.rsplit("/", 1)[-1], "r+b") as file:
+                file.seek(value.blobFileValue.offset)
                 _, _, size, data_offset = struct.unpack("<IIQQ", file.read(24))
                 file.seek(data_offset)
                 palette = np.frombuffer(file.read(size), dtype=np.float16)
                 file.seek(data_offset)
                 file.write(palette[::-1].tobytes())
+        else:
+            stored = value.immediateValue.tensor.bytes
+            stored.values = np.frombuffer(stored.values, dtype=np.float16)[::-1].tobytes()
+        reversed_palettes += 1
+    assert reversed_palettes >= 50
+    broken = tmp_path / "broken.mlpackage"
+    ct.models.MLModel(spec, weights_dir=str(patched), skip_model_load=True).save(str(broken))
     with pytest.raises(ExportVerificationError, match="more bits"):
         verify_coreml(broken, oneshot, network("OneShot").INPUT_FORMAT, num_images=8, min_agreement=0.5)
 
@@ -172,7 +188,7 @@ def test_quantize_needs_calibration_images(weights, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", [[], ["--quantize", "int8"]], ids=["fp32", "int8"])
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int8", "--min-agreement", "0.5"]], ids=["fp32", "int8"])
 def test_executorch_runtime(weights, calibration_dir, oneshot, tmp_path, capsys, quantize):
     """The .pte runs in the ExecuTorch runtime: fp32 within 1e-4 of the logit range, int8 agreeing on top-1."""
     output = tmp_path / "oneshot.pte"
@@ -233,3 +249,19 @@ def test_sweep_command_and_table():
     assert table[0].startswith("| format | MB | top-1 agreement | mean KL | top-1 / top-5")
     assert "| ONNX int8 | 3.6 | 95% of 20 | 0.004 | 70.0% / 90.0% (71.0% / 90.0%) | 12 | 900 | 80.0 (40.0) |" in table
     assert table[3].startswith("| Core ML palettize4 | failed: exit status 2 |")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--format", "onnx", "--compress", "palettize6"], "--compress is for --format coreml"),
+    (["--quantize", "int8", "--calibration-dir", "."], "--quantize is for --format onnx or executorch"),
+    (["--format", "executorch", "--precision", "fp16"], "ExecuTorch exports are fp32"),
+    (["--sweep"], "--sweep exports int8 too"),
+    (["--min-agreement", "90"], "--min-agreement must be between 0 and 1"),
+])
+def test_flag_errors(tmp_path, capsys, flags, message):
+    weights = tmp_path / "w.pth"
+    torch.save({}, weights)
+    with pytest.raises(SystemExit) as exit_info:
+        run_export(network("OneShot"), ["--weights", str(weights), *flags])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and error.count("\n") == 1
