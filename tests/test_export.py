@@ -237,6 +237,11 @@ def test_judge_criteria():
     (["--format", "onnx", "--precision", "fp16"], "ONNX exports are fp32"),
     (["--output", "model.onnx"], "must end in .mlpackage"),
     (["--mean", "1,2"], "three numbers"),
+    (["--format", "onnx", "--compress", "palettize6"], "--compress is for --format coreml"),
+    (["--quantize", "int8", "--calibration-dir", "."], "--quantize is for --format onnx or executorch"),
+    (["--format", "executorch", "--precision", "fp16"], "ExecuTorch exports are fp32"),
+    (["--sweep"], "--sweep exports int8 too"),
+    (["--min-agreement", "90"], "--min-agreement must be between 0 and 1"),
 ])
 def test_command_line_errors(tmp_path, capsys, flags, message):
     weights = tmp_path / "w.pth"

@@ -250,18 +250,3 @@ def test_sweep_command_and_table():
     assert "| ONNX int8 | 3.6 | 95% of 20 | 0.004 | 70.0% / 90.0% (71.0% / 90.0%) | 12 | 900 | 80.0 (40.0) |" in table
     assert table[3].startswith("| Core ML palettize4 | failed: exit status 2 |")
 
-
-@pytest.mark.parametrize("flags, message", [
-    (["--format", "onnx", "--compress", "palettize6"], "--compress is for --format coreml"),
-    (["--quantize", "int8", "--calibration-dir", "."], "--quantize is for --format onnx or executorch"),
-    (["--format", "executorch", "--precision", "fp16"], "ExecuTorch exports are fp32"),
-    (["--sweep"], "--sweep exports int8 too"),
-    (["--min-agreement", "90"], "--min-agreement must be between 0 and 1"),
-])
-def test_flag_errors(tmp_path, capsys, flags, message):
-    weights = tmp_path / "w.pth"
-    torch.save({}, weights)
-    with pytest.raises(SystemExit) as exit_info:
-        run_export(network("OneShot"), ["--weights", str(weights), *flags])
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in error and error.count("\n") == 1
