@@ -7,7 +7,6 @@ images). Unlike Core ML on Linux, the check runs the program in the ExecuTorch r
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,6 @@ class ExecuTorchProgram:
         except RuntimeError as error:
             raise ExportVerificationError(f"{Path(path).name}: the ExecuTorch runtime cannot load it ({error})") \
                 from None
-        self.image_size = int(self.method.metadata.input_tensor_meta(0).sizes()[-1])
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits for RGB uint8 images N x H x W x 3, one image at a time (the program has batch 1)."""
@@ -85,16 +83,3 @@ def verify_executorch(path: str | Path, model: nn.Module, input_format: InputFor
     return judge(reference, candidate, candidate.argmax(axis=1), precision="int8 static" if quantized else "fp32",
                  target=path.name, method="the ExecuTorch runtime", min_agreement=min_agreement)
 
-
-def images_per_second(run, images: np.ndarray, min_seconds: float = 2.0) -> float:
-    """Batch-1 images/s of `run(one_image_batch)` over `images`, repeated for at least `min_seconds`."""
-    batches = list(_as_batches(images))
-    run(batches[0])  # warm-up: first-call allocations and lazy initialisation
-    done, started = 0, time.perf_counter()
-    while True:
-        for batch in batches:
-            run(batch)
-        done += len(batches)
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds:
-            return done / elapsed
