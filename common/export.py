@@ -436,19 +436,30 @@ def _images_per_second(run, images: np.ndarray, min_seconds: float = 2.0) -> flo
 
 @torch.no_grad()
 def _speed(kind: str, path: Path, model: nn.Module, input_format: InputFormat, images: np.ndarray) -> dict:
-    """Batch-1 images/s of the export in its runtime and of PyTorch eager, measured one after the other."""
+    """Batch-1 images/s of the export in its runtime and of PyTorch eager, one after the other, each on one thread:
+    a phone app runs one image at a time, and on a shared CPU more threads measure the contention, not the code."""
     graph = nn.Sequential(Preprocess(input_format), model).eval()
     if kind == "executorch":
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
         from common.executorch_export import ExecuTorchProgram
 
+        _unsafe_reset_threadpool(1)
         method = ExecuTorchProgram(path).method
         run = lambda batch: method.execute([batch])  # noqa: E731
     else:
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         run = lambda batch: session.run(None, {"image": batch.numpy()})  # noqa: E731
-    pytorch = _images_per_second(graph, images)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pytorch = _images_per_second(graph, images)
+    finally:
+        torch.set_num_threads(threads)
     export = _images_per_second(run, images)
     return {"export_images_per_s": export, "pytorch_images_per_s": pytorch, "speed_vs_pytorch": export / pytorch}
 
@@ -585,8 +596,8 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
                   f"{result['val_mean_kl']:.3g}", flush=True)
         if args.format != "coreml":
             result.update(_speed(args.format, staging, model, input_format, make_test_images(4, image_size, 1)))
-            print(f"speed (batch 1, this CPU, noisy when shared): {result['export_images_per_s']:.1f} images/s in "
-                  f"{'onnxruntime' if args.format == 'onnx' else 'the ExecuTorch runtime'}, PyTorch eager "
+            print(f"speed (batch 1, one thread, this CPU; noisy when shared): {result['export_images_per_s']:.1f} "
+                  f"images/s in {'onnxruntime' if args.format == 'onnx' else 'the ExecuTorch runtime'}, PyTorch eager "
                   f"{result['pytorch_images_per_s']:.1f} images/s ({result['speed_vs_pytorch']:.2f}x)", flush=True)
         _replace_path(output, args.format)
         staging.rename(output)

@@ -118,7 +118,8 @@ def test_broken_palette_is_caught(oneshot, tmp_path):
     mlmodel.save(str(good))
     verify_coreml(good, oneshot, network("OneShot").INPUT_FORMAT, num_images=8, min_agreement=0.5)
 
-    # The palettes are stored in weight.bin or inline in the program; reverse each one where it is.
+    # The palettes (16 entries each) are stored in weight.bin or inline in the program; reverse each one where it
+    # is, which maps every weight to another palette entry.
     patched = tmp_path / "patched-weights"
     shutil.copytree(mlmodel.weights_dir, patched)
     spec = mlmodel.get_spec()
@@ -136,12 +137,13 @@ def test_broken_palette_is_caught(oneshot, tmp_path):
                 file.seek(value.blobFileValue.offset)
                 _, _, size, data_offset = struct.unpack("<IIQQ", file.read(24))
                 file.seek(data_offset)
-                palette = np.frombuffer(file.read(size), dtype=np.float16)
+                palettes = np.frombuffer(file.read(size), dtype=np.float16).reshape(-1, 16)
                 file.seek(data_offset)
-                file.write(palette[::-1].tobytes())
+                file.write(np.ascontiguousarray(palettes[:, ::-1]).tobytes())
         else:
             stored = value.immediateValue.tensor.bytes
-            stored.values = np.frombuffer(stored.values, dtype=np.float16)[::-1].tobytes()
+            palettes = np.frombuffer(stored.values, dtype=np.float16).reshape(-1, 16)
+            stored.values = np.ascontiguousarray(palettes[:, ::-1]).tobytes()
         reversed_palettes += 1
     assert reversed_palettes >= 50
     broken = tmp_path / "broken.mlpackage"
