@@ -1,7 +1,8 @@
 """Every export format per model, measured: `export.py --sweep` on random weights with calibrated BatchNorm
-(common.random_weights) and a classifier scaled to a trained network's logit range, calibrated for int8 on
-JPEGs of the synthetic images the verification uses (another seed). Size, top-1 agreement and KL with PyTorch, export time, peak memory, and
-batch-1 images/s of ExecuTorch and ONNX against PyTorch eager on this CPU. Random weights: no accuracy.
+(common.random_weights) and a classifier scaled to a trained network's logit range, int8 calibrated on JPEGs of
+synthetic images like the verification's (another seed). Size, top-1 agreement and KL with PyTorch, export time,
+peak memory, and batch-1 one-thread images/s of ExecuTorch and ONNX against PyTorch eager on this CPU. Random
+weights: no accuracy.
 
     python bench/export_speed.py [--models ...] [--image-size 224] [--quick] [--json FILE]
 """

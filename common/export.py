@@ -313,7 +313,8 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
     parser.add_argument("--calibration-dir", metavar="DIR",
                         help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
     parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
-                        help=f"calibrate on at most N images spread over the folder (default {DEFAULT_CALIBRATION_IMAGES})")
+                        help="calibrate on at most N images spread over the folder "
+                             f"(default {DEFAULT_CALIBRATION_IMAGES})")
     parser.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="F",
                         help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
                              f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
@@ -644,10 +645,11 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
         results = folder / f"{stem}.json"
         results.unlink(missing_ok=True)
         print(f"\n=== {name} ===", flush=True)
-        command = [sys.executable, str(script), *passed, *flags, "--output", str(folder / f"{model_name}-{stem}{suffix}"),
-                   "--results-json", str(results), "--min-agreement", "0"]
+        command = [sys.executable, str(script), *passed, *flags, "--results-json", str(results),
+                   "--output", str(folder / f"{model_name}-{stem}{suffix}"), "--min-agreement", "0"]
         status = subprocess.run(command).returncode
-        row = json.loads(results.read_text()) if status == 0 and results.is_file() else {"error": f"exit status {status}"}
+        ok = status == 0 and results.is_file()
+        row = json.loads(results.read_text()) if ok else {"error": f"exit status {status}"}
         rows.append({"name": name, **row})
     (folder / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     (folder / "sweep.md").write_text(sweep_table(rows) + "\n")
