@@ -173,8 +173,9 @@ def judge(reference: np.ndarray, candidate: np.ndarray, candidate_top1, *, preci
         raise ExportVerificationError(f"{target} gives outputs of shape {candidate.shape}, PyTorch "
                                       f"{reference.shape}: the export has another number of classes")
     if not np.isfinite(candidate).all():
-        raise ExportVerificationError(f"{target} gives non-finite outputs ({precision}): an overflow; "
-                                      "try --precision fp32")
+        advice = ("try --precision fp32" if precision in ("fp16", "fp32") else
+                  "its weights do not reproduce the network's: compress less (more bits) or re-export the package")
+        raise ExportVerificationError(f"{target} gives non-finite outputs ({precision}): an overflow; {advice}")
     reference_top1 = reference.argmax(axis=1)
     agrees = np.asarray(candidate_top1) == reference_top1
     logit_range = float(reference.max() - reference.min())

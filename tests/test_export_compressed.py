@@ -148,8 +148,10 @@ def test_broken_palette_is_caught(oneshot, tmp_path):
     assert reversed_palettes >= 50
     broken = tmp_path / "broken.mlpackage"
     ct.models.MLModel(spec, weights_dir=str(patched), skip_model_load=True).save(str(broken))
-    with pytest.raises(ExportVerificationError, match="more bits"):
+    # Reversed palettes make the activations overflow fp16, or at least change the classes.
+    with pytest.raises(ExportVerificationError, match="non-finite outputs|does not match PyTorch") as error:
         verify_coreml(broken, oneshot, network("OneShot").INPUT_FORMAT, num_images=8, min_agreement=0.5)
+    assert "more bits" in str(error.value) and "--precision fp32" not in str(error.value)
 
 
 def test_onnx_int8_agrees_with_fp32(weights, calibration_dir, tmp_path, capsys):
