@@ -1,73 +1,72 @@
-"""Core ML and ONNX export per model: time, file size and the verified difference from PyTorch (random weights
-with calibrated BatchNorm, common.random_weights).
+"""Every export format per model, measured: `export.py --sweep` on random weights with calibrated BatchNorm
+(common.random_weights) and a classifier scaled to a trained network's logit range, int8 calibrated on JPEGs of
+synthetic images like the verification's (another seed). Size, top-1 agreement and KL with PyTorch, export time,
+peak memory, and batch-1 one-thread images/s of ExecuTorch and ONNX against PyTorch eager on this CPU. Random
+weights: no accuracy.
 
     python bench/export_speed.py [--models ...] [--image-size 224] [--quick] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
 from timing import write_json
-from common.export import convert_pytorch_to_coreml, export_onnx, verify_onnx
-from common.coreml_verify import verify_coreml
+from common.model_state import RELEASE_METADATA_KEY
 from common.models import MODEL_FOLDERS, load_network_module
 from common.random_weights import calibrated_random_network
+from common.verification import make_test_images
 
-CASES = (("coreml", "fp16"), ("coreml", "fp32"), ("onnx", "fp32"))
+REPO = Path(__file__).resolve().parent.parent
+# A trained ImageNet classifier's logits span about 15-30; calibrated random ones about 1.5, where int8 and
+# palette rounding would turn near-ties into disagreements a trained network does not have.
+CLASSIFIER_SCALE = 10.0
+CALIBRATION_IMAGES = 100
 
 
-def size_of(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def bench_model(model_name: str, image_size: int, folder: Path, cases) -> list[dict]:
+def sweep_model(model_name: str, image_size: int, folder: Path, calibration: Path) -> list[dict]:
     module = load_network_module(model_name)
-    # Calibrated, not plain random: an uncalibrated 60-block network is chaotic, and its fp16 top-1 is noise.
     model = calibrated_random_network(module, module.INPUT_FORMAT, image_size=image_size)
-    results = []
-    for kind, precision in cases:
-        output = folder / f"{model_name}-{precision}.{'mlpackage' if kind == 'coreml' else 'onnx'}"
-        started = time.perf_counter()
-        if kind == "coreml":
-            convert_pytorch_to_coreml(model, input_format=module.INPUT_FORMAT, image_size=image_size,
-                                      precision=precision, output=output)
-        else:
-            export_onnx(model, input_format=module.INPUT_FORMAT, image_size=image_size, output=output)
-        export_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        verify = verify_coreml if kind == "coreml" else verify_onnx
-        report = verify(output, model, module.INPUT_FORMAT, num_images=2)
-        result = {"model": model_name, "format": kind, "precision": precision, "image_size": image_size,
-                  "export_seconds": export_seconds, "verify_seconds": time.perf_counter() - started,
-                  "bytes": size_of(output), "max_abs_diff": report.max_abs_diff, "logit_range": report.logit_range,
-                  "top1_agreement": f"{report.top1_agreement}/{report.images}"}
-        print(f"export {model_name:22s} {kind:6s} {precision}  {export_seconds:6.1f} s  "
-              f"{result['bytes'] / 1e6:7.1f} MB  max |diff| {report.max_abs_diff:.2e} (logit range "
-              f"{report.logit_range:.1f})  top-1 agree {result['top1_agreement']}", flush=True)
-        results.append(result)
-        shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink()
-        gc.collect()
-    return results
+    with torch.no_grad():
+        model.classifier[0].weight.mul_(CLASSIFIER_SCALE)
+    weights = folder / f"{model_name}-random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
+              metadata={RELEASE_METADATA_KEY: json.dumps({"image_size": image_size})})
+    del model
+    output = folder / f"{model_name}-sweep"
+    subprocess.run([sys.executable, str(REPO / model_name / "export.py"), "--weights", str(weights), "--sweep",
+                    "--calibration-dir", str(calibration), "--output", str(output)], check=False)
+    rows = json.loads((output / "sweep.json").read_text())
+    shutil.rmtree(output, ignore_errors=True)
+    return [{"model": model_name, **row} for row in rows]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--quick", action="store_true", help="Core ML fp16 and ONNX only, OneShot and Large")
+    parser.add_argument("--quick", action="store_true", help="OneShot only")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
-    models = [m for m in args.models if not args.quick or m != "ShuffleNetV2.ExLarge"]
-    cases = CASES[::2] if args.quick else CASES
+    if args.quick:
+        args.models = ["OneShot"]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-export-") as folder:
-        for model_name in models:
-            results += bench_model(model_name, args.image_size, Path(folder), cases)
+        calibration = Path(folder) / "calibration"
+        calibration.mkdir()
+        for index, image in enumerate(make_test_images(CALIBRATION_IMAGES, 256, seed=50)):
+            Image.fromarray(image).save(calibration / f"{index}.jpg", quality=95)
+        for model_name in args.models:
+            results += sweep_model(model_name, args.image_size, Path(folder), calibration)
     write_json(args.json, results)
 
 

@@ -115,11 +115,11 @@ def summary(results: dict) -> list[str]:
             [task, f"{a[f'{task}_peak_to_file_size']:.2f}", f"{a[f'{task}_time_to_read_time']:.2f}"]
             for task in ("read", "average", "average_and_write")])
     if "export" in ok:
-        lines += ["", "Export (random weights with calibrated BatchNorm), verified against PyTorch:", ""]
-        lines += _table(["model", "format", "size px", "export s", "MB", "max logit diff", "top-1 agree"], [
-            [r["model"], f"{r['format']} {r['precision']}", str(r["image_size"]), f"{r['export_seconds']:.1f}",
-             f"{r['bytes'] / 1e6:.1f}", f"{r['max_abs_diff']:.1e} of {r['logit_range']:.1f}",
-             r["top1_agreement"]] for r in ok["export"]])
+        from common.export import sweep_table
+
+        lines += ["", "Export sweep (random weights with calibrated BatchNorm), every export verified:", ""]
+        for model in dict.fromkeys(r["model"] for r in ok["export"]):
+            lines += [f"{model}:", "", sweep_table([r for r in ok["export"] if r["model"] == model]), ""]
     return lines
 
 

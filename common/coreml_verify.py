@@ -1,24 +1,24 @@
 """Checking a saved Core ML package against PyTorch, on any platform.
 
 Core ML itself runs only on Apple systems, where the package is checked with Core ML's own prediction. Elsewhere
-the package is read back (its model description, the ML program's protobuf and the weights in weights/weight.bin)
+the package is read back with coremltools' own MIL loader (the model description, the ML program and its weights)
 and the program's operations are evaluated one by one in torch, as the runtime would: a tensor declared fp16 is
 stored in fp16 and every operation computes in fp32 from its stored inputs, so the rounding between operations
 of an fp16 program is reproduced. An operation this evaluator does not know stops the check with an error before
 anything runs, so a program is never half-checked.
 
-The comparison with PyTorch (`judge`) is shared with the ONNX export: fp32 exports must match the logits within
-1e-4 of their range over the test images; fp16 exports must agree on the top-1 class of every test image.
+Compressed weights are rebuilt by the program's own constant-expression ops (palettes: constexpr_lut_to_dense;
+int8: constexpr_affine_dequantize before iOS18, constexpr_blockwise_shift_scale from iOS18), evaluated here from
+the stored palettes and indices, so a damaged palette changes the outputs. The comparison with PyTorch
+(common.verification.judge) is the same for every runtime.
 """
 from __future__ import annotations
 
 import logging
 import math
 import platform
-import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.errors import UserError
-from common.input_format import InputFormat, Preprocess
+from common.input_format import InputFormat
+from common.verification import (ExportVerificationError, VerificationReport, judge, make_test_images,
+                                 reference_logits)
 
-FP32_RELATIVE_TOLERANCE = 1e-4
 SELECTION_POOL = 4
-
-
-class ExportVerificationError(UserError):
-    """An exported model that does not compute what the PyTorch model computes, or that cannot be checked."""
 
 
 class UnsupportedProgramError(ExportVerificationError):
@@ -54,111 +50,28 @@ def import_coremltools():
     return coremltools
 
 
-@dataclass
-class VerificationReport:
-    """How an exported model compared with PyTorch on the test images."""
-
-    target: str
-    method: str
-    precision: str
-    images: int
-    max_abs_diff: float
-    logit_range: float
-    tolerance: float | None
-    top1_agreement: int
-    operations: dict[str, int] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        criterion = (f"<= {self.tolerance:.3g} required" if self.tolerance is not None
-                     else "top-1 agreement required")
-        return (f"verified {self.target} ({self.precision}) against PyTorch with {self.method} on {self.images} "
-                f"test images: top-1 agreement {self.top1_agreement}/{self.images}, max |logit difference| "
-                f"{self.max_abs_diff:.3g} ({criterion}; logit range {self.logit_range:.3g})")
-
-
-def make_test_images(count: int, size: int, seed: int = 0) -> np.ndarray:
-    """`count` RGB uint8 images, N x size x size x 3: smooth random colour fields with a shape and pixel noise.
-
-    Smooth fields and edges give the networks varied, natural-looking statistics without any image files.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for _ in range(count):
-        cells = int(torch.randint(2, 8, (1,), generator=generator))
-        colours = torch.rand(1, 3, cells, cells, generator=generator) * 255
-        image = F.interpolate(colours, size=(size, size), mode="bilinear", align_corners=False)[0]
-        top, left = (torch.rand(2, generator=generator) * size * 0.6).long().tolist()
-        extent = max(2, int(size * (0.2 + 0.3 * float(torch.rand(1, generator=generator)))))
-        image[:, top:top + extent, left:left + extent] = torch.rand(3, 1, 1, generator=generator) * 255
-        image += torch.randn(image.shape, generator=generator) * 8
-        images.append(image.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0))
-    return torch.stack(images).numpy()
-
-
-@torch.no_grad()
-def reference_logits(model: nn.Module, input_format: InputFormat, images: np.ndarray) -> np.ndarray:
-    """PyTorch's fp32 logits (eval mode) for RGB uint8 images N x H x W x 3 in the given input format."""
-    was_training = model.training
-    model.eval()
-    try:
-        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        return model(Preprocess(input_format)(batch)).float().numpy()
-    finally:
-        model.train(was_training)
-
-
-def judge(reference: np.ndarray, candidate: np.ndarray, candidate_top1: Sequence[int], *, precision: str,
-          target: str, method: str, operations: dict[str, int] | None = None) -> VerificationReport:
-    """Compare an export's logits with PyTorch's; raise ExportVerificationError when they do not agree.
-
-    fp32: max |difference| <= 1e-4 x (max - min of the reference logits over all images). fp16: the top-1 class
-    agrees on every image. Any non-finite output fails.
-    """
-    if candidate.shape != reference.shape:
-        raise ExportVerificationError(f"{target} gives outputs of shape {candidate.shape}, PyTorch "
-                                      f"{reference.shape}: the export has another number of classes")
-    if not np.isfinite(candidate).all():
-        raise ExportVerificationError(f"{target} gives non-finite outputs ({precision}): an overflow; "
-                                      "try --precision fp32")
-    reference_top1 = reference.argmax(axis=1)
-    logit_range = float(reference.max() - reference.min())
-    report = VerificationReport(
-        target=target, method=method, precision=precision, images=len(reference),
-        max_abs_diff=float(np.abs(candidate - reference).max()), logit_range=logit_range,
-        tolerance=FP32_RELATIVE_TOLERANCE * logit_range if precision == "fp32" else None,
-        top1_agreement=int((np.asarray(candidate_top1) == reference_top1).sum()), operations=operations or {})
-    if report.tolerance is not None and not report.max_abs_diff <= report.tolerance:
-        raise ExportVerificationError(
-            f"{target} does not match PyTorch: max |logit difference| {report.max_abs_diff:.3g} exceeds "
-            f"{report.tolerance:.3g} (1e-4 of the logit range {logit_range:.3g}) on {report.images} test images, "
-            f"top-1 agreement {report.top1_agreement}/{report.images}; check the input format (channel order, "
-            "scale, mean) and the weights")
-    if report.tolerance is None and report.top1_agreement != report.images:
-        raise ExportVerificationError(
-            f"{target} does not match PyTorch: top-1 class agrees on {report.top1_agreement} of {report.images} "
-            f"test images (max |logit difference| {report.max_abs_diff:.3g}, logit range {logit_range:.3g}); "
-            "check the input format (channel order, scale, mean), or export with --precision fp32")
-    return report
-
-
 def verify_coreml(package_path: str | Path, model: nn.Module, input_format: InputFormat, *,
-                  images: np.ndarray | None = None, num_images: int = 4, seed: int = 0) -> VerificationReport:
+                  images: np.ndarray | None = None, num_images: int = 4, seed: int = 0,
+                  min_agreement: float | None = None) -> VerificationReport:
     """Check a saved .mlpackage against `model` fed with `input_format`; raise ExportVerificationError if it differs.
 
-    The precision, image size and class names are read from the package. `images` are RGB uint8 N x H x W x 3 at
-    the package's size; by default the `num_images` synthetic images with the clearest PyTorch top-1 out of four
-    times as many, because a near-tie between two classes on a synthetic image would make fp16 top-1 agreement a
-    coin toss rather than a check of the conversion. On macOS Core ML predicts; elsewhere the ML program is
-    evaluated in torch.
+    The precision, compression, image size and class names are read from the package. `images` are RGB uint8
+    N x H x W x 3 at the package's size. By default an uncompressed package is checked on the `num_images`
+    synthetic images with the clearest PyTorch top-1 out of four times as many (a near-tie between two classes
+    says nothing about the conversion), a compressed one on `num_images` synthetic images as they come, since its
+    agreement is a measurement. A compressed package must agree on `min_agreement` of the images (default: all).
+    On macOS Core ML predicts; elsewhere the ML program is evaluated in torch.
     """
     package_path = Path(package_path)
     program = MLProgram(package_path)
     if images is None:
-        images = make_test_images(SELECTION_POOL * num_images, program.image_size, seed)
+        pool = num_images if program.compression else SELECTION_POOL * num_images
+        images = make_test_images(pool, program.image_size, seed)
         reference = reference_logits(model, input_format, images)
-        top2 = np.sort(reference, axis=1)[:, -2:]
-        clearest = np.sort(np.argsort(top2[:, 1] - top2[:, 0])[-num_images:])
-        images, reference = images[clearest], reference[clearest]
+        if not program.compression:
+            top2 = np.sort(reference, axis=1)[:, -2:]
+            clearest = np.sort(np.argsort(top2[:, 1] - top2[:, 0])[-num_images:])
+            images, reference = images[clearest], reference[clearest]
     elif images.shape[1:] != (program.image_size, program.image_size, 3):
         raise ValueError(f"test images must be N x {program.image_size} x {program.image_size} x 3 RGB, "
                          f"not {images.shape}")
@@ -174,8 +87,9 @@ def verify_coreml(package_path: str | Path, model: nn.Module, input_format: Inpu
         candidate, labels = program.predict(images)
         method = "the ML program evaluated in torch"
     index = {name: i for i, name in enumerate(program.class_names)}
-    return judge(reference, candidate, [index[label] for label in labels], precision=program.precision,
-                 target=package_path.name, method=method, operations=program.operation_counts)
+    return judge(reference, candidate, [index[label] for label in labels],
+                 precision=program.compression or program.precision, target=package_path.name, method=method,
+                 operations=program.operation_counts, min_agreement=min_agreement if program.compression else None)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -206,18 +120,23 @@ def _predict_with_coreml(package_path: Path, program: "MLProgram",
 # ---------------------------------------------------------------------------------------------------------------
 # The ML program evaluator
 
-_BLOB_SENTINEL = 0xDEADBEEF
-_MODEL_PATH_PREFIX = "@model_path/"
+_TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64, "int8": torch.int8,
+                 "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+                 "bool": torch.bool, "uint1": torch.uint8, "uint2": torch.uint8, "uint3": torch.uint8,
+                 "uint4": torch.uint8, "uint6": torch.uint8, "int4": torch.int8, "uint16": torch.int64,
+                 "uint32": torch.int64}
 
 
 class MLProgram:
-    """The ML program of a saved .mlpackage, read with coremltools (no Core ML runtime needed) and run in torch."""
+    """The ML program of a saved .mlpackage, read with coremltools' own MIL loader (no Core ML runtime needed:
+    it decodes the protobuf and the weight blobs, sub-byte palette indices included) and run in torch."""
 
     def __init__(self, package_path: str | Path) -> None:
         ct = import_coremltools()
-        from coremltools.proto import MIL_pb2
+        from coremltools.converters.mil.frontend.milproto.load import load
+        from coremltools.converters.mil.mil import types
 
-        self._mil = MIL_pb2
+        self._types = types
         path = Path(package_path)
         if not (path / "Manifest.json").is_file():
             raise ExportVerificationError(f"{path} is not a Core ML package (no Manifest.json)")
@@ -225,19 +144,20 @@ class MLProgram:
         spec = mlmodel.get_spec()
         if spec.WhichOneof("Type") != "mlProgram":
             raise UnsupportedProgramError(f"{path.name} is a {spec.WhichOneof('Type')} model, not an ML program")
-        self._model_dir = Path(mlmodel.weights_dir).parent
-        function = spec.mlProgram.functions["main"]
-        block = function.block_specializations[function.opset]
-        self.operations = list(block.operations)
-        self.operation_counts = dict(Counter(op.type for op in self.operations))
-        self._producers = {output.name: op for op in self.operations for output in op.outputs}
-        self._constants: dict[str, Any] = {}
-        unknown = sorted({op.type for op in self.operations if op.blocks} |
-                         {op.type for op in self.operations if op.type not in _KERNELS and op.type != "const"})
+        try:
+            function = load(spec, spec.specificationVersion, mlmodel.weights_dir).functions["main"]
+        except (ValueError, KeyError, NotImplementedError, RuntimeError) as error:
+            raise ExportVerificationError(f"{path.name}: coremltools cannot read its ML program ({error})") from None
+        self.operations = list(function.operations)
+        self.operation_counts = dict(Counter(op.op_type for op in self.operations))
+        unknown = sorted({op.op_type for op in self.operations if op.blocks} |
+                         {op.op_type for op in self.operations if op.op_type not in _KERNELS and op.op_type != "const"})
         if unknown:
             raise UnsupportedProgramError(
                 f"{path.name} uses operations the Linux verifier does not evaluate: {', '.join(unknown)}; "
                 "verify it on macOS, or export with --no-verify at your own risk")
+        self._constants = {op.outputs[0].name: self._constant(op.outputs[0]) for op in self.operations
+                           if op.op_type == "const"}
 
         inputs = spec.description.input
         if len(inputs) != 1 or inputs[0].type.WhichOneof("Type") != "imageType":
@@ -250,23 +170,42 @@ class MLProgram:
         self.input_name = inputs[0].name
         self.color_space = color_space
         self.image_size = int(image_type.width)
-        self.precision = "fp16" if any(output.type.tensorType.dataType == MIL_pb2.FLOAT16
+        self.precision = "fp16" if any(self._type_name(output) == "fp16"
                                        for op in self.operations for output in op.outputs) else "fp32"
+        self.compression = spec.description.metadata.userDefined.get("compression") or None
         self._classify, self._logits_name = self._find_classifier(path.name)
-        self.class_names = [str(name) for name in self._binding_value(self._classify.inputs["classes"].arguments[0])]
+        self.class_names = [str(name) for name in self._classify.inputs["classes"].val]
+
+    def _type_name(self, var: Any) -> str | None:
+        if not self._types.is_tensor(var.sym_type) and not self._types.is_scalar(var.sym_type):
+            return None
+        return self._types.builtin_to_string(var.dtype)
+
+    def _constant(self, var: Any) -> Any:
+        """A constant's value: a torch tensor in its stored dtype (sub-byte integers widened), a str, or a list."""
+        value = var.val
+        if isinstance(value, (str, list, tuple)):
+            return value
+        array = np.asarray(value)
+        type_name = self._type_name(var)
+        if type_name not in _TORCH_DTYPES:
+            raise UnsupportedProgramError(f"constants of type {type_name} are not supported ({var.name!r})")
+        if array.dtype in (np.uint16, np.uint32):
+            array = array.astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(_TORCH_DTYPES[type_name])
 
     def _find_classifier(self, name: str) -> tuple[Any, str]:
         """The classify op, and the name of the logits: the input of the softmax that feeds it (through casts)."""
-        classify = [op for op in self.operations if op.type == "classify"]
+        classify = [op for op in self.operations if op.op_type == "classify"]
         if len(classify) != 1:
             raise UnsupportedProgramError(f"{name} has {len(classify)} classify operations; expected one")
-        producer = self._producers.get(classify[0].inputs["probabilities"].arguments[0].name)
-        while producer is not None and producer.type == "cast":
-            producer = self._producers.get(producer.inputs["x"].arguments[0].name)
-        if producer is None or producer.type != "softmax":
+        producer = classify[0].inputs["probabilities"].op
+        while producer is not None and producer.op_type == "cast":
+            producer = producer.inputs["x"].op
+        if producer is None or producer.op_type != "softmax":
             raise UnsupportedProgramError(f"{name}: the classifier's probabilities do not come from a softmax, "
                                           "so there are no logits to compare")
-        return classify[0], producer.inputs["x"].arguments[0].name
+        return classify[0], producer.inputs["x"].name
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """Logits (the classifier's softmax input, as fp32) and predicted labels for RGB uint8 images N x H x W x 3."""
@@ -287,19 +226,16 @@ class MLProgram:
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Every named value of the program for these inputs, evaluating the operations in order."""
         values: dict[str, Any] = dict(feeds)
+        values.update(self._constants)
         for op in self.operations:
-            if op.type == "const":
-                name = op.outputs[0].name
-                if name not in self._constants:
-                    self._constants[name] = _compute(self._decode(op.attributes["val"]))
-                values[name] = self._constants[name]
+            if op.op_type == "const":
                 continue
-            arguments = {key: [self._binding(binding, values) for binding in argument.arguments]
-                         for key, argument in op.inputs.items()}
+            arguments = {key: [values[v.name] for v in var] if isinstance(var, (list, tuple)) else [values[var.name]]
+                         for key, var in op.inputs.items()}
             try:
-                results = _KERNELS[op.type](_Arguments(op.type, arguments))
+                results = _KERNELS[op.op_type](_Arguments(op.op_type, arguments))
             except Exception as error:
-                error.add_note(f"while evaluating the ML program's {op.type} {op.outputs[0].name!r}")
+                error.add_note(f"while evaluating the ML program's {op.op_type} {op.outputs[0].name!r}")
                 raise
             if not isinstance(results, tuple):
                 results = (results,)
@@ -312,90 +248,16 @@ class MLProgram:
 
         fp16 results are kept as fp32 tensors holding fp16 values (exact), since every op computes in fp32.
         """
-        if output.type.WhichOneof("type") != "tensorType" or not isinstance(result, torch.Tensor):
+        type_name = self._type_name(output)
+        if type_name is None or not isinstance(result, torch.Tensor):
             return result
-        tensor_type = output.type.tensorType
-        declared = [dim.constant.size if dim.WhichOneof("dimension") == "constant" else None
-                    for dim in tensor_type.dimensions]
+        declared = [d if isinstance(d, int) else None for d in output.shape]
         if len(declared) != result.dim() or any(d is not None and d != s for d, s in zip(declared, result.shape)):
-            raise ExportVerificationError(f"{op.type} {output.name!r}: evaluated shape {tuple(result.shape)}, "
+            raise ExportVerificationError(f"{op.op_type} {output.name!r}: evaluated shape {tuple(result.shape)}, "
                                           f"declared {tuple(declared)}")
-        return _compute(result.to(self._torch_dtype(tensor_type.dataType)))
-
-    def _binding(self, binding: Any, values: dict[str, Any]) -> Any:
-        if binding.WhichOneof("binding") == "name":
-            return values[binding.name]
-        return self._decode(binding.value)
-
-    def _binding_value(self, binding: Any) -> Any:
-        """A binding's value without running the program: an inline value or a const op's."""
-        if binding.WhichOneof("binding") == "value":
-            return self._decode(binding.value)
-        producer = self._producers[binding.name]
-        if producer.type != "const":
-            raise UnsupportedProgramError(f"{binding.name!r} is computed, not a constant")
-        return self._decode(producer.attributes["val"])
-
-    def _torch_dtype(self, data_type: int) -> torch.dtype:
-        dtypes = {self._mil.FLOAT16: torch.float16, self._mil.FLOAT32: torch.float32,
-                  self._mil.FLOAT64: torch.float64, self._mil.INT8: torch.int8, self._mil.UINT8: torch.uint8,
-                  self._mil.INT16: torch.int16, self._mil.INT32: torch.int32, self._mil.INT64: torch.int64,
-                  self._mil.BOOL: torch.bool}
-        if data_type not in dtypes:
-            raise UnsupportedProgramError(f"tensors of type {self._mil.DataType.Name(data_type)} are not supported")
-        return dtypes[data_type]
-
-    def _decode(self, value: Any) -> Any:
-        """A proto Value as a torch tensor, a str, or a list of values."""
-        kind = value.WhichOneof("value")
-        if kind == "blobFileValue":
-            return self._read_blob(value.blobFileValue, value.type.tensorType)
-        immediate = value.immediateValue
-        which = immediate.WhichOneof("value")
-        if which in ("list", "tuple"):
-            return [self._decode(element) for element in getattr(immediate, which).values]
-        if which != "tensor":
-            raise UnsupportedProgramError(f"constant values of kind {which} are not supported")
-        tensor_type = value.type.tensorType
-        shape = [dim.constant.size for dim in tensor_type.dimensions]
-        content = immediate.tensor
-        field_name = content.WhichOneof("value")
-        if tensor_type.dataType == self._mil.STRING:
-            strings = list(content.strings.values)
-            return strings[0] if tensor_type.rank == 0 else strings
-        dtype = self._torch_dtype(tensor_type.dataType)
-        if field_name == "bytes":
-            array = np.frombuffer(content.bytes.values, dtype=_numpy_dtype(dtype)).copy()
-        else:
-            array = np.array(list(getattr(content, field_name).values), dtype=_numpy_dtype(dtype))
-        return torch.from_numpy(array.reshape(shape))
-
-    def _read_blob(self, blob: Any, tensor_type: Any) -> torch.Tensor:
-        """A tensor stored in weights/weight.bin: a 64-byte record at `offset` (sentinel, dtype, size, data offset)."""
-        if not blob.fileName.startswith(_MODEL_PATH_PREFIX):
-            raise UnsupportedProgramError(f"weights file {blob.fileName!r} is not inside the package")
-        path = self._model_dir / blob.fileName[len(_MODEL_PATH_PREFIX):]
-        dtype = self._torch_dtype(tensor_type.dataType)
-        blob_codes = {torch.float16: 1, torch.float32: 2}
-        if dtype not in blob_codes:
-            raise UnsupportedProgramError(f"stored weights of type {dtype} are not supported")
-        shape = [dim.constant.size for dim in tensor_type.dimensions]
-        with open(path, "rb") as file:
-            file.seek(blob.offset)
-            sentinel, code, size, data_offset = struct.unpack("<IIQQ", file.read(24))
-            expected = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-            if sentinel != _BLOB_SENTINEL or code != blob_codes[dtype] or size != expected:
-                raise ExportVerificationError(f"{path} is damaged at offset {blob.offset}: the weight record does "
-                                              f"not describe {size} bytes of {dtype} for shape {shape}")
-            file.seek(data_offset)
-            data = file.read(size)
-        if len(data) != size:
-            raise ExportVerificationError(f"{path} ends early: a weight at offset {blob.offset} is cut off")
-        return torch.from_numpy(np.frombuffer(data, dtype=_numpy_dtype(dtype)).copy().reshape(shape))
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.tensor([], dtype=dtype).numpy().dtype
+        if type_name not in _TORCH_DTYPES:
+            raise UnsupportedProgramError(f"tensors of type {type_name} are not supported")
+        return _compute(result.to(_TORCH_DTYPES[type_name]))
 
 
 class _Arguments:
@@ -617,6 +479,75 @@ def _classify(args: _Arguments) -> tuple[str, dict[str, float]]:
     return classes[int(probabilities.argmax())], dict(zip(classes, probabilities.tolist()))
 
 
+# Compressed weights: constant-expression ops that rebuild a dense weight from palettes or integers.
+
+def _lut_to_dense(args: _Arguments) -> torch.Tensor:
+    """Palettized weights. iOS16: one palette of 2^n entries, indices packed n bits each, least significant bit
+    first. iOS18: one palette per group of channels (lut g0 x ... x g_{r-1} x 2^n x 1), unpacked indices."""
+    lut = args.tensor("lut")
+    indices = args.raw("indices")
+    if args.has("shape"):
+        shape = args.ints("shape")
+        nbits = int(math.log2(lut.numel()))
+        if lut.dim() != 1 or 1 << nbits != lut.numel():
+            raise ExportVerificationError(f"constexpr_lut_to_dense: a palette of {lut.numel()} entries is not 2^n")
+        bits = np.unpackbits(indices.numpy().astype(np.uint8), bitorder="little")[:math.prod(shape) * nbits]
+        if len(bits) != math.prod(shape) * nbits:
+            raise ExportVerificationError("constexpr_lut_to_dense: fewer packed indices than weights")
+        positions = torch.from_numpy(bits.reshape(-1, nbits).astype(np.int64) @ (1 << np.arange(nbits)))
+        return lut[positions].reshape(shape)
+    if lut.shape[-1] != 1 or lut.dim() != indices.dim() + 2:
+        raise UnsupportedProgramError("constexpr_lut_to_dense with vector palettes is not supported")
+    groups, entries = lut.shape[:-2], lut.shape[-2]
+    group = torch.zeros(indices.shape, dtype=torch.long)
+    for axis, (size, count) in enumerate(zip(indices.shape, groups)):
+        if size % count:
+            raise ExportVerificationError(f"constexpr_lut_to_dense: {count} palettes do not divide axis {axis} "
+                                          f"of size {size}")
+        view = [1] * indices.dim()
+        view[axis] = size
+        group = group * count + (torch.arange(size) // (size // count)).view(view)
+    positions = indices.long()
+    if int(positions.max()) >= entries:
+        raise ExportVerificationError(f"constexpr_lut_to_dense: an index beyond the palette's {entries} entries")
+    return lut.reshape(-1)[group * entries + positions]
+
+
+def _per_axis(values: torch.Tensor, shape: Sequence[int], axis: int) -> torch.Tensor:
+    """A scalar, or a vector along `axis`, shaped to broadcast against a tensor of `shape`."""
+    if values.dim() == 0:
+        return values
+    view = [1] * len(shape)
+    view[axis] = -1
+    return values.reshape(view)
+
+
+def _affine_dequantize(args: _Arguments) -> torch.Tensor:
+    """iOS16 linear weights: (quantized - zero_point) x scale, per tensor or per channel along `axis`."""
+    data = args.raw("quantized_data").float()
+    axis = args.int("axis", 0)
+    zero_point = _per_axis(args.raw("zero_point").float(), data.shape, axis)
+    return (data - zero_point) * _per_axis(args.tensor("scale"), data.shape, axis)
+
+
+def _blockwise_shift_scale(args: _Arguments) -> torch.Tensor:
+    """iOS18 linear weights: (data - offset) x scale, scale and offset given per block of each axis."""
+    data = args.raw("data").float()
+
+    def expand(values: torch.Tensor) -> torch.Tensor:
+        if values.dim() != data.dim():
+            raise ExportVerificationError("constexpr_blockwise_shift_scale: scale rank differs from the data's")
+        for axis, (size, blocks) in enumerate(zip(data.shape, values.shape)):
+            if size % blocks:
+                raise ExportVerificationError(f"constexpr_blockwise_shift_scale: {blocks} blocks do not divide "
+                                              f"axis {axis} of size {size}")
+            values = values.repeat_interleave(size // blocks, dim=axis)
+        return values
+
+    offset = expand(args.raw("offset").float()) if args.has("offset") else 0.0
+    return (data - offset) * expand(args.tensor("scale"))
+
+
 _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
     "conv": _conv,
     "batch_norm": _batch_norm,
@@ -644,6 +575,9 @@ _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
     "slice_by_size": _slice_by_size,
     "gather": _gather,
     "classify": _classify,
+    "constexpr_lut_to_dense": _lut_to_dense,
+    "constexpr_affine_dequantize": _affine_dequantize,
+    "constexpr_blockwise_shift_scale": _blockwise_shift_scale,
 }
 
 SUPPORTED_OPERATIONS = ("const",) + tuple(sorted(_KERNELS))

@@ -1,10 +1,12 @@
-"""Export to Core ML (.mlpackage, an ML program) or ONNX, each export verified against PyTorch before it is kept.
+"""Export to Core ML (.mlpackage, an ML program), ONNX or ExecuTorch (.pte), each export verified against PyTorch
+before it is kept; Core ML weights optionally compressed (palettes, int8), ONNX and ExecuTorch optionally int8.
 
 Core ML packages take a colour image (ct.ImageType) and have the model's input format built in: the image's
 channel order, scale and per-channel mean go into the image input, a per-pixel mean image and a division by std
 into the program. They output the class label and the probability of every class. ONNX files take float RGB
 0..255 images N x 3 x H x W (the project's convention, see common.input_format) with a dynamic batch, and output
-logits. Exports are of eval mode, so the training-only side heads `predict_*` are never part of them.
+logits; ExecuTorch programs take the same at batch 1. Exports are of eval mode, so the training-only side heads
+`predict_*` are never part of them.
 
 Each model folder's export.py calls `run_export`, the command line.
 """
@@ -15,7 +17,6 @@ import json
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
@@ -24,17 +25,31 @@ import torch
 from torch import nn
 
 from common.cli import check_image_size, prepare_output
-from common.coreml_verify import (ExportVerificationError, VerificationReport, import_coremltools, judge,
-                                  make_test_images, reference_logits, verify_coreml)
+from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
 from common.checkpoint import file_sha256
 from common.errors import UserError, exit_on_user_error
 from common.input_format import InputFormat, Preprocess
+from common.quantize import DEFAULT_CALIBRATION_IMAGES
+from common.verification import (DEFAULT_MIN_AGREEMENT, ExportVerificationError, VerificationReport,
+                                 make_test_images, mean_kl_divergence, reference_logits, verify_onnx)
 
 __all__ = ["convert_pytorch_to_coreml", "export_onnx", "verify_coreml", "verify_onnx", "run_export",
-           "imagenet_class_names", "ExportVerificationError", "VerificationReport", "DEPLOYMENT_TARGET"]
+           "imagenet_class_names", "ExportVerificationError", "VerificationReport", "DEPLOYMENT_TARGET",
+           "COMPRESSIONS", "compress_coreml"]
 
 # The first releases with ML programs: iOS 15 / macOS 12 / watchOS 8 / tvOS 15.
 DEPLOYMENT_TARGET = "iOS15"
+DEPLOYMENT_TARGETS = {"iOS15": "macOS12", "iOS16": "macOS13", "iOS17": "macOS14", "iOS18": "macOS15"}
+# Each Core ML weight compression: the first deployment target whose ML programs hold it, the operation that
+# rebuilds the weights there, and what it stores. Palettes and int8 weights need iOS16's constexpr ops; one
+# palette per group of channels needs iOS18's (plain 4-bit palettes lose too much: Apple's ResNet-50 figures).
+COMPRESSIONS = {
+    "palettize8": ("iOS16", "constexpr_lut_to_dense", "8-bit palettes (k-means), one per weight tensor"),
+    "palettize6": ("iOS16", "constexpr_lut_to_dense", "6-bit palettes (k-means), one per weight tensor"),
+    "palettize4": ("iOS18", "constexpr_lut_to_dense", "4-bit palettes (k-means), one per group of 8 output channels"),
+    "int8": ("iOS16", "constexpr_affine_dequantize", "int8 weights, linear symmetric, one scale per output channel"),
+}
+PALETTE_GROUP_SIZE = 8  # divides every layer's output channels and 1000 classes
 MIN_IMAGE_SIZE = 32  # five stride-2 steps in every network
 
 
@@ -96,15 +111,19 @@ def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
 
 def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, image_size: int = 224,
                               precision: str = "fp16", class_names: list[str] | None = None,
-                              metadata: dict | None = None, output: str | Path) -> Path:
+                              metadata: dict | None = None, output: str | Path, compression: str | None = None,
+                              deployment_target: str | None = None) -> Path:
     """Convert an eval-mode classifier into a Core ML ML program (.mlpackage) and save it at `output`.
 
     The input is an image with `input_format` built in; the outputs are the class label and the probabilities of
     `class_names` (default: the 1000 ImageNet names). `metadata` entries "description", "author", "license" and
     "version" fill the model's fields of those names; all others are stored as user-defined strings.
+    `compression` (a key of COMPRESSIONS) compresses the weights; `deployment_target` (iOS15 ... iOS18, default
+    the first that holds the compression) is the package's minimum, stated in its metadata.
     """
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
+    target = check_deployment_target(compression, deployment_target)
     output = _check_common(model, image_size, output, ".mlpackage")
     class_names = list(class_names) if class_names is not None else imagenet_class_names()
     if len(set(class_names)) != len(class_names):
@@ -128,17 +147,24 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
     mlmodel = ct.convert(
         exported, inputs=[image], classifier_config=ct.ClassifierConfig(class_names), convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-        minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET))
+        minimum_deployment_target=getattr(ct.target, target))
+    if compression:
+        mlmodel = compress_coreml(mlmodel, compression)
 
     fields = dict(metadata or {})
-    mlmodel.short_description = str(fields.pop("description", "image classifier"))
+    description = str(fields.pop("description", "image classifier"))
+    if compression:
+        description += f"; weights compressed: {COMPRESSIONS[compression][2]}"
+    mlmodel.short_description = f"{description}; needs {target} / {DEPLOYMENT_TARGETS[target]} or later"
     for name in ("author", "license", "version"):
         if name in fields:
             setattr(mlmodel, name, str(fields.pop(name)))
     fields.update(input_format=json.dumps(_portable_format(input_format)),
                   input_format_description=input_format.describe(), image_size=str(image_size),
-                  precision=precision, minimum_deployment_target=f"{DEPLOYMENT_TARGET} (macOS12)",
+                  precision=precision, minimum_deployment_target=f"{target} ({DEPLOYMENT_TARGETS[target]})",
                   num_classes=str(len(class_names)))
+    if compression:
+        fields.update(compression=compression, compression_description=COMPRESSIONS[compression][2])
     for key, value in fields.items():
         mlmodel.user_defined_metadata[key] = str(value)
     mlmodel.input_description["image"] = (f"{image_size}x{image_size} colour image; converted inside to the "
@@ -150,6 +176,36 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
     _replace_path(output, "coreml")
     mlmodel.save(str(output))
     return output
+
+
+def check_deployment_target(compression: str | None, deployment_target: str | None) -> str:
+    """The deployment target to convert for: the given one, or the first that holds `compression`; a one-line
+    error when the given one cannot hold it."""
+    if compression is not None and compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
+    needed, operation, _ = COMPRESSIONS[compression] if compression else (DEPLOYMENT_TARGET, "", "")
+    target = deployment_target or needed
+    if target not in DEPLOYMENT_TARGETS:
+        raise UserError(f"--deployment-target {target}: choose one of {', '.join(DEPLOYMENT_TARGETS)}")
+    order = list(DEPLOYMENT_TARGETS)
+    if order.index(target) < order.index(needed):
+        raise UserError(f"--compress {compression} needs --deployment-target {needed} or later ({operation}); "
+                        f"{target} cannot hold it")
+    return target
+
+
+def compress_coreml(mlmodel, compression: str):
+    """The ML program `mlmodel` with its weights compressed as COMPRESSIONS[compression] describes."""
+    import_coremltools()
+    from coremltools.optimize import coreml as cto
+
+    if compression == "int8":
+        config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=config))
+    bits = int(compression.removeprefix("palettize"))
+    grouped = dict(granularity="per_grouped_channel", group_size=PALETTE_GROUP_SIZE) if bits == 4 else {}
+    config = cto.OpPalettizerConfig(nbits=bits, mode="kmeans", **grouped)
+    return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=config))
 
 
 def _portable_format(input_format: InputFormat) -> dict:
@@ -197,44 +253,6 @@ def export_onnx(model: nn.Module, *, input_format: InputFormat, image_size: int 
     return output
 
 
-def verify_onnx(onnx_path: str | Path, model: nn.Module, input_format: InputFormat, *,
-                images: np.ndarray | None = None, num_images: int = 4, seed: int = 0) -> VerificationReport:
-    """Check an ONNX file with onnx.checker and onnxruntime against `model`, at batch 1 and at batch N.
-
-    The file must have opset 17 or later and a dynamic batch; its logits must match PyTorch's within 1e-4 of
-    their range. Raises ExportVerificationError otherwise.
-    """
-    import onnx
-    import onnxruntime
-
-    onnx_path = Path(onnx_path)
-    try:
-        onnx.checker.check_model(str(onnx_path), full_check=True)
-    except onnx.checker.ValidationError as error:
-        raise ExportVerificationError(f"{onnx_path.name} fails onnx.checker: {error}") from None
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    opset = max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
-    if opset < 17:
-        raise ExportVerificationError(f"{onnx_path.name} uses opset {opset}; 17 or later is required")
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    (image_input,) = session.get_inputs()
-    batch, _, height, width = image_input.shape
-    if isinstance(batch, int):
-        raise ExportVerificationError(f"{onnx_path.name} has a fixed batch size {batch}, not a dynamic one")
-    if images is None:
-        images = make_test_images(max(num_images, 2), int(height), seed)
-    batch_input = images.transpose(0, 3, 1, 2).astype(np.float32)
-    logits = session.run(None, {image_input.name: batch_input})[0]
-    single = session.run(None, {image_input.name: batch_input[:1]})[0]
-    reference = reference_logits(model, input_format, images)
-    operations = dict(sorted(Counter(node.op_type for node in proto.graph.node).items()))
-    report = judge(reference, logits, logits.argmax(axis=1), precision="fp32",
-                   target=f"{onnx_path.name} (batch {len(images)})", method="onnxruntime", operations=operations)
-    judge(reference[:1], single, single.argmax(axis=1), precision="fp32", target=f"{onnx_path.name} (batch 1)",
-          method="onnxruntime")
-    return report
-
-
 def _size_of(path: Path) -> int:
     if path.is_dir():
         return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
@@ -251,18 +269,61 @@ def _three_floats(text: str) -> tuple[float, float, float]:
     return values
 
 
+SUFFIXES = {"coreml": ".mlpackage", "onnx": ".onnx", "executorch": ".pte"}
+DEFAULT_VERIFY_IMAGES = 4  # exact exports: each image is a full check
+DEFAULT_VERIFY_IMAGES_COMPRESSED = 16  # compressed exports: agreement is a fraction, so more images
+DEFAULT_VAL_IMAGES = 256
+# Every format --sweep measures: (name in the table, export.py flags).
+SWEEP = (("Core ML fp32", ["--format", "coreml", "--precision", "fp32"]),
+         ("Core ML fp16", ["--format", "coreml"]),
+         ("Core ML palettize8", ["--format", "coreml", "--compress", "palettize8"]),
+         ("Core ML palettize6", ["--format", "coreml", "--compress", "palettize6"]),
+         ("Core ML palettize4", ["--format", "coreml", "--compress", "palettize4"]),
+         ("Core ML int8", ["--format", "coreml", "--compress", "int8"]),
+         ("ExecuTorch fp32", ["--format", "executorch"]),
+         ("ExecuTorch int8", ["--format", "executorch", "--quantize", "int8"]),
+         ("ONNX fp32", ["--format", "onnx"]),
+         ("ONNX int8", ["--format", "onnx", "--quantize", "int8"]))
+
+
 def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=f"Export {model_name} to Core ML or ONNX and verify the export against PyTorch.")
+        description=f"Export {model_name} to Core ML, ONNX or ExecuTorch and verify the export against PyTorch; "
+                    "--sweep measures every format.")
     parser.add_argument("--weights", required=True, metavar="FILE",
                         help="weights to export: a released .pkl/.pth, a .safetensors or a checkpoint of this project")
-    parser.add_argument("--format", choices=("coreml", "onnx"), default="coreml",
-                        help="coreml: an .mlpackage ML program with an image input (default); onnx: an .onnx file")
+    parser.add_argument("--format", choices=tuple(SUFFIXES), default="coreml",
+                        help="coreml: an .mlpackage ML program with an image input (default); onnx: an .onnx file; "
+                             "executorch: a .pte program for the ExecuTorch runtime (XNNPACK delegate)")
     parser.add_argument("--output", metavar="PATH",
-                        help=f"where to write (default: next to the weights, {model_name}-<precision>.mlpackage "
-                             "or .onnx)")
+                        help=f"where to write (default: next to the weights, {model_name}-<variant>.mlpackage, .onnx "
+                             f"or .pte; with --sweep a folder, {model_name}-sweep)")
     parser.add_argument("--precision", choices=("fp16", "fp32"),
-                        help="Core ML compute precision (default fp16); ONNX exports are fp32")
+                        help="Core ML compute precision (default fp16); ONNX and ExecuTorch exports are fp32 unless "
+                             "--quantize int8")
+    parser.add_argument("--compress", choices=tuple(COMPRESSIONS),
+                        help="Core ML weight compression: palettize8/6 (k-means palettes per tensor), palettize4 "
+                             "(a palette per group of 8 output channels), int8 (linear symmetric per channel); "
+                             "each needs a minimum deployment target, stated in the package")
+    parser.add_argument("--deployment-target", choices=tuple(DEPLOYMENT_TARGETS),
+                        help="Core ML minimum deployment target (default: the first that holds --compress; iOS15 "
+                             "without it)")
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="ONNX: static int8 QDQ quantization (per-channel weights); ExecuTorch: PT2E int8 with "
+                             "XNNPACK's quantizer; activation ranges calibrated on --calibration-dir")
+    parser.add_argument("--calibration-dir", metavar="DIR",
+                        help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
+    parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                        help="calibrate on at most N images spread over the folder "
+                             f"(default {DEFAULT_CALIBRATION_IMAGES})")
+    parser.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="F",
+                        help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
+                             f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
+    parser.add_argument("--val-dir", metavar="DIR",
+                        help="labelled images (one sub-folder per class, named as the weights' classes): report "
+                             "top-1/top-5 accuracy of PyTorch and of the export")
+    parser.add_argument("--num-val-images", type=int, default=DEFAULT_VAL_IMAGES, metavar="N",
+                        help=f"use at most N images of --val-dir, spread over it (default {DEFAULT_VAL_IMAGES})")
     parser.add_argument("--image-size", type=int, metavar="N",
                         help="input image size N x N (default: the checkpoint's, else 224)")
     parser.add_argument("--mean-image", metavar="FILE",
@@ -276,27 +337,159 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
                         help="skip the comparison of the export with PyTorch (on by default)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow weights files that run code when loaded; only for files you made yourself")
-    parser.add_argument("--num-verify-images", type=int, default=4, metavar="N",
-                        help="number of test images the verification compares (default 4)")
+    parser.add_argument("--num-verify-images", type=int, metavar="N",
+                        help=f"number of synthetic test images the verification compares (default "
+                             f"{DEFAULT_VERIFY_IMAGES}, {DEFAULT_VERIFY_IMAGES_COMPRESSED} for compressed or int8 "
+                             "exports)")
+    parser.add_argument("--results-json", metavar="FILE",
+                        help="also write the export's measurements (size, time, agreement, accuracy, speed, peak "
+                             "memory) to this JSON file")
+    parser.add_argument("--sweep", action="store_true",
+                        help="export every format (Core ML fp32/fp16/palettize8/6/4/int8, ExecuTorch fp32/int8, ONNX "
+                             "fp32/int8) into the --output folder, each in its own process, and write the table "
+                             "sweep.md and sweep.json there")
     return parser
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """One-line errors for flags that do not go together, before anything is loaded."""
+    if args.num_verify_images is not None and args.num_verify_images < 1:
+        raise UserError("--num-verify-images must be at least 1")
+    if not 0 <= args.min_agreement <= 1:
+        raise UserError("--min-agreement must be between 0 and 1, e.g. 0.9")
+    if args.calibration_images < 1 or args.num_val_images < 1:
+        raise UserError("--calibration-images and --num-val-images must be at least 1")
+    if args.mean is not None and args.mean_image is not None:
+        raise UserError("give either --mean or --mean-image, not both")
+    if args.sweep:
+        if not (args.calibration_dir or args.val_dir):
+            raise UserError("--sweep exports int8 too: give --calibration-dir DIR (or --val-dir DIR) for its "
+                            "calibration images")
+        return
+    if args.format != "coreml":
+        if args.precision == "fp16":
+            raise UserError(f"{'ONNX' if args.format == 'onnx' else 'ExecuTorch'} exports are fp32; leave out "
+                            "--precision or pass --precision fp32")
+        for flag in ("compress", "deployment_target"):
+            if getattr(args, flag):
+                raise UserError(f"--{flag.replace('_', '-')} is for --format coreml; for {args.format} use "
+                                "--quantize int8")
+    elif args.quantize:
+        raise UserError("--quantize is for --format onnx or executorch; Core ML weights are compressed with "
+                        "--compress (palettize8, palettize6, palettize4, int8)")
+    if args.format == "coreml":
+        check_deployment_target(args.compress, args.deployment_target)
+    if args.quantize and not (args.calibration_dir or args.val_dir):
+        raise UserError("--quantize int8 needs --calibration-dir DIR: a few hundred images like those the model "
+                        "will see (class sub-folders or flat)")
+
+
+def _variant(args: argparse.Namespace) -> str:
+    if args.format == "coreml":
+        precision = args.precision or "fp16"
+        return f"{precision}-{args.compress}" if args.compress else precision
+    return args.quantize or "fp32"
+
+
+def _top_k(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    return float((np.argsort(-logits, axis=1)[:, :k] == labels[:, None]).any(axis=1).mean())
+
+
+def _export_logits(kind: str, path: Path, images: np.ndarray) -> np.ndarray:
+    """The export's logits for RGB uint8 images N x H x W x 3, run as the verification runs it."""
+    if kind == "coreml":
+        return MLProgram(path).predict(images)[0]
+    if kind == "executorch":
+        from common.executorch_export import ExecuTorchProgram
+
+        return ExecuTorchProgram(path).logits(images)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batches = [images[i:i + 32].transpose(0, 3, 1, 2).astype(np.float32) for i in range(0, len(images), 32)]
+    return np.concatenate([session.run(None, {"image": batch})[0] for batch in batches])
+
+
+def _accuracy(kind: str, path: Path, model: nn.Module, input_format: InputFormat, images: np.ndarray,
+              labels: np.ndarray) -> dict:
+    """Top-1/top-5 of PyTorch and of the export on labelled images, and how the two agree there."""
+    reference = np.concatenate([reference_logits(model, input_format, images[i:i + 32])
+                                for i in range(0, len(images), 32)])
+    candidate = _export_logits(kind, path, images)
+    return {"val_images": len(images),
+            "pytorch_top1": _top_k(reference, labels, 1), "pytorch_top5": _top_k(reference, labels, 5),
+            "export_top1": _top_k(candidate, labels, 1), "export_top5": _top_k(candidate, labels, 5),
+            "val_top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+            "val_mean_kl": mean_kl_divergence(reference, candidate)}
+
+
+def _images_per_second(run, images: np.ndarray, min_seconds: float = 2.0) -> float:
+    """Batch-1 images/s of `run(one float 1 x 3 x H x W tensor)`, over `images` repeated for `min_seconds`."""
+    batches = [torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).unsqueeze(0)
+               for image in images]
+    run(batches[0])  # warm-up: first-call allocations and lazy initialisation
+    done, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < min_seconds or not done:
+        for batch in batches:
+            run(batch)
+        done += len(batches)
+    return done / elapsed
+
+
+@torch.no_grad()
+def _speed(kind: str, path: Path, model: nn.Module, input_format: InputFormat, images: np.ndarray) -> dict:
+    """Batch-1 images/s of the export in its runtime and of PyTorch eager, one after the other, each on one thread:
+    a phone app runs one image at a time, and on a shared CPU more threads measure the contention, not the code."""
+    graph = nn.Sequential(Preprocess(input_format), model).eval()
+    if kind == "executorch":
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        from common.executorch_export import ExecuTorchProgram
+
+        _unsafe_reset_threadpool(1)
+        method = ExecuTorchProgram(path).method
+        run = lambda batch: method.execute([batch])  # noqa: E731
+    else:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        run = lambda batch: session.run(None, {"image": batch.numpy()})  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pytorch = _images_per_second(graph, images)
+    finally:
+        torch.set_num_threads(threads)
+    export = _images_per_second(run, images)
+    return {"export_images_per_s": export, "pytorch_images_per_s": pytorch, "speed_vs_pytorch": export / pytorch}
+
+
+def _peak_memory_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB elsewhere
 
 
 @exit_on_user_error
 def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int:
-    """The export command line of a model folder: load weights, export, verify, print time and size."""
+    """The export command line of a model folder: load weights, export, verify, measure, print time and size."""
     from common.model_state import load_model_state, read_checkpoint_metadata
-    from common.models import create_network_for
+from common.cli import check_image_size, prepare_output
+    from common.quantize import load_calibration_images, load_labelled_images
 
     model_name = Path(network_module.__file__).resolve().parent.name
     args = _parser(model_name, network_module.INPUT_FORMAT).parse_args(argv)
-    check_image_size(args.image_size)
-    if args.num_verify_images < 1:
-        raise UserError("--num-verify-images must be at least 1")
-    precision = args.precision or ("fp16" if args.format == "coreml" else "fp32")
-    if args.format == "onnx" and precision != "fp32":
-        raise UserError("ONNX exports are fp32; leave out --precision or pass --precision fp32")
-    if args.mean is not None and args.mean_image is not None:
-        raise UserError("give either --mean or --mean-image, not both")
+    _check_flags(args)
+    if args.sweep:
+        return _run_sweep(network_module, model_name, args, argv if argv is not None else sys.argv[1:])
+    variant = _variant(args)
+    compressed = bool(args.compress or args.quantize)
+    num_verify = args.num_verify_images or (DEFAULT_VERIFY_IMAGES_COMPRESSED if compressed else DEFAULT_VERIFY_IMAGES)
     weights = Path(args.weights)
     stored = read_checkpoint_metadata(weights)
     imagenet = not stored.get("classes")
@@ -309,14 +502,31 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     image_size = args.image_size or int(stored.get("image_size", 224))
     if image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE}")
-    suffix = ".mlpackage" if args.format == "coreml" else ".onnx"
-    output = Path(args.output) if args.output else weights.parent / f"{model_name}-{precision}{suffix}"
+    suffix = SUFFIXES[args.format]
+    output = Path(args.output) if args.output else weights.parent / f"{model_name}-{variant}{suffix}"
     if output.suffix != suffix:
         raise UserError(f"--output {output} must end in {suffix} for --format {args.format}")
     _check_replaceable(output, args.format)
     prepare_output("--output", output)
 
-    model = create_network_for(network_module, len(class_names), stored)
+from common.cli import check_image_size, prepare_output
+    # Images are read before the long export, so a bad folder fails first.
+    val = None
+    if args.val_dir:
+        from common.imagenet import imagenet_wnids
+
+        val = load_labelled_images(args.val_dir, imagenet_wnids() if imagenet else class_names, image_size,
+                                   args.num_val_images)
+    calibration = None
+    if args.quantize:
+        if not args.calibration_dir:
+            print(f"calibrating on --val-dir {args.val_dir} (no --calibration-dir given)", flush=True)
+        calibration = load_calibration_images(args.calibration_dir or args.val_dir, image_size,
+                                              args.calibration_images,
+                                              "--calibration-dir" if args.calibration_dir else "--val-dir")
+        print(f"calibration: {len(calibration)} images", flush=True)
+
+    model = network_module.create_network(len(class_names))
     load_model_state(model, weights, for_inference=True, trust_pickle=args.trust_pickle)
     model.eval()
     metadata = {"model": model_name, "source_weights": weights.name, "source_weights_sha256": file_sha256(weights),
@@ -333,29 +543,164 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True)
     staging = staging_dir / output.name
-    print(f"{model_name}: exporting {weights.name} to {args.format} ({precision}, {image_size}x{image_size}, "
+    print(f"{model_name}: exporting {weights.name} to {args.format} ({variant}, {image_size}x{image_size}, "
           f"input {input_format.describe()})", flush=True)
+    result = {"model": model_name, "format": args.format, "variant": variant, "image_size": image_size,
+              "weights": weights.name}
     started = time.perf_counter()
     try:
         if args.format == "coreml":
-            convert_pytorch_to_coreml(model, input_format=input_format, image_size=image_size, precision=precision,
-                                      class_names=class_names, metadata=metadata, output=staging)
-        else:
+            convert_pytorch_to_coreml(model, input_format=input_format, image_size=image_size,
+                                      precision=args.precision or "fp16", class_names=class_names, metadata=metadata,
+                                      output=staging, compression=args.compress,
+                                      deployment_target=args.deployment_target)
+            result["deployment_target"] = check_deployment_target(args.compress, args.deployment_target)
+        elif args.format == "onnx":
             metadata["class_names"] = json.dumps(class_names)
-            export_onnx(model, input_format=input_format, image_size=image_size, output=staging,
-                        metadata=metadata)
-        export_seconds = time.perf_counter() - started
-        print(f"exported in {export_seconds:.1f} s, {_size_of(staging) / 1e6:.1f} MB", flush=True)
+            fp32 = staging.with_name(f"fp32-{staging.name}") if args.quantize else staging
+            export_onnx(model, input_format=input_format, image_size=image_size, output=fp32, metadata=metadata)
+            if args.quantize:
+                from common.quantize import quantize_onnx
+
+                quantize_onnx(fp32, staging, calibration)
+                _set_onnx_metadata(staging, {**_onnx_metadata(fp32), "quantization": "int8 QDQ, per-channel int8 "
+                                             f"weights, uint8 activations calibrated on {len(calibration)} images"})
+                fp32.unlink()
+        else:
+            from common.executorch_export import export_executorch
+
+            export_executorch(model, input_format=input_format, image_size=image_size, output=staging,
+                              quantize=args.quantize, calibration=calibration)
+        result["export_seconds"] = time.perf_counter() - started
+        result["bytes"] = _size_of(staging)
+        print(f"exported in {result['export_seconds']:.1f} s, {result['bytes'] / 1e6:.1f} MB", flush=True)
         if not args.no_verify:
             started = time.perf_counter()
-            verify = verify_coreml if args.format == "coreml" else verify_onnx
-            report = verify(staging, model, input_format, num_images=args.num_verify_images)
+            min_agreement = args.min_agreement if compressed else None
+            if args.format == "coreml":
+                report = verify_coreml(staging, model, input_format, num_images=num_verify,
+                                       min_agreement=min_agreement)
+            elif args.format == "onnx":
+                report = verify_onnx(staging, model, input_format, num_images=num_verify, quantized=compressed,
+                                     min_agreement=min_agreement)
+            else:
+                from common.executorch_export import verify_executorch
+
+                report = verify_executorch(staging, model, input_format, make_test_images(num_verify, image_size),
+                                           quantized=compressed, min_agreement=min_agreement)
             print(f"{report.summary()}; took {time.perf_counter() - started:.1f} s", flush=True)
+            result.update(verify_images=report.images, verify_clear_images=report.clear_images,
+                          top1_agreement=report.agreement if report.tolerance is None else
+                          report.top1_agreement / report.images,
+                          mean_kl=report.mean_kl, max_abs_diff=report.max_abs_diff, logit_range=report.logit_range)
+        if val is not None:
+            result.update(_accuracy(args.format, staging, model, input_format, *val))
+            print(f"on {result['val_images']} --val-dir images: top-1/top-5 accuracy PyTorch "
+                  f"{result['pytorch_top1']:.2%}/{result['pytorch_top5']:.2%}, export {result['export_top1']:.2%}/"
+                  f"{result['export_top5']:.2%}; top-1 agreement {result['val_top1_agreement']:.2%}, mean KL "
+                  f"{result['val_mean_kl']:.3g}", flush=True)
+        if args.format != "coreml":
+            result.update(_speed(args.format, staging, model, input_format, make_test_images(4, image_size, 1)))
+            print(f"speed (batch 1, one thread, this CPU; noisy when shared): {result['export_images_per_s']:.1f} "
+                  f"images/s in {'onnxruntime' if args.format == 'onnx' else 'the ExecuTorch runtime'}, PyTorch eager "
+                  f"{result['pytorch_images_per_s']:.1f} images/s ({result['speed_vs_pytorch']:.2f}x)", flush=True)
         _replace_path(output, args.format)
         staging.rename(output)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
     if args.no_verify:
         print("not verified (--no-verify)", file=sys.stderr)
+    result["peak_memory_mb"] = _peak_memory_mb()
+    if args.results_json:
+        Path(args.results_json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {output} ({_size_of(output) / 1e6:.1f} MB)")
     return 0
+
+
+def _onnx_metadata(path: Path) -> dict:
+    import onnx
+
+    return {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def _set_onnx_metadata(path: Path, entries: dict) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=str(value))
+    onnx.save(proto, str(path))
+
+
+def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Namespace, argv: list[str]) -> int:
+    """Export every format in its own process (so each one's peak memory is its own) and tabulate the results."""
+    import subprocess
+
+    weights = Path(args.weights)
+    folder = Path(args.output) if args.output else weights.parent / f"{model_name}-sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    script = Path(network_module.__file__).resolve().parent / "export.py"
+    passed = _forwarded_flags(argv)
+    rows = []
+    for name, flags in SWEEP:
+        stem = name.replace(" ", "-")
+        suffix = SUFFIXES[flags[flags.index("--format") + 1]]
+        results = folder / f"{stem}.json"
+        results.unlink(missing_ok=True)
+        print(f"\n=== {name} ===", flush=True)
+        command = [sys.executable, str(script), *passed, *flags, "--results-json", str(results),
+                   "--output", str(folder / f"{model_name}-{stem}{suffix}"), "--min-agreement", "0"]
+        status = subprocess.run(command).returncode
+        ok = status == 0 and results.is_file()
+        row = json.loads(results.read_text()) if ok else {"error": f"exit status {status}"}
+        rows.append({"name": name, **row})
+    (folder / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (folder / "sweep.md").write_text(sweep_table(rows) + "\n")
+    print(f"\n{sweep_table(rows)}\n\nwrote {folder / 'sweep.md'} and {folder / 'sweep.json'}")
+    return 0 if all("error" not in row for row in rows) else 1
+
+
+def _forwarded_flags(argv: list[str]) -> list[str]:
+    """The command line without --sweep, --output and the flags each sweep entry sets itself."""
+    own = {"--format", "--precision", "--compress", "--quantize", "--deployment-target", "--output",
+           "--results-json", "--min-agreement"}
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name == "--sweep":
+            continue
+        if name in own:
+            skip = "=" not in item
+            continue
+        kept.append(item)
+    return kept
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """The sweep as a Markdown table: size, agreement and KL with PyTorch, accuracy, export time, peak memory,
+    and batch-1 images/s against PyTorch eager where the runtime runs here."""
+    with_val = any("export_top1" in row for row in rows)
+    header = ["format", "MB", "top-1 agreement", "mean KL"]
+    header += ["top-1 / top-5 (PyTorch: top-1 / top-5)"] if with_val else []
+    header += ["export s", "peak memory MB", "images/s (PyTorch eager)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | failed: {row['error']} |" + " |" * (len(header) - 2))
+            continue
+        cells = [row["name"], f"{row['bytes'] / 1e6:.1f}",
+                 f"{row['top1_agreement']:.0%} of {row['verify_clear_images']}" if "top1_agreement" in row else "-",
+                 f"{row['mean_kl']:.2g}" if "mean_kl" in row else "-"]
+        if with_val:
+            cells.append(f"{row['export_top1']:.1%} / {row['export_top5']:.1%} ({row['pytorch_top1']:.1%} / "
+                         f"{row['pytorch_top5']:.1%})" if "export_top1" in row else "-")
+        cells += [f"{row['export_seconds']:.0f}",
+                  f"{row['peak_memory_mb']:.0f}" if row.get("peak_memory_mb") else "-",
+                  f"{row['export_images_per_s']:.1f} ({row['pytorch_images_per_s']:.1f})"
+                  if "export_images_per_s" in row else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.coreml_verify import make_test_images
+from common.verification import make_test_images
 from common.input_format import InputFormat, Preprocess
 
 

@@ -1,0 +1,85 @@
+"""ExecuTorch export (.pte programs for PyTorch's on-device runtime, XNNPACK delegate on Android and iOS CPUs).
+
+The program takes what the ONNX export takes, float RGB 0..255 images 1 x 3 x H x W (the input format is part of
+the program), and outputs logits. fp32 programs match PyTorch to rounding; int8 programs are quantized with the
+PT2E flow and XNNPACK's quantizer (symmetric per-channel int8 weights, int8 activations calibrated on real
+images). Unlike Core ML on Linux, the check runs the program in the ExecuTorch runtime itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.input_format import InputFormat, Preprocess
+from common.verification import ExportVerificationError, VerificationReport, judge, reference_logits
+
+
+def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size: int, output: str | Path,
+                      quantize: str | None = None, calibration: np.ndarray | None = None) -> Path:
+    """Lower an eval-mode network with its input format to an XNNPACK-delegated .pte at `output`.
+
+    quantize="int8" needs `calibration` images (RGB uint8 N x H x W x 3) for the activation ranges.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    graph = nn.Sequential(Preprocess(input_format), model).eval()
+    example = (torch.rand(1, 3, image_size, image_size) * 255,)
+    if quantize == "int8":
+        if calibration is None or not len(calibration):
+            raise ValueError("int8 quantization needs calibration images")
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                              get_symmetric_quantization_config)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        prepared = prepare_pt2e(torch.export.export(graph, example).module(), quantizer)
+        with torch.no_grad():
+            for image in _as_batches(calibration):
+                prepared(image)
+        graph = convert_pt2e(prepared)
+    elif quantize is not None:
+        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    program = to_edge_transform_and_lower(torch.export.export(graph, example),
+                                          partitioner=[XnnpackPartitioner()]).to_executorch()
+    output = Path(output)
+    output.write_bytes(program.buffer)
+    return output
+
+
+def _as_batches(images: np.ndarray):
+    """RGB uint8 N x H x W x 3 as contiguous float 1 x 3 x H x W tensors (the runtime reads raw memory)."""
+    for image in images:
+        yield torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).unsqueeze(0)
+
+
+class ExecuTorchProgram:
+    """A .pte loaded into the ExecuTorch runtime's Python bindings."""
+
+    def __init__(self, path: str | Path) -> None:
+        from executorch.runtime import Runtime
+
+        try:
+            self.method = Runtime.get().load_program(str(path)).load_method("forward")
+        except RuntimeError as error:
+            raise ExportVerificationError(f"{Path(path).name}: the ExecuTorch runtime cannot load it ({error})") \
+                from None
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits for RGB uint8 images N x H x W x 3, one image at a time (the program has batch 1)."""
+        return np.concatenate([self.method.execute([image])[0].clone().numpy() for image in _as_batches(images)])
+
+
+def verify_executorch(path: str | Path, model: nn.Module, input_format: InputFormat, images: np.ndarray, *,
+                      quantized: bool, min_agreement: float | None = None) -> VerificationReport:
+    """Run a .pte in the ExecuTorch runtime on `images` and judge it against PyTorch: fp32 within 1e-4 of the
+    logit range, int8 by top-1 agreement (at least `min_agreement`)."""
+    path = Path(path)
+    candidate = ExecuTorchProgram(path).logits(images)
+    reference = reference_logits(model, input_format, images)
+    return judge(reference, candidate, candidate.argmax(axis=1), precision="int8 static" if quantized else "fp32",
+                 target=path.name, method="the ExecuTorch runtime", min_agreement=min_agreement)
+

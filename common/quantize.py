@@ -1,0 +1,102 @@
+"""Images for calibrating and measuring exports, and int8 quantization of ONNX exports (onnxruntime QDQ).
+
+Calibration images go through the model's own evaluation preprocessing (short-side resize, centre crop) and are
+fed to the exported graph as it will be fed in an app: RGB 0..255, the input format being part of the graph.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common.data import EvalTransform, _decode_rgb
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION_IMAGES = 300
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def calibration_files(folder: str | Path, flag: str = "--calibration-dir") -> list[Path]:
+    """The image files under `folder` (an ImageFolder tree or a flat folder), in sorted order."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder}: no such folder")
+    files = sorted(Path(root) / name for root, dirs, names in os.walk(folder)
+                   for name in names if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."))
+    if not files:
+        raise UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its sub-folders")
+    return files
+
+
+def load_calibration_images(folder: str | Path, image_size: int, limit: int = DEFAULT_CALIBRATION_IMAGES,
+                            flag: str = "--calibration-dir") -> np.ndarray:
+    """Up to `limit` images spread evenly over `folder`, as RGB uint8 N x image_size x image_size x 3 after the
+    evaluation transform. An unreadable image is skipped with one line; none readable is an error."""
+    files = calibration_files(folder, flag)
+    if len(files) > limit:
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+    transform = EvalTransform(image_size)
+    images = []
+    for path in files:
+        image = _decode_rgb(str(path))  # logs the one line for a file it cannot read
+        if image is not None:
+            images.append(transform(image).permute(1, 2, 0).numpy())
+    if not images:
+        raise UserError(f"{flag} {folder}: none of its {len(files)} images could be read")
+    if len(images) < len(files):
+        print(f"calibration: {len(files) - len(images)} of {len(files)} images could not be read and were skipped",
+              flush=True)
+    return np.stack(images)
+
+
+def quantize_onnx(fp32_path: str | Path, output: str | Path, calibration: np.ndarray) -> Path:
+    """Write an int8 copy of an fp32 ONNX export: QDQ format, per-channel int8 weights, uint8 activations whose
+    ranges are calibrated on `calibration` (RGB uint8 N x H x W x 3)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration[i:i + 1].transpose(0, 3, 1, 2).astype(np.float32)
+                                for i in range(len(calibration)))
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"image": batch}
+
+    output = Path(output)
+    prepared = output.with_name(f".{output.stem}.prepared.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
+    return output
+
+
+def load_labelled_images(folder: str | Path, classes: list[str], image_size: int,
+                         limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `limit` images spread evenly over an ImageFolder val set whose class folders name the network's
+    `classes`, after the evaluation transform: (RGB uint8 N x H x W x 3, labels N). Unreadable images are skipped."""
+    from common.data import scan_image_folder
+    from common.imagenet import class_to_index_for
+
+    folders = scan_image_folder(folder, "--val-dir")[1]
+    samples, _ = scan_image_folder(folder, "--val-dir", class_to_index=class_to_index_for(folders, classes))
+    if len(samples) > limit:
+        samples = [samples[i] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
+    transform = EvalTransform(image_size)
+    images, labels = [], []
+    for path, label in samples:
+        image = _decode_rgb(path)
+        if image is not None:
+            images.append(transform(image).permute(1, 2, 0).numpy())
+            labels.append(label)
+    if not images:
+        raise UserError(f"--val-dir {folder}: none of its {len(samples)} images could be read")
+    return np.stack(images), np.array(labels)
