@@ -479,11 +479,12 @@ def _peak_memory_mb() -> float | None:
 def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int:
     """The export command line of a model folder: load weights, export, verify, measure, print time and size."""
     from common.model_state import load_model_state, read_checkpoint_metadata
-from common.cli import check_image_size, prepare_output
+    from common.models import create_network_for
     from common.quantize import load_calibration_images, load_labelled_images
 
     model_name = Path(network_module.__file__).resolve().parent.name
     args = _parser(model_name, network_module.INPUT_FORMAT).parse_args(argv)
+    check_image_size(args.image_size)
     _check_flags(args)
     if args.sweep:
         return _run_sweep(network_module, model_name, args, argv if argv is not None else sys.argv[1:])
@@ -509,7 +510,6 @@ from common.cli import check_image_size, prepare_output
     _check_replaceable(output, args.format)
     prepare_output("--output", output)
 
-from common.cli import check_image_size, prepare_output
     # Images are read before the long export, so a bad folder fails first.
     val = None
     if args.val_dir:
@@ -526,7 +526,7 @@ from common.cli import check_image_size, prepare_output
                                               "--calibration-dir" if args.calibration_dir else "--val-dir")
         print(f"calibration: {len(calibration)} images", flush=True)
 
-    model = network_module.create_network(len(class_names))
+    model = create_network_for(network_module, len(class_names), stored)
     load_model_state(model, weights, for_inference=True, trust_pickle=args.trust_pickle)
     model.eval()
     metadata = {"model": model_name, "source_weights": weights.name, "source_weights_sha256": file_sha256(weights),
