@@ -87,7 +87,3 @@ def user_error_line(capsys, main, argv: list[str]) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a long end-to-end test (CI runs it; skip with -m 'not slow')")
