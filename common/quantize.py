@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data import EvalTransform, _decode_rgb
+from common.data import EvalTransform, UndecodableImage, open_image
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,9 @@ def load_calibration_images(folder: str | Path, image_size: int, limit: int = DE
     transform = EvalTransform(image_size)
     images = []
     for path in files:
-        image = _decode_rgb(str(path))  # logs the one line for a file it cannot read
+        image = _eval_image(path, transform)
         if image is not None:
-            images.append(transform(image).permute(1, 2, 0).numpy())
+            images.append(image)
     if not images:
         raise UserError(f"{flag} {folder}: none of its {len(files)} images could be read")
     if len(images) < len(files):
@@ -93,10 +93,19 @@ def load_labelled_images(folder: str | Path, classes: list[str], image_size: int
     transform = EvalTransform(image_size)
     images, labels = [], []
     for path, label in samples:
-        image = _decode_rgb(path)
+        image = _eval_image(path, transform)
         if image is not None:
-            images.append(transform(image).permute(1, 2, 0).numpy())
+            images.append(image)
             labels.append(label)
     if not images:
         raise UserError(f"--val-dir {folder}: none of its {len(samples)} images could be read")
     return np.stack(images), np.array(labels)
+
+
+def _eval_image(path: str | Path, transform: EvalTransform) -> np.ndarray | None:
+    """The image at `path` through `transform`, H x W x 3 uint8 RGB; None, after one line, if it cannot be read."""
+    try:
+        return transform(open_image(str(path))).permute(1, 2, 0).numpy()
+    except UndecodableImage as error:
+        log.warning("skipped %s: cannot decode it (%s)", path, error)
+        return None

@@ -52,7 +52,8 @@ def test_help_states_each_default_once_and_never_none(name):
 
 # The scripts whose output can show each module's texts. A message of a module names flags of those scripts.
 SHOWN_BY = {
-    "common/training.py": ["train"], "common/checkpoint.py": ["train"], "common/run_log.py": ["train"],
+    # train.py --eval runs eval.py with eval.py's own flags.
+    "common/training.py": ["train", "eval"], "common/checkpoint.py": ["train"], "common/run_log.py": ["train"],
     "common/evaluate.py": ["eval"], "common/imagenet.py": ["eval"],
     "common/export.py": ["export"], "common/coreml_verify.py": ["export"],
     "common/data.py": ["train", "eval"], "common/distributed.py": ["train", "eval"],
