@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.data import EvalTransform, collate_skip_corrupt_with_indices
 from common.distributed import resolve_device
 from common.errors import UserError, exit_on_user_error
+from common.hardware import AMP_CHOICES
 from common.imagenet import imagenet_names, imagenet_wnids
 from common.inference import prepare_inference_model
 from common.input_format import InputFormat, Preprocess
@@ -143,7 +144,9 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="image-decoding worker processes; 0 decodes in the main process (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu, cuda or cuda:N")
-    parser.add_argument("--amp", choices=("bf16", "fp16"), help="autocast to this precision")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="none",
+                        help="autocast precision, as in eval.py: none (the default) is float32; auto picks bf16 on "
+                             "CUDA and on CPUs with native bf16 when measured faster")
     parser.add_argument("--compile", action="store_true", help="torch.compile the inference model")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
