@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
-from common.checkpoint import atomic_write, to_plain
+from common.atomic_io import atomic_output, atomic_write, file_sha256
+from common.checkpoint_store import to_plain
 from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error
 from common.model_state import (RELEASE_METADATA_KEY, describe_weights, extract_model_state, load_model_state,
@@ -84,12 +86,28 @@ def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> di
 
 
 def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
-    """Write the .safetensors file and its .sha256 beside it, both atomically; returns the SHA-256."""
+    """Write a weights file to share, and `OUT.sha256` beside it (`<hex>  <file name>`, as sha256sum writes it),
+    both atomically; returns the SHA-256. The one writer of releases, averages and train.py --average-best.
+
+    `.safetensors` holds `metadata` as JSON; any other name is a torch.save state dict (without metadata). The
+    tensors are written straight from their memory, so writing needs no second copy of the weights.
+    """
+    output = Path(output)
     # safetensors stores dense row-major data only; a channels_last network's weights are not.
     weights = {name: tensor.contiguous() for name, tensor in weights.items()}
-    data = safetensors.torch.save(weights, metadata={"format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata)})
     try:
-        digest, _ = atomic_write(output, lambda file: file.write(data))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(output) as temporary:
+            if output.suffix == ".safetensors":
+                # safetensors creates its files 0600; give the file the umask's mode, like every other output.
+                with open(temporary, "xb"):
+                    mode = os.stat(temporary).st_mode & 0o777
+                safetensors.torch.save_file(weights, temporary, metadata={
+                    "format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata, default=str)})
+                os.chmod(temporary, mode)
+            else:
+                torch.save(weights, temporary)
+            digest = file_sha256(temporary)
         line = f"{digest}  {output.name}\n".encode()
         atomic_write(output.with_name(output.name + ".sha256"), lambda file: file.write(line))
     except OSError as error:

@@ -22,7 +22,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
 
-from common import checkpoint
+from common import atomic_io, checkpoint, checkpoint_store
 from common.checkpoint import (CheckpointCorruptError, CheckpointError, CheckpointWarning, CheckpointWriteError,
                                get_latest_model, get_training_state, list_checkpoints, load_checkpoint,
                                save_checkpoint, verify_checkpoint)
@@ -307,7 +307,7 @@ def test_full_disk_leaves_earlier_checkpoints_intact(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self._file.close()
 
-    monkeypatch.setattr(checkpoint, "open", FillingFile, raising=False)
+    monkeypatch.setattr(atomic_io, "open", FillingFile, raising=False)
     with pytest.raises(CheckpointWriteError) as error:
         _save(tmp_path, 20)
     text = str(error.value)
@@ -325,7 +325,7 @@ def test_failure_between_the_renames_removes_the_new_sidecar(tmp_path, monkeypat
     def fail(folder):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(checkpoint, "_fsync_dir", fail)
+    monkeypatch.setattr(checkpoint_store, "fsync_dir", fail)
     with pytest.raises(CheckpointWriteError, match="Input/output error"):
         _save(tmp_path, 20)
     assert sorted(tmp_path.iterdir()) == before
