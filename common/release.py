@@ -21,9 +21,10 @@ from common.atomic_io import atomic_output, atomic_write, file_sha256
 from common.checkpoint_store import to_plain
 from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error
-from common.model_state import (RELEASE_METADATA_KEY, describe_weights, extract_model_state, load_model_state,
-                                read_checkpoint_metadata, read_weights_file)
+from common.model_state import (RELEASE_METADATA_KEY, describe_weights, extract_model_state, is_side_head,
+                                load_model_state, read_checkpoint_metadata, read_weights_file)
 from common.models import MODEL_FOLDERS, load_network_module
+from common.pretrained import classifier_rows
 
 # Training arguments are left out of a release: they name local paths and say nothing about using the weights.
 _PRIVATE_METADATA = ("args",)
@@ -58,7 +59,7 @@ def release_weights(weights: dict[str, torch.Tensor], keep_side_heads: bool = Fa
     released = {}
     storages = set()
     for key, value in weights.items():
-        if not keep_side_heads and key.startswith("predict_"):
+        if not keep_side_heads and is_side_head(key):
             continue
         value = value.detach().cpu().contiguous()
         storage = value.untyped_storage().data_ptr()
@@ -128,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     obj = read_weights_file(source, trust_pickle=args.trust_pickle)
     weights = release_weights(extract_model_state(obj, use_ema=args.ema, source=str(source)), args.keep_side_heads)
     if args.model:
-        rows = next((weights[key].shape[0] for key in ("classifier.0.weight", "fc.fc.weight", "fc.weight")
-                     if key in weights), 1000)
-        network = load_network_module(args.model).create_network(num_classes=rows)
+        network_module = load_network_module(args.model)
+        network = network_module.create_network(num_classes=classifier_rows(network_module, weights))
         load_model_state(network, weights, strict=True, for_inference=not args.keep_side_heads,
                          source_name=str(source))
     digest = write_release(output, weights, release_metadata(obj, weights, args.ema))
