@@ -37,6 +37,9 @@ _WEIGHT_SUFFIXES = (".pth", ".pt", ".pkl", ".tar", ".ckpt", ".bin")
 # Accuracy aliases: checkpoints record errors; "top1" means 100 - top1_error, where higher is better.
 ACCURACY_ALIASES = {"top1": "top1_error", "top5": "top5_error"}
 _HIGHER_IS_BETTER = {"top1", "top5", "accuracy"}
+# Checkpoints get_latest_model has checked in this process, by (path, inode, size, mtime): a resume that picks the
+# newest good checkpoint (one full hash) and then loads it does not hash the same unchanged file twice.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
 _ADVICE = "resume from an earlier checkpoint (get_latest_model picks the newest good one)"
 
 
@@ -172,8 +175,11 @@ def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
     complete, problems = _scan(Path(save_dir))
     chosen = None
     for info in reversed(complete):
+        identity = _identity(info.path)
         if _hash_matches(info):
             chosen = info
+            if identity is not None:
+                _VERIFIED.add(identity)
             break
         problems.append((info.iteration, info.path, "its SHA-256 does not match its sidecar: the file is damaged"))
     floor = chosen.iteration if chosen else -1
@@ -192,13 +198,16 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True, map_locatio
     """The object stored in checkpoint `path`, its size and SHA-256 checked against the sidecar first.
 
     The file is mapped and unpickled while a second thread checks the SHA-256 (both read the same pages, which
-    the disk delivers once); the result is returned only once the check has passed. `verify=False` skips the
-    check, for a data file copied without its sidecar.
+    the disk delivers once); the result is returned only once the check has passed. A file get_latest_model
+    checked in this process and unchanged since is not hashed again. `verify=False` skips the check, for a data
+    file copied without its sidecar.
     """
     path = Path(path)
     if not verify:
         return read_weights_file(path, map_location=map_location)
     info = _verified_info(path, check_hash=False)
+    if _identity(path) in _VERIFIED:
+        return read_weights_file(path, map_location=map_location)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
         hashing = hasher.submit(_hash_matches, info)
         try:
@@ -351,6 +360,14 @@ def _hash_matches(info: CheckpointInfo) -> bool:
         return file_sha256(info.path) == info.sha256
     except OSError:
         return False
+
+
+def _identity(path: Path) -> tuple[str, int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _remove_stale_temps(save_dir: Path) -> None:
