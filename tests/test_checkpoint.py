@@ -470,3 +470,22 @@ def test_cuda_rng_states_are_kept_per_device(tmp_path, monkeypatch):
     path = save_checkpoint(get_training_state(Tiny(), iteration=1), 1, tmp_path)
     load_checkpoint(path, Tiny())
     assert restored.keys() == {0, 1} and all(torch.equal(restored[i], states[i]) for i in (0, 1))
+
+
+def test_each_rank_takes_back_its_own_generators(tmp_path, monkeypatch):
+    """One RNG mechanism for every rank: the state holds each rank's generators; rank r restores entry r, and every
+    rank restores rank 0's when the number of ranks changed."""
+    per_rank = []
+    for seed in (10, 11):
+        _seed_everything(seed)
+        per_rank.append(checkpoint.rng_state())
+    path = save_checkpoint(get_training_state(Tiny(), iteration=1, rng=per_rank), 1, tmp_path)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for world_size, rank, seed in ((2, 1, 11), (2, 0, 10), (3, 2, 10)):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, rank=rank: rank)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None, size=world_size: size)
+        _seed_everything(99)
+        load_checkpoint(path, Tiny())
+        drawn = (random.random(), float(np.random.rand()), torch.rand(1).item())
+        _seed_everything(seed)
+        assert drawn == (random.random(), float(np.random.rand()), torch.rand(1).item()), (world_size, rank)
