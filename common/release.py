@@ -88,7 +88,7 @@ def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> di
 
 def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
     """Write a weights file to share, and `OUT.sha256` beside it (`<hex>  <file name>`, as sha256sum writes it),
-    both atomically; returns the SHA-256. The one writer of releases, averages and train.py --average-best.
+    both atomically; returns the SHA-256. The one writer of releases, averages and the averages made in training.
 
     `.safetensors` holds `metadata` as JSON; any other name is a torch.save state dict (without metadata). The
     tensors are written straight from their memory, so writing needs no second copy of the weights.
