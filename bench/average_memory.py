@@ -91,6 +91,31 @@ def _write_inputs(model: str, folder: Path) -> None:
         print(f"wrote {path.name} ({path.stat().st_size / 1e9:.2f} GB)", file=sys.stderr, flush=True)
 
 
+def _report(model: str, file_size: int, idle: dict, runs: dict, threads: int | None) -> dict:
+    """Print the measured peaks and times against one file and reading; returns them for --json."""
+    numbers = {"model": model, "files": NUM_FILES, "file_bytes": file_size, "idle_rss_bytes": idle["peak_rss"],
+               "threads": threads, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
+               "goal_peak_to_file_size": GOAL_RATIO}
+    print(f"{model}: {NUM_FILES} files of {file_size / 1e9:.3f} GB; peak RSS above an idle process "
+          f"({idle['peak_rss'] / 1e9:.2f} GB) as a multiple of one file, time as a multiple of reading "
+          f"(torch threads: {threads or 'default'}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
+    for mode, run in runs.items():
+        peak = run["peak_rss"] - idle["peak_rss"]
+        name = mode.replace("+", "_and_")
+        numbers[f"{name}_peak_bytes"] = peak
+        numbers[f"{name}_seconds"] = run["seconds"]
+        numbers[f"{name}_cpu_seconds"] = run["cpu_seconds"]
+        numbers[f"{name}_peak_to_file_size"] = peak / file_size
+        numbers[f"{name}_time_to_read_time"] = run["seconds"] / runs["read"]["seconds"]
+        print(f"  {mode:14} peak {peak / 1e9:6.3f} GB = {peak / file_size:5.2f} x file   "
+              f"{run['seconds']:6.1f} s = {run['seconds'] / runs['read']['seconds']:5.2f} x reading   "
+              f"(CPU {run['cpu_seconds']:.1f} s)")
+    worst = max(numbers["average_peak_to_file_size"], numbers["average_and_write_peak_to_file_size"])
+    print(f"averaging {'meets' if worst <= GOAL_RATIO else 'MISSES'} the goal: peak {worst:.2f} x file "
+          f"(at most {GOAL_RATIO}); 'average+write' includes writing and fsyncing the .safetensors output")
+    return numbers
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -129,26 +154,7 @@ def main() -> int:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-    numbers = {"model": model, "files": NUM_FILES, "file_bytes": file_size, "idle_rss_bytes": idle["peak_rss"],
-               "threads": args.threads, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
-               "goal_peak_to_file_size": GOAL_RATIO}
-    print(f"{model}: {NUM_FILES} files of {file_size / 1e9:.3f} GB; peak RSS above an idle process "
-          f"({idle['peak_rss'] / 1e9:.2f} GB) as a multiple of one file, time as a multiple of reading "
-          f"(torch threads: {args.threads or 'default'}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
-    for mode, run in runs.items():
-        peak = run["peak_rss"] - idle["peak_rss"]
-        name = mode.replace("+", "_and_")
-        numbers[f"{name}_peak_bytes"] = peak
-        numbers[f"{name}_seconds"] = run["seconds"]
-        numbers[f"{name}_cpu_seconds"] = run["cpu_seconds"]
-        numbers[f"{name}_peak_to_file_size"] = peak / file_size
-        numbers[f"{name}_time_to_read_time"] = run["seconds"] / runs["read"]["seconds"]
-        print(f"  {mode:14} peak {peak / 1e9:6.3f} GB = {peak / file_size:5.2f} x file   "
-              f"{run['seconds']:6.1f} s = {run['seconds'] / runs['read']['seconds']:5.2f} x reading   "
-              f"(CPU {run['cpu_seconds']:.1f} s)")
-    worst = max(numbers["average_peak_to_file_size"], numbers["average_and_write_peak_to_file_size"])
-    print(f"averaging {'meets' if worst <= GOAL_RATIO else 'MISSES'} the goal: peak {worst:.2f} x file "
-          f"(at most {GOAL_RATIO}); 'average+write' includes writing and fsyncing the .safetensors output")
+    numbers = _report(model, file_size, idle, runs, args.threads)
     if args.json:
         Path(args.json).write_text(json.dumps(numbers, indent=1) + "\n")
     return 0

@@ -1,9 +1,14 @@
 """Checkpoint save and load of a full training state (weights, SGD momentum, EMA) per model, as ratios to the raw
-speed of the same disk measured in the same run (write + fsync, and read, of the same number of bytes). Every read
-starts from the disk: the file's pages are dropped from the page cache first. A load includes the SHA-256 check
-of the whole file that load_checkpoint makes before unpickling anything.
+speed of the same disk measured in the same run, interleaved round by round so that drift in the machine's load
+hits both alike. Goal (issue 15): save at most 1.3x, load at most 1.2x.
 
-    python bench/checkpoint_speed.py [--models ...] [--dir DIR] [--json FILE]
+- save: save_checkpoint of the state into a fresh file (hashed while written, fsynced, renamed, sidecar written);
+  raw write: the same number of bytes written with write() into a fresh file, then fsync, as `dd conv=fsync`.
+- load: load_checkpoint into the live model, optimizer and EMA, including the SHA-256 check of the whole file;
+  raw read: read() of a file of the same size. Both start from the disk: the file's pages are dropped from the
+  page cache first.
+
+    python bench/checkpoint_speed.py [--models ...] [--dir DIR] [--repeats N] [--json FILE]
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from timing import measure, write_json
+from timing import interleaved, write_json
 from common.checkpoint import get_training_state, load_checkpoint, save_checkpoint
 from common.ema import create_ema
 from common.models import MODEL_FOLDERS, load_network_module
@@ -24,9 +29,9 @@ from common.models import MODEL_FOLDERS, load_network_module
 CHUNK = 16 << 20
 
 
-def raw_write(path: Path, size: int) -> None:
-    """Write `size` bytes and fsync them, as `dd conv=fsync` would."""
-    block = os.urandom(CHUNK)
+def raw_write(path: Path, size: int, block: bytes) -> None:
+    """Write `size` bytes into a fresh file and fsync them, as `dd conv=fsync` would."""
+    path.unlink(missing_ok=True)
     with open(path, "wb") as file:
         for offset in range(0, size, CHUNK):
             file.write(block[:min(CHUNK, size - offset)])
@@ -60,23 +65,18 @@ def bench_model(model_name: str, folder: Path, repeats: int) -> dict:
     ema = create_ema(model)
     state = get_training_state(model, optimizer, ema=ema, iteration=1000, metrics={"top1_error": 50.0})
     iterations = itertools.count(1000)
-    paths = []
-
-    def save() -> None:
-        paths.append(save_checkpoint(state, next(iterations), folder, keep=1))
-
-    seconds = {"save": measure(save, repeats=repeats)}
-    path = paths[-1]
-    size = path.stat().st_size
+    saved = []
+    save(state, next(iterations), folder, saved)
+    size = saved[-1].stat().st_size
+    raw, block = folder / "raw.bin", os.urandom(CHUNK)
 
     def load() -> None:
-        drop_from_page_cache(path)
-        load_checkpoint(path, model, optimizer, ema=ema, restore_rng=False)
+        drop_from_page_cache(saved[-1])
+        load_checkpoint(saved[-1], model, optimizer, ema=ema, restore_rng=False)
 
-    seconds["load"] = measure(load, repeats=repeats)
-    raw = folder / "raw.bin"
-    seconds["raw_write"] = measure(lambda: raw_write(raw, size), repeats=repeats)
-    seconds["raw_read"] = measure(lambda: raw_read(raw), repeats=repeats)
+    seconds = interleaved({"save": lambda: save(state, next(iterations), folder, saved),
+                           "raw_write": lambda: raw_write(raw, size, block),
+                           "load": load, "raw_read": lambda: raw_read(raw)}, repeats=repeats, warmup=1)
     raw.unlink()
     for file in folder.glob("checkpoint-*"):
         file.unlink()
@@ -85,15 +85,22 @@ def bench_model(model_name: str, folder: Path, repeats: int) -> dict:
             "load_ratio": seconds["load"]["median"] / seconds["raw_read"]["median"]}
 
 
+def save(state: dict, iteration: int, folder: Path, saved: list[Path]) -> None:
+    """save_checkpoint keeping only the new file, so every save writes a fresh file as the raw write does."""
+    saved.append(save_checkpoint(state, iteration, folder, keep=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS)
     parser.add_argument("--dir", help="folder on the disk to measure (default: a temporary folder)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, after one warm-up run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of all four, after one warm-up round")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     results = []
+    # The ratios hold only for a quiet machine: say how busy this one was.
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     try:
         for model_name in args.models:
             r = bench_model(model_name, folder, args.repeats)

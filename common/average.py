@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
-import math
 import mmap
 import os
 import sys
@@ -25,19 +23,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common.checkpoint import CheckpointInfo, atomic_output, file_sha256, list_checkpoints
+from common.atomic_io import file_sha256
+from common.checkpoint_store import (CheckpointInfo, best_checkpoints, default_lower_is_better, list_checkpoints,
+                                     metric_value)
 from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error
-from common.release import shareable_metadata
-from common.model_state import (RELEASE_METADATA_KEY, extract_model_state, read_checkpoint_metadata,
-                                read_weights_file)
+from common.release import shareable_metadata, write_release
+from common.model_state import extract_model_state, read_checkpoint_metadata, read_weights_file
 
-# Accuracy aliases: checkpoints record errors; "top1" means 100 - top1_error, where higher is better.
-ACCURACY_ALIASES = {"top1": "top1_error", "top5": "top5_error"}
-_HIGHER_IS_BETTER = {"top1", "top5", "accuracy"}
 _SHOWN = 3
 BATCHNORM_NOTE = ("an average's BatchNorm statistics are means of its inputs' and do not fit its weights: "
                   "re-estimate them before judging it, by running the training command again with "
@@ -63,24 +58,6 @@ class _Input:
 
 # -- selection ------------------------------------------------------------------------------------------------
 
-def default_lower_is_better(metric: str) -> bool | None:
-    """The direction of a known metric: errors and losses fall, accuracies rise; None when unknown."""
-    if metric in _HIGHER_IS_BETTER:
-        return False
-    if metric.endswith("_error") or "loss" in metric:
-        return True
-    return None
-
-
-def metric_value(metrics: Mapping, metric: str) -> float | None:
-    """`metric` from a checkpoint's recorded metrics (with the top1/top5 accuracy aliases); None if absent."""
-    value = metrics.get(metric)
-    if value is None and metric in ACCURACY_ALIASES:
-        error = metrics.get(ACCURACY_ALIASES[metric])
-        value = 100.0 - error if _is_number(error) else None
-    return float(value) if _is_number(value) and math.isfinite(value) else None
-
-
 def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
                             lower_is_better: bool | None = None) -> list[CheckpointInfo]:
     """The best `k` checkpoints in `save_dir` by `metric`, best first; ties go to the newer iteration.
@@ -101,21 +78,18 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
     checkpoints = list_checkpoints(save_dir)
     if not checkpoints:
         raise UserError(f"{save_dir} holds no checkpoints (checkpoint-*.pth with their .json sidecars)")
-    scored = [(value, info) for info in checkpoints
-              if (value := metric_value(info.metrics, metric)) is not None]
-    unscored = [info.path.name for info in checkpoints if metric_value(info.metrics, metric) is None]
-    if not scored:
+    chosen = best_checkpoints(checkpoints, k, metric, lower_is_better)
+    if not chosen:
         recorded = sorted({name for info in checkpoints for name in info.metrics})
         raise UserError(f"none of the {len(checkpoints)} checkpoints in {save_dir} records {metric!r}; "
                         f"they record: {', '.join(recorded) or 'no metrics at all'}")
+    unscored = [info.path.name for info in checkpoints if metric_value(info.metrics, metric) is None]
     if unscored:
         _note(f"{len(unscored)} checkpoint(s) in {save_dir} record no {metric!r} and are left out "
               f"({_first(unscored)})")
-    sign = 1.0 if lower_is_better else -1.0
-    scored.sort(key=lambda pair: (sign * pair[0], -pair[1].iteration))
-    if len(scored) < k:
-        _note(f"asked for the best {k} by {metric!r} but only {len(scored)} checkpoint(s) record it; using those")
-    return [info for _, info in scored[:k]]
+    if len(chosen) < k:
+        _note(f"asked for the best {k} by {metric!r} but only {len(chosen)} checkpoint(s) record it; using those")
+    return chosen
 
 
 # -- averaging ------------------------------------------------------------------------------------------------
@@ -129,7 +103,7 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
     num_batches_tracked) are taken from the newest input, the one with the highest recorded iteration (the last
     path when not every input records one): a mean of counters is no count of anything, and the EMA treats them
     the same way. Keys, shapes and kinds of dtype must agree across inputs. `output` is written by
-    `write_average`, with the metadata of `average_metadata`.
+    `common.release.write_release`, with the metadata of `average_metadata`.
     """
     paths = [Path(path) for path in paths]
     if not paths:
@@ -161,7 +135,7 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
                 _release_pages(tensor, item.mapped)
             bar.update(sum(tensor.nbytes for tensor in tensors))
     if output is not None:
-        write_average(averaged, Path(output),
+        write_release(Path(output), averaged,
                       _metadata_of([(item.path, item.metadata) for item in inputs], newest.metadata, use_ema))
     return averaged
 
@@ -307,22 +281,6 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
         _MADVISE(start, end - start, mmap.MADV_DONTNEED)
 
 
-# -- output ---------------------------------------------------------------------------------------------------
-
-def write_average(state: dict[str, torch.Tensor], output: Path, metadata: dict) -> None:
-    """Write an average atomically: `.safetensors` with `metadata`, any other name as a torch.save state dict."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(output) as temporary:
-        if output.suffix == ".safetensors":
-            # safetensors creates its files 0600; give the average the umask's mode, like every other output.
-            with open(temporary, "xb"):
-                mode = os.stat(temporary).st_mode & 0o777
-            save_file(state, temporary, metadata={RELEASE_METADATA_KEY: json.dumps(metadata, default=str)})
-            os.chmod(temporary, mode)
-        else:
-            torch.save(state, temporary)
-
-
 # -- command line ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,10 +364,6 @@ def _format_size(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.2f} GB"
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _first(names: list[str]) -> str:

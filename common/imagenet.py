@@ -1,8 +1,8 @@
 """The classes a network predicts, and which of its outputs each class folder of a val set stands for.
 
 The released weights predict the 1000 ImageNet-1k classes in sorted wnid order (n01440764, n01443537, ...); timm
-ships the ids and their names, so nothing is downloaded. A checkpoint trained by this project stores its own class
-list instead.
+ships the ids and their names, torchvision short unique names, so nothing is downloaded. This module is the one
+source of that list. A checkpoint trained by this project stores its own class list instead.
 """
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def imagenet_wnids() -> list[str]:
 def imagenet_names() -> list[str]:
     """Human names of the ImageNet-1k classes in wnid order, e.g. 'tench, Tinca tinca'."""
     return list(_info().label_descriptions())
+
+
+def imagenet_short_names() -> list[str]:
+    """Short unique names of the ImageNet-1k classes in wnid order, e.g. 'tench' (the labels of exported models).
+
+    torchvision's list: timm's names repeat twice ('crane' the bird and the machine), these never do.
+    """
+    import torchvision  # imported on first use, like timm
+
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 def _shown(names: Sequence[str]) -> str:

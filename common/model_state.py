@@ -359,7 +359,7 @@ def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], strict: 
     unexpected = [key for key in state if key not in target]
     misshaped = [key for key in target if key in state and state[key].shape != target[key].shape]
     required = [key for key in missing
-                if not key.endswith("num_batches_tracked") and not (for_inference and _is_side_head(key))]
+                if not key.endswith("num_batches_tracked") and not (for_inference and is_side_head(key))]
     loadable = len(target) - len(missing) - len(misshaped)
     if misshaped or loadable == 0 or (strict and (required or unexpected)):
         raise WeightsMismatchError(_mismatch_message(module, source, state, target, required if strict else [],
@@ -383,13 +383,15 @@ def _mismatch_message(module: nn.Module, source: str, state: Mapping, target: Ma
     if loadable == 0:
         parts.append("no tensor fits")
     advice = "load weights made for this model and number of classes"
-    if missing and all(_is_side_head(key) for key in missing):
+    if missing and all(is_side_head(key) for key in missing):
         advice = "only the training side heads predict_* are missing: fine for evaluation (for_inference=True)"
     return (f"{source} does not fit {type(module).__name__}: {'; '.join(parts)}; "
             f"the file looks like {describe_weights(state)}; {advice}")
 
 
-def _is_side_head(key: str) -> bool:
+def is_side_head(key: str) -> bool:
+    """Whether a state-dict key belongs to a training-only side head: the networks name them `predict_*`
+    (their SIDE_HEADS); evaluation, export and releases leave them out."""
     return key.startswith("predict_")
 
 

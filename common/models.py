@@ -1,7 +1,8 @@
 """The model folders of this repository, and loading a folder's network.py by path.
 
 Folder names such as `ShuffleNetV2.Large` are not importable package names, so tools that work across models
-(tests, benchmarks, the demo) load each folder's network.py through this module.
+(tests, benchmarks, the demo) load each folder's network.py through this module, and any script by path with
+`load_module`.
 """
 from __future__ import annotations
 
@@ -16,17 +17,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_FOLDERS = ("OneShot", "ShuffleNetV2.Large", "ShuffleNetV2.ExLarge")
 
 
+def load_module(path: str | Path, name: str) -> ModuleType:
+    """The Python file `path` run as a module named `name`, registered in sys.modules under that name (so that
+    dataclasses and pickling can find it again)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @cache
 def load_network_module(model: str) -> ModuleType:
     """The `network.py` module of a model folder (`OneShot`, `ShuffleNetV2.Large`, `ShuffleNetV2.ExLarge`)."""
     if model not in MODEL_FOLDERS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODEL_FOLDERS)}")
-    module_name = "network_" + model.replace(".", "_")
-    spec = importlib.util.spec_from_file_location(module_name, REPO_ROOT / model / "network.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO_ROOT / model / "network.py", "network_" + model.replace(".", "_"))
 
 
 def create_network_for(network: ModuleType, num_classes: int, metadata: Mapping):

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
-from common.checkpoint import atomic_write, to_plain
+from common.atomic_io import atomic_output, atomic_write, file_sha256
+from common.checkpoint_store import to_plain
 from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error
-from common.model_state import (RELEASE_METADATA_KEY, describe_weights, extract_model_state, load_model_state,
-                                read_checkpoint_metadata, read_weights_file)
+from common.model_state import (RELEASE_METADATA_KEY, describe_weights, extract_model_state, is_side_head,
+                                load_model_state, read_checkpoint_metadata, read_weights_file)
 from common.models import MODEL_FOLDERS, load_network_module
+from common.pretrained import classifier_rows
 
 # Training arguments are left out of a release: they name local paths and say nothing about using the weights.
 _PRIVATE_METADATA = ("args",)
@@ -56,7 +59,7 @@ def release_weights(weights: dict[str, torch.Tensor], keep_side_heads: bool = Fa
     released = {}
     storages = set()
     for key, value in weights.items():
-        if not keep_side_heads and key.startswith("predict_"):
+        if not keep_side_heads and is_side_head(key):
             continue
         value = value.detach().cpu().contiguous()
         storage = value.untyped_storage().data_ptr()
@@ -84,12 +87,28 @@ def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> di
 
 
 def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
-    """Write the .safetensors file and its .sha256 beside it, both atomically; returns the SHA-256."""
+    """Write a weights file to share, and `OUT.sha256` beside it (`<hex>  <file name>`, as sha256sum writes it),
+    both atomically; returns the SHA-256. The one writer of releases, averages and the averages made in training.
+
+    `.safetensors` holds `metadata` as JSON; any other name is a torch.save state dict (without metadata). The
+    tensors are written straight from their memory, so writing needs no second copy of the weights.
+    """
+    output = Path(output)
     # safetensors stores dense row-major data only; a channels_last network's weights are not.
     weights = {name: tensor.contiguous() for name, tensor in weights.items()}
-    data = safetensors.torch.save(weights, metadata={"format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata)})
     try:
-        digest, _ = atomic_write(output, lambda file: file.write(data))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(output) as temporary:
+            if output.suffix == ".safetensors":
+                # safetensors creates its files 0600; give the file the umask's mode, like every other output.
+                with open(temporary, "xb"):
+                    mode = os.stat(temporary).st_mode & 0o777
+                safetensors.torch.save_file(weights, temporary, metadata={
+                    "format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata, default=str)})
+                os.chmod(temporary, mode)
+            else:
+                torch.save(weights, temporary)
+            digest = file_sha256(temporary)
         line = f"{digest}  {output.name}\n".encode()
         atomic_write(output.with_name(output.name + ".sha256"), lambda file: file.write(line))
     except OSError as error:
@@ -110,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     obj = read_weights_file(source, trust_pickle=args.trust_pickle)
     weights = release_weights(extract_model_state(obj, use_ema=args.ema, source=str(source)), args.keep_side_heads)
     if args.model:
-        rows = next((weights[key].shape[0] for key in ("classifier.0.weight", "fc.fc.weight", "fc.weight")
-                     if key in weights), 1000)
-        network = load_network_module(args.model).create_network(num_classes=rows)
+        network_module = load_network_module(args.model)
+        network = network_module.create_network(num_classes=classifier_rows(network_module, weights))
         load_model_state(network, weights, strict=True, for_inference=not args.keep_side_heads,
                          source_name=str(source))
     digest = write_release(output, weights, release_metadata(obj, weights, args.ema))

@@ -10,13 +10,12 @@ through train.py's automatic resume.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import signal
 import sys
 from pathlib import Path
 
 from common.errors import UserError, exit_on_user_error
-from common.models import MODEL_FOLDERS, REPO_ROOT
+from common.models import MODEL_FOLDERS, REPO_ROOT, load_module
 
 
 class TrainJob:
@@ -46,10 +45,7 @@ def load_train_script(model: str):
     """A model folder's train.py as a module (its folder goes on sys.path so its `import network` works)."""
     folder = REPO_ROOT / model
     sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location("train_" + model.replace(".", "_"), folder / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(folder / "train.py", "train_" + model.replace(".", "_"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import (get_latest_model, get_training_state, list_checkpoints, load_checkpoint,
-                               save_checkpoint)
+                               rng_state, save_checkpoint)
 from common.cli import DefaultsHelpFormatter, prepare_output
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
@@ -452,13 +452,12 @@ class Trainer:
 
     def save(self, iteration: int, metrics: dict | None, data_position: dict) -> None:
         # Every rank's RNG is stored, so a resumed multi-process run continues each rank's own random stream.
-        rank_rng = all_gather_objects(rank_rng_state(), self.info)
+        rng = all_gather_objects(rng_state(), self.info)
         if not self.info.is_main:
             return
         state = get_training_state(self.model, self.optimizer, self.scheduler, self.scaler, self.ema,
                                    iteration=iteration, best_metric=self.best_error, data_position=data_position,
-                                   metrics=metrics, metadata=self.metadata)
-        state["rank_rng"] = rank_rng
+                                   metrics=metrics, metadata=self.metadata, rng=rng)
         started = time.perf_counter()
         path = save_checkpoint(state, iteration, self.args.save, keep=self.args.keep,
                                best_metric_name="top1_error", lower_is_better=True)
@@ -486,24 +485,6 @@ class Trainer:
                       "images are NaN or infinite (huge or NaN values in the weights or BatchNorm statistics), so the "
                       "errors above count arbitrary predictions for them", file=sys.stderr, flush=True)
         return metrics
-
-
-def rank_rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rank_rng(state: dict, info: DistInfo) -> None:
-    """Each rank takes back its own RNG (when the number of ranks is unchanged)."""
-    per_rank = state.get("rank_rng")
-    if not per_rank or len(per_rank) != info.world_size:
-        return
-    mine = per_rank[info.rank]
-    torch.set_rng_state(mine["torch"])
-    if "cuda" in mine and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(mine["cuda"])
 
 
 def weights_finite(model: nn.Module) -> bool:
@@ -648,7 +629,6 @@ def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, 
         path = resume_path
         if path is not None:
             state = load_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
-            restore_rank_rng(state, info)
             start_iteration = state["iteration"]
             # The command line's learning rate wins over the saved one: after a divergence, rerunning with a
             # lower --learning-rate continues from the last good checkpoint at that rate. The same command
@@ -837,8 +817,8 @@ def _recalibrate_batchnorm(trainer: Trainer, num_batches: int) -> None:
 
 
 def _average_best(trainer: Trainer) -> None:
-    from common.average import (BATCHNORM_NOTE, average_checkpoints, average_metadata, select_best_checkpoints,
-                                write_average)
+    from common.average import BATCHNORM_NOTE, average_checkpoints, average_metadata, select_best_checkpoints
+    from common.release import write_release
     args, info = trainer.args, trainer.info
     chosen = select_best_checkpoints(args.save, args.average_best, "top1_error", lower_is_better=True)
     paths = [c.path for c in chosen]
@@ -851,13 +831,12 @@ def _average_best(trainer: Trainer) -> None:
     split = f"val_average_best_{args.average_best}"
     metrics = trainer.validate(args.total_iters, split=split)
     if info.is_main:
-        write_average(averaged, output, _with_validation(metadata, split, metrics))
+        write_release(output, averaged, _with_validation(metadata, split, metrics))
         print(f"averaged the best {len(chosen)} checkpoints into {output}")
     if not args.recompute_bn:
         if info.is_main:
             print(f"note: {BATCHNORM_NOTE}", file=sys.stderr)
         return
-    from common.release import write_release
     _recalibrate_batchnorm(trainer, args.recompute_bn)
     metadata["batchnorm_statistics"] = f"re-estimated over {args.recompute_bn} training batches"
     split += "_recomputed_bn"

@@ -92,7 +92,9 @@ def test_writes_safetensors_and_torch_files_atomically(tmp_path):
     out = tmp_path / "out"
     averaged = average_checkpoints(inputs, out / "avg.safetensors", progress=False)
     average_checkpoints(inputs, out / "avg.pth", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["avg.pth", "avg.safetensors"]  # no temporary files left
+    # No temporary files left; each file has its SHA-256 beside it, as every shared weights file.
+    assert sorted(p.name for p in out.iterdir()) == ["avg.pth", "avg.pth.sha256", "avg.safetensors",
+                                                     "avg.safetensors.sha256"]
 
     with safe_open(out / "avg.safetensors", framework="pt") as file:
         assert all(torch.equal(file.get_tensor(key), value) for key, value in averaged.items())

@@ -22,7 +22,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
 
-from common import checkpoint
+from common import atomic_io, checkpoint, checkpoint_store
 from common.checkpoint import (CheckpointCorruptError, CheckpointError, CheckpointWarning, CheckpointWriteError,
                                get_latest_model, get_training_state, list_checkpoints, load_checkpoint,
                                save_checkpoint, verify_checkpoint)
@@ -307,7 +307,7 @@ def test_full_disk_leaves_earlier_checkpoints_intact(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self._file.close()
 
-    monkeypatch.setattr(checkpoint, "open", FillingFile, raising=False)
+    monkeypatch.setattr(atomic_io, "open", FillingFile, raising=False)
     with pytest.raises(CheckpointWriteError) as error:
         _save(tmp_path, 20)
     text = str(error.value)
@@ -325,7 +325,7 @@ def test_failure_between_the_renames_removes_the_new_sidecar(tmp_path, monkeypat
     def fail(folder):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(checkpoint, "_fsync_dir", fail)
+    monkeypatch.setattr(checkpoint_store, "fsync_dir", fail)
     with pytest.raises(CheckpointWriteError, match="Input/output error"):
         _save(tmp_path, 20)
     assert sorted(tmp_path.iterdir()) == before
@@ -470,3 +470,22 @@ def test_cuda_rng_states_are_kept_per_device(tmp_path, monkeypatch):
     path = save_checkpoint(get_training_state(Tiny(), iteration=1), 1, tmp_path)
     load_checkpoint(path, Tiny())
     assert restored.keys() == {0, 1} and all(torch.equal(restored[i], states[i]) for i in (0, 1))
+
+
+def test_each_rank_takes_back_its_own_generators(tmp_path, monkeypatch):
+    """One RNG mechanism for every rank: the state holds each rank's generators; rank r restores entry r, and every
+    rank restores rank 0's when the number of ranks changed."""
+    per_rank = []
+    for seed in (10, 11):
+        _seed_everything(seed)
+        per_rank.append(checkpoint.rng_state())
+    path = save_checkpoint(get_training_state(Tiny(), iteration=1, rng=per_rank), 1, tmp_path)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for world_size, rank, seed in ((2, 1, 11), (2, 0, 10), (3, 2, 10)):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, rank=rank: rank)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None, size=world_size: size)
+        _seed_everything(99)
+        load_checkpoint(path, Tiny())
+        drawn = (random.random(), float(np.random.rand()), torch.rand(1).item())
+        _seed_everything(seed)
+        assert drawn == (random.random(), float(np.random.rand()), torch.rand(1).item()), (world_size, rank)

@@ -1,0 +1,160 @@
+"""Atomic file output and SHA-256: every file this project writes goes through here, so that a crash, a kill or a
+full disk at any moment leaves the old file or the complete new one, never a part.
+
+A file is written to a hidden temporary name beside its target (`.<name>.<pid>.tmp`), hashed while written,
+fsynced, renamed over the target, and the rename made durable by fsyncing the folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+# Writes at least this large are hashed in a second thread while they are written.
+_PARALLEL_HASH_BYTES = 1 << 20
+# Bytes hashed per step when checking a file, each step asking the disk for the next.
+_HASH_CHUNK = 16 << 20
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` for the caller to write the whole new file to. When the block ends without
+    an exception the file is fsynced and renamed over `path`, and the rename made durable, so `path` holds either
+    its old content or the complete new one; on any exception the temporary file is removed."""
+    path = Path(path)
+    temp = temp_path(path)
+    try:
+        yield temp
+        _fsync_file(temp)
+        os.replace(temp, path)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
+    """Write a file through `write(file)` so that `path` holds either its old content or the complete new one.
+
+    Returns (SHA-256 hex, size) of what was written, hashed on the way (no read back). Raises OSError.
+    """
+    path = Path(path)
+    temp = temp_path(path)
+    try:
+        result = write_hashed(temp, write)
+        os.replace(temp, path)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    fsync_dir(path.parent)
+    return result
+
+
+def write_hashed(path: Path, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
+    """Create `path` through `write(file)`, hashing the bytes as they pass, then fsync it; returns (SHA-256, size).
+
+    The OSError of a failed write (e.g. ENOSPC) is raised as itself, even from writers that wrap it.
+    """
+    with open(path, "wb") as file, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+        writer = _HashingWriter(file, hasher)
+        try:
+            write(writer)
+            file.flush()
+            os.fsync(file.fileno())
+        except Exception:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+    return writer.sha256.hexdigest(), writer.size
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's content, hashed straight from the page cache while the kernel reads ahead (no
+    copy into this process, the disk read overlapping the hashing)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            return digest.hexdigest()
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            if hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_SEQUENTIAL)
+            for start in range(0, size, _HASH_CHUNK):
+                if hasattr(os, "posix_fadvise"):
+                    # Ask for the next chunk now, so the disk reads it while this one is hashed.
+                    os.posix_fadvise(file.fileno(), start + _HASH_CHUNK, _HASH_CHUNK, os.POSIX_FADV_WILLNEED)
+                digest.update(view[start:start + _HASH_CHUNK])
+    return digest.hexdigest()
+
+
+def temp_path(path: Path) -> Path:
+    """The hidden temporary name a file is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable (POSIX; elsewhere directories cannot be opened for fsync)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a file if it is there; a failure to remove it is no reason to stop."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDWR)  # Windows refuses to fsync a read-only descriptor
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts the bytes passing through it.
+
+    torch.save hands over each tensor's storage as a memoryview of the tensor itself (no copy); a large one is
+    hashed in a second thread while this one writes it (both release the GIL), so hashing costs no extra time
+    where the disk is the slower of the two.
+    """
+
+    def __init__(self, file: BinaryIO, hasher: ThreadPoolExecutor) -> None:
+        self._file = file
+        self._hasher = hasher
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        hashing = self._hasher.submit(self.sha256.update, data) if len(data) >= _PARALLEL_HASH_BYTES else None
+        try:
+            written = self._file.write(data)
+        except OSError as error:
+            # torch.save's C++ writer turns exceptions into a RuntimeError; keep the OSError for the message.
+            self.error = error
+            raise
+        finally:
+            # The memoryview may point into memory torch frees once this call returns: finish hashing first.
+            if hashing is not None:
+                hashing.result()
+        if hashing is None:
+            self.sha256.update(data)
+        self.size += len(data)
+        return written
+
+    def flush(self) -> None:
+        self._file.flush()

@@ -1,0 +1,408 @@
+"""The checkpoint folder: file names, SHA-256 sidecars, atomic saving, scanning, retention and best-K selection.
+
+Folder layout: `checkpoint-<iteration, 10 digits>.pth` (the state, torch.save zip format, tensors and plain values
+only, so it loads with weights_only=True) and `checkpoint-<iteration>.json` beside it:
+`{"format", "file", "iteration", "sha256", "size", "metrics"}`. A checkpoint counts only when both exist and the
+data file's size and SHA-256 match the sidecar. Names are ordered by their parsed integer, so iteration counts past
+ten digits still sort. One writer per folder (rank 0 of a run).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from common.atomic_io import file_sha256, fsync_dir, remove_quietly, temp_path, write_hashed
+from common.errors import UserError
+from common.model_state import CHECKPOINT_FORMAT, read_weights_file
+
+_DATA_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
+_SIDECAR_RE = re.compile(r"^checkpoint-(\d+)\.json$")
+_TEMP_RE = re.compile(r"^\.checkpoint-(\d+)\.(?:pth|json)\.\d+\.tmp$")
+# Other names with these endings in a checkpoint folder are reported as foreign files.
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".pkl", ".tar", ".ckpt", ".bin")
+# Accuracy aliases: checkpoints record errors; "top1" means 100 - top1_error, where higher is better.
+ACCURACY_ALIASES = {"top1": "top1_error", "top5": "top5_error"}
+_HIGHER_IS_BETTER = {"top1", "top5", "accuracy"}
+# Checkpoints get_latest_model has checked in this process, by (path, inode, size, mtime): a resume that picks the
+# newest good checkpoint (one full hash) and then loads it does not hash the same unchanged file twice.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+_ADVICE = "resume from an earlier checkpoint (get_latest_model picks the newest good one)"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used as asked."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Saving failed (disk full, no permission, ...); the checkpoints written before are untouched."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint whose sidecar is missing or unreadable, or whose size or SHA-256 does not match it."""
+
+
+class CheckpointWarning(UserWarning):
+    """A file in a checkpoint folder that get_latest_model passed over."""
+
+
+@dataclass
+class CheckpointInfo:
+    """A complete checkpoint as its sidecar describes it."""
+
+    path: Path
+    iteration: int
+    sha256: str
+    size: int
+    metrics: dict = field(default_factory=dict)
+
+
+# -- saving ---------------------------------------------------------------------------------------------------
+
+def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, keep: int = 5,
+                    best_metric_name: str | None = None, lower_is_better: bool = True) -> Path | None:
+    """Write `state` as checkpoint `iters` in `save_dir` atomically; then keep the newest `keep` plus the best.
+
+    Returns the new file's path, or None on distributed ranks other than 0, which write nothing.
+    Write order (each step safe to interrupt; get_latest_model also checks size and SHA-256, so even a
+    reordering by the filesystem after a power cut cannot make it pick a bad file):
+    1. the state goes to a hidden temporary file in the same folder, hashed while written, then fsynced;
+    2. the sidecar goes to its own temporary file, fsynced, then is renamed into place and the folder fsynced:
+       a sidecar without its data file is an unfinished save and is skipped;
+    3. the data file is renamed into place and the folder fsynced: from here on the checkpoint is complete.
+       Sidecar first means a visible data file always has its sidecar, so no reader sees an unverifiable file.
+    4. only then are old checkpoints beyond the retention removed (data file first, then its sidecar).
+    Re-saving an existing iteration replaces it; between steps 2 and 3 that iteration fails its check and
+    get_latest_model falls back to the previous one.
+    """
+    if _is_secondary_rank():
+        return None
+    if keep < 1:
+        raise CheckpointError(f"keep={keep}: at least one checkpoint must be kept")
+    if iters < 0:
+        raise CheckpointError(f"iteration {iters} is negative")
+    save_dir = Path(save_dir)
+    data_path = save_dir / f"checkpoint-{int(iters):010d}.pth"
+    sidecar_path = data_path.with_suffix(".json")
+    data_temp, sidecar_temp = temp_path(data_path), temp_path(sidecar_path)
+    sidecar_placed = data_placed = False
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(save_dir)
+        digest, size = write_hashed(data_temp, lambda file: _save_without_crc(state, file))
+        sidecar = {"format": CHECKPOINT_FORMAT, "file": data_path.name, "iteration": int(iters), "sha256": digest,
+                   "size": size, "metrics": to_plain(state.get("metrics") or {}, json_only=True)}
+        write_hashed(sidecar_temp, lambda file: file.write(json.dumps(sidecar, indent=1).encode() + b"\n"))
+        os.replace(sidecar_temp, sidecar_path)
+        sidecar_placed = True
+        fsync_dir(save_dir)
+        os.replace(data_temp, data_path)
+        data_placed = True
+        fsync_dir(save_dir)
+    except BaseException as error:
+        for temp in (data_temp, sidecar_temp):
+            remove_quietly(temp)
+        if sidecar_placed and not data_placed:
+            remove_quietly(sidecar_path)
+        if isinstance(error, OSError):
+            raise CheckpointWriteError(_write_error_text(save_dir, data_path.name, error)) from error
+        raise
+    _apply_retention(save_dir, keep, int(iters), best_metric_name, lower_is_better)
+    return data_path
+
+
+def to_plain(value: Any, *, json_only: bool = False) -> Any:
+    """`value` as plain Python values (and tensors unless `json_only`), so that weights_only loading reads it.
+
+    Namespaces and dataclasses become dicts, paths and unknown objects strings, tuples lists, numpy values
+    numbers or tensors.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Enum):
+        return to_plain(value.value, json_only=json_only)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if isinstance(value, torch.Tensor):
+        if json_only:
+            return value.item() if value.numel() == 1 else value.tolist()
+        return value.detach()
+    if isinstance(value, Mapping):
+        return {_plain_key(key): to_plain(item, json_only=json_only) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_plain(item, json_only=json_only) for item in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name), json_only=json_only) for f in fields(value)}
+    if isinstance(value, argparse.Namespace):
+        return to_plain(vars(value), json_only=json_only)
+    # Paths, dtypes, devices, functions: their text is what a reader of the metadata needs.
+    return str(value)
+
+
+# -- finding and reading --------------------------------------------------------------------------------------
+
+def list_checkpoints(save_dir: str | os.PathLike, verify: bool = False) -> list[CheckpointInfo]:
+    """The complete checkpoints in `save_dir` (data file and sidecar, sizes agreeing), oldest first.
+
+    `verify` also checks every SHA-256, which reads every file.
+    """
+    complete, _ = _scan(Path(save_dir))
+    if verify:
+        complete = [info for info in complete if _hash_matches(info)]
+    return complete
+
+
+def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
+    """(path, iteration) of the newest checkpoint that passes its size and SHA-256 check; (None, 0) if none.
+
+    Warns (CheckpointWarning, one line each) about the unfinished, damaged and foreign files it passes over.
+    """
+    complete, problems = _scan(Path(save_dir))
+    chosen = None
+    for info in reversed(complete):
+        identity = _identity(info.path)
+        if _hash_matches(info):
+            chosen = info
+            if identity is not None:
+                _VERIFIED.add(identity)
+            break
+        problems.append((info.iteration, info.path, "its SHA-256 does not match its sidecar: the file is damaged"))
+    floor = chosen.iteration if chosen else -1
+    for iteration, path, reason in sorted(problems, key=lambda item: (item[0] is None, item[0] or 0, item[1])):
+        if iteration is None or iteration > floor:
+            warnings.warn(f"skipping {path}: {reason}", CheckpointWarning, stacklevel=2)
+    return (chosen.path, chosen.iteration) if chosen else (None, 0)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CheckpointCorruptError unless `path` has its sidecar and matches its size and SHA-256."""
+    _verified_info(Path(path))
+
+
+def read_checkpoint(path: str | os.PathLike, *, verify: bool = True, map_location: Any = "cpu") -> Any:
+    """The object stored in checkpoint `path`, its size and SHA-256 checked against the sidecar first.
+
+    The file is mapped and unpickled while a second thread checks the SHA-256 (both read the same pages, which
+    the disk delivers once); the result is returned only once the check has passed. A file get_latest_model
+    checked in this process and unchanged since is not hashed again. `verify=False` skips the check, for a data
+    file copied without its sidecar.
+    """
+    path = Path(path)
+    if not verify:
+        return read_weights_file(path, map_location=map_location)
+    info = _verified_info(path, check_hash=False)
+    if _identity(path) in _VERIFIED:
+        return read_weights_file(path, map_location=map_location)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+        hashing = hasher.submit(_hash_matches, info)
+        try:
+            state = read_weights_file(path, map_location=map_location)
+        except Exception:
+            # A damaged file may already fail to unpickle: the hash tells which error is the right one.
+            if not hashing.result():
+                raise CheckpointCorruptError(_hash_mismatch_text(path)) from None
+            raise
+        if not hashing.result():
+            raise CheckpointCorruptError(_hash_mismatch_text(path))
+    return state
+
+
+# -- best K ---------------------------------------------------------------------------------------------------
+
+def default_lower_is_better(metric: str) -> bool | None:
+    """The direction of a known metric: errors and losses fall, accuracies rise; None when unknown."""
+    if metric in _HIGHER_IS_BETTER:
+        return False
+    if metric.endswith("_error") or "loss" in metric:
+        return True
+    return None
+
+
+def metric_value(metrics: Mapping, metric: str) -> float | None:
+    """`metric` from a checkpoint's recorded metrics (with the top1/top5 accuracy aliases); None if absent."""
+    value = metrics.get(metric)
+    if value is None and metric in ACCURACY_ALIASES:
+        error = metrics.get(ACCURACY_ALIASES[metric])
+        value = 100.0 - error if _is_number(error) else None
+    return float(value) if _is_number(value) and math.isfinite(value) else None
+
+
+def best_checkpoints(checkpoints: list[CheckpointInfo], k: int, metric: str,
+                     lower_is_better: bool) -> list[CheckpointInfo]:
+    """The best `k` of `checkpoints` by their recorded `metric`, best first; on a tie the newer one wins.
+    Checkpoints without a finite value of the metric are left out."""
+    scored = [(value, info) for info in checkpoints if (value := metric_value(info.metrics, metric)) is not None]
+    sign = 1.0 if lower_is_better else -1.0
+    scored.sort(key=lambda pair: (sign * pair[0], -pair[1].iteration))
+    return [info for _, info in scored[:k]]
+
+
+# -- internals ------------------------------------------------------------------------------------------------
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plain_key(key: Any) -> Any:
+    return key if isinstance(key, (str, int)) and not isinstance(key, bool) else str(key)
+
+
+def _is_secondary_rank() -> bool:
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0
+
+
+def _save_without_crc(state: dict, file: BinaryIO) -> None:
+    """torch.save without the zip's CRC-32 of every record: a whole extra pass over the bytes, and the sidecar's
+    SHA-256, checked before every load, already covers them (torch.load does not read the CRCs)."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, file)
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+def _scan(save_dir: Path) -> tuple[list[CheckpointInfo], list[tuple[int | None, Path, str]]]:
+    """Complete checkpoints by the cheap checks (sidecar present and readable, sizes agree), and the rest."""
+    if not save_dir.is_dir():
+        return [], []
+    data, sidecars = {}, {}
+    problems: list[tuple[int | None, Path, str]] = []
+    for entry in os.scandir(save_dir):
+        name = entry.name
+        if match := _DATA_RE.match(name):
+            data[name[:-4]] = (int(match.group(1)), Path(entry.path))
+        elif _SIDECAR_RE.match(name):
+            sidecars[name[:-5]] = Path(entry.path)
+        elif match := _TEMP_RE.match(name):
+            problems.append((int(match.group(1)), Path(entry.path), "an unfinished save (temporary file)"))
+        elif name.endswith(_WEIGHT_SUFFIXES) and entry.is_file():
+            problems.append((None, Path(entry.path), "not a checkpoint of this project (its name does not fit "
+                                                     "checkpoint-<iteration>.pth)"))
+    complete = []
+    for stem, (iteration, path) in data.items():
+        sidecar_path = sidecars.get(stem)
+        if sidecar_path is None:
+            problems.append((iteration, path, f"no sidecar {stem}.json: an unfinished save or a file not written "
+                                              "by this project"))
+            continue
+        try:
+            info = _parse_sidecar(path, sidecar_path, iteration)
+            _check_size(path, info)
+        except (CheckpointCorruptError, OSError) as error:
+            problems.append((iteration, path, str(error)))
+            continue
+        complete.append(info)
+    complete.sort(key=lambda info: info.iteration)
+    return complete, problems
+
+
+def _parse_sidecar(path: Path, sidecar_path: Path, iteration: int) -> CheckpointInfo:
+    try:
+        sidecar = json.loads(sidecar_path.read_bytes())
+        if sidecar.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointCorruptError(f"{sidecar_path.name} was not written by this project")
+        if sidecar.get("iteration") != iteration:
+            raise CheckpointCorruptError(f"{sidecar_path.name} describes iteration {sidecar.get('iteration')}")
+        return CheckpointInfo(path=path, iteration=iteration, sha256=str(sidecar["sha256"]),
+                              size=int(sidecar["size"]), metrics=dict(sidecar.get("metrics") or {}))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointCorruptError(f"its sidecar {sidecar_path.name} is unreadable") from None
+
+
+def _check_size(path: Path, info: CheckpointInfo) -> None:
+    size = path.stat().st_size
+    if size != info.size:
+        raise CheckpointCorruptError(f"it has {size} bytes, its sidecar says {info.size}: an unfinished or "
+                                     "damaged save")
+
+
+def _hash_mismatch_text(path: Path) -> str:
+    return f"{path}: its SHA-256 does not match its sidecar, the file is damaged; {_ADVICE}"
+
+
+def _verified_info(path: Path, check_hash: bool = True) -> CheckpointInfo:
+    if not path.is_file():
+        raise CheckpointCorruptError(f"{path}: no such checkpoint file; check the path")
+    match = _DATA_RE.match(path.name)
+    sidecar_path = path.with_suffix(".json")
+    if match is None or not sidecar_path.is_file():
+        raise CheckpointCorruptError(f"{path} has no sidecar {sidecar_path.name}, so its integrity cannot be "
+                                     "checked; load it with verify=False if you know where it comes from")
+    try:
+        info = _parse_sidecar(path, sidecar_path, int(match.group(1)))
+        _check_size(path, info)
+    except CheckpointCorruptError as error:
+        raise CheckpointCorruptError(f"{path}: {error}; {_ADVICE}") from None
+    if check_hash and not _hash_matches(info):
+        raise CheckpointCorruptError(_hash_mismatch_text(path))
+    return info
+
+
+def _hash_matches(info: CheckpointInfo) -> bool:
+    try:
+        return file_sha256(info.path) == info.sha256
+    except OSError:
+        return False
+
+
+def _identity(path: Path) -> tuple[str, int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _remove_stale_temps(save_dir: Path) -> None:
+    """Temporary files left by a writer that was killed; the folder has a single writer, so none is in use."""
+    for entry in os.scandir(save_dir):
+        if _TEMP_RE.match(entry.name):
+            remove_quietly(Path(entry.path))
+
+
+def _apply_retention(save_dir: Path, keep: int, newest: int, metric: str | None, lower_is_better: bool) -> None:
+    complete, _ = _scan(save_dir)
+    kept = {info.iteration for info in complete[-keep:]} | {newest}
+    if metric is not None:
+        kept |= {info.iteration for info in best_checkpoints(complete, 1, metric, lower_is_better)}
+    for info in complete:
+        if info.iteration not in kept:
+            for path in (info.path, info.path.with_suffix(".json")):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as error:
+                    warnings.warn(f"could not remove old checkpoint {path}: {error.strerror}", CheckpointWarning,
+                                  stacklevel=3)
+    # Sidecars whose data file never arrived (a save killed between its two renames).
+    for entry in os.scandir(save_dir):
+        match = _SIDECAR_RE.match(entry.name)
+        if match and int(match.group(1)) not in kept and not Path(entry.path).with_suffix(".pth").exists():
+            remove_quietly(Path(entry.path))
+
+
+def _write_error_text(save_dir: Path, name: str, error: OSError) -> str:
+    reason = error.strerror or str(error)
+    code = errno.errorcode.get(error.errno or 0)
+    hint = {errno.ENOSPC: "free some disk space or choose another --save",
+            errno.EDQUOT: "free some quota or choose another --save",
+            errno.EACCES: "choose a folder you can write to (--save)",
+            errno.EROFS: "choose a folder you can write to (--save)"}.get(error.errno, "check the folder")
+    return (f"could not save {name} in {save_dir}: {reason}{f' ({code})' if code else ''}; the checkpoints "
+            f"saved before are intact; {hint}")
