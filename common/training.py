@@ -778,12 +778,14 @@ def _recalibrate_batchnorm(trainer: Trainer, num_batches: int) -> None:
     so every rank holds the same ones."""
     from common.bn_recalibrate import recalibrate_batchnorm
 
-    def inputs():
-        for images, _, _ in trainer.train_loader(seed=trainer.args.seed + 1):
-            with torch.no_grad(), trainer.autocast():
-                yield trainer.preprocess(images.to(trainer.info.device))
+    # The autocast is entered here, not around a generator's `yield`: a generator left suspended inside a context
+    # manager restores the grad mode and autocast state whenever it happens to be closed, not when the work ends.
+    def forward(model: nn.Module, images: torch.Tensor):
+        with trainer.autocast():
+            return model(trainer.preprocess(images.to(trainer.info.device)))
 
-    recalibrate_batchnorm(trainer.model, inputs(), num_batches)
+    batches = (images for images, _, _ in trainer.train_loader(seed=trainer.args.seed + 1))
+    recalibrate_batchnorm(trainer.model, batches, num_batches, forward)
     average_buffers(trainer.model, trainer.info)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common import training
-from common.checkpoint import get_latest_model
+from common.checkpoint import get_latest_model, save_checkpoint
 from common.model_state import read_checkpoint_metadata
 from conftest import network, script_module
 from test_train import run
@@ -140,3 +140,17 @@ def test_compile_compiles_the_network_and_finishes_with_a_finite_loss(tmp_path, 
     assert read_checkpoint_metadata(path)["args"]["compile"] is True
     losses = [r["loss"] for r in records(tmp_path) if r["split"] == "train"]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_a_checkpoint_with_a_scheduler_state_still_resumes(ema_run, tmp_path, image_folder, oneshot_train):
+    """Checkpoints written before the learning rate became a function of the iteration hold a scheduler state."""
+    _, before = ema_run
+    model = network("OneShot").create_network(num_classes=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / 4).state_dict()
+    save_checkpoint(before, 4, tmp_path)
+    argv = ["--train-dir", str(image_folder), "--save", str(tmp_path), *FLAGS, "--amp", "none", "--ema",
+            "--total-iters", "5", "--save-interval", "5"]
+    assert train(oneshot_train, argv) == "finished"
+    assert get_latest_model(tmp_path)[1] == 5
+    assert [r["lr"] for r in records(tmp_path) if r["split"] == "train"] == [pytest.approx(0.1 * (1 - 4 / 5))]
