@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.backbone import ClassifierNetwork, make_features_only  # noqa: E402
 from common.input_format import InputFormat  # noqa: E402
 from common.layers import channel_split_shuffle, init_weights  # noqa: E402
+from common.recipe import FinetuneRecipe, Recipe  # noqa: E402
 
 # Searched choice per layer: 0, 1, 2 = shuffle block with a 3x3, 5x5, 7x7 depthwise kernel; 3 = Xception block.
 ARCHITECTURE = [0, 0, 3, 1, 1, 1, 0, 0, 2, 0, 2, 1, 1, 0, 2, 0, 2, 1, 3, 2]
@@ -30,6 +31,12 @@ INPUT_FORMAT = InputFormat(channel_order="BGR")
 # What depends on the number of classes (re-initialised by fine-tuning to another count, dropped by features_only).
 CLASSIFIER = "classifier"
 SIDE_HEADS: tuple[str, ...] = ()
+
+# -- training recipe (MODELS.md, "Training recipes"): batch 1024, lr 0.5 falling linearly to 0 over 300,000
+# iterations. --pretrained FILE: fine-tuning defaults for a few thousand images (about 32 epochs of 3,000 at this
+# batch), chosen by rule of thumb, not tuned.
+RECIPE = Recipe(model_name="OneShot", batch_size=1024, learning_rate=0.5, total_iters=300_000,
+                finetune=FinetuneRecipe(batch_size=64, learning_rate=0.02, total_iters=1500, warmup_iters=100))
 
 
 def _dw_conv(channels: int, kernel: int, stride: int) -> nn.Conv2d:

@@ -1,4 +1,4 @@
-"""Train OneShot with its original recipe: batch 1024, lr 0.5, 300,000 iterations (MODELS.md).
+"""Train OneShot with its original recipe (network.RECIPE): batch 1024, lr 0.5, 300,000 iterations (MODELS.md).
 
     python train.py --train-dir /data/imagenet/train --val-dir /data/imagenet/val
     torchrun --nproc_per_node 8 train.py --train-dir ... --val-dir ...
@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -16,8 +17,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import network  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.training import (FinetuneRecipe, NetworkHooks, Recipe, exit_status, load_training_checkpoint,  # noqa: E402
-                             run_training)
+from common.training import NetworkHooks, exit_status, load_training_checkpoint, run_training  # noqa: E402
 
 
 class ArchitectureHooks(NetworkHooks):
@@ -49,11 +49,8 @@ def read_architecture(path: str) -> dict:
     return {"blocks": blocks, "channel_scales": [network.CHANNEL_SCALES[i] for i in scale_ids]}
 
 
-# --pretrained FILE: fine-tuning defaults for a few thousand images (about 32 epochs of 3,000 at this batch),
-# chosen by rule of thumb, not tuned.
-RECIPE = Recipe(model_name="OneShot", batch_size=1024, learning_rate=0.5, total_iters=300_000,
-                finetune=FinetuneRecipe(batch_size=64, learning_rate=0.02, total_iters=1500, warmup_iters=100),
-                hooks=ArchitectureHooks())
+# The network's recipe, with the flag that trains a searched architecture.
+RECIPE = dataclasses.replace(network.RECIPE, hooks=ArchitectureHooks())
 
 
 def load_checkpoint(path, model, **objects) -> dict:

@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.backbone import StagedNetwork, make_features_only  # noqa: E402
 from common.input_format import InputFormat  # noqa: E402
 from common.layers import ConvBNReLU, SideHead, channel_split_shuffle, init_weights  # noqa: E402
+from common.recipe import FinetuneRecipe, Recipe  # noqa: E402
 
 BN_EPS = 1e-5
 GROUPS = 16
@@ -28,6 +29,14 @@ INPUT_FORMAT = InputFormat(channel_order="BGR")
 # the side heads in the order of the stages they follow.
 CLASSIFIER = "fc"
 SIDE_HEADS = ("predict_56", "predict_28", "predict_14")
+
+# -- training recipe (MODELS.md, "Training recipes"): Large's recipe, as none was published for ExLarge: batch 256,
+# lr 0.25 falling linearly to 0 over 600,000 iterations. Loss weights of (logits, predict_14, predict_28,
+# predict_56), the order the network returns them in training. --pretrained FILE: fine-tuning defaults for a few
+# thousand images (about 16 epochs of 3,000 at this batch), chosen by rule of thumb, not tuned.
+RECIPE = Recipe(model_name="ShuffleNetV2.ExLarge", batch_size=256, learning_rate=0.25, total_iters=600_000,
+                loss_weights=(1.0, 0.7, 0.5, 0.3),
+                finetune=FinetuneRecipe(batch_size=32, learning_rate=0.005, total_iters=1500, warmup_iters=100))
 
 
 class FC(nn.Module):

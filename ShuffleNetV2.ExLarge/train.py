@@ -1,6 +1,6 @@
-"""Train ShuffleNetV2.ExLarge with Large's recipe, as none was published for ExLarge: batch 256, lr 0.25,
-600,000 iterations, side-head losses weighted 1.0 / 0.7 / 0.5 / 0.3 (MODELS.md). Trains on the input format it
-is evaluated with (network.INPUT_FORMAT).
+"""Train ShuffleNetV2.ExLarge with Large's recipe, as none was published for ExLarge (network.RECIPE): batch 256,
+lr 0.25, 600,000 iterations, side-head losses weighted 1.0 / 0.7 / 0.5 / 0.3 (MODELS.md). Trains on the input
+format it is evaluated with (network.INPUT_FORMAT).
 
     python train.py --train-dir /data/imagenet/train --val-dir /data/imagenet/val
     torchrun --nproc_per_node 8 train.py --train-dir ... --val-dir ...
@@ -12,14 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import network  # noqa: E402
-from common.training import FinetuneRecipe, Recipe, exit_status, load_training_checkpoint, run_training  # noqa: E402
-
-# Loss weights of (logits, predict_14, predict_28, predict_56), the order the network returns them in training.
-# --pretrained FILE: fine-tuning defaults for a few thousand images (about 16 epochs of 3,000 at this batch),
-# chosen by rule of thumb, not tuned.
-RECIPE = Recipe(model_name="ShuffleNetV2.ExLarge", batch_size=256, learning_rate=0.25, total_iters=600_000,
-                loss_weights=(1.0, 0.7, 0.5, 0.3),
-                finetune=FinetuneRecipe(batch_size=32, learning_rate=0.005, total_iters=1500, warmup_iters=100))
+from common.training import exit_status, load_training_checkpoint, run_training  # noqa: E402
+from network import RECIPE  # noqa: E402  (the model's training defaults live with the network)
 
 
 def load_checkpoint(path, model, **objects) -> dict:

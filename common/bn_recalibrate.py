@@ -1,5 +1,8 @@
 """Re-estimate BatchNorm running statistics after the weights changed under them (averaging, end of training).
 
+Not torch.optim.swa_utils.update_bn: that one leaves every module in the top module's train/eval mode, reads the
+whole loader (no batch count, no error when data runs short) and restores no momentum when interrupted.
+
 The OneShot recipe ends with 1,250 training batches at learning rate 0 with the BN momentum set to 1/k at the
 k-th batch (MODELS.md, "Training recipes"). That is the cumulative average of the batch statistics, which PyTorch
 computes itself when a BatchNorm's momentum is None. With a zero learning rate no weight moves, so this needs no

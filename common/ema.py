@@ -9,10 +9,8 @@ rounding for bfloat16 EMA tensors, is never used here: the EMA of a low-precisio
 from __future__ import annotations
 
 import torch
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, unwrap_model
 from torch import nn
-
-from common.model_state import unwrap_model
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

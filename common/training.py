@@ -2,25 +2,28 @@
 
 Iteration-based, as the original recipes (MODELS.md, "Training recipes"): SGD with momentum, weight decay on
 weights of 2 or more dimensions only, label-smoothed cross-entropy (plus weighted side-head losses), a learning
-rate that falls linearly to 0 over the total iterations, validation and crash-safe checkpoints at fixed
-intervals, and automatic resume from the newest good checkpoint. A folder's train.py declares its `Recipe` and
-calls `run_training`.
+rate that is a function of the iteration (linear warm-up, then linear decay to 0), validation and crash-safe
+checkpoints at fixed intervals, and automatic resume from the newest good checkpoint. A folder's train.py passes
+its network module, the network's `RECIPE` and its `load_checkpoint` to `run_training`.
+
+Read from `run_training` down: set-up (`build_trainer`), the loop (`Trainer.train`: one step, then the work due
+at that iteration), and what follows the schedule (`finish`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import os
 import random
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,87 +38,12 @@ from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, an
                                 init_distributed, shutdown_distributed)
 from common.errors import UserError, exit_on_user_error
 from common.evaluate import evaluate
-from common.hardware import AMP_CHOICES, SpeedChoice, resolve_speed, training_step_timer
+from common.hardware import AMP_CHOICES, AMP_DTYPES, SpeedChoice, resolve_speed, training_step_timer
 from common.input_format import InputFormat, Preprocess
-from common.model_state import get_model_state_dict, load_model_state, read_checkpoint_metadata, unwrap_model
-from common.models import REPO_ROOT, create_network_for
+from common.model_state import get_model_state_dict, load_model_state, read_checkpoint_metadata
+from common.models import REPO_ROOT, create_network_for, load_module
+from common.recipe import DemoRecipe, FinetuneRecipe, NetworkHooks, Recipe  # noqa: F401  (the scripts' imports)
 from common.run_log import RunLog, plot_curves
-
-
-@dataclass(frozen=True)
-class DemoRecipe:
-    """What `--demo` changes: a few minutes on a laptop CPU with the built-in dataset."""
-
-    batch_size: int = 48
-    learning_rate: float = 0.1
-    total_iters: int = 200
-    image_size: int = 64
-    display_interval: int = 10
-    # Checkpoints close together near the end, so that averaging the best few (demo.py) is meaningful.
-    val_interval: int = 25
-    save_interval: int = 25
-
-
-class NetworkHooks:
-    """What a folder whose network is not fixed adds to the loop; the defaults add nothing.
-
-    OneShot's train.py stores a searched architecture in the checkpoint metadata (the network is built from the
-    metadata, as eval.py and export.py build it); its train_supernet.py also picks the path each iteration trains.
-    """
-
-    # DDP must expect parameters that get no gradient in an iteration (a supernet trains one path at a time).
-    find_unused_parameters: bool = False
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """The folder's own flags."""
-
-    def metadata(self, args: argparse.Namespace) -> dict:
-        """Checkpoint metadata from those flags (checked here: raise UserError for bad values)."""
-        return {}
-
-    def train_samples(self, samples: list[tuple[str, int]], args: argparse.Namespace) -> list[tuple[str, int]]:
-        """The (path, label) samples of --train-dir to train on."""
-        return samples
-
-    def prepare(self, model: nn.Module, iteration: int | None, args: argparse.Namespace) -> None:
-        """Called before the forward pass of each training iteration, and with None before validation."""
-
-
-@dataclass(frozen=True)
-class FinetuneRecipe:
-    """What `--pretrained` changes: defaults for fine-tuning on a few thousand images (a model card states them)."""
-
-    batch_size: int
-    learning_rate: float
-    total_iters: int
-    warmup_iters: int
-    display_interval: int = 20
-    val_interval: int = 250
-    save_interval: int = 250
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A model's training defaults (the original recipe) and what its loss is made of."""
-
-    model_name: str
-    batch_size: int
-    learning_rate: float
-    total_iters: int
-    # Weights of the losses of the network's outputs: the logits, then the side heads in the order the network
-    # returns them in training mode.
-    loss_weights: tuple[float, ...] = (1.0,)
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
-    label_smooth: float = 0.1
-    image_size: int = 224
-    display_interval: int = 20
-    val_interval: int = 10_000
-    save_interval: int = 10_000
-    demo: DemoRecipe = field(default_factory=DemoRecipe)
-    finetune: FinetuneRecipe = FinetuneRecipe(batch_size=64, learning_rate=0.01, total_iters=1500, warmup_iters=100)
-    hooks: NetworkHooks = field(default_factory=NetworkHooks)
-
 
 DEMO_DATA = REPO_ROOT / "data" / "demo"
 
@@ -128,11 +56,36 @@ class TrainingDiverged(UserError):
 
 def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     """The train.py command line; recipe-dependent defaults are None here and filled in by `resolve_args`."""
-    d = recipe
     parser = argparse.ArgumentParser(
-        description=f"Train {d.model_name} (ImageFolder data, the original recipe; resumes automatically).",
+        description=f"Train {recipe.model_name} (ImageFolder data, the original recipe; resumes automatically).",
         formatter_class=DefaultsHelpFormatter)
-    data = parser.add_argument_group("data")
+    _add_data_flags(parser.add_argument_group("data"), recipe)
+    _add_optimisation_flags(parser.add_argument_group("optimisation (defaults: the original recipe)"), recipe)
+    d = recipe.finetune
+    tune = parser.add_argument_group(
+        "fine-tuning", f"--pretrained switches the defaults to the fine-tuning recipe: batch {d.batch_size}, "
+                       f"lr {d.learning_rate}, {d.total_iters} iterations, {d.warmup_iters} of warm-up")
+    tune.add_argument("--pretrained", metavar="FILE",
+                      help="start a new run from these weights (any file eval.py accepts); with another number of "
+                           "classes the classifier and side heads start afresh. An interrupted run resumes from its "
+                           "own checkpoints in --save, never from FILE again")
+    tune.add_argument("--freeze-backbone", action="store_true",
+                      help="train the classifier only (a linear probe): every other weight and all BatchNorm "
+                           "statistics stay as loaded")
+    _add_running_flags(parser.add_argument_group("running"), recipe)
+    end = parser.add_argument_group("after the main schedule")
+    end.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                     help="re-estimate BatchNorm statistics over N training batches (OneShot's original: 1250)")
+    end.add_argument("--average-best", type=int, default=0, metavar="K",
+                     help="write and validate the average of the best K checkpoints by validation top-1 error, "
+                          "chosen among those still on disk (raise --keep to keep more)")
+    end.add_argument("--recompute-bn", type=int, default=0, metavar="N",
+                     help="re-estimate BatchNorm statistics of the averaged weights over N training batches")
+    recipe.hooks.add_arguments(parser)
+    return parser
+
+
+def _add_data_flags(data: argparse._ArgumentGroup, d: Recipe) -> None:
     data.add_argument("--train-dir", help="training images in ImageFolder layout (one sub-folder per class)")
     data.add_argument("--val-dir", help="validation images, same class sub-folders as --train-dir")
     data.add_argument("--demo", action="store_true",
@@ -143,12 +96,14 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, help=f"training crop size (default {d.image_size})")
     data.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                       help="data-loading worker processes per rank")
-    optim = parser.add_argument_group("optimisation (defaults: the original recipe)")
+
+
+def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
     optim.add_argument("--batch-size", type=int, help=f"global batch over all ranks (default {d.batch_size})")
     optim.add_argument("--total-iters", type=int, help=f"iterations to train (default {d.total_iters})")
     optim.add_argument("--learning-rate", type=float,
                        help=f"base learning rate (default {d.learning_rate} at batch {d.batch_size}, scaled "
-                            "linearly with --batch-size)")
+                            "linearly with --batch-size); a resumed run trains at the rate of this command line")
     optim.add_argument("--warmup-iters", type=int,
                        help="iterations of linear learning-rate warm-up from 0 before the linear decay (default 0; "
                             f"{d.finetune.warmup_iters} with --pretrained)")
@@ -159,20 +114,14 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     optim.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     optim.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only (slower): a resumed run is bit-identical")
-    optim.add_argument("--ema", action="store_true", help="keep and validate an exponential moving average")
-    optim.add_argument("--ema-decay", type=float, default=0.9998, help="EMA decay (with warm-up)")
-    tune = parser.add_argument_group(
-        "fine-tuning", f"--pretrained switches the defaults to the fine-tuning recipe: batch {d.finetune.batch_size}, "
-                       f"lr {d.finetune.learning_rate}, {d.finetune.total_iters} iterations, "
-                       f"{d.finetune.warmup_iters} of warm-up")
-    tune.add_argument("--pretrained", metavar="FILE",
-                      help="start a new run from these weights (any file eval.py accepts); with another number of "
-                           "classes the classifier and side heads start afresh. An interrupted run resumes from its "
-                           "own checkpoints in --save, never from FILE again")
-    tune.add_argument("--freeze-backbone", action="store_true",
-                      help="train the classifier only (a linear probe): every other weight and all BatchNorm "
-                           "statistics stay as loaded")
-    run = parser.add_argument_group("running")
+    optim.add_argument("--ema", action="store_true",
+                       help="also keep an exponential moving average of the weights: validated as val_ema and "
+                            "saved in each checkpoint; with --eval, evaluate the checkpoint's EMA weights")
+    optim.add_argument("--ema-decay", type=float, default=0.9998,
+                       help="EMA decay, reached after a warm-up in which the early weights fade out fast")
+
+
+def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
     run.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     run.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                      help="mixed precision: auto picks bf16 on CUDA (fp16 where bf16 is not supported; fp16 uses a "
@@ -182,7 +131,8 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                      help="channels_last memory format; --no-channels-last for NCHW; auto: channels_last on CUDA, "
                           "on a CPU the layout measured faster for this model in a few steps at start (NCHW with "
                           "--deterministic); a resumed run keeps the layout it started with")
-    run.add_argument("--compile", action="store_true", help="torch.compile the network")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the network (the first iterations wait for compilation)")
     run.add_argument("--save", default="./models", help="checkpoint folder (also metrics.jsonl, TensorBoard)")
     run.add_argument("--keep", type=int, default=5, help="newest checkpoints to keep (the best one is kept too)")
     run.add_argument("--auto-continue", action=argparse.BooleanOptionalAction, default=True,
@@ -198,16 +148,6 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
                           "this folder's eval.py (its classes and image size: the checkpoint's), and exit")
     run.add_argument("--eval-resume", metavar="FILE",
                      help="weights file to evaluate with --eval (any layout eval.py takes)")
-    end = parser.add_argument_group("after the main schedule")
-    end.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
-                     help="re-estimate BatchNorm statistics over N training batches (OneShot's original: 1250)")
-    end.add_argument("--average-best", type=int, default=0, metavar="K",
-                     help="write and validate the average of the best K checkpoints by validation top-1 error, "
-                          "chosen among those still on disk (raise --keep to keep more)")
-    end.add_argument("--recompute-bn", type=int, default=0, metavar="N",
-                     help="re-estimate BatchNorm statistics of the averaged weights over N training batches")
-    recipe.hooks.add_arguments(parser)
-    return parser
 
 
 def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace:
@@ -226,7 +166,7 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
         train_dir, val_dir = demo_dataset(DEMO_DATA)
         args.train_dir = args.train_dir or str(train_dir)
         args.val_dir = args.val_dir or str(val_dir)
-    if not args.train_dir and not args.eval:
+    if not args.train_dir:
         raise UserError("--train-dir is required (or --demo for the built-in dataset)")
     for name in ("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval",
                  "keep", "val_batch_size"):
@@ -246,12 +186,19 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
     return args
 
 
-def check_val_classes(val_classes: list[str], classes: list[str] | None, args: argparse.Namespace,
-                      say: Callable[..., None]) -> None:
-    """Validation scores the training classes: a val folder that is not one of them is an error at start, not
-    after --val-interval iterations; training classes without a val folder are only noted."""
-    if classes is None:
-        return
+def scan_classes(args: argparse.Namespace, say: Callable[..., None]) -> list[str]:
+    """The training classes. Validation scores them: a val folder that is not one of them is an error at start,
+    not after --val-interval iterations; training classes without a val folder are only noted."""
+    classes = scan_image_folder(args.train_dir, "--train-dir")[1]
+    if len(classes) < 2:
+        raise UserError(f"--train-dir {args.train_dir}: only one class folder ({classes[0]}); a classifier needs "
+                        f"two or more, one sub-folder per class")
+    if args.num_classes and args.num_classes < len(classes):
+        raise UserError(f"--num-classes {args.num_classes} is smaller than the {len(classes)} class folders "
+                        f"of --train-dir")
+    if not args.val_dir:
+        return classes
+    val_classes = scan_image_folder(args.val_dir, "--val-dir")[1]
     stray = [name for name in val_classes if name not in classes]
     if stray:
         raise UserError(f"--val-dir {args.val_dir}: {len(stray)} class folder(s) not in --train-dir: "
@@ -260,6 +207,7 @@ def check_val_classes(val_classes: list[str], classes: list[str] | None, args: a
     if missing:
         say(f"note: --val-dir has no folder for {len(missing)} of the {len(classes)} training classes "
             f"({_listed(missing)}); validation scores the others")
+    return classes
 
 
 def _listed(names: list[str], shown: int = 5) -> str:
@@ -288,15 +236,19 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def linear_decay(total_iters: int) -> Callable[[int], float]:
-    """Iteration k trains with lr * (1 - k / total)."""
-    return lambda k: max(0.0, 1.0 - k / total_iters)
-
-
 def warmup_linear_decay(total_iters: int, warmup_iters: int) -> Callable[[int], float]:
     """Iteration k trains with lr * min(1, (k + 1) / warmup) * (1 - k / total): a function of k alone."""
-    decay = linear_decay(total_iters)
-    return lambda k: decay(k) * min(1.0, (k + 1) / warmup_iters) if warmup_iters else decay(k)
+    def factor(k: int) -> float:
+        decay = max(0.0, 1.0 - k / total_iters)
+        return decay * min(1.0, (k + 1) / warmup_iters) if warmup_iters else decay
+    return factor
+
+
+def learning_rate(args: argparse.Namespace, iteration: int) -> float:
+    """The rate of iteration `iteration` (0-based), from the command line alone: a resumed run needs no scheduler
+    state, and after a divergence rerunning with a lower --learning-rate continues from the last good checkpoint at
+    that rate."""
+    return args.learning_rate * warmup_linear_decay(args.total_iters, args.warmup_iters)(iteration)
 
 
 class SignalStop(BaseException):
@@ -389,7 +341,7 @@ def resolve_training_speed(args: argparse.Namespace, model: nn.Module, info: Dis
     as it did before), else resolves by the device, timing the candidates on a CPU (rank 0 measures for all;
     with --deterministic nothing is timed: plain float32 NCHW there).
     """
-    recorded = _recorded_args(args.save) if args.auto_continue and not args.eval else {}
+    recorded = _recorded_args(args.save) if args.auto_continue else {}
     kept = []
     if args.channels_last == "auto":
         args.channels_last = None
@@ -401,7 +353,7 @@ def resolve_training_speed(args: argparse.Namespace, model: nn.Module, info: Dis
         kept.append("precision")
     batch = min(8, args.batch_size // info.world_size)
     prepare = None
-    if info.is_main and not (args.eval or args.deterministic):
+    if info.is_main and not args.deterministic:
         prepare = training_step_timer(model, batch, args.image_size, info.device)
     speed = resolve_speed(args.channels_last, args.amp, info.device, prepare,
                           what=f"on training steps of {batch} images of {args.image_size}px")
@@ -428,63 +380,206 @@ def plain_args(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
-@dataclass
+class Meter:
+    """The running tallies of one logging window (loss, correct predictions, images, unreadable images skipped)
+    and the clocks of the window and the run, from which validating and saving are paused out, so that images/s
+    and the ETA count training alone. The tallies stay on the device until `read`: a GPU never waits per step."""
+
+    def __init__(self, device: torch.device, start_iteration: int) -> None:
+        self.start_iteration = start_iteration
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.iterations = self.images = self.skipped = 0
+        self.window_start = self.run_start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, skipped: int) -> None:
+        self.nonfinite |= ~torch.isfinite(loss)
+        self.loss += loss
+        self.correct += (logits.argmax(1) == labels).sum()
+        self.iterations += 1
+        self.images += labels.numel()
+        self.skipped += skipped
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            paused = time.perf_counter() - started
+            self.window_start += paused
+            self.run_start += paused
+
+    def read(self, done: int, info: DistInfo) -> tuple[dict, float]:
+        """The window's figures as means over all ranks (the global batch, whatever the number of processes) and
+        the seconds per iteration so far; a new window starts."""
+        elapsed = time.perf_counter() - self.window_start
+        tally = all_reduce_sum(torch.stack([self.loss, self.correct, self.loss.new_tensor(float(self.images))]), info)
+        images = int(tally[2].item())
+        window = {"loss": tally[0].item() / self.iterations / info.world_size,
+                  "top1_error": 100.0 * (1.0 - tally[1].item() / max(1, images)),
+                  "images_per_second": images / max(elapsed, 1e-9), "skipped": self.skipped}
+        per_iteration = (time.perf_counter() - self.run_start) / (done - self.start_iteration)
+        self.loss.zero_()
+        self.correct.zero_()
+        self.iterations = self.images = self.skipped = 0
+        self.window_start = time.perf_counter()
+        return window, per_iteration
+
+
+@dataclass(kw_only=True)
 class Trainer:
-    """Everything the loop works on, so saving and validating read like the recipe."""
+    """Everything the loop works on. `model` is the network itself; the loop runs it through `train_model` (DDP
+    and torch.compile wrappers, made here) and saves, validates and averages `model`."""
 
     args: argparse.Namespace
     recipe: Recipe
     info: DistInfo
     model: nn.Module
-    train_model: nn.Module
     preprocess: Preprocess
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     ema: nn.Module | None
     metadata: dict
     log: RunLog
+    val_loader: torch.utils.data.DataLoader | None
+    start_iteration: int = 0
     best_error: float | None = None
+    train_model: nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.train_model = self.model
+        if self.info.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
+                find_unused_parameters=self.recipe.hooks.find_unused_parameters)
+        if self.args.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.args.label_smooth)
 
     def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.amp)
+        dtype = AMP_DTYPES.get(self.args.amp)
         return torch.autocast(self.info.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def save(self, iteration: int, metrics: dict | None, data_position: dict) -> None:
+    def train(self, stop: StopRequest) -> bool:
+        """Train from `start_iteration` to the end (True), or until `stop` holds a signal (False, after saving)."""
+        args, info = self.args, self.info
+        batches = iter(self.train_loader(seed=args.seed, start_iteration=self.start_iteration))
+        meter = Meter(info.device, self.start_iteration)
+        last_saved = self.start_iteration
+        self.train_model.train()
+        for iteration in range(self.start_iteration, args.total_iters):
+            images, labels, skipped = next(batches)
+            labels = labels.to(info.device, non_blocking=True)
+            loss, logits = self.step(images.to(info.device, non_blocking=True), labels, iteration)
+            meter.add(loss, logits, labels, skipped)
+            done = iteration + 1
+            display, validate, save = (done % interval == 0 or done == args.total_iters for interval in
+                                       (args.display_interval, args.val_interval, args.save_interval))
+            # Asking the other ranks is a collective and a wait for the device: only when work is due, so a signal
+            # waits at most one display interval. Alone, a process stops at once.
+            due = display or validate or save
+            stopping = (due or not info.distributed) and any_rank(stop.signal_name is not None, info)
+            if not (due or stopping):
+                continue
+            if any_rank(bool(meter.nonfinite) or not weights_finite(self.model), info):
+                raise TrainingDiverged(
+                    f"the loss or the weights became NaN or infinite after iteration {last_saved} (noticed at "
+                    f"{done}); nothing after the checkpoint at iteration {last_saved} was saved, so it stays the "
+                    "latest. Lower --learning-rate, or use --amp bf16 instead of fp16")
+            if display:
+                self.display(meter, done)
+            with meter.paused():
+                metrics = self.validate_all(done) if validate else None
+                if save or stopping:
+                    self.save(done, metrics)
+                    last_saved = done
+            if stopping:
+                self.say(f"stopped at iteration {done} ({stop.signal_name}); run the same command to resume")
+                return False
+        return True
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on one batch at the iteration's learning rate; the loss and logits, detached."""
+        self.recipe.hooks.prepare(self.model, iteration, self.args)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.args, iteration)
+        with self.autocast():
+            inputs = self.preprocess(images)
+            if self.args.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            loss, logits = compute_loss(self.train_model(inputs), labels, self.criterion, self.recipe.loss_weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model, step=iteration + 1)
+        return loss.detach(), logits.detach()
+
+    def display(self, meter: Meter, done: int) -> None:
+        window, per_iteration = meter.read(done, self.info)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.log("train", done, {**window, "lr": lr})
+        note = f" | skipped {window['skipped']} unreadable images" if window["skipped"] else ""
+        self.say(f"[{self.recipe.model_name}] iter {done}/{self.args.total_iters} | lr {lr:.5f} | loss "
+                 f"{window['loss']:.4f} | top-1 err {window['top1_error']:5.1f}% | "
+                 f"{window['images_per_second']:7.1f} img/s | "
+                 f"ETA {format_duration(per_iteration * (self.args.total_iters - done))}{note}")
+
+    def say(self, text: str) -> None:
+        if self.info.is_main:
+            print(text, flush=True)
+
+    def validate_all(self, iteration: int) -> dict | None:
+        """Validate the network (and its EMA), note the best error so far; back to training mode."""
+        metrics = self.validate(iteration)
+        if self.ema is not None:
+            self.validate(iteration, self.ema.module, split="val_ema")
+        self.train_model.train()
+        if metrics and (self.best_error is None or metrics["top1_error"] < self.best_error):
+            self.best_error = metrics["top1_error"]
+        return metrics
+
+    def validate(self, iteration: int, model: nn.Module | None = None, split: str = "val") -> dict | None:
+        if self.val_loader is None:
+            return None
+        network = model if model is not None else self.model
+        self.recipe.hooks.prepare(network, None, self.args)
+        results = evaluate(network, self.preprocess, self.val_loader, device=self.info.device, amp=self.args.amp,
+                           progress=False)
+        metrics = {key: results[key] for key in ("top1_error", "top5_error", "loss")}
+        self.log.log(split, iteration, metrics)
+        self.say(f"{split} @ {iteration}: top-1 error {metrics['top1_error']:.2f}%  top-5 error "
+                 f"{metrics['top5_error']:.2f}%  loss {metrics['loss']:.4f}  ({results['images']} images)")
+        if self.info.is_main and not math.isfinite(metrics["loss"]):
+            print(f"warning: the {split} loss is {metrics['loss']}: the network's outputs on some validation "
+                  "images are NaN or infinite (huge or NaN values in the weights or BatchNorm statistics), so the "
+                  "errors above count arbitrary predictions for them", file=sys.stderr, flush=True)
+        return metrics
+
+    def save(self, iteration: int, metrics: dict | None) -> None:
         # Every rank's RNG is stored, so a resumed multi-process run continues each rank's own random stream.
         rng = all_gather_objects(rng_state(), self.info)
         if not self.info.is_main:
             return
-        state = get_training_state(self.model, self.optimizer, self.scheduler, self.scaler, self.ema,
-                                   iteration=iteration, best_metric=self.best_error, data_position=data_position,
-                                   metrics=metrics, metadata=self.metadata, rng=rng)
+        state = get_training_state(self.model, self.optimizer, scaler=self.scaler, ema=self.ema, iteration=iteration,
+                                   best_metric=self.best_error, metrics=metrics, metadata=self.metadata, rng=rng)
         started = time.perf_counter()
         path = save_checkpoint(state, iteration, self.args.save, keep=self.args.keep,
                                best_metric_name="top1_error", lower_is_better=True)
         print(f"saved {path} ({time.perf_counter() - started:.1f} s)", flush=True)
 
-    def validate(self, iteration: int, model: nn.Module | None = None, split: str = "val") -> dict | None:
-        if not self.args.val_dir:
-            return None
-        loader, _, _ = build_eval_loader(
-            self.args.val_dir, crop_size=self.args.image_size, batch_size=self.args.val_batch_size,
-            workers=self.args.workers, rank=self.info.rank, world_size=self.info.world_size,
-            class_to_index=self.metadata["class_to_index"])
-        network = model if model is not None else self.model
-        self.recipe.hooks.prepare(network, None, self.args)
-        results = evaluate(network, self.preprocess, loader, device=self.info.device, amp=self.args.amp,
-                           progress=False)
-        metrics = {key: results[key] for key in ("top1_error", "top5_error", "loss")}
-        self.log.log(split, iteration, metrics)
-        if self.info.is_main:
-            print(f"{split} @ {iteration}: top-1 error {metrics['top1_error']:.2f}%  top-5 error "
-                  f"{metrics['top5_error']:.2f}%  loss {metrics['loss']:.4f}  ({results['images']} images)",
-                  flush=True)
-            if not math.isfinite(metrics["loss"]):
-                print(f"warning: the {split} loss is {metrics['loss']}: the network's outputs on some validation "
-                      "images are NaN or infinite (huge or NaN values in the weights or BatchNorm statistics), so the "
-                      "errors above count arbitrary predictions for them", file=sys.stderr, flush=True)
-        return metrics
+    def train_loader(self, seed: int, start_iteration: int = 0) -> torch.utils.data.DataLoader:
+        """Training batches of --train-dir (the original augmentation) for this rank, from `start_iteration`."""
+        args, info = self.args, self.info
+        loader, _ = build_train_loader(
+            args.train_dir, crop_size=args.image_size, global_batch_size=args.batch_size, seed=seed,
+            start_iteration=start_iteration, rank=info.rank, world_size=info.world_size, workers=args.workers,
+            pin_memory=info.device.type == "cuda",
+            samples_filter=lambda samples: self.recipe.hooks.train_samples(samples, args))
+        return loader
 
 
 def weights_finite(model: nn.Module) -> bool:
@@ -500,18 +595,15 @@ def compute_loss(outputs, labels: torch.Tensor, criterion: nn.Module, weights: t
     return loss, outputs[0]
 
 
-# -- the loop -------------------------------------------------------------------------------------------------
-
-LoadCheckpoint = Callable[..., dict]
-
+# -- the run --------------------------------------------------------------------------------------------------
 
 def load_training_checkpoint(path: str | Path, model: nn.Module, **objects) -> dict:
     """Resume: restore the whole training state of one of this project's checkpoints into `model` and `objects`
-    (optimizer, scheduler, scaler, ema)."""
+    (optimizer, scaler, ema)."""
     return load_checkpoint(path, model, **objects)
 
 
-def run_training(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint,
+def run_training(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[..., dict],
                  argv: list[str] | None = None) -> str:
     """Parse the command line and train (or only evaluate with --eval). Bad input ends with a one-line error.
 
@@ -527,7 +619,7 @@ def run_training(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheck
         sys.exit(128 + signal.Signals[stop.signal_name].value)
 
 
-def _run(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, argv: list[str] | None) -> str:
+def _run(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[..., dict], argv: list[str] | None) -> str:
     args = build_parser(recipe).parse_args(argv)
     if args.eval:
         return _evaluate_only(network, args)
@@ -536,7 +628,20 @@ def _run(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, a
     try:
         # Outside the schedule (set-up, BN re-estimation, averaging) no checkpoint is pending: a signal stops at once.
         with StopAtOnce():
-            return train(network, recipe, load_checkpoint, args, info)
+            trainer = build_trainer(network, recipe, load_checkpoint, args, info)
+            if trainer.start_iteration < args.total_iters:
+                with StopRequest() as stop:
+                    completed = trainer.train(stop)
+                    # A signal may come after the last check: every rank learns of it and stops with the others.
+                    signals = [name for name in all_gather_objects(stop.signal_name, info) if name]
+                if signals:
+                    if completed:
+                        trainer.say(f"{signals[0]} after the last iteration: stopped before the steps after the "
+                                    "schedule; run the same command to do them")
+                    trainer.log.close()
+                    return Stopped(signals[0])
+            finish(trainer)
+            return "finished"
     finally:
         shutdown_distributed()
 
@@ -556,263 +661,109 @@ def _evaluate_only(network: ModuleType, args: argparse.Namespace) -> str:
     for flag, value in (("--image-size", args.image_size), ("--amp", args.amp)):
         if value is not None:
             eval_argv += [flag, str(value)]
-    if args.compile:
-        eval_argv.append("--compile")
+    eval_argv += [flag for flag, given in (("--compile", args.compile), ("--ema", args.ema)) if given]
     folder = Path(network.__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location(f"eval_{folder.name.replace('.', '_')}", folder / "eval.py")
-    eval_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_script)
+    eval_script = load_module(folder / "eval.py", f"eval_{folder.name.replace('.', '_')}")
     eval_script.main(eval_argv)
     return "finished"
 
 
-def train(network: ModuleType, recipe: Recipe, load_checkpoint: LoadCheckpoint, args: argparse.Namespace,
-          info: DistInfo) -> str:
-    """Train `network` (a folder's network.py module) with `recipe` as `args` say, on this process's device."""
+def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[..., dict],
+                  args: argparse.Namespace, info: DistInfo) -> Trainer:
+    """Check the data, then build `network` (a folder's network.py module) and what trains it on this process's
+    device, from the newest checkpoint in --save when there is one."""
     if args.batch_size % info.world_size:
         raise UserError(f"--batch-size {args.batch_size} must divide by the {info.world_size} processes")
     seed_everything(args.seed, args.deterministic)
     say = print if info.is_main else (lambda *a, **k: None)
-    network_metadata = recipe.hooks.metadata(args)
-
-    classes = scan_image_folder(args.train_dir, "--train-dir")[1] if args.train_dir else None
-    if classes is not None and len(classes) < 2:
-        raise UserError(f"--train-dir {args.train_dir}: only one class folder ({classes[0]}); a classifier needs "
-                        f"two or more, one sub-folder per class")
-    if args.val_dir:
-        val_classes = scan_image_folder(args.val_dir, "--val-dir")[1]
-        check_val_classes(val_classes, classes, args, say)
-    num_classes = args.num_classes or (len(classes) if classes else 1000)
-    if classes and num_classes < len(classes):
-        raise UserError(f"--num-classes {num_classes} is smaller than the {len(classes)} class folders "
-                        f"of --train-dir")
+    classes = scan_classes(args, say)
     input_format: InputFormat = network.INPUT_FORMAT
-    metadata = {"arch": recipe.model_name, "classes": classes, "num_classes": num_classes,
+    metadata = {"arch": recipe.model_name, "classes": classes, "num_classes": args.num_classes or len(classes),
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),
-                "class_to_index": {name: i for i, name in enumerate(classes)} if classes else None,
-                **network_metadata}
-
-    model = create_network_for(network, num_classes, metadata)
-    resume_path = get_latest_model(args.save)[0] if args.auto_continue and not args.eval else None
-    if args.pretrained and resume_path is None and not args.eval:
-        # Only a run without checkpoints of its own starts from the file: a resumed one continues its own weights.
-        from common.pretrained import load_pretrained
-        if not Path(args.pretrained).is_file():
-            raise UserError(f"--pretrained {args.pretrained}: no such file")
-        report = load_pretrained(model, args.pretrained)
-        say(f"--pretrained: {report.summary()}")
+                "class_to_index": {name: i for i, name in enumerate(classes)}, **recipe.hooks.metadata(args)}
+    resume_path = get_latest_model(args.save)[0] if args.auto_continue else None
+    model = _create_model(network, metadata, args, resume_path, say).to(info.device)
     if args.freeze_backbone:
-        model.freeze_backbone()
         recipe = dataclasses.replace(recipe, loss_weights=(1.0,) + (0.0,) * (len(recipe.loss_weights) - 1))
-    model = model.to(info.device)
     speed = resolve_training_speed(args, model, info)
     metadata.update(args=plain_args(args), speed=speed.describe())
     say(f"speed settings: {speed.describe()}")
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    model = model.to(memory_format=memory_format)
-    preprocess = Preprocess(input_format).to(info.device)
+    model = model.to(memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                 momentum=args.momentum)
-    schedule = warmup_linear_decay(args.total_iters, args.warmup_iters)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
     ema = None
     if args.ema:
         from common.ema import create_ema
         ema = create_ema(model, decay=args.ema_decay)
-    log = RunLog(args.save, enabled=info.is_main)
-    trainer = Trainer(args, recipe, info, model, model, preprocess, optimizer, scheduler, scaler, ema,
-                      metadata, log)
-
-    start_iteration = 0
-    if args.auto_continue:
-        path = resume_path
-        if path is not None:
-            state = load_checkpoint(path, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
-            start_iteration = state["iteration"]
-            # The command line's learning rate wins over the saved one: after a divergence, rerunning with a
-            # lower --learning-rate continues from the last good checkpoint at that rate. The same command
-            # gives the same rate, so an ordinary resume is unchanged.
-            scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
-            for group in optimizer.param_groups:
-                group["lr"] = args.learning_rate * schedule(start_iteration)
-            trainer.best_error = state.get("best_metric")
-            say(f"resumed from {path} at iteration {start_iteration}")
-
-    if info.distributed:
-        trainer.train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            find_unused_parameters=recipe.hooks.find_unused_parameters)
-    if args.compile:
-        trainer.train_model = torch.compile(trainer.train_model)
-
-    say(f"{recipe.model_name}: {num_classes} classes, {args.total_iters} iterations of global batch "
+    state = {}
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, model, optimizer=optimizer, scaler=scaler, ema=ema)
+        say(f"resumed from {resume_path} at iteration {state['iteration']}")
+    val_loader = None
+    if args.val_dir:
+        val_loader = build_eval_loader(args.val_dir, crop_size=args.image_size, batch_size=args.val_batch_size,
+                                       workers=args.workers, rank=info.rank, world_size=info.world_size,
+                                       class_to_index=metadata["class_to_index"])[0]
+    say(f"{recipe.model_name}: {metadata['num_classes']} classes, {args.total_iters} iterations of global batch "
         f"{args.batch_size} on {info.world_size} x {info.device}, lr {args.learning_rate:g}, image "
         f"{args.image_size}px, input {input_format.describe()}")
-    if start_iteration < args.total_iters:
-        with StopRequest() as stop:
-            completed = _train_iterations(trainer, start_iteration, stop)
-            # A signal may come after the last check: every rank learns of it and stops with the others.
-            signals = [name for name in all_gather_objects(stop.signal_name, info) if name]
-        if signals:
-            if completed:
-                say(f"{signals[0]} after the last iteration: stopped before the steps after the schedule; run "
-                    "the same command to do them")
-            trainer.log.close()
-            return Stopped(signals[0])
-    _finish(trainer)
-    return "finished"
+    return Trainer(args=args, recipe=recipe, info=info, model=model, optimizer=optimizer, scaler=scaler, ema=ema,
+                   preprocess=Preprocess(input_format).to(info.device), metadata=metadata,
+                   log=RunLog(args.save, enabled=info.is_main), val_loader=val_loader,
+                   start_iteration=state.get("iteration", 0), best_error=state.get("best_metric"))
 
 
-def _train_iterations(trainer: Trainer, start_iteration: int, stop: StopRequest) -> bool:
-    """Train from `start_iteration` to the end (True), or until `stop` holds a signal (False, after saving)."""
-    args, info, recipe = trainer.args, trainer.info, trainer.recipe
-    loader, _ = build_train_loader(
-        args.train_dir, crop_size=args.image_size, global_batch_size=args.batch_size, seed=args.seed,
-        start_iteration=start_iteration, rank=info.rank, world_size=info.world_size, workers=args.workers,
-        pin_memory=info.device.type == "cuda",
-        samples_filter=lambda samples: recipe.hooks.train_samples(samples, args))
-    sampler = loader.batch_sampler
-    batches = iter(loader)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smooth)
-    trainer.train_model.train()
-    nonfinite = torch.zeros((), dtype=torch.bool, device=info.device)
-    window_loss = torch.zeros((), device=info.device)
-    window_correct = torch.zeros((), device=info.device)
-    window_iterations = window_images = window_skipped = 0
-    window_start = run_start = time.perf_counter()
-    last_saved = start_iteration
-
-    for iteration in range(start_iteration, args.total_iters):
-        images, labels, skipped = next(batches)
-        images = images.to(info.device, non_blocking=True)
-        labels = labels.to(info.device, non_blocking=True)
-        recipe.hooks.prepare(trainer.model, iteration, args)
-        with trainer.autocast():
-            inputs = trainer.preprocess(images)
-            if args.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            loss, logits = compute_loss(trainer.train_model(inputs), labels, criterion, recipe.loss_weights)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.scaler.scale(loss).backward()
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        trainer.scheduler.step()
-        if trainer.ema is not None:
-            trainer.ema.update(trainer.model, step=iteration + 1)
-
-        # Tallied on the device; read back only at display time, so a GPU never waits per iteration.
-        loss = loss.detach()
-        nonfinite |= ~torch.isfinite(loss)
-        window_loss += loss
-        window_correct += (logits.detach().argmax(1) == labels).sum()
-        window_iterations += 1
-        window_images += labels.numel()
-        window_skipped += skipped
-        done = iteration + 1
-        at_boundary = done % args.display_interval == 0 or done == args.total_iters or \
-            done % args.save_interval == 0 or done % args.val_interval == 0
-        # Asking the other ranks is a collective and a wait for the device: only at progress lines and
-        # checkpoints, so a signal waits at most one display interval. Alone, a process stops at once.
-        if info.distributed:
-            stopping = at_boundary and any_rank(stop.signal_name is not None, info)
-        else:
-            stopping = stop.signal_name is not None
-        if at_boundary or stopping:
-            if any_rank(bool(nonfinite) or not weights_finite(trainer.model), info):
-                raise TrainingDiverged(
-                    f"the loss or the weights became NaN or infinite after iteration {last_saved} (noticed at "
-                    f"{done}); nothing "
-                    f"after the checkpoint at iteration {last_saved} was saved, so it stays the latest. Lower "
-                    f"--learning-rate, or use --amp bf16 instead of fp16")
-            if done % args.display_interval == 0 or done == args.total_iters:
-                elapsed = time.perf_counter() - window_start
-                # Means over all ranks, so the log shows the global batch whatever the number of processes.
-                tally = all_reduce_sum(torch.stack([window_loss, window_correct,
-                                                    torch.tensor(float(window_images), device=info.device)]), info)
-                mean_loss = tally[0].item() / window_iterations / info.world_size
-                images = int(tally[2].item())
-                top1_error = 100.0 * (1.0 - tally[1].item() / max(1, images))
-                images_per_s = images / max(elapsed, 1e-9)
-                per_iteration = (time.perf_counter() - run_start) / (done - start_iteration)
-                eta = format_duration(per_iteration * (args.total_iters - done))
-                lr = trainer.optimizer.param_groups[0]["lr"]
-                trainer.log.log("train", done, {"loss": mean_loss, "top1_error": top1_error, "lr": lr,
-                                                "images_per_second": images_per_s, "skipped": window_skipped})
-                if info.is_main:
-                    note = f" | skipped {window_skipped} unreadable images" if window_skipped else ""
-                    print(f"[{recipe.model_name}] iter {done}/{args.total_iters} | lr {lr:.5f} | loss "
-                          f"{mean_loss:.4f} | top-1 err {top1_error:5.1f}% | {images_per_s:7.1f} img/s | "
-                          f"ETA {eta}{note}", flush=True)
-                window_loss.zero_()
-                window_correct.zero_()
-                window_iterations = window_images = window_skipped = 0
-                window_start = time.perf_counter()
-            metrics = None
-            paused = time.perf_counter()
-            if done % args.val_interval == 0 or done == args.total_iters:
-                metrics = trainer.validate(done)
-                if trainer.ema is not None:
-                    trainer.validate(done, unwrap_model(trainer.ema), split="val_ema")
-                trainer.train_model.train()
-                if metrics and (trainer.best_error is None or metrics["top1_error"] < trainer.best_error):
-                    trainer.best_error = metrics["top1_error"]
-            if done % args.save_interval == 0 or done == args.total_iters or stopping:
-                trainer.save(done, metrics, sampler.data_position(done))
-                last_saved = done
-            # Validation and saving are not training: keep them out of images/s and the ETA.
-            paused = time.perf_counter() - paused
-            window_start += paused
-            run_start += paused
-        if stopping:
-            if info.is_main:
-                print(f"stopped at iteration {done} ({stop.signal_name}); run the same command to resume",
-                      flush=True)
-            return False
-    return True
+def _create_model(network: ModuleType, metadata: dict, args: argparse.Namespace, resume_path: Path | None,
+                  say: Callable[..., None]) -> nn.Module:
+    """The network as the metadata describes it; a new run with --pretrained starts from that file's weights."""
+    model = create_network_for(network, metadata["num_classes"], metadata)
+    if args.pretrained and resume_path is None:
+        # Only a run without checkpoints of its own starts from the file: a resumed one continues its own weights.
+        from common.pretrained import load_pretrained
+        if not Path(args.pretrained).is_file():
+            raise UserError(f"--pretrained {args.pretrained}: no such file")
+        say(f"--pretrained: {load_pretrained(model, args.pretrained).summary()}")
+    if args.freeze_backbone:
+        model.freeze_backbone()
+    return model
 
 
-def _finish(trainer: Trainer) -> None:
+def finish(trainer: Trainer) -> None:
     """After the schedule: optional BN re-estimation and best-K averaging, then the curves plot.
 
     Every rank takes part (validation and BN re-estimation are spread over the ranks and summed); only the main
     rank writes files.
     """
     args, info = trainer.args, trainer.info
-    if args.bn_recalibrate:
-        if not trainer.metadata.get("bn_recalibrated"):
-            _recalibrate_batchnorm(trainer, args.bn_recalibrate)
-            trainer.metadata["bn_recalibrated"] = True
-            metrics = trainer.validate(args.total_iters, split="val_bn_recalibrated")
-            trainer.save(args.total_iters, metrics, {"iteration": args.total_iters})
+    if args.bn_recalibrate and not trainer.metadata.get("bn_recalibrated"):
+        _recalibrate_batchnorm(trainer, args.bn_recalibrate)
+        trainer.metadata["bn_recalibrated"] = True
+        trainer.save(args.total_iters, trainer.validate(args.total_iters, split="val_bn_recalibrated"))
     if args.average_best:
         # The main rank's last checkpoint must be on disk before any rank picks the best ones.
         barrier(info)
         _average_best(trainer)
-    if info.is_main:
-        trainer.log.close()
-        metrics_path = Path(args.save) / "metrics.jsonl"
-        if metrics_path.exists():
-            plot = plot_curves(metrics_path, Path(args.save) / "curves.png", trainer.recipe.model_name)
-            print(f"curves: {plot}")
-
-
-def _preprocessed_batches(trainer: Trainer):
-    """Training batches (the original augmentation) in the network's input format, for BN re-estimation."""
-    args = trainer.args
-    loader, _ = build_train_loader(args.train_dir, crop_size=args.image_size, global_batch_size=args.batch_size,
-                                   seed=args.seed + 1, rank=trainer.info.rank, world_size=trainer.info.world_size,
-                                   workers=args.workers)
-    for images, _, _ in loader:
-        with torch.no_grad(), trainer.autocast():
-            yield trainer.preprocess(images.to(trainer.info.device))
+    trainer.log.close()
+    metrics_path = Path(args.save) / "metrics.jsonl"
+    if info.is_main and metrics_path.exists():
+        trainer.say(f"curves: {plot_curves(metrics_path, Path(args.save) / 'curves.png', trainer.recipe.model_name)}")
 
 
 def _recalibrate_batchnorm(trainer: Trainer, num_batches: int) -> None:
-    """Re-estimate BatchNorm statistics over `num_batches` global batches: each rank over its part, then the
-    ranks' statistics averaged, so every rank holds the same ones."""
+    """Re-estimate BatchNorm statistics over `num_batches` global batches of training images (the original
+    augmentation, another seed than training's): each rank over its part, then the ranks' statistics averaged,
+    so every rank holds the same ones."""
     from common.bn_recalibrate import recalibrate_batchnorm
-    recalibrate_batchnorm(trainer.model, _preprocessed_batches(trainer), num_batches)
+
+    # The autocast is entered here, not around a generator's `yield`: a generator left suspended inside a context
+    # manager restores the grad mode and autocast state whenever it happens to be closed, not when the work ends.
+    def forward(model: nn.Module, images: torch.Tensor):
+        with trainer.autocast():
+            return model(trainer.preprocess(images.to(trainer.info.device)))
+
+    batches = (images for images, _, _ in trainer.train_loader(seed=trainer.args.seed + 1))
+    recalibrate_batchnorm(trainer.model, batches, num_batches, forward)
     average_buffers(trainer.model, trainer.info)
 
 

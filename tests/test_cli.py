@@ -54,6 +54,7 @@ def test_help_states_each_default_once_and_never_none(name):
 SHOWN_BY = {
     # train.py --eval runs eval.py with eval.py's own flags.
     "common/training.py": ["train", "eval"], "common/checkpoint.py": ["train"], "common/run_log.py": ["train"],
+    "common/checkpoint_store.py": ["train"],
     "common/evaluate.py": ["eval"], "common/imagenet.py": ["eval"],
     "common/export.py": ["export"], "common/coreml_verify.py": ["export"],
     "common/data.py": ["train", "eval"], "common/distributed.py": ["train", "eval"],

@@ -1,0 +1,156 @@
+"""train.py's optional training flags, through OneShot's train.py (main() or the script) on real tiny ImageFolder
+data, each checked by something that fails when the flag is ignored: --ema (the saved and validated average is not
+the raw weights, and `--eval --ema` scores it), --amp bf16 (the forward pass ran in bfloat16), --bn-recalibrate (the
+saved BatchNorm statistics are re-estimated over exactly N batches, nothing else changed) and --compile (TorchDynamo
+compiled the network and the run finished with a finite loss; with dynamo's eager backend, no code generation)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import training
+from common.checkpoint import get_latest_model, save_checkpoint
+from common.model_state import read_checkpoint_metadata
+from conftest import network, script_module
+from test_train import run
+
+# 32px, 4 iterations of 8 images: a few seconds. A high learning rate moves the weights far enough in 4 steps for
+# the EMA (with warm-up) to score differently from the raw weights.
+FLAGS = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--display-interval", "1",
+         "--total-iters", "4", "--save-interval", "4", "--learning-rate", "0.1", "--no-channels-last"]
+
+
+@pytest.fixture(scope="module")
+def oneshot_train():
+    return script_module("OneShot", "train")
+
+
+def records(save: Path) -> list[dict]:
+    return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(oneshot_train, argv: list[str]) -> str:
+    """train.py's main() on one thread, as the subprocess tests run (OMP_NUM_THREADS=1): on a busy machine more
+    threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return oneshot_train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory, image_folder, oneshot_train):
+    """A run with --ema and a validation set, then the same command with --bn-recalibrate 2, which finds the
+    schedule done and does only that. Returns the folder and the last checkpoint as the first run left it."""
+    save = tmp_path_factory.mktemp("ema")
+    argv = ["--train-dir", str(image_folder), "--val-dir", str(image_folder), "--save", str(save), *FLAGS,
+            "--amp", "none", "--ema"]
+    assert train(oneshot_train, argv) == "finished"
+    before = torch.load(get_latest_model(save)[0], weights_only=False)
+    assert train(oneshot_train, [*argv, "--bn-recalibrate", "2"]) == "finished"
+    return save, before
+
+
+def test_amp_bf16_runs_the_forward_pass_in_bfloat16(tmp_path, image_folder, oneshot_train, monkeypatch):
+    seen = []
+    compute_loss = training.compute_loss
+
+    def observed(outputs, *args):
+        seen.append(outputs.dtype)
+        return compute_loss(outputs, *args)
+
+    monkeypatch.setattr(training, "compute_loss", observed)
+    # bf16 is emulated (slow) on a CPU without native support: one iteration, no validation.
+    argv = ["--train-dir", str(image_folder), "--save", str(tmp_path), *FLAGS, "--total-iters", "1",
+            "--save-interval", "1", "--amp", "bf16"]
+    assert train(oneshot_train, argv) == "finished"
+    assert seen == [torch.bfloat16]
+    assert read_checkpoint_metadata(get_latest_model(tmp_path)[0])["args"]["amp"] == "bf16"
+    assert all(math.isfinite(r["loss"]) for r in records(tmp_path) if r["split"] == "train")
+
+
+def test_ema_is_saved_validated_and_what_eval_ema_scores(ema_run, image_folder, oneshot_train, monkeypatch,
+                                                         capsys):
+    save, before = ema_run
+    raw, averaged = before["model"], before["ema"]["module"]
+    assert raw.keys() == averaged.keys()
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw if raw[k].is_floating_point())
+    scores = {r["split"]: r["loss"] for r in records(save) if r["iteration"] == 4}
+    assert abs(scores["val_ema"] - scores["val"]) > 0.01
+
+    # --eval runs eval.py, which imports the folder's network as a script run from the folder does.
+    monkeypatch.setitem(sys.modules, "network", network("OneShot"))
+
+    def evaluated_loss(*extra: str) -> float:
+        capsys.readouterr()
+        train(oneshot_train, ["--eval", "--save", str(save), "--val-dir", str(image_folder), "--workers", "0",
+                              "--amp", "none", *extra])
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(" * Acc@1"))
+        return float(line.split("loss ")[1].split()[0])
+
+    # The last checkpoint holds the recalibrated network and the EMA of the schedule.
+    assert evaluated_loss("--ema") == pytest.approx(scores["val_ema"], abs=2e-3)
+    assert evaluated_loss() == pytest.approx(scores["val_bn_recalibrated"], abs=2e-3)
+
+
+def test_bn_recalibrate_reestimates_the_saved_statistics_over_n_batches(ema_run):
+    save, before = ema_run
+    path, iterations = get_latest_model(save)
+    after = torch.load(path, weights_only=False)
+    assert iterations == 4 and after["metadata"]["bn_recalibrated"] is True
+    statistics = [k for k in before["model"] if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(not torch.equal(before["model"][k], after["model"][k]) for k in statistics)
+    counts = {after["model"][k].item() for k in before["model"] if k.endswith("num_batches_tracked")}
+    assert counts == {2}  # a cumulative average over exactly the 2 batches, not 4 steps of training momentum
+    assert all(torch.equal(value, after["model"][k]) for k, value in before["model"].items()
+               if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert any(r["split"] == "val_bn_recalibrated" for r in records(save))
+
+
+# train.py run as `python train.py`, with torch.compile on dynamo's eager backend: TorchDynamo captures the
+# network's graph and the steps run through it; inductor's code generation is left out (its C++ kernels for
+# OneShot's forward and backward took 6 minutes of CPU time here, too long for the suite).
+EAGER_COMPILE = """
+import functools, runpy, sys
+import torch
+from torch._dynamo.utils import counters
+torch.compile = functools.partial(torch.compile, backend="eager")
+sys.argv = ["train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print("dynamo graphs:", counters["stats"]["unique_graphs"])
+"""
+
+
+@pytest.mark.slow  # 20 to 45 s: a fresh process, and TorchDynamo traces OneShot's forward
+def test_compile_compiles_the_network_and_finishes_with_a_finite_loss(tmp_path, image_folder):
+    result = run([sys.executable, "-c", EAGER_COMPILE, "--train-dir", str(image_folder), "--save", str(tmp_path),
+                  *FLAGS, "--total-iters", "2", "--save-interval", "2", "--amp", "none", "--compile"])
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split("dynamo graphs:")[1]) >= 1
+    path, _ = get_latest_model(tmp_path)
+    assert read_checkpoint_metadata(path)["args"]["compile"] is True
+    losses = [r["loss"] for r in records(tmp_path) if r["split"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_a_checkpoint_with_a_scheduler_state_still_resumes(ema_run, tmp_path, image_folder, oneshot_train):
+    """Checkpoints written before the learning rate became a function of the iteration hold a scheduler state."""
+    _, before = ema_run
+    model = network("OneShot").create_network(num_classes=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / 4).state_dict()
+    save_checkpoint(before, 4, tmp_path)
+    argv = ["--train-dir", str(image_folder), "--save", str(tmp_path), *FLAGS, "--amp", "none", "--ema",
+            "--total-iters", "5", "--save-interval", "5"]
+    assert train(oneshot_train, argv) == "finished"
+    assert get_latest_model(tmp_path)[1] == 5
+    assert [r["lr"] for r in records(tmp_path) if r["split"] == "train"] == [pytest.approx(0.1 * (1 - 4 / 5))]
