@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.model_state import is_side_head
+
 
 def count_parameters(model: nn.Module, include_side_heads: bool = True) -> int:
     """Number of parameters; side heads are the training-only `predict_*` modules."""
     return sum(p.numel() for name, p in model.named_parameters()
-               if include_side_heads or not name.startswith("predict_"))
+               if include_side_heads or not is_side_head(name))
 
 
 def count_macs(model: nn.Module, image_size: int = 224, in_channels: int = 3) -> int:
