@@ -368,19 +368,24 @@ def run_demo() -> None:
             sys.exit(f"search demo: '{title}' failed with exit status {completed.returncode}")
         times[title] = time.perf_counter() - started
 
-    small = ["--population", "12", "--top-k", "4", "--mutations", "4", "--crossovers", "4", "--generations", "4",
-             "--bn-images", "96", "--bn-batch-size", "48", "--score-images", "120", "--batch-size", "120",
-             "--workers", "2", "--flops-max", "330e6"]
-    step("train the supernet", ["train_supernet.py", "--demo", "--save", str(run / "supernet"),
-                                "--held-out-per-class", "20", "--workers", "2"])
+    # Small paths (100M-300M FLOPs at 224px) for the supernet and a budget of 280M for the search, so the budget
+    # binds: of two candidates the larger one tends to score better.
+    search_flags = ["--population", "10", "--top-k", "3", "--mutations", "4", "--crossovers", "4",
+                    "--generations", "4", "--bn-images", "64", "--bn-batch-size", "64", "--score-images", "180",
+                    "--batch-size", "180", "--workers", "1", "--flops-min", "100e6", "--flops-max", "280e6"]
+    step("train the supernet", ["train_supernet.py", "--demo", "--save", str(run / "supernet"), "--flops-min",
+                                "100e6", "--flops-max", "300e6", "--held-out-per-class", "30", "--warmup-iters",
+                                "10", "--workers", "1"])
     from common.checkpoint import get_latest_model
     checkpoint = str(get_latest_model(run / "supernet")[0])
     step("evolutionary search", ["search.py", "--supernet", checkpoint, "--output", str(run / "search.json"),
-                                 *small])
+                                 *search_flags])
     step("random search", ["search.py", "--supernet", checkpoint, "--output", str(run / "random.json"),
-                           "--random", *small])
+                           "--random", *search_flags])
     step("retrain the found architecture", ["train.py", "--demo", "--architecture", str(run / "search.json"),
-                                            "--save", str(run / "retrain"), "--workers", "2"])
+                                            "--save", str(run / "retrain"), "--image-size", "32", "--batch-size",
+                                            "32", "--learning-rate", "0.02", "--total-iters", "60",
+                                            "--val-interval", "60", "--save-interval", "60", "--workers", "1"])
     found = json.loads((run / "search.json").read_text())["architectures"][0]
     random_best = json.loads((run / "random.json").read_text())["architectures"][0]
     print(f"\nSearch demo finished in {sum(times.values()):.0f} s "
