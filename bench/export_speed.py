@@ -1,5 +1,5 @@
 """Every export format per model, measured: `export.py --sweep` on random weights with calibrated BatchNorm
-(common.random_weights) and a classifier scaled to a trained network's logit range, int8 calibrated on JPEGs of
+(common.random_weights) and a classifier fitted to be decisive on the verification images, int8 calibrated on JPEGs of
 synthetic images like the verification's (another seed). Size, top-1 agreement and KL with PyTorch, export time,
 peak memory, and batch-1 one-thread images/s of ExecuTorch and ONNX against PyTorch eager on this CPU. Random
 weights: no accuracy.
@@ -16,7 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -24,20 +23,17 @@ from timing import write_json
 from common.model_state import RELEASE_METADATA_KEY
 from common.models import MODEL_FOLDERS, load_network_module
 from common.random_weights import calibrated_random_network
+from common.export import DEFAULT_VERIFY_IMAGES_COMPRESSED
 from common.verification import make_test_images
 
 REPO = Path(__file__).resolve().parent.parent
-# A trained ImageNet classifier's logits span about 15-30; calibrated random ones about 1.5, where int8 and
-# palette rounding would turn near-ties into disagreements a trained network does not have.
-CLASSIFIER_SCALE = 10.0
 CALIBRATION_IMAGES = 100
 
 
 def sweep_model(model_name: str, image_size: int, folder: Path, calibration: Path) -> list[dict]:
     module = load_network_module(model_name)
-    model = calibrated_random_network(module, module.INPUT_FORMAT, image_size=image_size)
-    with torch.no_grad():
-        model.classifier[0].weight.mul_(CLASSIFIER_SCALE)
+    model = calibrated_random_network(module, module.INPUT_FORMAT, image_size=image_size,
+                                      decisive_on=make_test_images(DEFAULT_VERIFY_IMAGES_COMPRESSED, image_size))
     weights = folder / f"{model_name}-random.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
               metadata={RELEASE_METADATA_KEY: json.dumps({"image_size": image_size})})

@@ -128,8 +128,8 @@ _TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.flo
 
 
 class MLProgram:
-    """The ML program of a saved .mlpackage, read with coremltools' own MIL loader (no Core ML runtime needed:
-    it decodes the protobuf and the weight blobs, sub-byte palette indices included) and run in torch."""
+    """The ML program of a saved .mlpackage, read with coremltools' own MIL loader (no Core ML runtime needed;
+    coremltools decodes the protobuf and the weight blobs, sub-byte palette indices included) and run in torch."""
 
     def __init__(self, package_path: str | Path) -> None:
         ct = import_coremltools()
@@ -579,6 +579,4 @@ _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
     "constexpr_affine_dequantize": _affine_dequantize,
     "constexpr_blockwise_shift_scale": _blockwise_shift_scale,
 }
-
-SUPPORTED_OPERATIONS = ("const",) + tuple(sorted(_KERNELS))
 

@@ -34,7 +34,7 @@ from common.errors import UserError, exit_on_user_error
 from common.hardware import AMP_CHOICES
 from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_names, imagenet_wnids
 from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
-from common.input_format import InputFormat
+from common.input_format import InputFormat, add_input_format_arguments, input_format_from_args
 from common.model_state import read_checkpoint_metadata, read_weights_file
 from common.models import create_network_for
 
@@ -98,14 +98,26 @@ def _evaluate(runner: InferenceRunner, loader: Iterable, progress: bool, keep_pr
                 kept[name].append(value.cpu())
         if progress and step % _POSTFIX_INTERVAL == 0:
             bar.set_postfix_str(f"acc@1 {100 * totals[0].item() / totals[3].item():.2f}%", refresh=False)
-    totals = totals.cpu()
     seconds = time.perf_counter() - started
     bar.close()
+    results = _results(*_reduce_over_ranks(totals.cpu(), seconds, device))
+    if keep_predictions:
+        results["predictions"] = {name: torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
+                                  for name, values in kept.items()}
+    return results
+
+
+def _reduce_over_ranks(totals: torch.Tensor, seconds: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """The tallies summed over the ranks of a distributed run, and the slowest rank's time."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         reduced = torch.cat((totals, torch.tensor([seconds], dtype=torch.float64))).to(device)
         dist.all_reduce(reduced[:5])
         dist.all_reduce(reduced[5:], op=dist.ReduceOp.MAX)
-        totals, seconds = reduced[:5].cpu(), reduced[5].item()
+        return reduced[:5].cpu(), reduced[5].item()
+    return totals, seconds
+
+
+def _results(totals: torch.Tensor, seconds: float) -> dict:
     correct1, correct5, loss_sum, images, skipped = totals.tolist()
     images = int(images)
     results = {
@@ -119,9 +131,6 @@ def _evaluate(runner: InferenceRunner, loader: Iterable, progress: bool, keep_pr
     }
     results["top1_error"] = 100 - results["top1_accuracy"]
     results["top5_error"] = 100 - results["top5_accuracy"]
-    if keep_predictions:
-        results["predictions"] = {name: torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
-                                  for name, values in kept.items()}
     return results
 
 
@@ -211,15 +220,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--predictions-csv", metavar="FILE",
                         help="write per-image top-5 classes (index, name, probability) to FILE")
     parser.add_argument("--class-map", metavar="FILE", help=f"match val folders to network outputs: {CLASS_MAP_HELP}")
-    fmt = parser.add_argument_group('input format (default: what the weights expect; MODELS.md, "Input format")')
-    fmt.add_argument("--mean-image", metavar="FILE",
-                     help="subtract this per-pixel mean image (OpenCV FileStorage XML, BGR, e.g. the original "
-                          "ImageNet_1000_scale224_mean.xml) instead of per-channel means")
-    fmt.add_argument("--channel-order", choices=("BGR", "RGB"), help="channel order the network takes")
-    fmt.add_argument("--mean", type=float, nargs=3, metavar=("M1", "M2", "M3"),
-                     help="per-channel mean to subtract, in the network's channel order, on the 0..255 scale")
-    fmt.add_argument("--std", type=float, nargs=3, metavar=("S1", "S2", "S3"),
-                     help="per-channel divisor, in the network's channel order")
+    add_input_format_arguments(parser)
     speed = parser.add_argument_group("speed")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the inference model (compiling Large and ExLarge takes a while on a "
@@ -248,19 +249,10 @@ def _model_name(network: ModuleType) -> str:
     return Path(network.__file__).resolve().parent.name
 
 
-def _input_format(args: argparse.Namespace, default: InputFormat) -> InputFormat:
-    try:
-        return default.replace(channel_order=args.channel_order, mean=tuple(args.mean) if args.mean else None,
-                               std=tuple(args.std) if args.std else None, mean_image=args.mean_image)
-    except ValueError as error:
-        raise UserError(f"input format: {error}") from None
-
-
 def _check_args(args: argparse.Namespace) -> None:
     """What the data and model code would only find after the weights are read."""
     check_image_size(args.image_size)
-    if args.mean_image and not Path(args.mean_image).is_file():
-        raise UserError(f"--mean-image {args.mean_image}: no such file")
+    input_format_from_args(args, InputFormat())  # a bad --mean-image or combination fails before the weights are read
     for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
         if path:
             prepare_output(flag, path)
@@ -286,16 +278,11 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
     if metadata.get("arch") not in (None, model_name):
         raise UserError(f"--weights {args.weights}: a {metadata['arch']} checkpoint; evaluate it with "
                         f"{metadata['arch']}/eval.py")
-    classes = metadata.get("classes") or imagenet_wnids()
-    num_classes = metadata.get("num_classes") or len(classes)
-    is_imagenet = list(classes) == imagenet_wnids()
-    class_names = imagenet_names() if is_imagenet else list(classes)
-    # A checkpoint trained with --num-classes above its class folders has outputs without a class.
-    class_names += [f"output {index}" for index in range(len(class_names), num_classes)]
+    classes, num_classes, is_imagenet, class_names = _classes(metadata)
     image_size = args.image_size or metadata.get("image_size") or 224
     stored_format = metadata.get("input_format")
-    input_format = _input_format(args, InputFormat.from_dict(stored_format) if stored_format
-                                 else network.INPUT_FORMAT)
+    input_format = input_format_from_args(args, InputFormat.from_dict(stored_format) if stored_format
+                                          else network.INPUT_FORMAT)
 
     # The val folder is checked before the network is built: large models take seconds to build and load.
     folders = scan_image_folder(args.val_dir, "--val-dir")[1]
@@ -320,10 +307,7 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
           f"on {device}", flush=True)
 
     results = evaluate(runner, None, loader, keep_predictions=bool(args.predictions_csv))
-    # The published errors are of the 1000 ImageNet classes and of the released architecture: beside a score on
-    # fewer classes, or of a searched architecture (metadata "architecture"), they would mislead.
-    published = ({"top1_error": network.PUBLISHED["top1_error"], "top5_error": network.PUBLISHED["top5_error"]}
-                 if is_imagenet and len(folders) == len(classes) and not metadata.get("architecture") else None)
+    published = _published(network, is_imagenet and len(folders) == len(classes) and not metadata.get("architecture"))
     print(_summary_line(results, published), flush=True)
     if args.results_json:
         write_results_json(args.results_json, results_record(
@@ -333,6 +317,23 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
     if args.predictions_csv:
         write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths, class_names)
     return results
+
+
+def _published(network: ModuleType, comparable: bool) -> dict | None:
+    """The published errors, where they compare: they are of the 1000 ImageNet classes and of the released
+    architecture, so beside a score on fewer classes or of a searched architecture they would mislead."""
+    return {key: network.PUBLISHED[key] for key in ("top1_error", "top5_error")} if comparable else None
+
+
+def _classes(metadata: dict) -> tuple[list[str], int, bool, list[str]]:
+    """The weights' class folders, number of outputs, whether they are ImageNet's, and a name for every output."""
+    classes = metadata.get("classes") or imagenet_wnids()
+    num_classes = metadata.get("num_classes") or len(classes)
+    is_imagenet = list(classes) == imagenet_wnids()
+    class_names = imagenet_names() if is_imagenet else list(classes)
+    # A checkpoint trained with --num-classes above its class folders has outputs without a class.
+    class_names += [f"output {index}" for index in range(len(class_names), num_classes)]
+    return classes, num_classes, is_imagenet, class_names
 
 
 def _count_macs(network: ModuleType, num_classes: int, image_size: int, metadata: dict) -> int:

@@ -17,6 +17,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -28,7 +29,7 @@ from common.cli import check_image_size, prepare_output
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
 from common.checkpoint import file_sha256
 from common.errors import UserError, exit_on_user_error
-from common.input_format import InputFormat, Preprocess
+from common.input_format import InputFormat, Preprocess, add_input_format_arguments, input_format_from_args
 from common.quantize import DEFAULT_CALIBRATION_IMAGES
 from common.verification import (DEFAULT_MIN_AGREEMENT, ExportVerificationError, VerificationReport,
                                  make_test_images, mean_kl_divergence, reference_logits, verify_onnx)
@@ -151,6 +152,15 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
     if compression:
         mlmodel = compress_coreml(mlmodel, compression)
 
+    _describe_package(mlmodel, metadata, input_format, image_size, precision, len(class_names), compression, target)
+    _replace_path(output, "coreml")
+    mlmodel.save(str(output))
+    return output
+
+
+def _describe_package(mlmodel, metadata: dict | None, input_format: InputFormat, image_size: int, precision: str,
+                      num_classes: int, compression: str | None, target: str) -> None:
+    """Fill the package's description fields and user-defined metadata (see convert_pytorch_to_coreml)."""
     fields = dict(metadata or {})
     description = str(fields.pop("description", "image classifier"))
     if compression:
@@ -162,7 +172,7 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
     fields.update(input_format=json.dumps(_portable_format(input_format)),
                   input_format_description=input_format.describe(), image_size=str(image_size),
                   precision=precision, minimum_deployment_target=f"{target} ({DEPLOYMENT_TARGETS[target]})",
-                  num_classes=str(len(class_names)))
+                  num_classes=str(num_classes))
     if compression:
         fields.update(compression=compression, compression_description=COMPRESSIONS[compression][2])
     for key, value in fields.items():
@@ -172,10 +182,7 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
     description = mlmodel.get_spec().description
     mlmodel.output_description[description.predictedFeatureName] = "most likely class"
     mlmodel.output_description[description.predictedProbabilitiesName] = \
-        f"probability of each of the {len(class_names)} classes"
-    _replace_path(output, "coreml")
-    mlmodel.save(str(output))
-    return output
+        f"probability of each of the {num_classes} classes"
 
 
 def check_deployment_target(compression: str | None, deployment_target: str | None) -> str:
@@ -259,16 +266,6 @@ def _size_of(path: Path) -> int:
     return path.stat().st_size
 
 
-def _three_floats(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three numbers such as 103.06,115.90,123.15, not {text!r}")
-    return values
-
-
 SUFFIXES = {"coreml": ".mlpackage", "onnx": ".onnx", "executorch": ".pte"}
 DEFAULT_VERIFY_IMAGES = 4  # exact exports: each image is a full check
 DEFAULT_VERIFY_IMAGES_COMPRESSED = 16  # compressed exports: agreement is a fraction, so more images
@@ -301,24 +298,7 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
     parser.add_argument("--precision", choices=("fp16", "fp32"),
                         help="Core ML compute precision (default fp16); ONNX and ExecuTorch exports are fp32 unless "
                              "--quantize int8")
-    parser.add_argument("--compress", choices=tuple(COMPRESSIONS),
-                        help="Core ML weight compression: palettize8/6 (k-means palettes per tensor), palettize4 "
-                             "(a palette per group of 8 output channels), int8 (linear symmetric per channel); "
-                             "each needs a minimum deployment target, stated in the package")
-    parser.add_argument("--deployment-target", choices=tuple(DEPLOYMENT_TARGETS),
-                        help="Core ML minimum deployment target (default: the first that holds --compress; iOS15 "
-                             "without it)")
-    parser.add_argument("--quantize", choices=("int8",),
-                        help="ONNX: static int8 QDQ quantization (per-channel weights); ExecuTorch: PT2E int8 with "
-                             "XNNPACK's quantizer; activation ranges calibrated on --calibration-dir")
-    parser.add_argument("--calibration-dir", metavar="DIR",
-                        help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
-    parser.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
-                        help="calibrate on at most N images spread over the folder "
-                             f"(default {DEFAULT_CALIBRATION_IMAGES})")
-    parser.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="F",
-                        help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
-                             f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
+    _add_compression_arguments(parser)
     parser.add_argument("--val-dir", metavar="DIR",
                         help="labelled images (one sub-folder per class, named as the weights' classes): report "
                              "top-1/top-5 accuracy of PyTorch and of the export")
@@ -326,13 +306,6 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
                         help=f"use at most N images of --val-dir, spread over it (default {DEFAULT_VAL_IMAGES})")
     parser.add_argument("--image-size", type=int, metavar="N",
                         help="input image size N x N (default: the checkpoint's, else 224)")
-    parser.add_argument("--mean-image", metavar="FILE",
-                        help="subtract this OpenCV XML per-pixel mean image (BGR) instead of a per-channel mean")
-    parser.add_argument("--channel-order", choices=("BGR", "RGB"),
-                        help=f"channel order the network expects (default {default_format.channel_order})")
-    parser.add_argument("--mean", type=_three_floats, metavar="M1,M2,M3",
-                        help="per-channel mean to subtract, in the network's channel order "
-                             f"(default {','.join(f'{m:g}' for m in default_format.mean)})")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the comparison of the export with PyTorch (on by default)")
     parser.add_argument("--trust-pickle", action="store_true",
@@ -348,19 +321,41 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
                         help="export every format (Core ML fp32/fp16/palettize8/6/4/int8, ExecuTorch fp32/int8, ONNX "
                              "fp32/int8) into the --output folder, each in its own process, and write the table "
                              "sweep.md and sweep.json there")
+    add_input_format_arguments(parser, default_format)
     return parser
+
+
+def _add_compression_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compression (Core ML --compress; ONNX and ExecuTorch --quantize)")
+    group.add_argument("--compress", choices=tuple(COMPRESSIONS),
+                       help="Core ML weight compression: palettize8/6 (k-means palettes per tensor), palettize4 "
+                            "(a palette per group of 8 output channels), int8 (linear symmetric per channel); "
+                            "each needs a minimum deployment target, stated in the package")
+    group.add_argument("--deployment-target", choices=tuple(DEPLOYMENT_TARGETS),
+                       help="Core ML minimum deployment target (default: the first that holds --compress; iOS15 "
+                            "without it)")
+    group.add_argument("--quantize", choices=("int8",),
+                       help="ONNX: static int8 QDQ quantization (per-channel weights); ExecuTorch: PT2E int8 with "
+                            "XNNPACK's quantizer; activation ranges calibrated on --calibration-dir")
+    group.add_argument("--calibration-dir", metavar="DIR",
+                       help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
+    group.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                       help="calibrate on at most N images spread over the folder "
+                            f"(default {DEFAULT_CALIBRATION_IMAGES})")
+    group.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="F",
+                       help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
+                            f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
     """One-line errors for flags that do not go together, before anything is loaded."""
+    check_image_size(args.image_size)
     if args.num_verify_images is not None and args.num_verify_images < 1:
         raise UserError("--num-verify-images must be at least 1")
     if not 0 <= args.min_agreement <= 1:
         raise UserError("--min-agreement must be between 0 and 1, e.g. 0.9")
     if args.calibration_images < 1 or args.num_val_images < 1:
         raise UserError("--calibration-images and --num-val-images must be at least 1")
-    if args.mean is not None and args.mean_image is not None:
-        raise UserError("give either --mean or --mean-image, not both")
     if args.sweep:
         if not (args.calibration_dir or args.val_dir):
             raise UserError("--sweep exports int8 too: give --calibration-dir DIR (or --val-dir DIR) for its "
@@ -416,11 +411,15 @@ def _accuracy(kind: str, path: Path, model: nn.Module, input_format: InputFormat
     reference = np.concatenate([reference_logits(model, input_format, images[i:i + 32])
                                 for i in range(0, len(images), 32)])
     candidate = _export_logits(kind, path, images)
-    return {"val_images": len(images),
-            "pytorch_top1": _top_k(reference, labels, 1), "pytorch_top5": _top_k(reference, labels, 5),
-            "export_top1": _top_k(candidate, labels, 1), "export_top5": _top_k(candidate, labels, 5),
-            "val_top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
-            "val_mean_kl": mean_kl_divergence(reference, candidate)}
+    result = {"val_images": len(images),
+              "pytorch_top1": _top_k(reference, labels, 1), "pytorch_top5": _top_k(reference, labels, 5),
+              "export_top1": _top_k(candidate, labels, 1), "export_top5": _top_k(candidate, labels, 5),
+              "val_top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+              "val_mean_kl": mean_kl_divergence(reference, candidate)}
+    print(f"on {result['val_images']} --val-dir images: top-1/top-5 accuracy PyTorch {result['pytorch_top1']:.2%}/"
+          f"{result['pytorch_top5']:.2%}, export {result['export_top1']:.2%}/{result['export_top5']:.2%}; top-1 "
+          f"agreement {result['val_top1_agreement']:.2%}, mean KL {result['val_mean_kl']:.3g}", flush=True)
+    return result
 
 
 def _images_per_second(run, images: np.ndarray, min_seconds: float = 2.0) -> float:
@@ -463,6 +462,9 @@ def _speed(kind: str, path: Path, model: nn.Module, input_format: InputFormat, i
     finally:
         torch.set_num_threads(threads)
     export = _images_per_second(run, images)
+    print(f"speed (batch 1, one thread, this CPU; noisy when shared): {export:.1f} images/s in "
+          f"{'onnxruntime' if kind == 'onnx' else 'the ExecuTorch runtime'}, PyTorch eager {pytorch:.1f} images/s "
+          f"({export / pytorch:.2f}x)", flush=True)
     return {"export_images_per_s": export, "pytorch_images_per_s": pytorch, "speed_vs_pytorch": export / pytorch}
 
 
@@ -475,137 +477,55 @@ def _peak_memory_mb() -> float | None:
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB elsewhere
 
 
+@dataclass
+class _Job:
+    """One export, decided from the flags and the weights' metadata before anything long starts."""
+
+    model_name: str
+    weights: Path
+    stored: dict
+    class_names: list[str]
+    imagenet: bool
+    input_format: InputFormat
+    image_size: int
+    output: Path
+    variant: str
+    compressed: bool
+    published: dict | None  # the published ImageNet errors, where these weights are the released network's
+
+
 @exit_on_user_error
 def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int:
     """The export command line of a model folder: load weights, export, verify, measure, print time and size."""
-    from common.model_state import load_model_state, read_checkpoint_metadata
-    from common.models import create_network_for
-    from common.quantize import load_calibration_images, load_labelled_images
-
     model_name = Path(network_module.__file__).resolve().parent.name
     args = _parser(model_name, network_module.INPUT_FORMAT).parse_args(argv)
-    check_image_size(args.image_size)
     _check_flags(args)
     if args.sweep:
         return _run_sweep(network_module, model_name, args, argv if argv is not None else sys.argv[1:])
-    variant = _variant(args)
-    compressed = bool(args.compress or args.quantize)
-    num_verify = args.num_verify_images or (DEFAULT_VERIFY_IMAGES_COMPRESSED if compressed else DEFAULT_VERIFY_IMAGES)
-    weights = Path(args.weights)
-    stored = read_checkpoint_metadata(weights)
-    imagenet = not stored.get("classes")
-    class_names = imagenet_class_names() if imagenet else list(stored["classes"])
-    input_format = (InputFormat.from_dict(stored["input_format"]) if stored.get("input_format")
-                    else network_module.INPUT_FORMAT)
-    input_format = input_format.replace(channel_order=args.channel_order, mean=args.mean,
-                                        mean_image=args.mean_image)
-    Preprocess(input_format)  # reads a mean image now, so a bad file fails before the long conversion
-    image_size = args.image_size or int(stored.get("image_size", 224))
-    if image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE}")
-    suffix = SUFFIXES[args.format]
-    output = Path(args.output) if args.output else weights.parent / f"{model_name}-{variant}{suffix}"
-    if output.suffix != suffix:
-        raise UserError(f"--output {output} must end in {suffix} for --format {args.format}")
-    _check_replaceable(output, args.format)
-    prepare_output("--output", output)
-
-    # Images are read before the long export, so a bad folder fails first.
-    val = None
-    if args.val_dir:
-        from common.imagenet import imagenet_wnids
-
-        val = load_labelled_images(args.val_dir, imagenet_wnids() if imagenet else class_names, image_size,
-                                   args.num_val_images)
-    calibration = None
-    if args.quantize:
-        if not args.calibration_dir:
-            print(f"calibrating on --val-dir {args.val_dir} (no --calibration-dir given)", flush=True)
-        calibration = load_calibration_images(args.calibration_dir or args.val_dir, image_size,
-                                              args.calibration_images,
-                                              "--calibration-dir" if args.calibration_dir else "--val-dir")
-        print(f"calibration: {len(calibration)} images", flush=True)
-
-    model = create_network_for(network_module, len(class_names), stored)
-    load_model_state(model, weights, for_inference=True, trust_pickle=args.trust_pickle)
-    model.eval()
-    metadata = {"model": model_name, "source_weights": weights.name, "source_weights_sha256": file_sha256(weights),
-                "description": f"{model_name} image classifier (ShuffleNet-Series), {image_size}x{image_size} "
-                               f"input, {len(class_names)} classes"}
-    if imagenet and not stored.get("architecture"):
-        published = network_module.PUBLISHED
-        metadata["published_imagenet_top1_error"] = f"{published['top1_error']}%"
-        metadata["published_imagenet_top5_error"] = f"{published['top5_error']}%"
-
+    job = _plan(network_module, model_name, args)
+    val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
+    model = _load_model(network_module, job, args)
     # Written into a hidden folder beside the output and moved into place only once verified, so a failed export
     # leaves nothing behind and the verification reports the final file name.
-    staging_dir = output.with_name(f".{output.name}.partial")
+    staging_dir = job.output.with_name(f".{job.output.name}.partial")
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True)
-    staging = staging_dir / output.name
-    print(f"{model_name}: exporting {weights.name} to {args.format} ({variant}, {image_size}x{image_size}, "
-          f"input {input_format.describe()})", flush=True)
-    result = {"model": model_name, "format": args.format, "variant": variant, "image_size": image_size,
-              "weights": weights.name}
-    started = time.perf_counter()
+    staging = staging_dir / job.output.name
+    print(f"{model_name}: exporting {job.weights.name} to {args.format} ({job.variant}, {job.image_size}x"
+          f"{job.image_size}, input {job.input_format.describe()})", flush=True)
+    result = {"model": model_name, "format": args.format, "variant": job.variant, "image_size": job.image_size,
+              "weights": job.weights.name}
     try:
-        if args.format == "coreml":
-            convert_pytorch_to_coreml(model, input_format=input_format, image_size=image_size,
-                                      precision=args.precision or "fp16", class_names=class_names, metadata=metadata,
-                                      output=staging, compression=args.compress,
-                                      deployment_target=args.deployment_target)
-            result["deployment_target"] = check_deployment_target(args.compress, args.deployment_target)
-        elif args.format == "onnx":
-            metadata["class_names"] = json.dumps(class_names)
-            fp32 = staging.with_name(f"fp32-{staging.name}") if args.quantize else staging
-            export_onnx(model, input_format=input_format, image_size=image_size, output=fp32, metadata=metadata)
-            if args.quantize:
-                from common.quantize import quantize_onnx
-
-                quantize_onnx(fp32, staging, calibration)
-                _set_onnx_metadata(staging, {**_onnx_metadata(fp32), "quantization": "int8 QDQ, per-channel int8 "
-                                             f"weights, uint8 activations calibrated on {len(calibration)} images"})
-                fp32.unlink()
-        else:
-            from common.executorch_export import export_executorch
-
-            export_executorch(model, input_format=input_format, image_size=image_size, output=staging,
-                              quantize=args.quantize, calibration=calibration)
-        result["export_seconds"] = time.perf_counter() - started
-        result["bytes"] = _size_of(staging)
-        print(f"exported in {result['export_seconds']:.1f} s, {result['bytes'] / 1e6:.1f} MB", flush=True)
+        result.update(_export(args, job, model, staging, calibration))
         if not args.no_verify:
-            started = time.perf_counter()
-            min_agreement = args.min_agreement if compressed else None
-            if args.format == "coreml":
-                report = verify_coreml(staging, model, input_format, num_images=num_verify,
-                                       min_agreement=min_agreement)
-            elif args.format == "onnx":
-                report = verify_onnx(staging, model, input_format, num_images=num_verify, quantized=compressed,
-                                     min_agreement=min_agreement)
-            else:
-                from common.executorch_export import verify_executorch
-
-                report = verify_executorch(staging, model, input_format, make_test_images(num_verify, image_size),
-                                           quantized=compressed, min_agreement=min_agreement)
-            print(f"{report.summary()}; took {time.perf_counter() - started:.1f} s", flush=True)
-            result.update(verify_images=report.images, verify_clear_images=report.clear_images,
-                          top1_agreement=report.agreement if report.tolerance is None else
-                          report.top1_agreement / report.images,
-                          mean_kl=report.mean_kl, max_abs_diff=report.max_abs_diff, logit_range=report.logit_range)
+            result.update(_verify(args, job, model, staging))
         if val is not None:
-            result.update(_accuracy(args.format, staging, model, input_format, *val))
-            print(f"on {result['val_images']} --val-dir images: top-1/top-5 accuracy PyTorch "
-                  f"{result['pytorch_top1']:.2%}/{result['pytorch_top5']:.2%}, export {result['export_top1']:.2%}/"
-                  f"{result['export_top5']:.2%}; top-1 agreement {result['val_top1_agreement']:.2%}, mean KL "
-                  f"{result['val_mean_kl']:.3g}", flush=True)
+            result.update(_accuracy(args.format, staging, model, job.input_format, *val))
         if args.format != "coreml":
-            result.update(_speed(args.format, staging, model, input_format, make_test_images(4, image_size, 1)))
-            print(f"speed (batch 1, one thread, this CPU; noisy when shared): {result['export_images_per_s']:.1f} "
-                  f"images/s in {'onnxruntime' if args.format == 'onnx' else 'the ExecuTorch runtime'}, PyTorch eager "
-                  f"{result['pytorch_images_per_s']:.1f} images/s ({result['speed_vs_pytorch']:.2f}x)", flush=True)
-        _replace_path(output, args.format)
-        staging.rename(output)
+            result.update(_speed(args.format, staging, model, job.input_format,
+                                 make_test_images(4, job.image_size, 1)))
+        _replace_path(job.output, args.format)
+        staging.rename(job.output)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
     if args.no_verify:
@@ -613,8 +533,136 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     result["peak_memory_mb"] = _peak_memory_mb()
     if args.results_json:
         Path(args.results_json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {output} ({_size_of(output) / 1e6:.1f} MB)")
+    print(f"wrote {job.output} ({_size_of(job.output) / 1e6:.1f} MB)")
     return 0
+
+
+def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace) -> _Job:
+    """What to export and where, from the flags and the weights' metadata; one-line errors for what cannot be."""
+    from common.model_state import read_checkpoint_metadata
+
+    weights = Path(args.weights)
+    stored = read_checkpoint_metadata(weights)
+    imagenet = not stored.get("classes")
+    stored_format = stored.get("input_format")
+    input_format = input_format_from_args(args, InputFormat.from_dict(stored_format) if stored_format
+                                          else network_module.INPUT_FORMAT)
+    Preprocess(input_format)  # reads a mean image now, so a bad file fails before the long conversion
+    image_size = args.image_size or int(stored.get("image_size", 224))
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE}")
+    variant = _variant(args)
+    suffix = SUFFIXES[args.format]
+    output = Path(args.output) if args.output else weights.parent / f"{model_name}-{variant}{suffix}"
+    if output.suffix != suffix:
+        raise UserError(f"--output {output} must end in {suffix} for --format {args.format}")
+    _check_replaceable(output, args.format)
+    prepare_output("--output", output)
+    return _Job(model_name, weights, stored, imagenet_class_names() if imagenet else list(stored["classes"]),
+                imagenet, input_format, image_size, output, variant, bool(args.compress or args.quantize),
+                network_module.PUBLISHED if imagenet and not stored.get("architecture") else None)
+
+
+def _read_images(args: argparse.Namespace, job: _Job) -> tuple[tuple[np.ndarray, np.ndarray] | None,
+                                                                np.ndarray | None]:
+    """The labelled --val-dir images and the --quantize calibration images, each None where not needed."""
+    from common.quantize import load_calibration_images, load_labelled_images
+
+    val = None
+    if args.val_dir:
+        from common.imagenet import imagenet_wnids
+
+        val = load_labelled_images(args.val_dir, imagenet_wnids() if job.imagenet else job.class_names,
+                                   job.image_size, args.num_val_images)
+    calibration = None
+    if args.quantize:
+        if not args.calibration_dir:
+            print(f"calibrating on --val-dir {args.val_dir} (no --calibration-dir given)", flush=True)
+        calibration = load_calibration_images(args.calibration_dir or args.val_dir, job.image_size,
+                                              args.calibration_images,
+                                              "--calibration-dir" if args.calibration_dir else "--val-dir")
+        print(f"calibration: {len(calibration)} images", flush=True)
+    return val, calibration
+
+
+def _load_model(network_module: ModuleType, job: _Job, args: argparse.Namespace) -> nn.Module:
+    from common.model_state import load_model_state
+    from common.models import create_network_for
+
+    model = create_network_for(network_module, len(job.class_names), job.stored)
+    load_model_state(model, job.weights, for_inference=True, trust_pickle=args.trust_pickle)
+    return model.eval()
+
+
+def _metadata(job: _Job) -> dict:
+    metadata = {"model": job.model_name, "source_weights": job.weights.name,
+                "source_weights_sha256": file_sha256(job.weights),
+                "description": f"{job.model_name} image classifier (ShuffleNet-Series), {job.image_size}x"
+                               f"{job.image_size} input, {len(job.class_names)} classes"}
+    if job.published:
+        metadata["published_imagenet_top1_error"] = f"{job.published['top1_error']}%"
+        metadata["published_imagenet_top5_error"] = f"{job.published['top5_error']}%"
+    return metadata
+
+
+def _export(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path,
+            calibration: np.ndarray | None) -> dict:
+    """Write the export at `staging`; its time and size."""
+    metadata = _metadata(job)
+    started = time.perf_counter()
+    result = {}
+    if args.format == "coreml":
+        convert_pytorch_to_coreml(model, input_format=job.input_format, image_size=job.image_size,
+                                  precision=args.precision or "fp16", class_names=job.class_names, metadata=metadata,
+                                  output=staging, compression=args.compress, deployment_target=args.deployment_target)
+        result["deployment_target"] = check_deployment_target(args.compress, args.deployment_target)
+    elif args.format == "onnx":
+        _export_onnx_file(args, job, model, staging, calibration, metadata)
+    else:
+        from common.executorch_export import export_executorch
+
+        export_executorch(model, input_format=job.input_format, image_size=job.image_size, output=staging,
+                          quantize=args.quantize, calibration=calibration)
+    result.update(export_seconds=time.perf_counter() - started, bytes=_size_of(staging))
+    print(f"exported in {result['export_seconds']:.1f} s, {result['bytes'] / 1e6:.1f} MB", flush=True)
+    return result
+
+
+def _export_onnx_file(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path,
+                      calibration: np.ndarray | None, metadata: dict) -> None:
+    """fp32 ONNX at `staging`, or with --quantize its int8 copy there."""
+    metadata["class_names"] = json.dumps(job.class_names)
+    fp32 = staging.with_name(f"fp32-{staging.name}") if args.quantize else staging
+    export_onnx(model, input_format=job.input_format, image_size=job.image_size, output=fp32, metadata=metadata)
+    if args.quantize:
+        from common.quantize import quantize_onnx
+
+        quantize_onnx(fp32, staging, calibration)
+        _set_onnx_metadata(staging, {**_onnx_metadata(fp32), "quantization": "int8 QDQ, per-channel int8 "
+                                     f"weights, uint8 activations calibrated on {len(calibration)} images"})
+        fp32.unlink()
+
+
+def _verify(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path) -> dict:
+    """Compare the export with PyTorch on synthetic test images (ExportVerificationError if it fails)."""
+    started = time.perf_counter()
+    num_images = args.num_verify_images or (DEFAULT_VERIFY_IMAGES_COMPRESSED if job.compressed
+                                            else DEFAULT_VERIFY_IMAGES)
+    min_agreement = args.min_agreement if job.compressed else None
+    if args.format == "coreml":
+        report = verify_coreml(staging, model, job.input_format, num_images=num_images, min_agreement=min_agreement)
+    elif args.format == "onnx":
+        report = verify_onnx(staging, model, job.input_format, num_images=num_images, quantized=job.compressed,
+                             min_agreement=min_agreement)
+    else:
+        from common.executorch_export import verify_executorch
+
+        report = verify_executorch(staging, model, job.input_format, make_test_images(num_images, job.image_size),
+                                   quantized=job.compressed, min_agreement=min_agreement)
+    print(f"{report.summary()}; took {time.perf_counter() - started:.1f} s", flush=True)
+    return dict(verify_images=report.images, verify_clear_images=report.clear_images,
+                top1_agreement=report.agreement if report.tolerance is None else report.top1_agreement / report.images,
+                mean_kl=report.mean_kl, max_abs_diff=report.max_abs_diff, logit_range=report.logit_range)
 
 
 def _onnx_metadata(path: Path) -> dict:

@@ -120,3 +120,37 @@ class Preprocess(nn.Module):
         if self.input_format.scale != 1.0:
             x = x * self.input_format.scale
         return (x - self.mean_at(x.shape[-2], x.shape[-1])) * self.inv_std
+
+
+def add_input_format_arguments(parser, default: InputFormat | None = None) -> None:
+    """--channel-order, --mean, --std and --mean-image, spelled alike in every script; unset, each keeps the
+    weights' own input format (`default`, when given, is shown in the help)."""
+
+    def shown(values) -> str:
+        return "" if default is None else f" (default {values})"
+
+    group = parser.add_argument_group('input format (default: what the weights expect; MODELS.md, "Input format")')
+    group.add_argument("--channel-order", choices=("BGR", "RGB"),
+                       help="channel order the network takes" + shown(default and default.channel_order))
+    group.add_argument("--mean", type=float, nargs=3, metavar=("M1", "M2", "M3"),
+                       help="per-channel mean to subtract, in the network's channel order, on the 0..255 scale"
+                            + shown(default and " ".join(f"{m:g}" for m in default.mean)))
+    group.add_argument("--std", type=float, nargs=3, metavar=("S1", "S2", "S3"),
+                       help="per-channel divisor, in the network's channel order"
+                            + shown(default and " ".join(f"{s:g}" for s in default.std)))
+    group.add_argument("--mean-image", metavar="FILE",
+                       help="subtract this per-pixel mean image (OpenCV FileStorage XML, BGR, e.g. the original "
+                            "ImageNet_1000_scale224_mean.xml) instead of per-channel means")
+
+
+def input_format_from_args(args, default: InputFormat) -> InputFormat:
+    """`default` with the flags of add_input_format_arguments applied; a one-line error for a bad combination."""
+    if args.mean is not None and args.mean_image is not None:
+        raise UserError("give either --mean or --mean-image, not both")
+    if args.mean_image and not Path(args.mean_image).is_file():
+        raise UserError(f"--mean-image {args.mean_image}: no such file")
+    try:
+        return default.replace(channel_order=args.channel_order, mean=tuple(args.mean) if args.mean else None,
+                               std=tuple(args.std) if args.std else None, mean_image=args.mean_image)
+    except ValueError as error:
+        raise UserError(f"input format: {error}") from None

@@ -26,7 +26,7 @@ from common.errors import UserError, exit_on_user_error
 from common.hardware import AMP_CHOICES
 from common.imagenet import imagenet_names, imagenet_wnids
 from common.inference import prepare_inference_model
-from common.input_format import InputFormat, Preprocess
+from common.input_format import InputFormat, Preprocess, add_input_format_arguments, input_format_from_args
 from common.model_state import load_model_state, read_checkpoint_metadata, read_weights_file
 from common.pretrained import classifier_rows
 
@@ -124,6 +124,23 @@ def class_names_for(metadata: dict, num_classes: int, class_names_file: str | No
     return classes + [f"class {index}" for index in range(len(classes), num_classes)]
 
 
+def _predict(runner, loader: DataLoader, files: list[str], names: list[str], k: int) -> tuple[list[dict], int, float]:
+    """Each readable image's top-k classes, printed as they come; with the number skipped and the seconds taken."""
+    records, skipped = [], 0
+    started = time.perf_counter()
+    for images, _, batch_skipped, indices in loader:
+        skipped += batch_skipped
+        if not len(indices):
+            continue
+        probabilities, classes = runner(images).softmax(1).topk(k, dim=1)
+        for index, probs, tops in zip(indices.tolist(), probabilities.tolist(), classes.tolist()):
+            predictions = [{"index": c, "name": names[c], "probability": p} for c, p in zip(tops, probs)]
+            records.append({"path": files[index], "predictions": predictions})
+            print(f"{files[index]}: " + "; ".join(f"{p['name']} ({p['index']}) {p['probability']:.3f}"
+                                                  for p in predictions), flush=True)
+    return records, skipped, time.perf_counter() - started
+
+
 def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=f"Classify images with {model_name}: the top-k classes of each image, with the same "
@@ -151,7 +168,9 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
                              "made yourself")
-    parser.add_argument("--use-ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    parser.add_argument("--ema", "--use-ema", dest="use_ema", action="store_true",
+                        help="use the EMA weights of a training checkpoint")
+    add_input_format_arguments(parser)
     return parser
 
 
@@ -184,7 +203,7 @@ def _run_predict(network: ModuleType, argv: list[str] | None) -> list[dict]:
     names = class_names_for(metadata, num_classes, args.class_names)
     image_size = args.image_size or metadata.get("image_size") or 224
     stored = metadata.get("input_format")
-    input_format = InputFormat.from_dict(stored) if stored else network.INPUT_FORMAT
+    input_format = input_format_from_args(args, InputFormat.from_dict(stored) if stored else network.INPUT_FORMAT)
     model = network.create_network(num_classes)
     load_model_state(model, weights, for_inference=True, use_ema=args.use_ema, source_name=str(args.weights))
     del weights
@@ -196,20 +215,7 @@ def _run_predict(network: ModuleType, argv: list[str] | None) -> list[dict]:
     print(f"{model_name}: {len(files)} images, {image_size}px center crop, input {input_format.describe()}, "
           f"on {device}", flush=True)
 
-    records, skipped = [], 0
-    k = min(args.top_k, num_classes)
-    started = time.perf_counter()
-    for images, _, batch_skipped, indices in loader:
-        skipped += batch_skipped
-        if not len(indices):
-            continue
-        probabilities, classes = runner(images).softmax(1).topk(k, dim=1)
-        for index, probs, tops in zip(indices.tolist(), probabilities.tolist(), classes.tolist()):
-            predictions = [{"index": c, "name": names[c], "probability": p} for c, p in zip(tops, probs)]
-            records.append({"path": files[index], "predictions": predictions})
-            print(f"{files[index]}: " + "; ".join(f"{p['name']} ({p['index']}) {p['probability']:.3f}"
-                                                  for p in predictions), flush=True)
-    seconds = time.perf_counter() - started
+    records, skipped, seconds = _predict(runner, loader, files, names, min(args.top_k, num_classes))
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
     note = f", {skipped} unreadable skipped" if skipped else ""

@@ -5,16 +5,14 @@ fed to the exported graph as it will be fed in an app: RGB 0..255, the input for
 """
 from __future__ import annotations
 
-import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from common.data import EvalTransform, UndecodableImage, open_image
 from common.errors import UserError
-
-log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_IMAGES = 300
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -107,5 +105,5 @@ def _eval_image(path: str | Path, transform: EvalTransform) -> np.ndarray | None
     try:
         return transform(open_image(str(path))).permute(1, 2, 0).numpy()
     except UndecodableImage as error:
-        log.warning("skipped %s: cannot decode it (%s)", path, error)
+        print(f"skipped {path}: cannot decode it ({error})", file=sys.stderr, flush=True)
         return None

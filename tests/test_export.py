@@ -236,7 +236,7 @@ def test_judge_criteria():
 @pytest.mark.parametrize("flags, message", [
     (["--format", "onnx", "--precision", "fp16"], "ONNX exports are fp32"),
     (["--output", "model.onnx"], "must end in .mlpackage"),
-    (["--mean", "1,2"], "three numbers"),
+    (["--mean", "1", "2"], "expected 3 arguments"),
     (["--format", "onnx", "--compress", "palettize6"], "--compress is for --format coreml"),
     (["--quantize", "int8", "--calibration-dir", "."], "--quantize is for --format onnx or executorch"),
     (["--format", "executorch", "--precision", "fp16"], "ExecuTorch exports are fp32"),
