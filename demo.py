@@ -43,7 +43,7 @@ def averaging_verdict(last_error: float, average_error: float, iterations: int) 
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from common.checkpoint import get_latest_model
+    from common.checkpoint_store import get_latest_model
 
     shutil.rmtree(RUN, ignore_errors=True)
     save = RUN / "OneShot"

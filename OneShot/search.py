@@ -33,7 +33,7 @@ import network  # noqa: E402
 import search_space  # noqa: E402
 import supernet as supernet_module  # noqa: E402
 from common.bn_recalibrate import recalibrate_batchnorm  # noqa: E402
-from common.checkpoint import atomic_write  # noqa: E402
+from common.atomic_io import atomic_write  # noqa: E402
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
 from common.distributed import all_gather_objects, init_distributed, shutdown_distributed  # noqa: E402
@@ -376,7 +376,7 @@ def run_demo() -> None:
     step("train the supernet", ["train_supernet.py", "--demo", "--save", str(run / "supernet"), "--flops-min",
                                 "100e6", "--flops-max", "300e6", "--held-out-per-class", "30", "--warmup-iters",
                                 "10", "--workers", "1"])
-    from common.checkpoint import get_latest_model
+    from common.checkpoint_store import get_latest_model
     checkpoint = str(get_latest_model(run / "supernet")[0])
     step("evolutionary search", ["search.py", "--supernet", checkpoint, "--output", str(run / "search.json"),
                                  *search_flags])

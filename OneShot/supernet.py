@@ -4,7 +4,8 @@ Every layer holds all four blocks at the largest channel scale (2.0). A path (an
 layer and the first `mid` channels of that block's middle convolutions and BatchNorms: weights are shared across
 channel choices, as in the paper's channel search. BatchNorm running statistics are shared in the same way (each
 path updates the slices it uses), so they fit no path well: supernet validation normalises with batch statistics
-instead (`use_batch_statistics_in_eval`) and the search re-estimates them for every candidate. The stem and last-conv BatchNorms have no affine parameters, as in the original supernet.
+instead (`use_batch_statistics_in_eval`) and the search re-estimates them for every candidate. The stem and
+last-conv BatchNorms have no affine parameters, as in the original supernet.
 
 Parameters of blocks outside the path take no part in the forward pass, so they get no gradient (None) and SGD
 leaves them alone: no weight decay, no momentum. Inside the path, a weight's channels beyond the path's width get a

@@ -1,4 +1,5 @@
-"""Classify your own images with ShuffleNetV2.ExLarge: the top-k ImageNet classes (or a checkpoint's own classes) of each image.
+"""Classify your own images with ShuffleNetV2.ExLarge: the top-k ImageNet classes (or a checkpoint's own classes) of
+each image.
 
     python predict.py --weights FILE photo.jpg holiday/ [--top-k 5] [--json predictions.json]
     python predict.py --help

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from timing import interleaved, write_json
-from common.checkpoint import get_training_state, load_checkpoint, save_checkpoint
+from common.checkpoint import get_training_state, load_checkpoint
+from common.checkpoint_store import save_checkpoint
 from common.ema import create_ema
 from common.models import MODEL_FOLDERS, load_network_module
 

@@ -1,7 +1,8 @@
 """Data pipeline images/s per worker: decode + train augmentation and decode + eval transform, against decoding
-alone (with PIL, and with simplejpeg's libjpeg-turbo at full size, the decoder the pipeline uses) and against the original training pipeline (PIL decode, torchvision RandomResizedCrop,
-ColorJitter and flip on PIL images, then the original OpenCV-style BGR float tensor conversion), all in the same
-run on the same ImageNet-sized JPEG files (500 x 375, quality 90) written for it.
+alone (with PIL, and with simplejpeg's libjpeg-turbo at full size, the decoder the pipeline uses) and against
+the original training pipeline (PIL decode, torchvision RandomResizedCrop, ColorJitter and flip on PIL images,
+then the original OpenCV-style BGR float tensor conversion), all in the same run on the same ImageNet-sized JPEG
+files (500 x 375, quality 90) written for it.
 
     python bench/data_speed.py [--images 64] [--json FILE]
 """

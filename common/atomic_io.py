@@ -55,6 +55,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     return result
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (UTF-8) so that `path` holds either its old content or the complete new one."""
+    atomic_write(path, lambda file: file.write(text.encode()))
+
+
 def write_hashed(path: Path, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
     """Create `path` through `write(file)`, hashing the bytes as they pass, then fsync it; returns (SHA-256, size).
 

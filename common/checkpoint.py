@@ -2,8 +2,7 @@
 
 The state holds the model, optimizer, scheduler, AMP scaler and EMA, and the random generators of every rank
 (Python, NumPy, torch, CUDA), so a resumed multi-process run continues each rank's own random stream. The files
-themselves (names, SHA-256 sidecars, atomic saving, retention) are common.checkpoint_store's; its public names are
-re-exported here so that `from common.checkpoint import save_checkpoint, get_latest_model` keeps working.
+themselves (names, SHA-256 sidecars, atomic saving, retention) are common.checkpoint_store's.
 """
 from __future__ import annotations
 
@@ -21,10 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.atomic_io import atomic_output, atomic_write, file_sha256  # noqa: F401 (re-exported)
-from common.checkpoint_store import (CheckpointCorruptError, CheckpointError, CheckpointInfo,  # noqa: F401
-                                     CheckpointWarning, CheckpointWriteError, get_latest_model, list_checkpoints,
-                                     read_checkpoint, save_checkpoint, to_plain, verify_checkpoint)
+from common.checkpoint_store import CheckpointError, CheckpointWarning, read_checkpoint, to_plain
 from common.model_state import CHECKPOINT_FORMAT, load_model_state, unwrap_model
 
 # Integer attributes that EMA helpers use to count their updates (e.g. `updates` in YOLO-style ModelEMA).

@@ -95,19 +95,6 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
     return samples, classes
 
 
-def describe_dataset(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> str:
-    """One line: how many images and classes, and the spread of images per class."""
-    if not samples:
-        return f"0 images in {len(classes):,} classes"
-    counts = np.bincount(np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples)),
-                         minlength=len(classes))
-    text = f"{len(samples):,} images in {len(classes):,} classes ({counts.min():,} to {counts.max():,} per class)"
-    empty = int((counts == 0).sum())
-    if empty:
-        text += f", {empty:,} classes without images"
-    return text
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Transforms
 

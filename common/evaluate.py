@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common.checkpoint import file_sha256, library_versions
+from common.atomic_io import atomic_output, atomic_write_text, file_sha256
+from common.checkpoint import library_versions
 from common.cli import check_image_size, prepare_output
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
@@ -142,7 +143,7 @@ RESULT_KEYS = ("top1_accuracy", "top5_accuracy", "top1_error", "top5_error", "lo
 
 def write_results_json(path: str | Path, record: dict) -> None:
     """Write one evaluation's record (see `results_record`) as indented JSON."""
-    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def results_record(results: dict, *, model: str, weights: str | Path, params: int, macs: int, image_size: int,
@@ -177,7 +178,7 @@ def write_predictions_csv(path: str | Path, predictions: dict, paths: Sequence[s
     for rank in range(1, k + 1):
         header += [f"top{rank}_index", f"top{rank}_name", f"top{rank}_prob"]
     order = predictions["positions"].argsort()
-    with open(path, "w", newline="") as file:
+    with atomic_output(path) as temp, open(temp, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(header)
         for row in order.tolist():

@@ -27,15 +27,16 @@ from torch import nn
 
 from common.cli import check_image_size, prepare_output
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
-from common.checkpoint import file_sha256
+from common.atomic_io import atomic_write_text, file_sha256
 from common.errors import UserError, exit_on_user_error
+from common.imagenet import imagenet_short_names
 from common.input_format import InputFormat, Preprocess, add_input_format_arguments, input_format_from_args
 from common.quantize import DEFAULT_CALIBRATION_IMAGES
 from common.verification import (DEFAULT_MIN_AGREEMENT, ExportVerificationError, VerificationReport,
                                  make_test_images, mean_kl_divergence, reference_logits, verify_onnx)
 
 __all__ = ["convert_pytorch_to_coreml", "export_onnx", "verify_coreml", "verify_onnx", "run_export",
-           "imagenet_class_names", "ExportVerificationError", "VerificationReport", "DEPLOYMENT_TARGET",
+           "ExportVerificationError", "VerificationReport", "DEPLOYMENT_TARGET",
            "COMPRESSIONS", "compress_coreml"]
 
 # The first releases with ML programs: iOS 15 / macOS 12 / watchOS 8 / tvOS 15.
@@ -52,13 +53,6 @@ COMPRESSIONS = {
 }
 PALETTE_GROUP_SIZE = 8  # divides every layer's output channels and 1000 classes
 MIN_IMAGE_SIZE = 32  # five stride-2 steps in every network
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet class names in class-index order, from torchvision's metadata (nothing is downloaded)."""
-    import torchvision
-
-    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 class _CoreMLProgram(nn.Module):
@@ -126,7 +120,7 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
     target = check_deployment_target(compression, deployment_target)
     output = _check_common(model, image_size, output, ".mlpackage")
-    class_names = list(class_names) if class_names is not None else imagenet_class_names()
+    class_names = list(class_names) if class_names is not None else imagenet_short_names()
     if len(set(class_names)) != len(class_names):
         raise ValueError("class names must be unique: Core ML returns the probabilities as a dict keyed by name")
     example = torch.rand(1, 3, image_size, image_size) * 255
@@ -532,7 +526,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
         print("not verified (--no-verify)", file=sys.stderr)
     result["peak_memory_mb"] = _peak_memory_mb()
     if args.results_json:
-        Path(args.results_json).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.results_json, json.dumps(result, indent=2) + "\n")
     print(f"wrote {job.output} ({_size_of(job.output) / 1e6:.1f} MB)")
     return 0
 
@@ -558,7 +552,7 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
         raise UserError(f"--output {output} must end in {suffix} for --format {args.format}")
     _check_replaceable(output, args.format)
     prepare_output("--output", output)
-    return _Job(model_name, weights, stored, imagenet_class_names() if imagenet else list(stored["classes"]),
+    return _Job(model_name, weights, stored, imagenet_short_names() if imagenet else list(stored["classes"]),
                 imagenet, input_format, image_size, output, variant, bool(args.compress or args.quantize),
                 network_module.PUBLISHED if imagenet and not stored.get("architecture") else None)
 
@@ -703,8 +697,8 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
         ok = status == 0 and results.is_file()
         row = json.loads(results.read_text()) if ok else {"error": f"exit status {status}"}
         rows.append({"name": name, **row})
-    (folder / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (folder / "sweep.md").write_text(sweep_table(rows) + "\n")
+    atomic_write_text(folder / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(folder / "sweep.md", sweep_table(rows) + "\n")
     print(f"\n{sweep_table(rows)}\n\nwrote {folder / 'sweep.md'} and {folder / 'sweep.json'}")
     return 0 if all("error" not in row for row in rows) else 1
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from common.atomic_io import atomic_write_text
 from common.data import EvalTransform, collate_skip_corrupt_with_indices
 from common.distributed import resolve_device
 from common.errors import UserError, exit_on_user_error
@@ -217,7 +218,7 @@ def _run_predict(network: ModuleType, argv: list[str] | None) -> list[dict]:
 
     records, skipped, seconds = _predict(runner, loader, files, names, min(args.top_k, num_classes))
     if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
     note = f", {skipped} unreadable skipped" if skipped else ""
     print(f"{len(records)} images in {seconds:.2f} s: {len(records) / max(seconds, 1e-9):.1f} images/s{note}")
     return records

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.checkpoint import (get_latest_model, get_training_state, list_checkpoints, load_checkpoint,
-                               rng_state, save_checkpoint)
+from common.checkpoint import get_training_state, load_checkpoint, rng_state
+from common.checkpoint_store import get_latest_model, list_checkpoints, save_checkpoint
 from common.cli import DefaultsHelpFormatter, prepare_output
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset

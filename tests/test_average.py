@@ -14,7 +14,9 @@ from torch import nn
 from common import average
 from common.average import average_checkpoints, main, select_best_checkpoints
 from common.bn_recalibrate import recalibrate_batchnorm
-from common.checkpoint import file_sha256, get_training_state, load_checkpoint, save_checkpoint
+from common.atomic_io import file_sha256
+from common.checkpoint import get_training_state, load_checkpoint
+from common.checkpoint_store import save_checkpoint
 from common.ema import create_ema
 from common.errors import UserError
 from common.model_state import RELEASE_METADATA_KEY, read_checkpoint_metadata

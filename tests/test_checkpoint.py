@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from common import atomic_io, checkpoint, checkpoint_store
-from common.checkpoint import (CheckpointCorruptError, CheckpointError, CheckpointWarning, CheckpointWriteError,
-                               get_latest_model, get_training_state, list_checkpoints, load_checkpoint,
-                               save_checkpoint, verify_checkpoint)
+from common.checkpoint import get_training_state, load_checkpoint
+from common.checkpoint_store import (CheckpointCorruptError, CheckpointError, CheckpointWarning, CheckpointWriteError,
+                                     get_latest_model, list_checkpoints, save_checkpoint, verify_checkpoint)
 from common.model_state import WeightsMismatchError, load_model_state, read_checkpoint_metadata, read_weights_file
 from common.release import main as release_main
 

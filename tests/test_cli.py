@@ -57,6 +57,7 @@ SHOWN_BY = {
     "common/checkpoint_store.py": ["train"],
     "common/evaluate.py": ["eval"], "common/imagenet.py": ["eval"],
     "common/export.py": ["export"], "common/coreml_verify.py": ["export"],
+    "common/input_format.py": ["eval", "export"],
     "common/data.py": ["train", "eval"], "common/distributed.py": ["train", "eval"],
     "common/model_state.py": ["eval", "release", "average"],
     "common/release.py": ["release"], "common/cli.py": ["train", "eval", "export", "average", "release"],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import get_latest_model
+from common.checkpoint_store import get_latest_model
 from common.demo_data import make_image_folder
 from common.model_state import WeightsMismatchError, extract_model_state, read_weights_file
 from common.pretrained import load_pretrained

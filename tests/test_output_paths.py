@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from common import average, release
-from common.checkpoint import get_training_state, save_checkpoint
+from common.checkpoint import get_training_state
+from common.checkpoint_store import save_checkpoint
 from common.demo_data import make_image_folder
 from common.imagenet import imagenet_wnids
 from conftest import network, script_module, user_error_line

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import get_latest_model
+from common.checkpoint_store import get_latest_model
 from common.counting import count_macs, count_parameters
 from common.data import scan_image_folder
 from conftest import REPO_ROOT, network

@@ -14,7 +14,7 @@ from torch import nn
 
 from common import hardware
 from common.hardware import EmulatedBF16Warning, SpeedChoice, resolve_speed
-from common.checkpoint import get_latest_model
+from common.checkpoint_store import get_latest_model
 from common.inference import prepare_inference_model
 from common.model_state import read_checkpoint_metadata
 from conftest import REPO_ROOT, network

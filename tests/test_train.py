@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import get_latest_model
+from common.checkpoint_store import get_latest_model
 from common.model_state import extract_model_state, load_model_state, read_checkpoint_metadata, read_weights_file
 from conftest import REPO_ROOT, network
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from common.checkpoint import get_latest_model, save_checkpoint
+from common.checkpoint_store import get_latest_model, save_checkpoint
 from common.run_log import curves_figure
 from demo import averaging_verdict
 from test_train import network, run, train_command

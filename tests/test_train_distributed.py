@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoint import get_latest_model
+from common.checkpoint_store import get_latest_model
 from common.demo_data import DEMO_CLASSES, demo_dataset
 from test_train import REPO_ROOT, TINY, free_port
 

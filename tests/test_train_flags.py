@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common import training
-from common.checkpoint import get_latest_model, save_checkpoint
+from common.checkpoint_store import get_latest_model, save_checkpoint
 from common.model_state import read_checkpoint_metadata
 from conftest import network, script_module
 from test_train import run

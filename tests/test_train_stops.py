@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from common.checkpoint import get_latest_model
+from common.checkpoint_store import get_latest_model
 from test_train import ONESHOT, train_command
 
 
