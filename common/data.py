@@ -301,17 +301,6 @@ class StreamSampler:
         """Stream position of the first sample of global batch `iteration`."""
         return iteration * self.global_batch_size
 
-    def data_position(self, iteration: int) -> dict:
-        """Where the stream stands before `iteration`, as plain values for a checkpoint.
-
-        A resumed run can compare it with its own `data_position(iteration)` to notice a changed dataset, batch
-        size or seed.
-        """
-        position = self.position_at(iteration)
-        return {"iteration": iteration, "position": position, "epoch": position // self.num_samples,
-                "offset": position % self.num_samples, "num_samples": self.num_samples,
-                "global_batch_size": self.global_batch_size, "seed": self.seed, "shuffle": self.shuffle}
-
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The sample indices of `epoch`, in reading order."""
         order = self._orders.get(epoch)
