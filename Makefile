@@ -15,5 +15,7 @@ $(VENV)/.installed: requirements.txt
 demo: venv
 	$(PY) -u demo.py
 
+# One test process per core (pytest-xdist), a test module's tests kept together so its shared fixtures are built
+# once, each process on one thread so the processes do not oversubscribe the cores.
 test: venv
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadscope --durations=10 tests
