@@ -96,8 +96,9 @@ def test_ema_is_saved_validated_and_what_eval_ema_scores(ema_run, image_folder, 
         return float(line.split("loss ")[1].split()[0])
 
     # The last checkpoint holds the recalibrated network and the EMA of the schedule.
-    assert evaluated_loss("--ema") == pytest.approx(scores["val_ema"], abs=2e-3)
-    assert evaluated_loss() == pytest.approx(scores["val_bn_recalibrated"], abs=2e-3)
+    # Relative too: four iterations at this rate can leave the EMA network with enormous losses.
+    assert evaluated_loss("--ema") == pytest.approx(scores["val_ema"], rel=1e-4, abs=2e-3)
+    assert evaluated_loss() == pytest.approx(scores["val_bn_recalibrated"], rel=1e-4, abs=2e-3)
 
 
 def test_bn_recalibrate_reestimates_the_saved_statistics_over_n_batches(ema_run):
