@@ -34,6 +34,7 @@ import search_space  # noqa: E402
 import supernet as supernet_module  # noqa: E402
 from common.bn_recalibrate import recalibrate_batchnorm  # noqa: E402
 from common.atomic_io import atomic_write  # noqa: E402
+from common.cli import DefaultsHelpFormatter  # noqa: E402
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
 from common.distributed import all_gather_objects, init_distributed, shutdown_distributed  # noqa: E402
@@ -47,7 +48,7 @@ Choices = search_space.Choices
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--supernet", help="checkpoint of train_supernet.py")
     parser.add_argument("--train-dir", help="the supernet's training folder (default: the one it was trained on)")
     parser.add_argument("--flops-max", type=float, default=330e6,
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--batch-size", type=int, default=200, help="scoring batch size")
     scoring.add_argument("--image-size", type=int, help="image size (default: the supernet's training size)")
     scoring.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                         help="data-loading worker processes (images are decoded once and kept in memory)")
+                         help="data-loading worker processes (images are decoded once and kept in memory); "
+                              "the default is the CPU count, at most 8")
     scoring.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
     parser.add_argument("--demo", action="store_true",
                         help="run the three stages on the built-in data at small size: train a supernet, search "

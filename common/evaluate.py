@@ -206,7 +206,8 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
                              "(or by the class names a checkpoint of this project was trained on)")
     parser.add_argument("--batch-size", type=int, default=100, help="images per batch (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="data-loading worker processes; 0 loads in the main process (default: %(default)s)")
+                        help="data-loading worker processes; 0 loads in the main process (default: the CPU count, "
+                             "at most 4)")
     parser.add_argument("--device", default="auto",
                         help="auto (the default: the GPU when CUDA is present, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--image-size", type=int, metavar="N",

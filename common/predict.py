@@ -160,7 +160,8 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
                              "the size a checkpoint of this project was trained at, else 224)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="image-decoding worker processes; 0 decodes in the main process (default: %(default)s)")
+                        help="image-decoding worker processes; 0 decodes in the main process (default: the CPU "
+                             "count, at most 4)")
     parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu, cuda or cuda:N")
     parser.add_argument("--amp", choices=AMP_CHOICES, default="none",
                         help="autocast precision, as in eval.py: none (the default) is float32; auto picks bf16 on "

@@ -95,7 +95,7 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: Recipe) -> None:
     data.add_argument("--num-classes", type=int, help="number of classes (default: the class folders found)")
     data.add_argument("--image-size", type=int, help=f"training crop size (default {d.image_size})")
     data.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                      help="data-loading worker processes per rank")
+                      help="data-loading worker processes per rank (default: the CPU count, at most 8)")
 
 
 def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
