@@ -7,12 +7,15 @@ hits both alike. Goal (issue 15): save at most 1.3x, load at most 1.2x.
 - load: load_checkpoint into the live model, optimizer and EMA, including the SHA-256 check of the whole file;
   raw read: read() of a file of the same size. Both start from the disk: the file's pages are dropped from the
   page cache first.
+- sha256: SHA-256 of as many bytes from memory, on one core: a load that checks the hash takes at least as long
+  as the slower of this and the raw read, so the load is also given as a ratio to that floor.
 
     python bench/checkpoint_speed.py [--models ...] [--dir DIR] [--repeats N] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import os
 import shutil
@@ -56,6 +59,12 @@ def raw_read(path: Path) -> None:
             pass
 
 
+def sha256_of(size: int, block: bytes) -> None:
+    digest = hashlib.sha256()
+    for offset in range(0, size, len(block)):
+        digest.update(block[:min(len(block), size - offset)])
+
+
 def bench_model(model_name: str, folder: Path, repeats: int) -> dict:
     torch.manual_seed(0)
     model = load_network_module(model_name).create_network()
@@ -77,13 +86,16 @@ def bench_model(model_name: str, folder: Path, repeats: int) -> dict:
 
     seconds = interleaved({"save": lambda: save(state, next(iterations), folder, saved),
                            "raw_write": lambda: raw_write(raw, size, block),
-                           "load": load, "raw_read": lambda: raw_read(raw)}, repeats=repeats, warmup=1)
+                           "load": load, "raw_read": lambda: raw_read(raw),
+                           "sha256": lambda: sha256_of(size, block)}, repeats=repeats, warmup=1)
     raw.unlink()
     for file in folder.glob("checkpoint-*"):
         file.unlink()
     return {"model": model_name, "bytes": size, "seconds": seconds,
             "save_ratio": seconds["save"]["median"] / seconds["raw_write"]["median"],
-            "load_ratio": seconds["load"]["median"] / seconds["raw_read"]["median"]}
+            "load_ratio": seconds["load"]["median"] / seconds["raw_read"]["median"],
+            "load_to_floor": seconds["load"]["median"] / max(seconds["raw_read"]["median"],
+                                                             seconds["sha256"]["median"])}
 
 
 def save(state: dict, iteration: int, folder: Path, saved: list[Path]) -> None:
@@ -109,7 +121,8 @@ def main() -> None:
             t = {name: value["median"] for name, value in r["seconds"].items()}
             print(f"checkpoint {model_name:22s} {r['bytes'] / 1e9:6.2f} GB  save {t['save']:6.2f} s "
                   f"(raw write+fsync {t['raw_write']:6.2f} s, ratio {r['save_ratio']:.2f})  load "
-                  f"{t['load']:6.2f} s (raw read {t['raw_read']:6.2f} s, ratio {r['load_ratio']:.2f})", flush=True)
+                  f"{t['load']:6.2f} s (raw read {t['raw_read']:6.2f} s, ratio {r['load_ratio']:.2f}; SHA-256 alone "
+                  f"{t['sha256']:6.2f} s, {r['load_to_floor']:.2f}x the slower of the two)", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     write_json(args.json, results)

@@ -105,9 +105,11 @@ def summary(results: dict) -> list[str]:
                           f"{v['median'] / original:.2f}" if original else "-"] for name, v in ok["data"].items()])
     if "checkpoint" in ok:
         lines += ["", "Checkpoint of a full training state (weights, momentum, EMA) against raw disk speed:", ""]
-        lines += _table(["model", "size", "save s", "x raw write+fsync", "load s", "x raw read"], [
+        lines += _table(["model", "size", "save s", "x raw write+fsync", "load s", "x raw read", "SHA-256 s",
+                         "load x max(raw read, SHA-256)"], [
             [r["model"], f"{r['bytes'] / 1e9:.2f} GB", _speed(r["seconds"]["save"]), f"{r['save_ratio']:.2f}",
-             _speed(r["seconds"]["load"]), f"{r['load_ratio']:.2f}"] for r in ok["checkpoint"]])
+             _speed(r["seconds"]["load"]), f"{r['load_ratio']:.2f}", _speed(r["seconds"]["sha256"]),
+             f"{r['load_to_floor']:.2f}"] for r in ok["checkpoint"]])
     if "average" in ok:
         a = ok["average"]
         lines += ["", f"Averaging {a['files']} {a['model']} checkpoints of {a['file_bytes'] / 1e9:.2f} GB:", ""]

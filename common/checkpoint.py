@@ -103,10 +103,12 @@ def set_rng_state(rng: dict) -> None:
                          "state": {"key": numpy_state["key"].cpu().numpy().astype(np.uint32),
                                    "pos": numpy_state["pos"]},
                          "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
-    torch.set_rng_state(rng["torch"].cpu())
+    # clone: a state read back from a checkpoint is a view into a packed tensor, and the generators read their
+    # state from the start of its storage.
+    torch.set_rng_state(rng["torch"].cpu().clone())
     if torch.cuda.is_available():
         for device, cuda_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state.cpu(), device)
+            torch.cuda.set_rng_state(cuda_state.cpu().clone(), device)
 
 
 def library_versions() -> dict:

@@ -28,6 +28,7 @@ import torch
 from common.atomic_io import file_sha256, fsync_dir, remove_quietly, temp_path, write_hashed
 from common.errors import UserError
 from common.model_state import CHECKPOINT_FORMAT, read_weights_file
+from common.tensor_pack import pack_tensors
 
 _DATA_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
 _SIDECAR_RE = re.compile(r"^checkpoint-(\d+)\.json$")
@@ -102,7 +103,7 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(save_dir)
-        digest, size = write_hashed(data_temp, lambda file: _save_without_crc(state, file))
+        digest, size = write_hashed(data_temp, lambda file: _save_without_crc(pack_tensors(state), file))
         sidecar = {"format": CHECKPOINT_FORMAT, "file": data_path.name, "iteration": int(iters), "sha256": digest,
                    "size": size, "metrics": to_plain(state.get("metrics") or {}, json_only=True)}
         write_hashed(sidecar_temp, lambda file: file.write(json.dumps(sidecar, indent=1).encode() + b"\n"))

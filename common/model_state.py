@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from common.errors import UserError
+from common.tensor_pack import unpack_tensors
 
 # Tag stored in the checkpoints written by common.checkpoint: extract_model_state recognises them by it.
 CHECKPOINT_FORMAT = "shufflenet-series/training-checkpoint/1"
@@ -116,10 +117,12 @@ def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *,
         # where the tensors land (the model), and a private mapping keeps the file unchanged when they are written.
         if kind == "zip" and os.name == "posix" and map_location in ("cpu", None):
             with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE):
-                return torch.load(path, map_location=map_location, weights_only=not trust_pickle, mmap=True)
-        return torch.load(path, map_location=map_location, weights_only=not trust_pickle)
+                obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle, mmap=True)
+        else:
+            obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
     except Exception as error:  # torch.load raises many types for damaged files; all are classified below
         raise _load_error(path, kind, size, error) from error
+    return unpack_tensors(obj)
 
 
 def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the weights") -> dict[str, torch.Tensor]:

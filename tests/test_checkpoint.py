@@ -22,7 +22,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
 
-from common import atomic_io, checkpoint, checkpoint_store
+from common import atomic_io, checkpoint, checkpoint_store, tensor_pack
 from common.checkpoint import get_training_state, load_checkpoint
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointError, CheckpointWarning, CheckpointWriteError,
                                      get_latest_model, list_checkpoints, save_checkpoint, verify_checkpoint)
@@ -207,6 +207,32 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+def test_tensors_are_stored_packed_and_unpacked_checkpoints_still_load(tmp_path, monkeypatch):
+    run = Run(seed=5)
+    _seed_everything(5)
+    train(run, Stream(), 0, 2)
+    state = get_training_state(run.model, **run.objects(), iteration=2)
+    packed = save_checkpoint(state, 2, tmp_path / "packed")
+    # One storage per dtype in the file, not one per tensor: torch.load's per-tensor cost is what packing removes.
+    raw = torch.load(packed, weights_only=True)
+    storages = raw[tensor_pack.PACK_KEY]["storages"]
+    assert len({t.dtype for t in storages}) == len(storages) <= 3
+    assert not any(isinstance(v, torch.Tensor) for v in raw["model"].values())
+    monkeypatch.setattr(checkpoint_store, "pack_tensors", lambda obj: obj)  # the layout of earlier versions
+    unpacked = save_checkpoint(state, 2, tmp_path / "unpacked")
+    assert isinstance(torch.load(unpacked, weights_only=True)["model"]["fc.weight"], torch.Tensor)
+    for path in (packed, unpacked):
+        read = read_weights_file(path)
+        assert _equal(read["model"], state["model"]) and _equal(read["optimizer"], state["optimizer"])
+        assert read["model"]._metadata == state["model"]._metadata  # module versions, used by load_state_dict
+        assert all(read["model"][k].dtype == v.dtype and read["model"][k].shape == v.shape
+                   for k, v in state["model"].items())
+        fresh = Run(seed=6)
+        load_checkpoint(path, fresh.model, **fresh.objects())
+        assert _equal(fresh.model.state_dict(), run.model.state_dict())
+        assert _equal(fresh.optimizer.state_dict(), run.optimizer.state_dict())
+
+
 def test_ema_wrapper_buffers_round_trip(tmp_path):
     from torch.optim.swa_utils import AveragedModel
 
@@ -371,7 +397,7 @@ def test_sigkill_during_saves_never_leaves_a_bad_latest(tmp_path):
             assert iteration == 0 and latest == 0
             continue
         verify_checkpoint(path)
-        state = torch.load(path, weights_only=True)
+        state = read_weights_file(path)
         assert state["iteration"] == iteration and state["model"]["marker"].item() == iteration
         assert torch.equal(state["model"]["weight"], WEIGHT)
         assert iteration >= latest  # the newest good checkpoint is never lost

@@ -16,6 +16,7 @@ import torch
 from common.checkpoint_store import get_latest_model
 from common.counting import count_macs, count_parameters
 from common.data import scan_image_folder
+from common.model_state import read_weights_file
 from conftest import REPO_ROOT, network
 
 ONESHOT = REPO_ROOT / "OneShot"
@@ -49,7 +50,7 @@ def run_killed(command: list[str], marker: str) -> None:
 
 
 def state_of(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return read_weights_file(path)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,7 @@ def test_random_search_then_retrain_and_evaluate_the_found_architecture(tmp_path
                   "--image-size", "32", "--batch-size", "8", "--workers", "0", "--total-iters", "1"])
     assert result.returncode == 0, result.stderr
     checkpoint, _ = get_latest_model(save)
-    metadata = torch.load(checkpoint, map_location="cpu", weights_only=False)["metadata"]
+    metadata = read_weights_file(checkpoint)["metadata"]
     assert metadata["architecture"] == {k: found[k] for k in ("blocks", "channel_scales")}
     result = run(["eval.py", "--weights", str(checkpoint), "--val-dir", str(image_folder), "--workers", "0",
                   "--results-json", str(tmp_path / "eval.json")])

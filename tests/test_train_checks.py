@@ -9,6 +9,7 @@ import sys
 import torch
 
 from common.checkpoint_store import get_latest_model, save_checkpoint
+from common.model_state import read_weights_file
 from common.run_log import curves_figure
 from demo import averaging_verdict
 from test_train import network, run, train_command
@@ -40,7 +41,7 @@ def test_a_nan_validation_loss_is_reported_in_words(tmp_path, image_folder):
     assert first.returncode == 0, first.stderr
     # Running statistics are buffers, not weights: training goes on (batch statistics) and validation overflows.
     path, iterations = get_latest_model(tmp_path)
-    state = torch.load(path, weights_only=False)
+    state = read_weights_file(path)
     key = next(k for k in state["model"] if k.endswith("running_var"))
     state["model"][key].fill_(float("nan"))
     save_checkpoint(state, 3, tmp_path, keep=5)

@@ -15,7 +15,7 @@ import torch
 
 from common import training
 from common.checkpoint_store import get_latest_model, save_checkpoint
-from common.model_state import read_checkpoint_metadata
+from common.model_state import read_checkpoint_metadata, read_weights_file
 from conftest import network, script_module
 from test_train import run
 
@@ -53,7 +53,7 @@ def ema_run(tmp_path_factory, image_folder, oneshot_train):
     argv = ["--train-dir", str(image_folder), "--val-dir", str(image_folder), "--save", str(save), *FLAGS,
             "--amp", "none", "--ema"]
     assert train(oneshot_train, argv) == "finished"
-    before = torch.load(get_latest_model(save)[0], weights_only=False)
+    before = read_weights_file(get_latest_model(save)[0])
     assert train(oneshot_train, [*argv, "--bn-recalibrate", "2"]) == "finished"
     return save, before
 
@@ -104,7 +104,7 @@ def test_ema_is_saved_validated_and_what_eval_ema_scores(ema_run, image_folder, 
 def test_bn_recalibrate_reestimates_the_saved_statistics_over_n_batches(ema_run):
     save, before = ema_run
     path, iterations = get_latest_model(save)
-    after = torch.load(path, weights_only=False)
+    after = read_weights_file(path)
     assert iterations == 4 and after["metadata"]["bn_recalibrated"] is True
     statistics = [k for k in before["model"] if k.endswith(("running_mean", "running_var"))]
     assert statistics and all(not torch.equal(before["model"][k], after["model"][k]) for k in statistics)
