@@ -390,15 +390,23 @@ def decode_rgb_array(image: Image.Image, at_least: tuple[int, int] | None = None
 
     RGB and greyscale JPEG files are decoded by libjpeg-turbo through simplejpeg (the same pixels as PIL, a third
     faster, without PIL's copies) and, given `at_least` (height, width), scaled down in the DCT domain by the
-    largest of libjpeg-turbo's factors (7/8 ... 1/8) that keeps both sides at least that large. Other files
-    are decoded by PIL at full size.
+    largest of 1/2, 1/4 and 1/8 that keeps both sides at least that large. Only those: libjpeg-turbo's other
+    factors (7/8, 3/4, ...) run plain-C inverse DCTs, slower than a full-size decode. Other files are decoded by
+    PIL at full size.
     """
     if image.format == "JPEG" and image.mode in ("RGB", "L") and getattr(image, "fp", None) is not None:
         image.fp.seek(0)
         data = image.fp.read()
-        height, width = at_least or (0, 0)
+        width, height = image.size
+        divisor = 1
+        if at_least is not None:
+            while divisor < 8 and (-(-height // (2 * divisor)) >= at_least[0]
+                                   and -(-width // (2 * divisor)) >= at_least[1]):
+                divisor *= 2
         try:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=height, min_width=width)
+            # libjpeg-turbo scales to ceil(side / divisor), the smallest output at least this large.
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // divisor),
+                                          min_width=-(-width // divisor))
         except ValueError as error:
             raise UndecodableImage(f"{type(error).__name__}: {error}") from None
     return np.array(decode_rgb(image))

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from common.data import TrainTransform
+from common.data import TrainTransform, decode_rgb_array
 
 SAMPLES = 300
 SIZE = 32
@@ -121,3 +121,12 @@ def test_the_same_seed_gives_the_same_output_whatever_was_decoded_before():
     first = transform(image)
     torch.manual_seed(5)
     assert torch.equal(transform(coordinate_image(640, 480, "JPEG")), first)
+
+
+@pytest.mark.parametrize("at_least, expected", [(None, (480, 640)), ((480, 640), (480, 640)),
+                                                ((420, 560), (480, 640)), ((240, 320), (240, 320)),
+                                                ((200, 100), (240, 320)), ((100, 100), (120, 160)),
+                                                ((1, 1), (60, 80))])
+def test_jpegs_decode_at_full_size_or_a_power_of_two_smaller(at_least, expected):
+    # libjpeg-turbo's other factors (7/8, 3/4, ...) take longer than a full-size decode.
+    assert decode_rgb_array(coordinate_image(640, 480, "JPEG"), at_least=at_least).shape == (*expected, 3)
