@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -416,23 +418,30 @@ def _accuracy(kind: str, path: Path, model: nn.Module, input_format: InputFormat
     return result
 
 
-def _images_per_second(run, images: np.ndarray, min_seconds: float = 2.0) -> float:
-    """Batch-1 images/s of `run(one float 1 x 3 x H x W tensor)`, over `images` repeated for `min_seconds`."""
+def _images_per_second(runs: dict[str, Callable], images: np.ndarray, rounds: int = 5,
+                       min_seconds: float = 0.5) -> dict[str, float]:
+    """Batch-1 images/s of each `run(one float 1 x 3 x H x W tensor)`: the median of `rounds` rounds, each run
+    timed once per round for at least `min_seconds`, so a change in the machine's load hits all of them alike."""
     batches = [torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).unsqueeze(0)
                for image in images]
-    run(batches[0])  # warm-up: first-call allocations and lazy initialisation
-    done, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < min_seconds or not done:
-        for batch in batches:
-            run(batch)
-        done += len(batches)
-    return done / elapsed
+    for run in runs.values():
+        run(batches[0])  # warm-up: first-call allocations and lazy initialisation
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            done, started = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - started) < min_seconds or not done:
+                for batch in batches:
+                    run(batch)
+                done += len(batches)
+            rates[name].append(done / elapsed)
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 @torch.no_grad()
 def _speed(kind: str, path: Path, model: nn.Module, input_format: InputFormat, images: np.ndarray) -> dict:
-    """Batch-1 images/s of the export in its runtime and of PyTorch eager, one after the other, each on one thread:
-    a phone app runs one image at a time, and on a shared CPU more threads measure the contention, not the code."""
+    """Batch-1 images/s of the export in its runtime and of PyTorch eager, in alternating rounds, each on one
+    thread: a phone app runs one image at a time, and on a shared CPU more threads measure the contention."""
     graph = nn.Sequential(Preprocess(input_format), model).eval()
     if kind == "executorch":
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
@@ -452,11 +461,11 @@ def _speed(kind: str, path: Path, model: nn.Module, input_format: InputFormat, i
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pytorch = _images_per_second(graph, images)
+        rates = _images_per_second({"pytorch": graph, "export": run}, images)
     finally:
         torch.set_num_threads(threads)
-    export = _images_per_second(run, images)
-    print(f"speed (batch 1, one thread, this CPU; noisy when shared): {export:.1f} images/s in "
+    export, pytorch = rates["export"], rates["pytorch"]
+    print(f"speed (batch 1, one thread, this CPU, median of alternating rounds): {export:.1f} images/s in "
           f"{'onnxruntime' if kind == 'onnx' else 'the ExecuTorch runtime'}, PyTorch eager {pytorch:.1f} images/s "
           f"({export / pytorch:.2f}x)", flush=True)
     return {"export_images_per_s": export, "pytorch_images_per_s": pytorch, "speed_vs_pytorch": export / pytorch}
