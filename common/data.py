@@ -210,16 +210,22 @@ def _color_jitter(image: Tensor, order: list[int], brightness: float, contrast: 
     for step in order:
         if step == 0:
             x.mul_(brightness)
+            factor = brightness
         elif step == 1:
             # The grey level is that of the image before this step, as torchvision's.
             grey = sum(weight * float(mean) for weight, mean in zip(_LUMA, x.mean(dim=(1, 2))))
             x.mul_(contrast).add_((1 - contrast) * grey)
+            factor = contrast
         elif step == 2:
             grey = _luma(x)
             x.mul_(saturation).add_(grey.mul_(1 - saturation))
+            factor = saturation
         else:
             continue
-        x.clamp_(0, 255)
+        # A factor of at most 1 blends towards a value inside 0..255 (black, the mean grey, each pixel's own
+        # grey), so only a larger one can leave the range.
+        if factor > 1:
+            x.clamp_(0, 255)
     # float -> int32 -> uint8 is about three times faster on CPU than float -> uint8.
     return x.round_().to(torch.int32).to(torch.uint8)
 
