@@ -1,9 +1,8 @@
-"""Model weights in and out: unwrapping, reading weights files safely, released layouts, checked loading.
+"""Model weights in and out: reading weights files without running their code, released layouts, checked loading.
 
-Reading never runs code from a file: `.safetensors` files are read with safetensors, everything else with
-`torch.load(weights_only=True)`. The released 2019 files (MODELS.md, "Released checkpoint files") come as a flat
-dict or `{'state_dict': ...}`, with or without `module.` prefixes, `num_batches_tracked` or side heads, and with the
-squeeze-excitation weights under two names; all of these load strictly into this project's networks.
+The released 2019 files (MODELS.md, "Released checkpoint files") come as a flat dict or `{'state_dict': ...}`, with
+or without `module.` prefixes, `num_batches_tracked` or side heads, and with the squeeze-excitation weights under two
+names; all of these load strictly into this project's networks.
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from timm.utils import unwrap_model
 from torch import nn
 
 from common.errors import UserError
@@ -72,27 +72,6 @@ class LoadReport:
         if self.unexpected:
             text += f"; ignored {len(self.unexpected)} unexpected ({_first(self.unexpected)})"
         return text
-
-
-def unwrap_model(model: Any) -> nn.Module:
-    """The network inside DistributedDataParallel, DataParallel, torch.compile and EMA wrappers, at any depth."""
-    while True:
-        if isinstance(model, nn.Module):
-            children = dict(model.named_children())
-            orig = getattr(model, "_orig_mod", None)
-            if isinstance(orig, nn.Module):
-                model = orig
-            # DDP, DataParallel, timm's ModelEmaV2/V3 and AveragedModel all keep the network as their only child,
-            # named `module`; recognising that shape covers them without importing each wrapper class.
-            elif list(children) == ["module"]:
-                model = children["module"]
-            else:
-                return model
-        elif isinstance(getattr(model, "ema", None), nn.Module):
-            # timm's older ModelEma and similar helpers are plain objects holding the averaged copy in `.ema`.
-            model = model.ema
-        else:
-            raise TypeError(f"expected an nn.Module or an EMA wrapper, got {type(model).__name__}")
 
 
 def get_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
@@ -190,7 +169,7 @@ def read_checkpoint_metadata(path_or_obj: Any) -> dict:
         path = Path(path_or_obj)
         kind, size = _sniff(path)
         if kind == "safetensors":
-            return _decode_release_metadata(_read_safetensors_metadata(path, size))
+            return _decode_release_metadata(_read_safetensors(path, size, tensors=False).metadata)
         if kind != "zip":
             return {}
         path_or_obj = read_weights_file(path)
@@ -272,26 +251,15 @@ def _zip_has_end(path: Path, size: int) -> bool:
         return _ZIP_END in file.read()
 
 
-def _read_safetensors(path: Path, size: int) -> SafetensorsWeights:
+def _read_safetensors(path: Path, size: int, tensors: bool = True) -> SafetensorsWeights:
+    """The file's tensors (none unless `tensors`: the header alone) and metadata."""
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
-            return SafetensorsWeights({key: file.get_tensor(key) for key in file.keys()}, file.metadata())
+            return SafetensorsWeights({key: file.get_tensor(key) for key in file.keys() if tensors}, file.metadata())
     except (SafetensorError, OSError, ValueError) as error:
-        raise _safetensors_error(path, size, error) from None
-
-
-def _read_safetensors_metadata(path: Path, size: int) -> dict[str, str]:
-    try:
-        with safe_open(path, framework="pt", device="cpu") as file:
-            return file.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise _safetensors_error(path, size, error) from None
-
-
-def _safetensors_error(path: Path, size: int, error: Exception) -> WeightsFileError:
-    what = f"ends early ({size} bytes)" if _safetensors_needs(path) > size else f"is damaged ({_short(error)})"
-    return WeightsFileError(f"{path} {what}: an interrupted download? compare its size/MD5 with the published "
-                            "one and download it again")
+        what = f"ends early ({size} bytes)" if _safetensors_needs(path) > size else f"is damaged ({_short(error)})"
+        raise WeightsFileError(f"{path} {what}: an interrupted download? compare its size/MD5 with the published "
+                               "one and download it again") from None
 
 
 def _safetensors_needs(path: Path) -> int:
