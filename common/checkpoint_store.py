@@ -1,11 +1,7 @@
 """The checkpoint folder: file names, SHA-256 sidecars, atomic saving, scanning, retention and best-K selection.
 
-Folder layout: `checkpoint-<iteration, 10 digits>.pth` (the state, torch.save zip format, tensors and plain values
-only, so it loads with weights_only=True) and `checkpoint-<iteration>.json` beside it:
-`{"format", "file", "iteration", "sha256", "size", "metrics"}`. A checkpoint counts only when both exist and the
-data file's size and SHA-256 match the sidecar. Names are ordered by their parsed integer, so iteration counts past
-ten digits still sort. One writer per folder (rank 0 of a run).
-"""
+`checkpoint-<iteration, 10 digits>.pth` (torch.save zip, loadable with weights_only=True) counts only with its
+`checkpoint-<iteration>.json` sidecar and when its size and SHA-256 match it. One writer per folder (rank 0)."""
 from __future__ import annotations
 
 import argparse
@@ -76,18 +72,10 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
                     best_metric_name: str | None = None, lower_is_better: bool = True) -> Path | None:
     """Write `state` as checkpoint `iters` in `save_dir` atomically; then keep the newest `keep` plus the best.
 
-    Returns the new file's path, or None on distributed ranks other than 0, which write nothing.
-    Write order (each step safe to interrupt; get_latest_model also checks size and SHA-256, so even a
-    reordering by the filesystem after a power cut cannot make it pick a bad file):
-    1. the state goes to a hidden temporary file in the same folder, hashed while written, then fsynced;
-    2. the sidecar goes to its own temporary file, fsynced, then is renamed into place and the folder fsynced:
-       a sidecar without its data file is an unfinished save and is skipped;
-    3. the data file is renamed into place and the folder fsynced: from here on the checkpoint is complete.
-       Sidecar first means a visible data file always has its sidecar, so no reader sees an unverifiable file.
-    4. only then are old checkpoints beyond the retention removed (data file first, then its sidecar).
-    Re-saving an existing iteration replaces it; between steps 2 and 3 that iteration fails its check and
-    get_latest_model falls back to the previous one.
-    """
+    Returns the new path, or None on ranks other than 0, which write nothing. Every step is safe to interrupt: the state
+    goes to a hashed, fsynced temporary file; the sidecar is placed first (a sidecar without its data file is skipped as
+    an unfinished save), then the data file, each rename followed by a folder fsync; old checkpoints are removed only
+    after that. get_latest_model checks size and SHA-256 too, so even a reordering after a power cut is safe."""
     if _is_secondary_rank():
         return None
     if keep < 1:

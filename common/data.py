@@ -1,14 +1,9 @@
 """ImageNet-layout data: folder scanning, the original train and eval transforms, a resumable sample stream, loaders.
 
-Images leave this module as uint8 RGB tensors N x 3 x H x W; `common.input_format.Preprocess` turns them into the
-network's input format on the device.
-
-Determinism: the training data is a stream of sample positions 0, 1, 2, ... Position p belongs to epoch p // N and
-reads sample order_e[p % N], where order_e is a permutation drawn from (seed, e); its augmentation is drawn from a
-random generator seeded from (seed, p). Global batch t is positions [t * B, (t + 1) * B) and rank r of W takes the
-contiguous slice [r * B / W, (r + 1) * B / W) of it. So the data of iteration t depends only on (seed, t, B, N):
-not on the number of ranks or workers, nor on where a run was resumed.
-"""
+Images leave as uint8 RGB N x 3 x H x W; `common.input_format.Preprocess` makes the network's input on the device.
+The training data is a stream of positions: position p reads sample order_e[p % N] of epoch e = p // N (order_e a
+permutation drawn from (seed, e)) with augmentation seeded from (seed, p); rank r of W takes its contiguous slice of
+global batch t. So iteration t's data depends only on (seed, t, B, N), not on ranks, workers or resumes."""
 from __future__ import annotations
 
 import functools
@@ -417,15 +412,11 @@ def _warned_flags(paths: bytes, count: int) -> Tensor:
 
 
 class ImageDataset(Dataset):
-    """(uint8 image, label) per sample, or None for a file that cannot be decoded.
+    """(uint8 image, label) per sample, or None for a file that cannot be decoded (one warning line).
 
-    An item is a plain index (no reseeding: evaluation) or an (index, sample_seed) pair from `StreamSampler`,
-    which seeds torch's and Python's global generators before the transform so augmentation depends on the seed
-    alone. The transform gets the opened PIL image, not yet decoded, so it can ask the decoder for a reduced
-    size first; it decodes with `decode_rgb_array`, whose UndecodableImage makes the item None (one warning line).
-    With `with_index` items are (image, label, index). Paths are held in one bytes object and labels in
-    one array, so forked workers do not copy a million Python objects by touching their reference counts.
-    """
+    An item is an index (evaluation) or an (index, sample_seed) pair from `StreamSampler`, which seeds torch's and
+    Python's generators so augmentation depends on the seed alone. With `with_index` items are (image, label, index).
+    Paths are one bytes object and labels one array, so forked workers do not copy a million refcounted objects."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform, *, with_index: bool = False) -> None:
         encoded = [os.fsencode(path) for path, _ in samples]

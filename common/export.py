@@ -1,15 +1,9 @@
 """Export to Core ML (.mlpackage, an ML program), ONNX or ExecuTorch (.pte), each export verified against PyTorch
 before it is kept; Core ML weights optionally compressed (palettes, int8), ONNX and ExecuTorch optionally int8.
 
-Core ML packages take a colour image (ct.ImageType) and have the model's input format built in: the image's
-channel order, scale and per-channel mean go into the image input, a per-pixel mean image and a division by std
-into the program. They output the class label and the probability of every class. ONNX files take float RGB
-0..255 images N x 3 x H x W (the project's convention, see common.input_format) with a dynamic batch, and output
-logits; ExecuTorch programs take the same at batch 1. Exports are of eval mode, so the training-only side heads
-`predict_*` are never part of them.
-
-Each model folder's export.py calls `run_export`, the command line.
-"""
+Core ML packages take a colour image with the input format built in and output the label and every class's
+probability; ONNX (dynamic batch) and ExecuTorch (batch 1) take float RGB 0..255 N x 3 x H x W and output logits.
+Exports are of eval mode, without the training-only side heads. Each folder's export.py calls `run_export`."""
 from __future__ import annotations
 
 import argparse

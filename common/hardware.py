@@ -1,11 +1,8 @@
 """What this machine computes fast, and the speed settings chosen from it.
 
-One capability probe (`cpu_supports_bf16`) decides whether bfloat16 is native; `--amp auto` and
-`--channels-last`'s default ("auto") resolve per device here: on CUDA channels_last with bf16 (fp16 where bf16 is
-not supported); on a CPU bf16 only where it is native, and the memory layout (and, with native bf16, the
-precision) by a short measurement on the real model, so that the defaults are never slower than plain float32
-NCHW on the machine at hand.
-"""
+`--amp auto` and `--channels-last` auto resolve per device: on CUDA channels_last with bf16 (else fp16); on a CPU
+bf16 only where native, and the layout (and precision) by a short measurement on the real model, so the defaults
+are never slower than float32 NCHW on the machine at hand."""
 from __future__ import annotations
 
 import copy
@@ -126,11 +123,9 @@ def choose_fastest(candidates: Sequence[tuple[bool, str | None]],
                    min_seconds: float = 1.0, max_rounds: int = 10, what: str = "") -> SpeedChoice:
     """The candidate (channels_last, amp) whose call runs fastest, timed in turns after one warm-up call each.
 
-    `prepare(channels_last, amp)` sets the candidate up (untimed) and returns the call to time. Calls run in
-    rounds, one of each candidate per round, so a load from other processes slows all alike; each candidate's
-    fastest call counts. At least `rounds` rounds, more (up to `max_rounds`) while the timed calls add up to
-    less than `min_seconds`. The first candidate is the reference (plain float32 NCHW when it is allowed).
-    """
+    `prepare(channels_last, amp)` sets a candidate up and returns the call to time. Rounds take one call of each, so
+    load from other processes slows all alike; each one's fastest call counts, over `rounds` rounds or more (up to
+    `max_rounds`) until `min_seconds` are timed. The first candidate is the reference."""
     seconds: dict[int, list[float]] = {index: [] for index in range(len(candidates))}
     round_index = 0
     while round_index <= rounds or (round_index <= max_rounds and sum(map(sum, seconds.values())) < min_seconds):
@@ -155,11 +150,8 @@ def choose_fastest(candidates: Sequence[tuple[bool, str | None]],
 def resolve_speed(channels_last: bool | None, amp: str | None, device: str | torch.device,
                   prepare: Callable[[bool, str | None], Callable[[], object]] | None, *, what: str = "",
                   rounds: int = 2) -> SpeedChoice:
-    """Resolve `--channels-last` (None: auto) and `--amp` (auto, bf16, fp16, none) for `device`.
-
-    With several candidates left (a CPU) and a `prepare` to time them with (see choose_fastest), the fastest
-    wins; without one, the first candidate (plain float32 NCHW on a CPU).
-    """
+    """Resolve `--channels-last` (None: auto) and `--amp` for `device`: the fastest of several candidates when
+    `prepare` can time them (see choose_fastest), else the first (plain float32 NCHW on a CPU)."""
     device = torch.device(device)
     candidates = [(layout, precision) for precision in amp_candidates(amp, device)
                   for layout in layout_candidates(channels_last, device)]

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from timm.utils import unwrap_model
 from torch import nn
 
 from common.errors import UserError
@@ -74,6 +73,13 @@ class LoadReport:
         return text
 
 
+def unwrap_model(model: Any) -> nn.Module:
+    """The network inside DistributedDataParallel, DataParallel, torch.compile and EMA wrappers, at any depth."""
+    from timm.utils import unwrap_model as unwrap  # imported here: timm imports torchvision, which --help need not
+
+    return unwrap(model)
+
+
 def get_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """The state dict of the unwrapped network: clean keys, tensors shared with the model (no copy)."""
     return unwrap_model(model).state_dict()
@@ -102,12 +108,8 @@ def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *,
 
 
 def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the weights") -> dict[str, torch.Tensor]:
-    """The model's tensors from any accepted layout, under clean names, in a new dict (the input is not changed).
-
-    Accepts this project's training checkpoints, `{'state_dict': ...}` and similar wrappers, flat dicts and whole
-    pickled modules; strips `module.`/`_orig_mod.` prefixes and maps the SE aliases `se_block.0.`/`se_block.2.`
-    to `se_fc1.`/`se_fc2.`. A tensor stored under two names with different values means a damaged file.
-    """
+    """The model's tensors from any accepted layout under clean names, in a new dict: `module.`/`_orig_mod.`
+    prefixes stripped, SE aliases mapped. A tensor stored under two names with different values means a damaged file."""
     weights = _find_weights(obj, use_ema, source)
     clean: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
@@ -137,12 +139,10 @@ def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the w
 def load_model_state(model: Any, source: Any, strict: bool = True, for_inference: bool = False,
                      trust_pickle: bool = False, use_ema: bool = False, *,
                      source_name: str | None = None) -> LoadReport:
-    """Copy weights from `source` (a path or an already-read object) into the unwrapped `model`.
+    """Copy weights from `source` (a path or a read object) into the unwrapped `model`, every shape checked first.
 
-    Every shape is checked before anything is copied. Missing `num_batches_tracked` is always fine (the model
-    keeps its own); `for_inference` also accepts missing side heads `predict_*`. `strict=False` loads the keys
-    both sides have, but still refuses mis-shaped keys and a source that fits nothing.
-    """
+    Missing `num_batches_tracked` is fine; `for_inference` also accepts missing side heads. `strict=False` loads the
+    keys both sides have, but refuses mis-shaped keys and a source that fits nothing."""
     if isinstance(source, (str, os.PathLike)):
         name = source_name or str(source)
         source = read_weights_file(source, trust_pickle=trust_pickle)
@@ -160,11 +160,7 @@ def copy_weights(src: Any, dst: Any) -> None:
 
 def read_checkpoint_metadata(path_or_obj: Any) -> dict:
     """Plain metadata (arch, classes, image_size, input_format, args, ...) stored by this project; {} otherwise.
-
-    A training checkpoint's metadata also gives its `iteration` and `metrics`; a release file carries them over.
-    From a path, a training checkpoint is mapped rather than read and only a `.safetensors` file's header is
-    read, so this is cheap even for large files.
-    """
+    A training checkpoint's also gives `iteration` and `metrics`. Cheap from a path: mapped, or only the header read."""
     if isinstance(path_or_obj, (str, os.PathLike)):
         path = Path(path_or_obj)
         kind, size = _sniff(path)
@@ -337,8 +333,9 @@ def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], strict: 
     return LoadReport(loaded=loadable, missing=missing, unexpected=unexpected, source=source)
 
 
-def _mismatch_message(module: nn.Module, source: str, state: Mapping, target: Mapping, missing: list[str],
-                      unexpected: list[str], misshaped: list[str], loadable: int) -> str:
+def mismatch_parts(state: Mapping, target: Mapping, missing: list[str], unexpected: list[str],
+                   misshaped: list[str]) -> list[str]:
+    """The pieces of a does-not-fit message: counts and first keys of each kind of mismatch."""
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing ({_first(missing)})")
@@ -348,8 +345,12 @@ def _mismatch_message(module: nn.Module, source: str, state: Mapping, target: Ma
         shapes = ", ".join(f"{key}: file {tuple(state[key].shape)} vs model {tuple(target[key].shape)}"
                            for key in misshaped[:_SHOWN])
         parts.append(f"{len(misshaped)} with other shapes ({shapes}{', ...' if len(misshaped) > _SHOWN else ''})")
-    if loadable == 0:
-        parts.append("no tensor fits")
+    return parts
+
+
+def _mismatch_message(module: nn.Module, source: str, state: Mapping, target: Mapping, missing: list[str],
+                      unexpected: list[str], misshaped: list[str], loadable: int) -> str:
+    parts = mismatch_parts(state, target, missing, unexpected, misshaped) + (["no tensor fits"] if not loadable else [])
     advice = "load weights made for this model and number of classes"
     if missing and all(is_side_head(key) for key in missing):
         advice = "only the training side heads predict_* are missing: fine for evaluation (for_inference=True)"

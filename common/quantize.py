@@ -1,8 +1,5 @@
-"""Images for calibrating and measuring exports, and int8 quantization of ONNX exports (onnxruntime QDQ).
-
-Calibration images go through the model's own evaluation preprocessing (short-side resize, centre crop) and are
-fed to the exported graph as it will be fed in an app: RGB 0..255, the input format being part of the graph.
-"""
+"""Images for calibrating and measuring exports, prepared as evaluation prepares them and fed as an app feeds the
+export (RGB 0..255), and int8 quantization of ONNX exports (onnxruntime QDQ)."""
 from __future__ import annotations
 
 import os
