@@ -25,11 +25,10 @@ from common.atomic_io import file_sha256
 from common.checkpoint_store import (CheckpointInfo, best_checkpoints, default_lower_is_better, list_checkpoints,
                                      metric_value)
 from common.cli import prepare_output
-from common.errors import UserError, exit_on_user_error
+from common.errors import UserError, exit_on_user_error, listed
 from common.release import shareable_metadata, write_release
 from common.model_state import extract_model_state, read_checkpoint_metadata, read_weights_file
 
-_SHOWN = 3
 BATCHNORM_NOTE = ("an average's BatchNorm statistics are means of its inputs' and do not fit its weights: "
                   "re-estimate them before judging it, by running the training command again with "
                   "--average-best K --recompute-bn N (at the end of a finished run it only averages the best K "
@@ -79,7 +78,7 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
     unscored = [info.path.name for info in checkpoints if metric_value(info.metrics, metric) is None]
     if unscored:
         _note(f"{len(unscored)} checkpoint(s) in {save_dir} record no {metric!r} and are left out "
-              f"({_first(unscored)})")
+              f"({listed(unscored)})")
     if len(chosen) < k:
         _note(f"asked for the best {k} by {metric!r} but only {len(chosen)} checkpoint(s) record it; using those")
     return chosen
@@ -187,9 +186,9 @@ def _check_same_layout(inputs: list[_Input]) -> None:
         if missing or extra:
             parts = []
             if missing:
-                parts.append(f"lacks {len(missing)} of its keys ({_first(missing)})")
+                parts.append(f"lacks {len(missing)} of its keys ({listed(missing)})")
             if extra:
-                parts.append(f"has {len(extra)} it lacks ({_first(extra)})")
+                parts.append(f"has {len(extra)} it lacks ({listed(extra)})")
             raise UserError(f"{other.path} and {reference.path} hold different tensors: {other.path} "
                             f"{' and '.join(parts)}; average checkpoints of one architecture")
         misshaped = [key for key, tensor in reference.state.items() if tensor.shape != other.state[key].shape]
@@ -343,10 +342,6 @@ def _format_size(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.2f} GB"
-
-
-def _first(names: list[str]) -> str:
-    return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
 
 
 def _note(message: str) -> None:

@@ -27,11 +27,8 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
                        scaler: Any = None, ema: Any = None, *, iteration: int, best_metric: float | None = None,
                        data_position: dict | None = None, metrics: dict | None = None,
                        metadata: dict | None = None, rng: list[dict] | None = None) -> dict:
-    """Everything needed to continue a run exactly, as tensors and plain values only.
-
-    `rng` is every rank's `rng_state()` in rank order (a distributed run gathers them); by default this process's.
-    The returned tensors are shared with the live objects (no copy): save it right away.
-    """
+    """Everything needed to continue a run exactly, as tensors and plain values, sharing the live objects' tensors
+    (save it right away). `rng` is every rank's `rng_state()` in rank order; by default this process's."""
     return {
         "format": CHECKPOINT_FORMAT,
         "iteration": int(iteration),

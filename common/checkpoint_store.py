@@ -13,8 +13,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, is_dataclass
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -113,15 +112,10 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
 
 
 def to_plain(value: Any, *, json_only: bool = False) -> Any:
-    """`value` as plain Python values (and tensors unless `json_only`), so that weights_only loading reads it.
-
-    Namespaces and dataclasses become dicts, paths and unknown objects strings, tuples lists, numpy values
-    numbers or tensors.
-    """
+    """`value` as plain Python values (and tensors unless `json_only`) that weights_only loading reads: namespaces
+    become dicts, tuples lists, numpy values numbers or tensors, anything else (paths, dtypes) its text."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, Enum):
-        return to_plain(value.value, json_only=json_only)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -134,21 +128,16 @@ def to_plain(value: Any, *, json_only: bool = False) -> Any:
         return {_plain_key(key): to_plain(item, json_only=json_only) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [to_plain(item, json_only=json_only) for item in value]
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name), json_only=json_only) for f in fields(value)}
     if isinstance(value, argparse.Namespace):
         return to_plain(vars(value), json_only=json_only)
-    # Paths, dtypes, devices, functions: their text is what a reader of the metadata needs.
     return str(value)
 
 
 # -- finding and reading --------------------------------------------------------------------------------------
 
 def list_checkpoints(save_dir: str | os.PathLike, verify: bool = False) -> list[CheckpointInfo]:
-    """The complete checkpoints in `save_dir` (data file and sidecar, sizes agreeing), oldest first.
-
-    `verify` also checks every SHA-256, which reads every file.
-    """
+    """The complete checkpoints in `save_dir` (sidecar present, sizes agreeing), oldest first; `verify` also
+    checks every SHA-256 (reading every file)."""
     complete, _ = _scan(Path(save_dir))
     if verify:
         complete = [info for info in complete if _hash_matches(info)]
@@ -156,10 +145,8 @@ def list_checkpoints(save_dir: str | os.PathLike, verify: bool = False) -> list[
 
 
 def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
-    """(path, iteration) of the newest checkpoint that passes its size and SHA-256 check; (None, 0) if none.
-
-    Warns (CheckpointWarning, one line each) about the unfinished, damaged and foreign files it passes over.
-    """
+    """(path, iteration) of the newest checkpoint that passes its size and SHA-256 check, (None, 0) if none; a
+    CheckpointWarning line for each unfinished, damaged or foreign file passed over."""
     complete, problems = _scan(Path(save_dir))
     chosen = None
     for info in reversed(complete):

@@ -228,10 +228,8 @@ class MLProgram:
         return values
 
     def _conform(self, op: Any, output: Any, result: Any) -> Any:
-        """Round a result to its declared dtype, after checking its declared shape.
-
-        fp16 results are kept as fp32 tensors holding fp16 values (exact), since every op computes in fp32.
-        """
+        """A result checked against its declared shape and rounded to its declared dtype; fp16 values stay in fp32
+        tensors (exact), since every op computes in fp32."""
         type_name = self._type_name(output)
         if type_name is None or not isinstance(result, torch.Tensor):
             return result

@@ -23,7 +23,7 @@ from PIL import Image, ImageFile
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from common.errors import UserError
+from common.errors import UserError, listed
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,8 @@ class DataError(UserError):
 def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
                       class_to_index: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(samples, classes) of an ImageNet-layout folder root/<class>/<image>, in torchvision ImageFolder order.
-
-    Classes are the sorted sub-folder names (hidden ones such as .ipynb_checkpoints are ignored, so they cannot
-    shift the labels). `class_to_index` forces a label mapping, e.g. the 1000 ImageNet wnids; then `classes[i]` is
-    the name of label i and every sub-folder must be in it.
-    """
+    Hidden sub-folders (.ipynb_checkpoints) are ignored, so they cannot shift the labels. `class_to_index` forces a
+    label mapping (e.g. the ImageNet wnids) that every sub-folder must be in; `classes[i]` names label i."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"{flag} {root}: no such folder")
@@ -73,9 +70,8 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
     else:
         unknown = [name for name in folders if name not in class_to_index]
         if unknown:
-            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
             raise DataError(f"{flag} {root}: {len(unknown)} class folder(s) not in the label set of "
-                            f"{len(class_to_index)} classes: {shown}")
+                            f"{len(class_to_index)} classes: {listed(unknown, 5)}")
         if sorted(class_to_index.values()) != list(range(len(class_to_index))):
             raise ValueError("class_to_index must map its names to 0 .. len - 1")
         classes = sorted(class_to_index, key=class_to_index.__getitem__)
@@ -227,16 +223,9 @@ def _luma(x: Tensor) -> Tensor:
 # The sample stream
 
 
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser: a bijection on 64-bit words that scatters nearby inputs."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _mix64_array(x: np.ndarray) -> np.ndarray:
-    """_mix64 on a uint64 array (numpy's uint64 arithmetic wraps like the masks above)."""
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (its arithmetic wraps at 64 bits): a bijection that scatters
+    nearby inputs."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -246,12 +235,12 @@ def _mix64_array(x: np.ndarray) -> np.ndarray:
 def _key(*words: int) -> int:
     key = 0
     for word in words:
-        key = _mix64(key ^ (word & _MASK64))
+        key = int(_mix64(np.array([key ^ (word & _MASK64)], dtype=np.uint64))[0])
     return key
 
 
 def _hashed(key: int, values: np.ndarray) -> np.ndarray:
-    return _mix64_array(values.astype(np.uint64) ^ np.uint64(key))
+    return _mix64(values.astype(np.uint64) ^ np.uint64(key))
 
 
 def _permutation(n: int, key: int) -> np.ndarray:
@@ -260,11 +249,8 @@ def _permutation(n: int, key: int) -> np.ndarray:
 
 
 class StreamSampler:
-    """Batch sampler of the training stream: per iteration, this rank's list of (sample index, sample seed).
-
-    Iterates from `start_iteration` to `total_iterations` (forever when None). See the module docstring for the
-    scheme; `shuffle=False` reads every epoch in the sorted order (augmentation seeds still vary).
-    """
+    """Batch sampler of the training stream (module docstring): per iteration, this rank's (sample index, seed)
+    pairs, from `start_iteration` to `total_iterations` (None: forever); `shuffle=False` reads epochs sorted."""
 
     def __init__(self, num_samples: int, global_batch_size: int, seed: int, start_iteration: int = 0,
                  rank: int = 0, world_size: int = 1, total_iterations: int | None = None,
@@ -335,11 +321,8 @@ class StreamSampler:
 
 
 def evaluation_order(labels: Sequence[int]) -> np.ndarray:
-    """The fixed evaluation order of samples with these labels: a permutation (seed 0), the same on every machine.
-
-    It deals the classes round by round: every class's first image (classes in a shuffled order), then every
-    class's second, ..., each class's images shuffled. So the first N images spread evenly across the classes.
-    """
+    """The fixed evaluation order of samples with these labels, the same on every machine: classes dealt round by
+    round (every class's first image, then its second, ...), so the first N images spread evenly over the classes."""
     labels = np.asarray(labels, dtype=np.int64)
     positions = np.arange(len(labels), dtype=np.uint64)
     by_class = np.lexsort((_hashed(_key(0, _TAG_EVAL, 0), positions), labels))
@@ -480,10 +463,8 @@ def _collate_kept(batch: list, image_shape: tuple[int, int, int] | None) -> tupl
 
 
 def collate_skip_corrupt(batch: list, image_shape: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, int]:
-    """(uint8 images N x 3 x H x W, int64 labels, number of skipped undecodable images) of a list of items.
-
-    `image_shape` gives the empty image tensor its shape when every image of a batch was skipped.
-    """
+    """(uint8 images N x 3 x H x W, int64 labels, number of skipped undecodable images) of a list of items;
+    `image_shape` shapes the empty image tensor when every image of a batch was skipped."""
     kept, images, skipped = _collate_kept(batch, image_shape)
     return images, torch.tensor([item[1] for item in kept], dtype=torch.int64), skipped
 
@@ -518,13 +499,9 @@ def build_train_loader(train_dir: str | Path, *, crop_size: int, global_batch_si
                        pin_memory: bool = False, total_iterations: int | None = None,
                        flag: str = "--train-dir", samples_filter: Callable[[list], list] | None = None
                        ) -> tuple[DataLoader, list[str]]:
-    """(loader, classes): the loader yields (uint8 images, int64 labels, skipped count) for this rank.
-
-    `samples_filter` takes the folder's (path, label) list and returns the part to train on.
-
-    Endless unless `total_iterations` is given. `loader.batch_sampler` is the `StreamSampler`; to resume
-    elsewhere without rescanning the folder, set its `start_iteration` and call iter(loader) again.
-    """
+    """(loader, classes): the loader yields (uint8 images, int64 labels, skipped count) for this rank, endless
+    unless `total_iterations` is given; `samples_filter` picks the (path, label) samples to train on.
+    `loader.batch_sampler` is the `StreamSampler`: set its `start_iteration` and iter(loader) again to resume."""
     samples, classes = scan_image_folder(train_dir, flag)
     if samples_filter is not None:
         samples = samples_filter(samples)
@@ -539,11 +516,8 @@ def build_eval_loader(val_dir: str | Path, *, crop_size: int = 224, batch_size: 
                       limit: int | None = None, rank: int = 0, world_size: int = 1, flag: str = "--val-dir",
                       class_to_index: dict[str, int] | None = None, pin_memory: bool = False
                       ) -> tuple[DataLoader, list[str], list[str]]:
-    """(loader, classes, paths): evaluation in the fixed order, the first `limit` images of it when given.
-
-    `paths` is the whole evaluation order (all ranks); rank r reads positions r, r + W, r + 2W, ... of it. The
-    loader yields (uint8 images, int64 labels, skipped count, int64 positions in `paths`).
-    """
+    """(loader, classes, paths): evaluation in the fixed order, its first `limit` images when given. `paths` is the
+    whole order; rank r reads positions r, r + W, ... Batches: (images, labels, skipped, positions in `paths`)."""
     if limit is not None and limit < 1:
         raise DataError(f"--limit {limit}: must be at least 1")
     if batch_size < 1:

@@ -102,14 +102,10 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
                               precision: str = "fp16", class_names: list[str] | None = None,
                               metadata: dict | None = None, output: str | Path, compression: str | None = None,
                               deployment_target: str | None = None) -> Path:
-    """Convert an eval-mode classifier into a Core ML ML program (.mlpackage) and save it at `output`.
-
-    The input is an image with `input_format` built in; the outputs are the class label and the probabilities of
-    `class_names` (default: the 1000 ImageNet names). `metadata` entries "description", "author", "license" and
-    "version" fill the model's fields of those names; all others are stored as user-defined strings.
-    `compression` (a key of COMPRESSIONS) compresses the weights; `deployment_target` (iOS15 ... iOS18, default
-    the first that holds the compression) is the package's minimum, stated in its metadata.
-    """
+    """Convert an eval-mode classifier into a Core ML ML program (.mlpackage) at `output`: an image input with
+    `input_format` built in; the label and the probabilities of `class_names` (default: ImageNet's) out. `metadata`
+    "description", "author", "license" and "version" fill those fields, the rest are user-defined strings.
+    `compression` is a key of COMPRESSIONS; `deployment_target` defaults to the first that holds it."""
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
     target = check_deployment_target(compression, deployment_target)
@@ -213,11 +209,9 @@ def _portable_format(input_format: InputFormat) -> dict:
 
 def export_onnx(model: nn.Module, *, input_format: InputFormat, image_size: int = 224, output: str | Path,
                 opset: int = 18, metadata: dict | None = None) -> Path:
-    """Export an eval-mode network with its input format to ONNX: input `image` (float RGB 0..255, N x 3 x H x W,
-    dynamic N), output `logits`. `metadata` goes into the file's metadata_props. The file passes onnx.checker.
-
-    Opset 18 is the lowest that torch's exporter implements; a lower request would be converted down and may fail.
-    """
+    """Export an eval-mode network with its input format to ONNX (input `image`: float RGB 0..255, N x 3 x H x W,
+    dynamic N; output `logits`; `metadata` in metadata_props), checked by onnx.checker. Opset 18 is the lowest torch's
+    exporter writes; a lower one would be converted down and may fail."""
     import onnx
 
     if opset < 17:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from common.errors import UserError
+from common.errors import UserError, listed
 
 if TYPE_CHECKING:
     from timm.data import ImageNetInfo
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 CLASS_MAP_HELP = ("a text file of lines '<class folder> <output index or class name>' (e.g. 'cat 281' or "
                   "'cat n02123045'); blank lines and lines starting with # are skipped; folders it does not name "
                   "must be named after a class")
-_SHOWN = 4
 
 
 class ClassMapError(UserError):
@@ -50,10 +49,6 @@ def imagenet_short_names() -> list[str]:
     return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def _shown(names: Sequence[str]) -> str:
-    return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
-
-
 def read_class_map(path: str | Path, expected: Sequence[str]) -> dict[str, int]:
     """{class folder: output index} from a --class-map file (format: CLASS_MAP_HELP); a target that is not a whole
     number must be one of `expected`."""
@@ -82,7 +77,7 @@ def read_class_map(path: str | Path, expected: Sequence[str]) -> dict[str, int]:
             index = index_of[target]
         else:
             raise ClassMapError(f"--class-map {path} line {number}: {target!r} is neither an output index nor "
-                                f"one of the {len(expected)} class names ({_shown(list(expected))})")
+                                f"one of the {len(expected)} class names ({listed(expected, 4)})")
         if folder in mapping:
             raise ClassMapError(f"--class-map {path} line {number}: class folder {folder!r} is mapped twice")
         mapping[folder] = index
@@ -111,9 +106,9 @@ def class_to_index_for(val_classes: Sequence[str], expected: Sequence[str],
             what = ("are not ImageNet wnids: the weights predict the 1000 ImageNet-1k classes in sorted wnid order "
                     "(n01440764, n01443537, ...); name the folders by wnid")
         else:
-            what = f"are not among the {len(expected)} classes the weights were trained on ({_shown(list(expected))})"
+            what = f"are not among the {len(expected)} classes the weights were trained on ({listed(expected, 4)})"
         hint = "add them to --class-map" if class_map_file else "or pass --class-map FILE"
-        raise ClassMapError(f"--val-dir: {len(unknown)} of {len(val_classes)} class folders ({_shown(unknown)}) "
+        raise ClassMapError(f"--val-dir: {len(unknown)} of {len(val_classes)} class folders ({listed(unknown, 4)}) "
                             f"{what}, {hint}")
     folder_of: dict[int, str] = {}
     for folder, index in labels.items():

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from common.errors import UserError
+from common.errors import UserError, listed
 
 # Tag stored in the checkpoints written by common.checkpoint: extract_model_state recognises them by it.
 CHECKPOINT_FORMAT = "shufflenet-series/training-checkpoint/1"
@@ -67,9 +67,9 @@ class LoadReport:
     def summary(self) -> str:
         text = f"loaded {self.loaded} tensors from {self.source}"
         if self.missing:
-            text += f"; kept the model's values for {len(self.missing)} missing ({_first(self.missing)})"
+            text += f"; kept the model's values for {len(self.missing)} missing ({listed(self.missing)})"
         if self.unexpected:
-            text += f"; ignored {len(self.unexpected)} unexpected ({_first(self.unexpected)})"
+            text += f"; ignored {len(self.unexpected)} unexpected ({listed(self.unexpected)})"
         return text
 
 
@@ -187,7 +187,7 @@ def describe_weights(state: Mapping[str, torch.Tensor]) -> str:
         arch, classifier = "ShuffleNetV2.Large", "fc.weight"
     else:
         return f"{len(state)} tensors that fit none of OneShot, ShuffleNetV2.Large, ShuffleNetV2.ExLarge " \
-               f"(first keys: {_first(list(state))})"
+               f"(first keys: {listed(list(state))})"
     rows = state.get(classifier)
     classes = f"{rows.shape[0]} classes" if rows is not None and rows.dim() == 2 else "an unknown number of classes"
     return f"a {arch} state dict with {classes}"
@@ -338,9 +338,9 @@ def mismatch_parts(state: Mapping, target: Mapping, missing: list[str], unexpect
     """The pieces of a does-not-fit message: counts and first keys of each kind of mismatch."""
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing ({_first(missing)})")
+        parts.append(f"{len(missing)} missing ({listed(missing)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+        parts.append(f"{len(unexpected)} unexpected ({listed(unexpected)})")
     if misshaped:
         shapes = ", ".join(f"{key}: file {tuple(state[key].shape)} vs model {tuple(target[key].shape)}"
                            for key in misshaped[:_SHOWN])
@@ -364,13 +364,9 @@ def is_side_head(key: str) -> bool:
     return key.startswith("predict_")
 
 
-def _first(names: list[str]) -> str:
-    return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
-
-
 def _describe_container(obj: Mapping) -> str:
     keys = [str(key) for key in obj]
-    return f"top-level keys: {_first(keys)}" if keys else "it is an empty dict"
+    return f"top-level keys: {listed(keys)}" if keys else "it is an empty dict"
 
 
 def _short(error: BaseException) -> str:

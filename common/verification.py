@@ -97,8 +97,7 @@ def reference_logits(model: nn.Module, input_format: InputFormat, images: np.nda
 
 
 def verify_onnx(onnx_path: str | Path, model: nn.Module, input_format: InputFormat, *,
-                images: np.ndarray | None = None, num_images: int = 4, seed: int = 0, quantized: bool = False,
-                min_agreement: float | None = None) -> VerificationReport:
+                num_images: int = 4, quantized: bool = False, min_agreement: float | None = None) -> VerificationReport:
     """Check an ONNX file with onnx.checker and onnxruntime against `model`, at batch 1 and at batch N (opset 17 or
     later, dynamic batch; fp32 within 1e-4 of the logit range, `quantized` by top-1 agreement); raise
     ExportVerificationError otherwise."""
@@ -119,8 +118,7 @@ def verify_onnx(onnx_path: str | Path, model: nn.Module, input_format: InputForm
     batch, _, height, width = image_input.shape
     if isinstance(batch, int):
         raise ExportVerificationError(f"{onnx_path.name} has a fixed batch size {batch}, not a dynamic one")
-    if images is None:
-        images = make_test_images(max(num_images, 2), int(height), seed)
+    images = make_test_images(max(num_images, 2), int(height))
     batch_input = images.transpose(0, 3, 1, 2).astype(np.float32)
     logits = session.run(None, {image_input.name: batch_input})[0]
     single = session.run(None, {image_input.name: batch_input[:1]})[0]
