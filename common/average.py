@@ -33,10 +33,8 @@ BATCHNORM_NOTE = ("an average's BatchNorm statistics are means of its inputs' an
                   "re-estimate them before judging it, by running the training command again with "
                   "--average-best K --recompute-bn N (at the end of a finished run it only averages the best K "
                   "checkpoints and re-estimates over N training batches, e.g. 200)")
-# Elements per slice when summing: 256 kB of float64, which stays in a core's cache. It is also torch's grain
-# size, below which an element-wise op runs on the calling thread alone: memory-bound work gains little from more
-# threads, and on a machine whose cores are busy they wait for each other at every op (measured on 2 busy
-# cores: 0.4 s with slices of 2^15 elements against 6.9 s with 2^16).
+# Elements per slice when summing: 256 kB of float64, in a core's cache, and torch's grain size, below which an op
+# runs on one thread (on 2 busy cores: 0.4 s with slices of 2^15 elements against 6.9 s with 2^16).
 _CHUNK = 1 << 15
 
 
@@ -156,9 +154,8 @@ def _mean_into(mean: torch.Tensor, tensors: list[torch.Tensor], total: torch.Ten
     buffers of _CHUNK elements (fresh ones per slice fragment the heap: 0.6 GB more peak on ExLarge)."""
     flats = [tensor.reshape(-1) for tensor in tensors]
     flat_mean = mean.view(-1)
-    # A slice at a time, so the float64 sum stays in cache while every input streams past it once: about three
-    # times faster than whole-tensor float64 passes, which are bound by memory bandwidth. A float64 copy plus a
-    # same-dtype add is vectorised; a mixed-dtype add_ is about three times slower.
+    # A slice at a time keeps the float64 sum in cache (three times faster than whole-tensor passes); a float64
+    # copy plus a same-dtype add is vectorised, a mixed-dtype add_ three times slower.
     for start in range(0, flat_mean.numel(), _CHUNK):
         stop = min(start + _CHUNK, flat_mean.numel())
         running = total[:stop - start].copy_(flats[0][start:stop])

@@ -101,8 +101,7 @@ def _predict_with_coreml(package_path: Path, program: "MLProgram",
     return np.stack(rows), labels
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The ML program evaluator
+# -- the ML program evaluator ------------------------------------------------------------------------------------
 
 _TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64, "int8": torch.int8,
                  "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
@@ -197,8 +196,7 @@ class MLProgram:
         label_name = self._classify.outputs[0].name
         for image in images:
             pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-            # Core ML turns the image into a 1 x 3 x H x W float tensor in the declared channel order; the
-            # program's own ops then apply the scale and bias.
+            # Core ML feeds the image as 1 x 3 x H x W float in the declared channel order; the program scales it.
             if self.color_space == "BGR":
                 pixels = pixels.flip(0)
             values = self.run({self.input_name: pixels.unsqueeze(0)})

@@ -42,9 +42,7 @@ class DataError(UserError):
     """A data folder or a data setting the pipeline cannot use; the message names the flag and what to do."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Folders
-
+# -- folders ----------------------------------------------------------------------------------------------------
 
 def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
                       class_to_index: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
@@ -86,9 +84,7 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
     return samples, classes
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Transforms
-
+# -- transforms -------------------------------------------------------------------------------------------------
 
 def image_to_tensor(image: Image.Image | Tensor) -> Tensor:
     """A PIL image (any mode) as a uint8 RGB 3 x H x W tensor (H x W x 3 in memory); tensors pass through."""
@@ -219,9 +215,7 @@ def _luma(x: Tensor) -> Tensor:
     return (x[0] * _LUMA[0]).add_(x[1], alpha=_LUMA[1]).add_(x[2], alpha=_LUMA[2])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The sample stream
-
+# -- the sample stream ------------------------------------------------------------------------------------------
 
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser on a uint64 array (its arithmetic wraps at 64 bits): a bijection that scatters
@@ -333,9 +327,7 @@ def evaluation_order(labels: Sequence[int]) -> np.ndarray:
     return np.lexsort((class_in_round, round_of))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Dataset, collation, loaders
-
+# -- dataset, collation, loaders -------------------------------------------------------------------------------
 
 class UndecodableImage(Exception):
     """An image file that cannot be read or decoded (the message names the decoder's error)."""
@@ -382,8 +374,7 @@ def decode_rgb_array(image: Image.Image, at_least: tuple[int, int] | None = None
     return np.array(decode_rgb(image))
 
 
-# Per list of files, which ones were warned about: in shared memory, so a file is named once per run whichever
-# worker process meets it, in whichever epoch or validation.
+# Per list of files, which were warned about: in shared memory, so a file is named once per run, whatever the worker.
 _warned_by_files: dict[tuple[int, int], Tensor] = {}
 
 
@@ -478,16 +469,14 @@ def collate_skip_corrupt_with_indices(batch: list, image_shape: tuple[int, int, 
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the training loop answers it by saving a checkpoint, which needs
-    # the workers alive until then.
+    # Ctrl-C reaches the whole process group; the loop answers it by saving a checkpoint, with the workers alive.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _loader(dataset: Dataset, batch_sampler, collate_fn, workers: int, pin_memory: bool) -> DataLoader:
     if workers < 0:
         raise DataError(f"--workers {workers}: must be 0 (load in the main process) or more")
-    # A generator of its own: otherwise every iter(loader) draws from the global RNG, and a resumed run's
-    # dropout masks would differ from those of a run that never stopped.
+    # A generator of its own: iter(loader) drawing from the global RNG would change a resumed run's dropout masks.
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=workers > 0, generator=torch.Generator(),
                       worker_init_fn=_ignore_sigint if workers > 0 else None,

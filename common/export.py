@@ -487,8 +487,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     job = _plan(network_module, model_name, args)
     val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
     model = _load_model(network_module, job, args)
-    # Written into a hidden folder beside the output and moved into place only once verified, so a failed export
-    # leaves nothing behind and the verification reports the final file name.
+    # Written into a hidden folder and moved into place once verified: a failed export leaves nothing behind.
     staging_dir = job.output.with_name(f".{job.output.name}.partial")
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True)
