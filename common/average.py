@@ -3,12 +3,8 @@
     python -m common.average --save-dir models --best 5 --metric top1 --output avg.safetensors
     python -m common.average --inputs a.pth b.pth c.pth --ema --output avg.pth
 
-The selection is rebuilt from the checkpoint sidecars on disk every time, so it is the true top K over every
-checkpoint still on disk and survives restarts. Averaging streams: the inputs are memory-mapped and processed one
-tensor at a time (that tensor of each input, summed slice by slice in float64, its pages dropped once summed), so
-memory stays near the size of one output file whatever the number or size of the inputs, and the optimizer state
-inside training checkpoints is never read at all.
-"""
+The selection is rebuilt from the sidecars on disk, so it survives restarts. Averaging streams (memory-mapped
+inputs, one tensor at a time, pages dropped once summed), so memory stays near one output file's size."""
 from __future__ import annotations
 
 import argparse
@@ -29,19 +25,16 @@ from common.atomic_io import file_sha256
 from common.checkpoint_store import (CheckpointInfo, best_checkpoints, default_lower_is_better, list_checkpoints,
                                      metric_value)
 from common.cli import prepare_output
-from common.errors import UserError, exit_on_user_error
+from common.errors import UserError, exit_on_user_error, listed
 from common.release import shareable_metadata, write_release
 from common.model_state import extract_model_state, read_checkpoint_metadata, read_weights_file
 
-_SHOWN = 3
 BATCHNORM_NOTE = ("an average's BatchNorm statistics are means of its inputs' and do not fit its weights: "
                   "re-estimate them before judging it, by running the training command again with "
                   "--average-best K --recompute-bn N (at the end of a finished run it only averages the best K "
                   "checkpoints and re-estimates over N training batches, e.g. 200)")
-# Elements per slice when summing: 256 kB of float64, which stays in a core's cache. It is also torch's grain
-# size, below which an element-wise op runs on the calling thread alone: memory-bound work gains little from more
-# threads, and on a machine whose cores are busy they wait for each other at every op (measured on 2 busy
-# cores: 0.4 s with slices of 2^15 elements against 6.9 s with 2^16).
+# Elements per slice when summing: 256 kB of float64, in a core's cache, and torch's grain size, below which an op
+# runs on one thread (on 2 busy cores: 0.4 s with slices of 2^15 elements against 6.9 s with 2^16).
 _CHUNK = 1 << 15
 
 
@@ -60,11 +53,8 @@ class _Input:
 
 def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
                             lower_is_better: bool | None = None) -> list[CheckpointInfo]:
-    """The best `k` checkpoints in `save_dir` by `metric`, best first; ties go to the newer iteration.
-
-    Read from the sidecar files on disk, so the answer is the same after a restart. Checkpoints that do not record
-    the metric (or record NaN) are left out with a note on stderr; none recording it is a UserError.
-    """
+    """The best `k` checkpoints in `save_dir` by `metric`, best first, newer first on a tie; from the sidecars on disk.
+    Checkpoints without the metric are left out with a note; none recording it is a UserError."""
     if k < 1:
         raise UserError(f"the number of checkpoints to average must be at least 1, got {k}")
     if lower_is_better is None:
@@ -86,7 +76,7 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
     unscored = [info.path.name for info in checkpoints if metric_value(info.metrics, metric) is None]
     if unscored:
         _note(f"{len(unscored)} checkpoint(s) in {save_dir} record no {metric!r} and are left out "
-              f"({_first(unscored)})")
+              f"({listed(unscored)})")
     if len(chosen) < k:
         _note(f"asked for the best {k} by {metric!r} but only {len(chosen)} checkpoint(s) record it; using those")
     return chosen
@@ -97,14 +87,11 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
 def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
                         use_ema: bool = False, trust_pickle: bool = False,
                         progress: bool = True) -> dict[str, torch.Tensor]:
-    """The element-wise mean of the model weights (or EMA weights) of `paths`; written to `output` if given.
+    """The element-wise mean of the model (or EMA) weights of `paths`; written to `output` if given.
 
-    Floating-point tensors are summed in float64 and cast back to their dtype. Integer and bool tensors (BN's
-    num_batches_tracked) are taken from the newest input, the one with the highest recorded iteration (the last
-    path when not every input records one): a mean of counters is no count of anything, and the EMA treats them
-    the same way. Keys, shapes and kinds of dtype must agree across inputs. `output` is written by
-    `common.release.write_release`, with the metadata of `average_metadata`.
-    """
+    Floating-point tensors are summed in float64 and cast back. Integer tensors (num_batches_tracked) come from the
+    newest input (highest recorded iteration, else the last path): a mean of counters counts nothing. Keys, shapes and
+    kinds of dtype must agree. `output` is written by `common.release.write_release`."""
     paths = [Path(path) for path in paths]
     if not paths:
         raise UserError("nothing to average: give at least one checkpoint")
@@ -141,12 +128,8 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
 
 
 def average_metadata(paths: Sequence[str | os.PathLike], use_ema: bool = False) -> dict:
-    """What an average of `paths` says about itself: the shareable metadata of the newest input (architecture,
-    classes, input format), and each input with its iteration and recorded metrics.
-
-    It holds no metrics or iteration of its own: nobody has measured the average. A caller that validates it
-    adds the result under "validation" (see train.py --average-best).
-    """
+    """What an average of `paths` says about itself: the newest input's shareable metadata, and each input with its
+    iteration and metrics; no score of its own (nobody measured it; train.py --average-best adds "validation")."""
     sources = [(Path(path), read_checkpoint_metadata(path)) for path in paths]
     iterations = [metadata.get("iteration") for _, metadata in sources]
     newest = sources[-1][1]
@@ -167,16 +150,12 @@ def _metadata_of(sources: list[tuple[Path, dict]], newest: dict, use_ema: bool) 
 
 
 def _mean_into(mean: torch.Tensor, tensors: list[torch.Tensor], total: torch.Tensor, scratch: torch.Tensor) -> None:
-    """Write the float64 mean of same-shaped `tensors`, summed in the order given, into `mean` (any dtype).
-
-    `total` and `scratch` are float64 buffers of _CHUNK elements, reused for every tensor: fresh buffers per
-    slice fragment the heap between the output tensors (ExLarge, 8 MB slices: 0.6 GB more peak memory).
-    """
+    """Write the float64 mean of same-shaped `tensors` into `mean`; `total` and `scratch` are reused float64
+    buffers of _CHUNK elements (fresh ones per slice fragment the heap: 0.6 GB more peak on ExLarge)."""
     flats = [tensor.reshape(-1) for tensor in tensors]
     flat_mean = mean.view(-1)
-    # A slice at a time, so the float64 sum stays in cache while every input streams past it once: about three
-    # times faster than whole-tensor float64 passes, which are bound by memory bandwidth. A float64 copy plus a
-    # same-dtype add is vectorised; a mixed-dtype add_ is about three times slower.
+    # A slice at a time keeps the float64 sum in cache (three times faster than whole-tensor passes); a float64
+    # copy plus a same-dtype add is vectorised, a mixed-dtype add_ three times slower.
     for start in range(0, flat_mean.numel(), _CHUNK):
         stop = min(start + _CHUNK, flat_mean.numel())
         running = total[:stop - start].copy_(flats[0][start:stop])
@@ -204,9 +183,9 @@ def _check_same_layout(inputs: list[_Input]) -> None:
         if missing or extra:
             parts = []
             if missing:
-                parts.append(f"lacks {len(missing)} of its keys ({_first(missing)})")
+                parts.append(f"lacks {len(missing)} of its keys ({listed(missing)})")
             if extra:
-                parts.append(f"has {len(extra)} it lacks ({_first(extra)})")
+                parts.append(f"has {len(extra)} it lacks ({listed(extra)})")
             raise UserError(f"{other.path} and {reference.path} hold different tensors: {other.path} "
                             f"{' and '.join(parts)}; average checkpoints of one architecture")
         misshaped = [key for key, tensor in reference.state.items() if tensor.shape != other.state[key].shape]
@@ -266,13 +245,9 @@ def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
 
 
 def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
-    """Drop the resident pages that lie wholly inside `tensor`, if they belong to a file mapping of ours.
-
-    Without this, every page summed stays resident until the input is closed and the process would grow to the
-    size of all inputs together. The file mappings are private and never written, so a dropped page that is read
-    again (a tensor stored under two names) comes back from the file unchanged. Anonymous memory is never
-    touched: dropping that would zero it.
-    """
+    """Drop the resident pages wholly inside `tensor` if they belong to a file mapping of ours, or the process
+    grows to all inputs' size. The mappings are private and never written, so a page read again comes back from the
+    file; anonymous memory is never touched (dropping it would zero it)."""
     if not mapped or tensor.nbytes == 0:
         return
     start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -364,10 +339,6 @@ def _format_size(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.2f} GB"
-
-
-def _first(names: list[str]) -> str:
-    return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
 
 
 def _note(message: str) -> None:

@@ -1,11 +1,8 @@
-"""The interface every network of this repository has, the one timm models have: forward_features, forward_head,
-get_classifier, reset_classifier, feature_info, forward_intermediates, and a features-only form for detection or
-segmentation backbones.
+"""The interface every network of this repository has, timm's: forward_features, forward_head, get_classifier,
+reset_classifier, feature_info, forward_intermediates, and a features-only form for detection or segmentation.
 
-The three networks share one shape: a stem, four stages (outputs at strides 4, 8, 16, 32), an optional last conv,
-global average pooling, dropout and a classifier; Large and ExLarge add training-only side heads after the first
-three stages. `ClassifierNetwork` runs that shape once; each network.py declares its pieces and names.
-"""
+The three networks share one shape: a stem, four stages (strides 4, 8, 16, 32), an optional last conv, pooling,
+dropout and a classifier (Large and ExLarge add training-only side heads); `ClassifierNetwork` runs it once."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,11 +21,10 @@ def _under(key: str, prefix: str) -> bool:
 
 
 class ClassifierNetwork(nn.Module):
-    """Base class of the networks. Subclasses set the class attributes and implement the three methods below.
+    """Base class of the networks; subclasses set the class attributes and implement the three methods below.
 
-    `classifier_name` is the module holding the classifier, `side_head_names` the side heads in the order of the
-    stages they follow, `head_conv_name` the conv between the last stage and the pooling (None without one).
-    """
+    `classifier_name` holds the classifier, `side_head_names` the side heads in stage order, `head_conv_name` the conv
+    between the last stage and the pooling (None without one)."""
 
     classifier_name: str = "fc"
     side_head_names: tuple[str, ...] = ()

@@ -1,13 +1,8 @@
 """Re-estimate BatchNorm running statistics after the weights changed under them (averaging, end of training).
 
-Not torch.optim.swa_utils.update_bn: that one leaves every module in the top module's train/eval mode, reads the
-whole loader (no batch count, no error when data runs short) and restores no momentum when interrupted.
-
-The OneShot recipe ends with 1,250 training batches at learning rate 0 with the BN momentum set to 1/k at the
-k-th batch (MODELS.md, "Training recipes"). That is the cumulative average of the batch statistics, which PyTorch
-computes itself when a BatchNorm's momentum is None. With a zero learning rate no weight moves, so this needs no
-optimizer step at all: forward passes in train mode under no_grad change nothing but the BN buffers.
-"""
+Not torch.optim.swa_utils.update_bn: that one leaves every module in the top module's mode, reads the whole loader
+(no batch count, no error when data runs short) and restores no momentum when interrupted. The OneShot recipe's
+1,250 batches at lr 0 with momentum 1/k are the cumulative average, PyTorch's momentum=None, with no optimizer step."""
 from __future__ import annotations
 
 import itertools
@@ -25,12 +20,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches:
                           forward: Callable[[nn.Module, Any], Any] | None = None) -> None:
     """Replace every BatchNorm's running mean and variance by their exact average over `num_batches` batches.
 
-    `batches` yields model inputs (already in the network's input format and on its device); with `forward`,
-    it may yield anything and `forward(model, batch)` runs the model on it. The whole model runs in train mode,
-    as in the original recipe, so Large/ExLarge side heads (only run in training) are re-estimated too and the
-    tuple they return is ignored. Momentum values and every module's train/eval mode are restored afterwards;
-    parameters and non-BN buffers are left untouched. Raises UserError if `batches` runs out early.
-    """
+    `batches` yields model inputs, or anything `forward(model, batch)` runs. The whole model runs in train mode, as in
+    the original recipe, so side heads are re-estimated too; momenta and modes are restored afterwards. Raises
+    UserError if `batches` runs out early."""
     if num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]

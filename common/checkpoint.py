@@ -1,9 +1,5 @@
-"""The training state: everything needed to continue a run exactly, captured into and restored from a checkpoint.
-
-The state holds the model, optimizer, scheduler, AMP scaler and EMA, and the random generators of every rank
-(Python, NumPy, torch, CUDA), so a resumed multi-process run continues each rank's own random stream. The files
-themselves (names, SHA-256 sidecars, atomic saving, retention) are common.checkpoint_store's.
-"""
+"""The training state: everything needed to continue a run exactly, captured into and restored from a checkpoint:
+model, optimizer, scheduler, AMP scaler, EMA and every rank's random generators. The files are checkpoint_store's."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -31,11 +27,8 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
                        scaler: Any = None, ema: Any = None, *, iteration: int, best_metric: float | None = None,
                        data_position: dict | None = None, metrics: dict | None = None,
                        metadata: dict | None = None, rng: list[dict] | None = None) -> dict:
-    """Everything needed to continue a run exactly, as tensors and plain values only.
-
-    `rng` is every rank's `rng_state()` in rank order (a distributed run gathers them); by default this process's.
-    The returned tensors are shared with the live objects (no copy): save it right away.
-    """
+    """Everything needed to continue a run exactly, as tensors and plain values, sharing the live objects' tensors
+    (save it right away). `rng` is every rank's `rng_state()` in rank order; by default this process's."""
     return {
         "format": CHECKPOINT_FORMAT,
         "iteration": int(iteration),
@@ -56,14 +49,11 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, scaler: Any = None, ema: Any = None, *, restore_rng: bool = True,
                     map_location: Any = "cpu", verify: bool = True) -> dict:
-    """Restore a checkpoint into the given live objects; returns the whole state (iteration, best_metric,
-    data_position, metrics, metadata).
+    """Restore a checkpoint into the given live objects; returns the whole state (iteration, metrics, metadata, ...).
 
-    The file's SHA-256 is checked before anything is restored (`verify=False` skips it for a data file copied
-    without its sidecar). Each rank of a distributed run takes back its own random generators when the number of
-    ranks is unchanged, else rank 0's. Parts the checkpoint lacks (e.g. no scaler state from a run without AMP)
-    leave that object as it is, with a warning.
-    """
+    The SHA-256 is checked first (`verify=False` skips it for a file copied without its sidecar). Each rank takes back
+    its own random generators when the number of ranks is unchanged, else rank 0's. A part the checkpoint lacks leaves
+    its object as it is, with a warning."""
     path = Path(path)
     state = read_checkpoint(path, verify=verify, map_location=map_location)
     if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:

@@ -1,11 +1,7 @@
 """The checkpoint folder: file names, SHA-256 sidecars, atomic saving, scanning, retention and best-K selection.
 
-Folder layout: `checkpoint-<iteration, 10 digits>.pth` (the state, torch.save zip format, tensors and plain values
-only, so it loads with weights_only=True) and `checkpoint-<iteration>.json` beside it:
-`{"format", "file", "iteration", "sha256", "size", "metrics"}`. A checkpoint counts only when both exist and the
-data file's size and SHA-256 match the sidecar. Names are ordered by their parsed integer, so iteration counts past
-ten digits still sort. One writer per folder (rank 0 of a run).
-"""
+`checkpoint-<iteration, 10 digits>.pth` (torch.save zip, loadable with weights_only=True) counts only with its
+`checkpoint-<iteration>.json` sidecar and when its size and SHA-256 match it. One writer per folder (rank 0)."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +13,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, is_dataclass
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -77,18 +72,10 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
                     best_metric_name: str | None = None, lower_is_better: bool = True) -> Path | None:
     """Write `state` as checkpoint `iters` in `save_dir` atomically; then keep the newest `keep` plus the best.
 
-    Returns the new file's path, or None on distributed ranks other than 0, which write nothing.
-    Write order (each step safe to interrupt; get_latest_model also checks size and SHA-256, so even a
-    reordering by the filesystem after a power cut cannot make it pick a bad file):
-    1. the state goes to a hidden temporary file in the same folder, hashed while written, then fsynced;
-    2. the sidecar goes to its own temporary file, fsynced, then is renamed into place and the folder fsynced:
-       a sidecar without its data file is an unfinished save and is skipped;
-    3. the data file is renamed into place and the folder fsynced: from here on the checkpoint is complete.
-       Sidecar first means a visible data file always has its sidecar, so no reader sees an unverifiable file.
-    4. only then are old checkpoints beyond the retention removed (data file first, then its sidecar).
-    Re-saving an existing iteration replaces it; between steps 2 and 3 that iteration fails its check and
-    get_latest_model falls back to the previous one.
-    """
+    Returns the new path, or None on ranks other than 0, which write nothing. Every step is safe to interrupt: the state
+    goes to a hashed, fsynced temporary file; the sidecar is placed first (a sidecar without its data file is skipped as
+    an unfinished save), then the data file, each rename followed by a folder fsync; old checkpoints are removed only
+    after that. get_latest_model checks size and SHA-256 too, so even a reordering after a power cut is safe."""
     if _is_secondary_rank():
         return None
     if keep < 1:
@@ -126,15 +113,10 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
 
 
 def to_plain(value: Any, *, json_only: bool = False) -> Any:
-    """`value` as plain Python values (and tensors unless `json_only`), so that weights_only loading reads it.
-
-    Namespaces and dataclasses become dicts, paths and unknown objects strings, tuples lists, numpy values
-    numbers or tensors.
-    """
+    """`value` as plain Python values (and tensors unless `json_only`) that weights_only loading reads: namespaces
+    become dicts, tuples lists, numpy values numbers or tensors, anything else (paths, dtypes) its text."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, Enum):
-        return to_plain(value.value, json_only=json_only)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -147,21 +129,16 @@ def to_plain(value: Any, *, json_only: bool = False) -> Any:
         return {_plain_key(key): to_plain(item, json_only=json_only) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [to_plain(item, json_only=json_only) for item in value]
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name), json_only=json_only) for f in fields(value)}
     if isinstance(value, argparse.Namespace):
         return to_plain(vars(value), json_only=json_only)
-    # Paths, dtypes, devices, functions: their text is what a reader of the metadata needs.
     return str(value)
 
 
 # -- finding and reading --------------------------------------------------------------------------------------
 
 def list_checkpoints(save_dir: str | os.PathLike, verify: bool = False) -> list[CheckpointInfo]:
-    """The complete checkpoints in `save_dir` (data file and sidecar, sizes agreeing), oldest first.
-
-    `verify` also checks every SHA-256, which reads every file.
-    """
+    """The complete checkpoints in `save_dir` (sidecar present, sizes agreeing), oldest first; `verify` also
+    checks every SHA-256 (reading every file)."""
     complete, _ = _scan(Path(save_dir))
     if verify:
         complete = [info for info in complete if _hash_matches(info)]
@@ -169,10 +146,8 @@ def list_checkpoints(save_dir: str | os.PathLike, verify: bool = False) -> list[
 
 
 def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
-    """(path, iteration) of the newest checkpoint that passes its size and SHA-256 check; (None, 0) if none.
-
-    Warns (CheckpointWarning, one line each) about the unfinished, damaged and foreign files it passes over.
-    """
+    """(path, iteration) of the newest checkpoint that passes its size and SHA-256 check, (None, 0) if none; a
+    CheckpointWarning line for each unfinished, damaged or foreign file passed over."""
     complete, problems = _scan(Path(save_dir))
     chosen = None
     for info in reversed(complete):

@@ -1,9 +1,5 @@
 """Command-line pieces every script shares: output paths checked before the work starts, and help defaults.
-
-A result written after an hour of evaluation into a folder that cannot take it is an hour lost; so each script
-hands its output flags to `prepare_output` first. Missing parent folders are created; a folder that cannot be
-written (read-only, a path through a regular file, no permission) is a one-line UserError naming the flag.
-"""
+A result written after an hour into a folder that cannot take it is an hour lost."""
 from __future__ import annotations
 
 import argparse
@@ -15,12 +11,9 @@ from common.errors import UserError
 
 
 def prepare_output(flag: str, path: str | os.PathLike, *, folder: bool = False) -> Path:
-    """Check that `path`, given by `flag`, can be written, and create the folders it needs.
-
-    With `folder`, `path` is a folder the script writes files into (train.py's --save); otherwise it is a file
-    (or a package folder such as an .mlpackage) whose parent folder must take a new entry. The check writes and
-    removes a hidden empty file, so it answers for root and for read-only filesystems too.
-    """
+    """Check that `path`, given by `flag`, can be written (a one-line UserError naming the flag if not), and create
+    the folders it needs. With `folder`, `path` is a folder to write files into; otherwise a file or package folder.
+    The check writes and removes a hidden empty file, so it also answers for root and read-only filesystems."""
     path = Path(path)
     target = path if folder else path.parent
     try:

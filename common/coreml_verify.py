@@ -1,16 +1,10 @@
 """Checking a saved Core ML package against PyTorch, on any platform.
 
-Core ML itself runs only on Apple systems, where the package is checked with Core ML's own prediction. Elsewhere
-the package is read back with coremltools' own MIL loader (the model description, the ML program and its weights)
-and the program's operations are evaluated one by one in torch, as the runtime would: a tensor declared fp16 is
-stored in fp16 and every operation computes in fp32 from its stored inputs, so the rounding between operations
-of an fp16 program is reproduced. An operation this evaluator does not know stops the check with an error before
-anything runs, so a program is never half-checked.
-
-Compressed weights are rebuilt by the program's own constant-expression ops (palettes: constexpr_lut_to_dense;
-int8: constexpr_affine_dequantize before iOS18, constexpr_blockwise_shift_scale from iOS18), evaluated here from
-the stored palettes and indices, so a damaged palette changes the outputs. The comparison with PyTorch
-(common.verification.judge) is the same for every runtime.
+On macOS Core ML predicts. Elsewhere (Core ML runs only on Apple systems) the package is read with coremltools'
+MIL loader and its operations are evaluated one by one in torch, as the runtime would: fp16 tensors are stored in
+fp16 and every operation computes in fp32, so an fp16 program's rounding is reproduced. Compressed weights are
+rebuilt by coremltools from the stored palettes or integers, so a damaged palette changes the outputs. An unknown
+operation stops the check before anything runs, so a program is never half-checked.
 """
 from __future__ import annotations
 
@@ -51,32 +45,22 @@ def import_coremltools():
 
 
 def verify_coreml(package_path: str | Path, model: nn.Module, input_format: InputFormat, *,
-                  images: np.ndarray | None = None, num_images: int = 4, seed: int = 0,
-                  min_agreement: float | None = None) -> VerificationReport:
+                  num_images: int = 4, min_agreement: float | None = None) -> VerificationReport:
     """Check a saved .mlpackage against `model` fed with `input_format`; raise ExportVerificationError if it differs.
 
-    The precision, compression, image size and class names are read from the package. `images` are RGB uint8
-    N x H x W x 3 at the package's size. By default an uncompressed package is checked on the `num_images`
-    synthetic images with the clearest PyTorch top-1 out of four times as many (a near-tie between two classes
-    says nothing about the conversion), a compressed one on `num_images` synthetic images as they come, since its
-    agreement is a measurement. A compressed package must agree on `min_agreement` of the images (default: all).
-    On macOS Core ML predicts; elsewhere the ML program is evaluated in torch.
+    Precision, compression, image size and class names come from the package. An uncompressed package is checked
+    on the `num_images` synthetic images with the clearest PyTorch top-1 out of four times as many (a near-tie says
+    nothing about the conversion); a compressed one on `num_images` as they come, and must agree on
+    `min_agreement` of them (default: all), since its agreement is a measurement.
     """
     package_path = Path(package_path)
     program = MLProgram(package_path)
-    if images is None:
-        pool = num_images if program.compression else SELECTION_POOL * num_images
-        images = make_test_images(pool, program.image_size, seed)
-        reference = reference_logits(model, input_format, images)
-        if not program.compression:
-            top2 = np.sort(reference, axis=1)[:, -2:]
-            clearest = np.sort(np.argsort(top2[:, 1] - top2[:, 0])[-num_images:])
-            images, reference = images[clearest], reference[clearest]
-    elif images.shape[1:] != (program.image_size, program.image_size, 3):
-        raise ValueError(f"test images must be N x {program.image_size} x {program.image_size} x 3 RGB, "
-                         f"not {images.shape}")
-    else:
-        reference = reference_logits(model, input_format, images)
+    images = make_test_images(num_images if program.compression else SELECTION_POOL * num_images, program.image_size)
+    reference = reference_logits(model, input_format, images)
+    if not program.compression:
+        top2 = np.sort(reference, axis=1)[:, -2:]
+        clearest = np.sort(np.argsort(top2[:, 1] - top2[:, 0])[-num_images:])
+        images, reference = images[clearest], reference[clearest]
     if platform.system() == "Darwin":
         candidate, labels = _predict_with_coreml(package_path, program, images)
         reference = _log_softmax(reference)
@@ -117,8 +101,7 @@ def _predict_with_coreml(package_path: Path, program: "MLProgram",
     return np.stack(rows), labels
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The ML program evaluator
+# -- the ML program evaluator ------------------------------------------------------------------------------------
 
 _TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64, "int8": torch.int8,
                  "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
@@ -128,8 +111,7 @@ _TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.flo
 
 
 class MLProgram:
-    """The ML program of a saved .mlpackage, read with coremltools' own MIL loader (no Core ML runtime needed;
-    coremltools decodes the protobuf and the weight blobs, sub-byte palette indices included) and run in torch."""
+    """The ML program of a saved .mlpackage, read with coremltools' MIL loader (no Core ML runtime) and run in torch."""
 
     def __init__(self, package_path: str | Path) -> None:
         ct = import_coremltools()
@@ -151,13 +133,14 @@ class MLProgram:
         self.operations = list(function.operations)
         self.operation_counts = dict(Counter(op.op_type for op in self.operations))
         unknown = sorted({op.op_type for op in self.operations if op.blocks} |
-                         {op.op_type for op in self.operations if op.op_type not in _KERNELS and op.op_type != "const"})
+                         {op.op_type for op in self.operations if op.op_type not in {*_KERNELS, *_CONSTANTS}})
         if unknown:
             raise UnsupportedProgramError(
                 f"{path.name} uses operations the Linux verifier does not evaluate: {', '.join(unknown)}; "
                 "verify it on macOS, or export with --no-verify at your own risk")
-        self._constants = {op.outputs[0].name: self._constant(op.outputs[0]) for op in self.operations
-                           if op.op_type == "const"}
+        # coremltools rebuilds compressed weights (palettes, int8) from the stored values, as the runtime does.
+        self._constants = {op.outputs[0].name: self._constant(op.outputs[0], op) for op in self.operations
+                           if op.op_type in _CONSTANTS}
 
         inputs = spec.description.input
         if len(inputs) != 1 or inputs[0].type.WhichOneof("Type") != "imageType":
@@ -181,9 +164,9 @@ class MLProgram:
             return None
         return self._types.builtin_to_string(var.dtype)
 
-    def _constant(self, var: Any) -> Any:
+    def _constant(self, var: Any, op: Any) -> Any:
         """A constant's value: a torch tensor in its stored dtype (sub-byte integers widened), a str, or a list."""
-        value = var.val
+        value = var.val if op.op_type == "const" else op.materialized_val_inference()
         if isinstance(value, (str, list, tuple)):
             return value
         array = np.asarray(value)
@@ -213,8 +196,7 @@ class MLProgram:
         label_name = self._classify.outputs[0].name
         for image in images:
             pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-            # Core ML turns the image into a 1 x 3 x H x W float tensor in the declared channel order; the
-            # program's own ops then apply the scale and bias.
+            # Core ML feeds the image as 1 x 3 x H x W float in the declared channel order; the program scales it.
             if self.color_space == "BGR":
                 pixels = pixels.flip(0)
             values = self.run({self.input_name: pixels.unsqueeze(0)})
@@ -228,7 +210,7 @@ class MLProgram:
         values: dict[str, Any] = dict(feeds)
         values.update(self._constants)
         for op in self.operations:
-            if op.op_type == "const":
+            if op.op_type in _CONSTANTS:
                 continue
             arguments = {key: [values[v.name] for v in var] if isinstance(var, (list, tuple)) else [values[var.name]]
                          for key, var in op.inputs.items()}
@@ -244,10 +226,8 @@ class MLProgram:
         return values
 
     def _conform(self, op: Any, output: Any, result: Any) -> Any:
-        """Round a result to its declared dtype, after checking its declared shape.
-
-        fp16 results are kept as fp32 tensors holding fp16 values (exact), since every op computes in fp32.
-        """
+        """A result checked against its declared shape and rounded to its declared dtype; fp16 values stay in fp32
+        tensors (exact), since every op computes in fp32."""
         type_name = self._type_name(output)
         if type_name is None or not isinstance(result, torch.Tensor):
             return result
@@ -287,6 +267,9 @@ class _Arguments:
         value = self.raw(name, default)
         return value if isinstance(value, list) else [int(v) for v in value.reshape(-1).tolist()]
 
+    def float(self, name: str, default: float) -> float:
+        return float(self.raw(name, default))
+
     def int(self, name: str, default: int | None = None) -> int:
         return int(self.raw(name, default))
 
@@ -296,9 +279,6 @@ class _Arguments:
     def bools(self, name: str, default: list[bool]) -> list[bool]:
         value = self.raw(name, default)
         return value if isinstance(value, list) else [bool(v) for v in value.reshape(-1).tolist()]
-
-    def float(self, name: str, default: float) -> float:
-        return float(self.raw(name, default))
 
     def str(self, name: str, default: str) -> str:
         return str(self.raw(name, default))
@@ -479,75 +459,6 @@ def _classify(args: _Arguments) -> tuple[str, dict[str, float]]:
     return classes[int(probabilities.argmax())], dict(zip(classes, probabilities.tolist()))
 
 
-# Compressed weights: constant-expression ops that rebuild a dense weight from palettes or integers.
-
-def _lut_to_dense(args: _Arguments) -> torch.Tensor:
-    """Palettized weights. iOS16: one palette of 2^n entries, indices packed n bits each, least significant bit
-    first. iOS18: one palette per group of channels (lut g0 x ... x g_{r-1} x 2^n x 1), unpacked indices."""
-    lut = args.tensor("lut")
-    indices = args.raw("indices")
-    if args.has("shape"):
-        shape = args.ints("shape")
-        nbits = int(math.log2(lut.numel()))
-        if lut.dim() != 1 or 1 << nbits != lut.numel():
-            raise ExportVerificationError(f"constexpr_lut_to_dense: a palette of {lut.numel()} entries is not 2^n")
-        bits = np.unpackbits(indices.numpy().astype(np.uint8), bitorder="little")[:math.prod(shape) * nbits]
-        if len(bits) != math.prod(shape) * nbits:
-            raise ExportVerificationError("constexpr_lut_to_dense: fewer packed indices than weights")
-        positions = torch.from_numpy(bits.reshape(-1, nbits).astype(np.int64) @ (1 << np.arange(nbits)))
-        return lut[positions].reshape(shape)
-    if lut.shape[-1] != 1 or lut.dim() != indices.dim() + 2:
-        raise UnsupportedProgramError("constexpr_lut_to_dense with vector palettes is not supported")
-    groups, entries = lut.shape[:-2], lut.shape[-2]
-    group = torch.zeros(indices.shape, dtype=torch.long)
-    for axis, (size, count) in enumerate(zip(indices.shape, groups)):
-        if size % count:
-            raise ExportVerificationError(f"constexpr_lut_to_dense: {count} palettes do not divide axis {axis} "
-                                          f"of size {size}")
-        view = [1] * indices.dim()
-        view[axis] = size
-        group = group * count + (torch.arange(size) // (size // count)).view(view)
-    positions = indices.long()
-    if int(positions.max()) >= entries:
-        raise ExportVerificationError(f"constexpr_lut_to_dense: an index beyond the palette's {entries} entries")
-    return lut.reshape(-1)[group * entries + positions]
-
-
-def _per_axis(values: torch.Tensor, shape: Sequence[int], axis: int) -> torch.Tensor:
-    """A scalar, or a vector along `axis`, shaped to broadcast against a tensor of `shape`."""
-    if values.dim() == 0:
-        return values
-    view = [1] * len(shape)
-    view[axis] = -1
-    return values.reshape(view)
-
-
-def _affine_dequantize(args: _Arguments) -> torch.Tensor:
-    """iOS16 linear weights: (quantized - zero_point) x scale, per tensor or per channel along `axis`."""
-    data = args.raw("quantized_data").float()
-    axis = args.int("axis", 0)
-    zero_point = _per_axis(args.raw("zero_point").float(), data.shape, axis)
-    return (data - zero_point) * _per_axis(args.tensor("scale"), data.shape, axis)
-
-
-def _blockwise_shift_scale(args: _Arguments) -> torch.Tensor:
-    """iOS18 linear weights: (data - offset) x scale, scale and offset given per block of each axis."""
-    data = args.raw("data").float()
-
-    def expand(values: torch.Tensor) -> torch.Tensor:
-        if values.dim() != data.dim():
-            raise ExportVerificationError("constexpr_blockwise_shift_scale: scale rank differs from the data's")
-        for axis, (size, blocks) in enumerate(zip(data.shape, values.shape)):
-            if size % blocks:
-                raise ExportVerificationError(f"constexpr_blockwise_shift_scale: {blocks} blocks do not divide "
-                                              f"axis {axis} of size {size}")
-            values = values.repeat_interleave(size // blocks, dim=axis)
-        return values
-
-    offset = expand(args.raw("offset").float()) if args.has("offset") else 0.0
-    return (data - offset) * expand(args.tensor("scale"))
-
-
 _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
     "conv": _conv,
     "batch_norm": _batch_norm,
@@ -575,8 +486,7 @@ _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
     "slice_by_size": _slice_by_size,
     "gather": _gather,
     "classify": _classify,
-    "constexpr_lut_to_dense": _lut_to_dense,
-    "constexpr_affine_dequantize": _affine_dequantize,
-    "constexpr_blockwise_shift_scale": _blockwise_shift_scale,
 }
+# Operations whose values are known before anything runs: constants and compressed weights.
+_CONSTANTS = {"const", "constexpr_lut_to_dense", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"}
 

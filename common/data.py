@@ -1,14 +1,9 @@
 """ImageNet-layout data: folder scanning, the original train and eval transforms, a resumable sample stream, loaders.
 
-Images leave this module as uint8 RGB tensors N x 3 x H x W; `common.input_format.Preprocess` turns them into the
-network's input format on the device.
-
-Determinism: the training data is a stream of sample positions 0, 1, 2, ... Position p belongs to epoch p // N and
-reads sample order_e[p % N], where order_e is a permutation drawn from (seed, e); its augmentation is drawn from a
-random generator seeded from (seed, p). Global batch t is positions [t * B, (t + 1) * B) and rank r of W takes the
-contiguous slice [r * B / W, (r + 1) * B / W) of it. So the data of iteration t depends only on (seed, t, B, N):
-not on the number of ranks or workers, nor on where a run was resumed.
-"""
+Images leave as uint8 RGB N x 3 x H x W; `common.input_format.Preprocess` makes the network's input on the device.
+The training data is a stream of positions: position p reads sample order_e[p % N] of epoch e = p // N (order_e a
+permutation drawn from (seed, e)) with augmentation seeded from (seed, p); rank r of W takes its contiguous slice of
+global batch t. So iteration t's data depends only on (seed, t, B, N), not on ranks, workers or resumes."""
 from __future__ import annotations
 
 import functools
@@ -28,7 +23,7 @@ from PIL import Image, ImageFile
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from common.errors import UserError
+from common.errors import UserError, listed
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +42,13 @@ class DataError(UserError):
     """A data folder or a data setting the pipeline cannot use; the message names the flag and what to do."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Folders
-
+# -- folders ----------------------------------------------------------------------------------------------------
 
 def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
                       class_to_index: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """(samples, classes) of an ImageNet-layout folder root/<class>/<image>, in torchvision ImageFolder order.
-
-    Classes are the sorted sub-folder names (hidden ones such as .ipynb_checkpoints are ignored, so they cannot
-    shift the labels). `class_to_index` forces a label mapping, e.g. the 1000 ImageNet wnids; then `classes[i]` is
-    the name of label i and every sub-folder must be in it.
-    """
+    Hidden sub-folders (.ipynb_checkpoints) are ignored, so they cannot shift the labels. `class_to_index` forces a
+    label mapping (e.g. the ImageNet wnids) that every sub-folder must be in; `classes[i]` names label i."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"{flag} {root}: no such folder")
@@ -78,9 +68,8 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
     else:
         unknown = [name for name in folders if name not in class_to_index]
         if unknown:
-            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
             raise DataError(f"{flag} {root}: {len(unknown)} class folder(s) not in the label set of "
-                            f"{len(class_to_index)} classes: {shown}")
+                            f"{len(class_to_index)} classes: {listed(unknown, 5)}")
         if sorted(class_to_index.values()) != list(range(len(class_to_index))):
             raise ValueError("class_to_index must map its names to 0 .. len - 1")
         classes = sorted(class_to_index, key=class_to_index.__getitem__)
@@ -95,9 +84,7 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
     return samples, classes
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Transforms
-
+# -- transforms -------------------------------------------------------------------------------------------------
 
 def image_to_tensor(image: Image.Image | Tensor) -> Tensor:
     """A PIL image (any mode) as a uint8 RGB 3 x H x W tensor (H x W x 3 in memory); tensors pass through."""
@@ -234,20 +221,11 @@ def _luma(x: Tensor) -> Tensor:
     return (x[0] * _LUMA[0]).add_(x[1], alpha=_LUMA[1]).add_(x[2], alpha=_LUMA[2])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The sample stream
+# -- the sample stream ------------------------------------------------------------------------------------------
 
-
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser: a bijection on 64-bit words that scatters nearby inputs."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _mix64_array(x: np.ndarray) -> np.ndarray:
-    """_mix64 on a uint64 array (numpy's uint64 arithmetic wraps like the masks above)."""
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (its arithmetic wraps at 64 bits): a bijection that scatters
+    nearby inputs."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -257,12 +235,12 @@ def _mix64_array(x: np.ndarray) -> np.ndarray:
 def _key(*words: int) -> int:
     key = 0
     for word in words:
-        key = _mix64(key ^ (word & _MASK64))
+        key = int(_mix64(np.array([key ^ (word & _MASK64)], dtype=np.uint64))[0])
     return key
 
 
 def _hashed(key: int, values: np.ndarray) -> np.ndarray:
-    return _mix64_array(values.astype(np.uint64) ^ np.uint64(key))
+    return _mix64(values.astype(np.uint64) ^ np.uint64(key))
 
 
 def _permutation(n: int, key: int) -> np.ndarray:
@@ -271,11 +249,8 @@ def _permutation(n: int, key: int) -> np.ndarray:
 
 
 class StreamSampler:
-    """Batch sampler of the training stream: per iteration, this rank's list of (sample index, sample seed).
-
-    Iterates from `start_iteration` to `total_iterations` (forever when None). See the module docstring for the
-    scheme; `shuffle=False` reads every epoch in the sorted order (augmentation seeds still vary).
-    """
+    """Batch sampler of the training stream (module docstring): per iteration, this rank's (sample index, seed)
+    pairs, from `start_iteration` to `total_iterations` (None: forever); `shuffle=False` reads epochs sorted."""
 
     def __init__(self, num_samples: int, global_batch_size: int, seed: int, start_iteration: int = 0,
                  rank: int = 0, world_size: int = 1, total_iterations: int | None = None,
@@ -346,11 +321,8 @@ class StreamSampler:
 
 
 def evaluation_order(labels: Sequence[int]) -> np.ndarray:
-    """The fixed evaluation order of samples with these labels: a permutation (seed 0), the same on every machine.
-
-    It deals the classes round by round: every class's first image (classes in a shuffled order), then every
-    class's second, ..., each class's images shuffled. So the first N images spread evenly across the classes.
-    """
+    """The fixed evaluation order of samples with these labels, the same on every machine: classes dealt round by
+    round (every class's first image, then its second, ...), so the first N images spread evenly over the classes."""
     labels = np.asarray(labels, dtype=np.int64)
     positions = np.arange(len(labels), dtype=np.uint64)
     by_class = np.lexsort((_hashed(_key(0, _TAG_EVAL, 0), positions), labels))
@@ -361,9 +333,7 @@ def evaluation_order(labels: Sequence[int]) -> np.ndarray:
     return np.lexsort((class_in_round, round_of))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Dataset, collation, loaders
-
+# -- dataset, collation, loaders -------------------------------------------------------------------------------
 
 class UndecodableImage(Exception):
     """An image file that cannot be read or decoded (the message names the decoder's error)."""
@@ -418,8 +388,7 @@ def decode_rgb_array(image: Image.Image, at_least: tuple[int, int] | None = None
     return np.array(decode_rgb(image))
 
 
-# Per list of files, which ones were warned about: in shared memory, so a file is named once per run whichever
-# worker process meets it, in whichever epoch or validation.
+# Per list of files, which were warned about: in shared memory, so a file is named once per run, whatever the worker.
 _warned_by_files: dict[tuple[int, int], Tensor] = {}
 
 
@@ -431,15 +400,11 @@ def _warned_flags(paths: bytes, count: int) -> Tensor:
 
 
 class ImageDataset(Dataset):
-    """(uint8 image, label) per sample, or None for a file that cannot be decoded.
+    """(uint8 image, label) per sample, or None for a file that cannot be decoded (one warning line).
 
-    An item is a plain index (no reseeding: evaluation) or an (index, sample_seed) pair from `StreamSampler`,
-    which seeds torch's and Python's global generators before the transform so augmentation depends on the seed
-    alone. The transform gets the opened PIL image, not yet decoded, so it can ask the decoder for a reduced
-    size first; it decodes with `decode_rgb_array`, whose UndecodableImage makes the item None (one warning line).
-    With `with_index` items are (image, label, index). Paths are held in one bytes object and labels in
-    one array, so forked workers do not copy a million Python objects by touching their reference counts.
-    """
+    An item is an index (evaluation) or an (index, sample_seed) pair from `StreamSampler`, which seeds torch's and
+    Python's generators so augmentation depends on the seed alone. With `with_index` items are (image, label, index).
+    Paths are one bytes object and labels one array, so forked workers do not copy a million refcounted objects."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform, *, with_index: bool = False) -> None:
         encoded = [os.fsencode(path) for path, _ in samples]
@@ -503,10 +468,8 @@ def _collate_kept(batch: list, image_shape: tuple[int, int, int] | None) -> tupl
 
 
 def collate_skip_corrupt(batch: list, image_shape: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, int]:
-    """(uint8 images N x 3 x H x W, int64 labels, number of skipped undecodable images) of a list of items.
-
-    `image_shape` gives the empty image tensor its shape when every image of a batch was skipped.
-    """
+    """(uint8 images N x 3 x H x W, int64 labels, number of skipped undecodable images) of a list of items;
+    `image_shape` shapes the empty image tensor when every image of a batch was skipped."""
     kept, images, skipped = _collate_kept(batch, image_shape)
     return images, torch.tensor([item[1] for item in kept], dtype=torch.int64), skipped
 
@@ -520,16 +483,14 @@ def collate_skip_corrupt_with_indices(batch: list, image_shape: tuple[int, int, 
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the training loop answers it by saving a checkpoint, which needs
-    # the workers alive until then.
+    # Ctrl-C reaches the whole process group; the loop answers it by saving a checkpoint, with the workers alive.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _loader(dataset: Dataset, batch_sampler, collate_fn, workers: int, pin_memory: bool) -> DataLoader:
     if workers < 0:
         raise DataError(f"--workers {workers}: must be 0 (load in the main process) or more")
-    # A generator of its own: otherwise every iter(loader) draws from the global RNG, and a resumed run's
-    # dropout masks would differ from those of a run that never stopped.
+    # A generator of its own: iter(loader) drawing from the global RNG would change a resumed run's dropout masks.
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=workers > 0, generator=torch.Generator(),
                       worker_init_fn=_ignore_sigint if workers > 0 else None,
@@ -541,13 +502,9 @@ def build_train_loader(train_dir: str | Path, *, crop_size: int, global_batch_si
                        pin_memory: bool = False, total_iterations: int | None = None,
                        flag: str = "--train-dir", samples_filter: Callable[[list], list] | None = None
                        ) -> tuple[DataLoader, list[str]]:
-    """(loader, classes): the loader yields (uint8 images, int64 labels, skipped count) for this rank.
-
-    `samples_filter` takes the folder's (path, label) list and returns the part to train on.
-
-    Endless unless `total_iterations` is given. `loader.batch_sampler` is the `StreamSampler`; to resume
-    elsewhere without rescanning the folder, set its `start_iteration` and call iter(loader) again.
-    """
+    """(loader, classes): the loader yields (uint8 images, int64 labels, skipped count) for this rank, endless
+    unless `total_iterations` is given; `samples_filter` picks the (path, label) samples to train on.
+    `loader.batch_sampler` is the `StreamSampler`: set its `start_iteration` and iter(loader) again to resume."""
     samples, classes = scan_image_folder(train_dir, flag)
     if samples_filter is not None:
         samples = samples_filter(samples)
@@ -562,11 +519,8 @@ def build_eval_loader(val_dir: str | Path, *, crop_size: int = 224, batch_size: 
                       limit: int | None = None, rank: int = 0, world_size: int = 1, flag: str = "--val-dir",
                       class_to_index: dict[str, int] | None = None, pin_memory: bool = False
                       ) -> tuple[DataLoader, list[str], list[str]]:
-    """(loader, classes, paths): evaluation in the fixed order, the first `limit` images of it when given.
-
-    `paths` is the whole evaluation order (all ranks); rank r reads positions r, r + W, r + 2W, ... of it. The
-    loader yields (uint8 images, int64 labels, skipped count, int64 positions in `paths`).
-    """
+    """(loader, classes, paths): evaluation in the fixed order, its first `limit` images when given. `paths` is the
+    whole order; rank r reads positions r, r + W, ... Batches: (images, labels, skipped, positions in `paths`)."""
     if limit is not None and limit < 1:
         raise DataError(f"--limit {limit}: must be at least 1")
     if batch_size < 1:

@@ -1,7 +1,5 @@
-"""A small built-in image-classification dataset: real JPEG files in ImageFolder layout, made from a seed.
-
-Each class is a distinct coloured shape on a noisy background, so a network learns it in minutes on a CPU.
-"""
+"""A small built-in image-classification dataset made from a seed: real JPEG files in ImageFolder layout, each class
+a distinct coloured shape on a noisy background, so a network learns it in minutes on a CPU."""
 from __future__ import annotations
 
 import fcntl
@@ -67,11 +65,8 @@ def demo_dataset(cache_dir: str | Path, train_per_class: int = 120, val_per_clas
                  seed: int = 0) -> tuple[Path, Path]:
     """(train_dir, val_dir) of the built-in demo dataset, generated on first use and cached in `cache_dir`.
 
-    Safe with any number of processes (torchrun's ranks, two shells): one generates while the others wait on a
-    lock file beside `cache_dir`, and the dataset is built in a temporary folder that is renamed into place when
-    complete, so a killed generation leaves only a temporary folder (removed by the next one), never a half-made
-    `cache_dir`.
-    """
+    Safe with any number of processes: one generates under a lock file while the others wait, in a temporary folder
+    renamed into place when complete, so a killed generation never leaves a half-made `cache_dir`."""
     cache_dir = Path(cache_dir)
     recipe = {"classes": list(DEMO_CLASSES), "train": train_per_class, "val": val_per_class, "size": size,
               "seed": seed}

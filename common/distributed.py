@@ -61,11 +61,8 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
 def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
     """After torchrun restarted its workers, a store namespace of this attempt's own; {} otherwise.
 
-    torchrun's default (static) rendezvous keeps one store for every attempt, and the process group's keys (each
-    rank's gloo address, the start-up barrier) have the same names each time: a restarted rank could read the
-    address a dead rank of the previous attempt published ("connectFullMesh ... Connection refused") before the
-    new one overwrites it. Prefixing the keys with the restart count makes every attempt start from a clean slate.
-    """
+    The static rendezvous keeps one store for every attempt with the same key names, so a restarted rank could read
+    a dead rank's gloo address ("connectFullMesh ... Connection refused"); prefixing the restart count avoids that."""
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}

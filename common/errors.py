@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Sequence
 from typing import Callable
+
+
+def listed(names: Sequence[str], shown: int = 3) -> str:
+    """The first `shown` of `names` for a message, with ", ..." when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 class UserError(Exception):

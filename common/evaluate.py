@@ -1,10 +1,5 @@
-"""Evaluation: the loop shared by eval.py and the training's periodic validation, the result files, and the
-eval.py command line of every model folder (`run_eval`).
-
-The loop reports what timm's validate.py reports: top-1/top-5 accuracy and error, mean cross-entropy loss, the
-image count and images/s. Counts are summed over ranks when torch.distributed is initialised and the loader
-holds this rank's shard.
-"""
+"""Evaluation: the loop shared by eval.py and the training's validation (timm validate.py's figures, summed over
+ranks when distributed), the result files, and every model folder's eval.py command line (`run_eval`)."""
 from __future__ import annotations
 
 import argparse
@@ -49,11 +44,9 @@ def evaluate(model: nn.Module | InferenceRunner, preprocess: nn.Module | None, l
              keep_predictions: bool = False) -> dict:
     """Top-1/top-5 accuracy and error (%), mean loss, images, skipped and images/s of `model` over `loader`.
 
-    `model` is a network, run in eval mode (its mode is restored afterwards) behind `preprocess` on `device`
-    under `amp`; or an InferenceRunner from prepare_inference_model, which holds all three (pass None for them).
-    `loader` yields (uint8 RGB images, int64 labels, skipped count, positions), as common.data.build_eval_loader
-    does. With `keep_predictions` the result also holds "predictions": this rank's positions, labels and top-5
-    classes and probabilities, in evaluation order.
+    `model` is a network, run in eval mode behind `preprocess` on `device` under `amp`, or an InferenceRunner
+    (which holds all three). `loader` yields what common.data.build_eval_loader does. With `keep_predictions` the
+    result also holds "predictions": this rank's positions, labels and top-5 classes and probabilities.
     """
     if isinstance(model, InferenceRunner):
         return _evaluate(model, loader, progress, keep_predictions)
@@ -141,33 +134,13 @@ RESULT_KEYS = ("top1_accuracy", "top5_accuracy", "top1_error", "top5_error", "lo
                "images_per_second")
 
 
-def write_results_json(path: str | Path, record: dict) -> None:
-    """Write one evaluation's record (see `results_record`) as indented JSON."""
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-
-
-def results_record(results: dict, *, model: str, weights: str | Path, params: int, macs: int, image_size: int,
-                   input_format: InputFormat, device: torch.device, amp: str | None, compile: bool, fast: bool,
-                   published: dict | None, channels_last: bool | None = None) -> dict:
-    """The --results-json record: what was evaluated, how, the metrics, and the library versions."""
-    return {
-        "model": model,
-        "weights": str(weights),
-        "weights_sha256": file_sha256(weights),
-        "params": params,
-        "macs": macs,
-        "image_size": image_size,
-        "input_format": {**input_format.to_dict(), "description": input_format.describe()},
-        **{key: results[key] for key in RESULT_KEYS},
-        "published": published,
-        "device": str(device),
-        "amp": amp,
-        "channels_last": channels_last,
-        "compile": compile,
-        "fast": fast,
-        "versions": library_versions(),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+def _results_record(results: dict, *, model: str, weights: str | Path, input_format: InputFormat, **how) -> dict:
+    """The --results-json record: what was evaluated, how (`how`: params, macs, device, ...), the metrics, the
+    library versions."""
+    return {"model": model, "weights": str(weights), "weights_sha256": file_sha256(weights),
+            "input_format": {**input_format.to_dict(), "description": input_format.describe()},
+            **{key: results[key] for key in RESULT_KEYS}, **how, "versions": library_versions(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def write_predictions_csv(path: str | Path, predictions: dict, paths: Sequence[str],
@@ -190,9 +163,6 @@ def write_predictions_csv(path: str | Path, predictions: dict, paths: Sequence[s
 
 
 # -- the eval.py command line ---------------------------------------------------------------------------------------
-
-LoadCheckpoint = Callable[..., object]
-
 
 def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -225,8 +195,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     add_input_format_arguments(parser)
     speed = parser.add_argument_group("speed")
     speed.add_argument("--compile", action="store_true",
-                       help="torch.compile the inference model (compiling Large and ExLarge takes a while on a "
-                            "CPU)")
+                       help="torch.compile the inference model (Large and ExLarge take a while to compile on a CPU)")
     speed.add_argument("--amp", choices=AMP_CHOICES, default="none",
                        help="autocast precision. none (the default): float32, which reproduces the published "
                             "accuracy exactly; auto: bf16 on CUDA (fp16 where bf16 is not supported), on a CPU bf16 "
@@ -247,10 +216,6 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _model_name(network: ModuleType) -> str:
-    return Path(network.__file__).resolve().parent.name
-
-
 def _check_args(args: argparse.Namespace) -> None:
     """What the data and model code would only find after the weights are read."""
     check_image_size(args.image_size)
@@ -260,21 +225,14 @@ def _check_args(args: argparse.Namespace) -> None:
             prepare_output(flag, path)
 
 
-def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpoint: LoadCheckpoint) -> dict:
-    """The eval.py command line of a model folder; returns the results. Bad input ends with a one-line error.
-
-    `network` is the folder's network.py module; `load_checkpoint(model, weights, **options)` loads a read
-    weights object (options: source_name, use_ema) into the model.
-    """
-    return exit_on_user_error(_run_eval)(network, argv, load_checkpoint)
-
-
-def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: LoadCheckpoint) -> dict:
-    model_name = _model_name(network)
+@exit_on_user_error
+def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpoint: Callable[..., object]) -> dict:
+    """The eval.py command line of a model folder (`network`: its network.py); returns the results.
+    `load_checkpoint(model, weights, source_name=, use_ema=)` loads a read weights object into the model."""
+    model_name = Path(network.__file__).resolve().parent.name
     args = build_parser(model_name).parse_args(argv)
     _check_args(args)
     device = resolve_device(args.device)
-
     weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
     metadata = read_checkpoint_metadata(weights)
     if metadata.get("arch") not in (None, model_name):
@@ -285,7 +243,6 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
     stored_format = metadata.get("input_format")
     input_format = input_format_from_args(args, InputFormat.from_dict(stored_format) if stored_format
                                           else network.INPUT_FORMAT)
-
     # The val folder is checked before the network is built: large models take seconds to build and load.
     folders = scan_image_folder(args.val_dir, "--val-dir")[1]
     class_to_index = class_to_index_for(folders, classes, args.class_map)
@@ -296,35 +253,29 @@ def _run_eval(network: ModuleType, argv: list[str] | None, load_checkpoint: Load
     report = load_checkpoint(model, weights, source_name=str(args.weights), use_ema=args.use_ema)
     del weights
     params = count_parameters(model, include_side_heads=False)
-    macs = _count_macs(network, num_classes, image_size, metadata) if args.results_json else None
     fast = not args.no_fast
     runner = prepare_inference_model(model, input_format=input_format, device=device,
                                      channels_last=args.channels_last, compile=args.compile, amp=args.amp,
                                      fold_bn=fast, image_size=image_size)
-    path_name = "fast path (BatchNorm folded)" if fast else "plain path"
-    extras = f", {runner.speed.describe()}" + (", compiled" if args.compile else "")
+    how = ("fast path (BatchNorm folded)" if fast else "plain path") + f", {runner.speed.describe()}"
     print(f"{model_name}: {report.summary()}", flush=True)
     print(f"{len(paths):,} images of {args.val_dir}, {image_size}px center crop of a "
-          f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {path_name}{extras} "
-          f"on {device}", flush=True)
-
+          f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {how}"
+          f"{', compiled' if args.compile else ''} on {device}", flush=True)
     results = evaluate(runner, None, loader, keep_predictions=bool(args.predictions_csv))
-    published = _published(network, is_imagenet and len(folders) == len(classes) and not metadata.get("architecture"))
+    # The published errors are of the 1000 ImageNet classes and the released architecture: elsewhere they mislead.
+    comparable = is_imagenet and len(folders) == len(classes) and not metadata.get("architecture")
+    published = {key: network.PUBLISHED[key] for key in ("top1_error", "top5_error")} if comparable else None
     print(_summary_line(results, published), flush=True)
     if args.results_json:
-        write_results_json(args.results_json, results_record(
-            results, model=model_name, weights=args.weights, params=params, macs=macs, image_size=image_size,
-            input_format=input_format, device=device, amp=runner.amp, compile=args.compile, fast=fast,
-            published=published, channels_last=runner.speed.channels_last))
+        atomic_write_text(args.results_json, json.dumps(_results_record(
+            results, model=model_name, weights=args.weights, input_format=input_format, params=params,
+            macs=_count_macs(network, num_classes, image_size, metadata),
+            image_size=image_size, published=published, device=str(device), amp=runner.amp,
+            channels_last=runner.speed.channels_last, compile=args.compile, fast=fast), indent=2) + "\n")
     if args.predictions_csv:
         write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths, class_names)
     return results
-
-
-def _published(network: ModuleType, comparable: bool) -> dict | None:
-    """The published errors, where they compare: they are of the 1000 ImageNet classes and of the released
-    architecture, so beside a score on fewer classes or of a searched architecture they would mislead."""
-    return {key: network.PUBLISHED[key] for key in ("top1_error", "top5_error")} if comparable else None
 
 
 def _classes(metadata: dict) -> tuple[list[str], int, bool, list[str]]:

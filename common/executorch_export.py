@@ -1,10 +1,7 @@
 """ExecuTorch export (.pte programs for PyTorch's on-device runtime, XNNPACK delegate on Android and iOS CPUs).
 
-The program takes what the ONNX export takes, float RGB 0..255 images 1 x 3 x H x W (the input format is part of
-the program), and outputs logits. fp32 programs match PyTorch to rounding; int8 programs are quantized with the
-PT2E flow and XNNPACK's quantizer (symmetric per-channel int8 weights, int8 activations calibrated on real
-images). Unlike Core ML on Linux, the check runs the program in the ExecuTorch runtime itself.
-"""
+The program takes float RGB 0..255 images 1 x 3 x H x W (the input format built in) and outputs logits; int8 uses
+the PT2E flow with XNNPACK's quantizer. The check runs the program in the ExecuTorch runtime itself."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +16,8 @@ from common.verification import ExportVerificationError, VerificationReport, jud
 
 def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size: int, output: str | Path,
                       quantize: str | None = None, calibration: np.ndarray | None = None) -> Path:
-    """Lower an eval-mode network with its input format to an XNNPACK-delegated .pte at `output`.
-
-    quantize="int8" needs `calibration` images (RGB uint8 N x H x W x 3) for the activation ranges.
-    """
+    """Lower an eval-mode network with its input format to an XNNPACK-delegated .pte at `output`;
+    quantize="int8" needs `calibration` images (RGB uint8 N x H x W x 3)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 

@@ -1,15 +1,9 @@
 """Export to Core ML (.mlpackage, an ML program), ONNX or ExecuTorch (.pte), each export verified against PyTorch
 before it is kept; Core ML weights optionally compressed (palettes, int8), ONNX and ExecuTorch optionally int8.
 
-Core ML packages take a colour image (ct.ImageType) and have the model's input format built in: the image's
-channel order, scale and per-channel mean go into the image input, a per-pixel mean image and a division by std
-into the program. They output the class label and the probability of every class. ONNX files take float RGB
-0..255 images N x 3 x H x W (the project's convention, see common.input_format) with a dynamic batch, and output
-logits; ExecuTorch programs take the same at batch 1. Exports are of eval mode, so the training-only side heads
-`predict_*` are never part of them.
-
-Each model folder's export.py calls `run_export`, the command line.
-"""
+Core ML packages take a colour image with the input format built in and output the label and every class's
+probability; ONNX (dynamic batch) and ExecuTorch (batch 1) take float RGB 0..255 N x 3 x H x W and output logits.
+Exports are of eval mode, without the training-only side heads. Each folder's export.py calls `run_export`."""
 from __future__ import annotations
 
 import argparse
@@ -110,14 +104,10 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
                               precision: str = "fp16", class_names: list[str] | None = None,
                               metadata: dict | None = None, output: str | Path, compression: str | None = None,
                               deployment_target: str | None = None) -> Path:
-    """Convert an eval-mode classifier into a Core ML ML program (.mlpackage) and save it at `output`.
-
-    The input is an image with `input_format` built in; the outputs are the class label and the probabilities of
-    `class_names` (default: the 1000 ImageNet names). `metadata` entries "description", "author", "license" and
-    "version" fill the model's fields of those names; all others are stored as user-defined strings.
-    `compression` (a key of COMPRESSIONS) compresses the weights; `deployment_target` (iOS15 ... iOS18, default
-    the first that holds the compression) is the package's minimum, stated in its metadata.
-    """
+    """Convert an eval-mode classifier into a Core ML ML program (.mlpackage) at `output`: an image input with
+    `input_format` built in; the label and the probabilities of `class_names` (default: ImageNet's) out. `metadata`
+    "description", "author", "license" and "version" fill those fields, the rest are user-defined strings.
+    `compression` is a key of COMPRESSIONS; `deployment_target` defaults to the first that holds it."""
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
     target = check_deployment_target(compression, deployment_target)
@@ -221,11 +211,9 @@ def _portable_format(input_format: InputFormat) -> dict:
 
 def export_onnx(model: nn.Module, *, input_format: InputFormat, image_size: int = 224, output: str | Path,
                 opset: int = 18, metadata: dict | None = None) -> Path:
-    """Export an eval-mode network with its input format to ONNX: input `image` (float RGB 0..255, N x 3 x H x W,
-    dynamic N), output `logits`. `metadata` goes into the file's metadata_props. The file passes onnx.checker.
-
-    Opset 18 is the lowest that torch's exporter implements; a lower request would be converted down and may fail.
-    """
+    """Export an eval-mode network with its input format to ONNX (input `image`: float RGB 0..255, N x 3 x H x W,
+    dynamic N; output `logits`; `metadata` in metadata_props), checked by onnx.checker. Opset 18 is the lowest torch's
+    exporter writes; a lower one would be converted down and may fail."""
     import onnx
 
     if opset < 17:
@@ -508,8 +496,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     job = _plan(network_module, model_name, args)
     val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
     model = _load_model(network_module, job, args)
-    # Written into a hidden folder beside the output and moved into place only once verified, so a failed export
-    # leaves nothing behind and the verification reports the final file name.
+    # Written into a hidden folder and moved into place once verified: a failed export leaves nothing behind.
     staging_dir = job.output.with_name(f".{job.output.name}.partial")
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True)

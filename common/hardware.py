@@ -1,11 +1,8 @@
 """What this machine computes fast, and the speed settings chosen from it.
 
-One capability probe (`cpu_supports_bf16`) decides whether bfloat16 is native; `--amp auto` and
-`--channels-last`'s default ("auto") resolve per device here: on CUDA channels_last with bf16 (fp16 where bf16 is
-not supported); on a CPU bf16 only where it is native, and the memory layout (and, with native bf16, the
-precision) by a short measurement on the real model, so that the defaults are never slower than plain float32
-NCHW on the machine at hand.
-"""
+`--amp auto` and `--channels-last` auto resolve per device: on CUDA channels_last with bf16 (else fp16); on a CPU
+bf16 only where native, and the layout (and precision) by a short measurement on the real model, so the defaults
+are never slower than float32 NCHW on the machine at hand."""
 from __future__ import annotations
 
 import copy
@@ -20,9 +17,11 @@ import torch
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Flags of /proc/cpuinfo that decide the speed of the CPU paths.
 # How much faster than the reference (the first candidate) another must measure to be chosen.
 _MARGIN = 1.02
+# Timing rounds after the warm-up: at least _ROUNDS, more (up to _MAX_ROUNDS) until _MIN_SECONDS are timed.
+_ROUNDS, _MAX_ROUNDS, _MIN_SECONDS = 2, 10, 1.0
+# Flags of /proc/cpuinfo that decide the speed of the CPU paths.
 _CPU_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
 
 
@@ -122,18 +121,15 @@ def layout_candidates(channels_last: bool | None, device: torch.device) -> list[
 
 
 def choose_fastest(candidates: Sequence[tuple[bool, str | None]],
-                   prepare: Callable[[bool, str | None], Callable[[], object]], *, rounds: int = 2,
-                   min_seconds: float = 1.0, max_rounds: int = 10, what: str = "") -> SpeedChoice:
+                   prepare: Callable[[bool, str | None], Callable[[], object]], *, what: str = "") -> SpeedChoice:
     """The candidate (channels_last, amp) whose call runs fastest, timed in turns after one warm-up call each.
 
-    `prepare(channels_last, amp)` sets the candidate up (untimed) and returns the call to time. Calls run in
-    rounds, one of each candidate per round, so a load from other processes slows all alike; each candidate's
-    fastest call counts. At least `rounds` rounds, more (up to `max_rounds`) while the timed calls add up to
-    less than `min_seconds`. The first candidate is the reference (plain float32 NCHW when it is allowed).
-    """
+    `prepare(channels_last, amp)` sets a candidate up and returns the call to time. Rounds take one call of each, so
+    load from other processes slows all alike; each one's fastest call counts. The first candidate is the
+    reference."""
     seconds: dict[int, list[float]] = {index: [] for index in range(len(candidates))}
     round_index = 0
-    while round_index <= rounds or (round_index <= max_rounds and sum(map(sum, seconds.values())) < min_seconds):
+    while round_index <= _ROUNDS or (round_index <= _MAX_ROUNDS and sum(map(sum, seconds.values())) < _MIN_SECONDS):
         for index, (channels_last, amp) in enumerate(candidates):
             call = prepare(channels_last, amp)
             started = time.perf_counter()
@@ -153,13 +149,9 @@ def choose_fastest(candidates: Sequence[tuple[bool, str | None]],
 
 
 def resolve_speed(channels_last: bool | None, amp: str | None, device: str | torch.device,
-                  prepare: Callable[[bool, str | None], Callable[[], object]] | None, *, what: str = "",
-                  rounds: int = 2) -> SpeedChoice:
-    """Resolve `--channels-last` (None: auto) and `--amp` (auto, bf16, fp16, none) for `device`.
-
-    With several candidates left (a CPU) and a `prepare` to time them with (see choose_fastest), the fastest
-    wins; without one, the first candidate (plain float32 NCHW on a CPU).
-    """
+                  prepare: Callable[[bool, str | None], Callable[[], object]] | None, *, what: str = "") -> SpeedChoice:
+    """Resolve `--channels-last` (None: auto) and `--amp` for `device`: the fastest of several candidates when
+    `prepare` can time them (see choose_fastest), else the first (plain float32 NCHW on a CPU)."""
     device = torch.device(device)
     candidates = [(layout, precision) for precision in amp_candidates(amp, device)
                   for layout in layout_candidates(channels_last, device)]
@@ -168,7 +160,7 @@ def resolve_speed(channels_last: bool | None, amp: str | None, device: str | tor
         reason = ("set by the flags or the device" if len(candidates) == 1 else
                   "auto without measuring: plain float32 NCHW")
         return SpeedChoice(layout, precision, reason)
-    return choose_fastest(candidates, prepare, rounds=rounds, what=what)
+    return choose_fastest(candidates, prepare, what=what)
 
 
 def _name(channels_last: bool, amp: str | None) -> str:

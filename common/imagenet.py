@@ -1,9 +1,7 @@
 """The classes a network predicts, and which of its outputs each class folder of a val set stands for.
 
-The released weights predict the 1000 ImageNet-1k classes in sorted wnid order (n01440764, n01443537, ...); timm
-ships the ids and their names, torchvision short unique names, so nothing is downloaded. This module is the one
-source of that list. A checkpoint trained by this project stores its own class list instead.
-"""
+The released weights predict the 1000 ImageNet-1k classes in sorted wnid order; timm ships the ids and names,
+torchvision short unique names, so nothing is downloaded. A checkpoint of this project stores its own class list."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +10,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from common.errors import UserError
+from common.errors import UserError, listed
 
 if TYPE_CHECKING:
     from timm.data import ImageNetInfo
@@ -20,7 +18,6 @@ if TYPE_CHECKING:
 CLASS_MAP_HELP = ("a text file of lines '<class folder> <output index or class name>' (e.g. 'cat 281' or "
                   "'cat n02123045'); blank lines and lines starting with # are skipped; folders it does not name "
                   "must be named after a class")
-_SHOWN = 4
 
 
 class ClassMapError(UserError):
@@ -45,25 +42,16 @@ def imagenet_names() -> list[str]:
 
 
 def imagenet_short_names() -> list[str]:
-    """Short unique names of the ImageNet-1k classes in wnid order, e.g. 'tench' (the labels of exported models).
-
-    torchvision's list: timm's names repeat twice ('crane' the bird and the machine), these never do.
-    """
+    """Short unique names of the ImageNet-1k classes in wnid order, e.g. 'tench' (the labels of exported models):
+    torchvision's, since timm's repeat ('crane' the bird and the machine)."""
     import torchvision  # imported on first use, like timm
 
     return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def _shown(names: Sequence[str]) -> str:
-    return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
-
-
 def read_class_map(path: str | Path, expected: Sequence[str]) -> dict[str, int]:
-    """{class folder: output index} from a --class-map file (format: CLASS_MAP_HELP).
-
-    A target that is a whole number is an output index; anything else must be one of `expected` (wnids for the
-    released weights, or the class names stored in a checkpoint of this project).
-    """
+    """{class folder: output index} from a --class-map file (format: CLASS_MAP_HELP); a target that is not a whole
+    number must be one of `expected`."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
@@ -89,7 +77,7 @@ def read_class_map(path: str | Path, expected: Sequence[str]) -> dict[str, int]:
             index = index_of[target]
         else:
             raise ClassMapError(f"--class-map {path} line {number}: {target!r} is neither an output index nor "
-                                f"one of the {len(expected)} class names ({_shown(list(expected))})")
+                                f"one of the {len(expected)} class names ({listed(expected, 4)})")
         if folder in mapping:
             raise ClassMapError(f"--class-map {path} line {number}: class folder {folder!r} is mapped twice")
         mapping[folder] = index
@@ -100,11 +88,9 @@ def class_to_index_for(val_classes: Sequence[str], expected: Sequence[str],
                        class_map_file: str | Path | None = None) -> dict[str, int]:
     """A label for each class folder of a val set: the index of the network output it stands for.
 
-    `val_classes` are the folder names, `expected` the network's class names in output order (ImageNet wnids for
-    the released weights). A folder is matched by `class_map_file` (see read_class_map), else by its name. The
-    result covers every output index once, as common.data.scan_image_folder requires: outputs no folder stands for
-    keep their class name, or a placeholder that cannot name a folder if a mapped folder took that name.
-    """
+    `expected` are the network's class names in output order; a folder is matched by `class_map_file`, else by name.
+    Every output index is covered once (common.data.scan_image_folder requires it): outputs no folder stands for keep
+    their name, or a placeholder when a mapped folder took that name."""
     mapping = read_class_map(class_map_file, expected) if class_map_file else {}
     index_of = {name: index for index, name in enumerate(expected)}
     labels: dict[str, int] = {}
@@ -120,9 +106,9 @@ def class_to_index_for(val_classes: Sequence[str], expected: Sequence[str],
             what = ("are not ImageNet wnids: the weights predict the 1000 ImageNet-1k classes in sorted wnid order "
                     "(n01440764, n01443537, ...); name the folders by wnid")
         else:
-            what = f"are not among the {len(expected)} classes the weights were trained on ({_shown(list(expected))})"
+            what = f"are not among the {len(expected)} classes the weights were trained on ({listed(expected, 4)})"
         hint = "add them to --class-map" if class_map_file else "or pass --class-map FILE"
-        raise ClassMapError(f"--val-dir: {len(unknown)} of {len(val_classes)} class folders ({_shown(unknown)}) "
+        raise ClassMapError(f"--val-dir: {len(unknown)} of {len(val_classes)} class folders ({listed(unknown, 4)}) "
                             f"{what}, {hint}")
     folder_of: dict[int, str] = {}
     for folder, index in labels.items():

@@ -22,8 +22,7 @@ def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
     scale = gamma / torch.sqrt(var + bn.eps)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
-    # An in-place product with a float64 factor is computed in float64 and rounded once to the weight's dtype,
-    # without a float64 copy of the weight (ExLarge's convs hold 1 GB).
+    # In place with a float64 factor: rounded once, without a float64 copy of the weight (ExLarge's convs: 1 GB).
     conv.weight.mul_(scale.view(-1, 1, 1, 1))
     conv.bias = nn.Parameter(((bias - bn.running_mean.double()) * scale + beta).to(conv.weight.dtype))
 
@@ -37,10 +36,8 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of `model` in eval mode with every Conv2d -> BatchNorm2d pair folded into the conv (BN -> Identity).
 
-    Pairs are taken only where the conv output can reach nothing but the BN: adjacent children of an
-    nn.Sequential, and the `conv`/`bn` of a ConvBNReLU unit, each with its own forward unchanged (a subclass
-    with another forward could use the conv output elsewhere). Any other layout is left as it is.
-    """
+    Only pairs whose conv output reaches nothing but the BN: adjacent children of an nn.Sequential, and the conv/bn of
+    a ConvBNReLU, each with its own forward unchanged."""
     model = copy.deepcopy(model).eval()
     for module in model.modules():
         forward = type(module).forward
@@ -57,10 +54,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 class InferenceModel(nn.Module):
-    """The network behind its input format: uint8 (or 0..255 float) RGB N x 3 x H x W in, logits out.
-
-    `memory_format` converts the preprocessed batch (channels_last for a channels_last network); None keeps it.
-    """
+    """The network behind its input format: uint8 (or 0..255 float) RGB N x 3 x H x W in, logits out;
+    `memory_format` (None: kept) converts the preprocessed batch."""
 
     def __init__(self, network: nn.Module, preprocess: nn.Module,
                  memory_format: torch.memory_format | None = None) -> None:
@@ -79,12 +74,8 @@ class InferenceModel(nn.Module):
 class InferenceRunner:
     """Calls a model on its device under inference mode and autocast; returns float32 logits.
 
-    Input batches may live on any device (a DataLoader's pinned CPU memory is copied without blocking). With
-    `fixed_batch`, a batch smaller than the first one is padded with blank images up to its size and their logits
-    dropped: a compiled model then never recompiles for the last batch of a dataset or one shortened by skipped
-    files (each recompile costs as much as the first compile). The model must treat images independently, as a
-    network in eval mode does.
-    """
+    With `fixed_batch`, a batch smaller than the first is padded with blank images and their logits dropped, so a
+    compiled model never recompiles for a short last batch (each recompile costs a first compile)."""
 
     def __init__(self, model: nn.Module, device: torch.device, amp: str | None = None,
                  fixed_batch: bool = False) -> None:
@@ -112,17 +103,13 @@ class InferenceRunner:
 def prepare_inference_model(model: nn.Module, *, input_format: InputFormat, device: str | torch.device,
                             channels_last: bool | None = None, compile: bool = False, amp: str | None = "auto",
                             fold_bn: bool = True, image_size: int = 224) -> InferenceRunner:
-    """A callable for evaluation: uint8 RGB batches N x 3 x H x W in, float32 logits out.
+    """A callable for evaluation: uint8 RGB batches N x 3 x H x W in, float32 logits out, input format applied on
+    `device`.
 
-    The input format is applied on `device`, inside the callable. The fast path (the defaults) folds BatchNorm
-    into the convs and picks the layout and precision by the device (common.hardware.resolve_speed): on a CPU
-    by timing the folded network on a few `image_size` images in each layout (and in bf16 where it is native),
-    so it is never slower than float32 NCHW; on CUDA channels_last with bf16 or fp16. `channels_last`
-    (True/False) and `amp` ("bf16", "fp16" or None/"none") fix them instead; `compile` adds torch.compile with
-    frozen weights. fold_bn=False is the plain path, float32 NCHW unless asked otherwise. Folding works on a
-    copy; without it `model` itself is put in eval mode and moved to `device`. The runner's `speed` tells what
-    was chosen and why.
-    """
+    The fast path (the defaults) folds BatchNorm into a copy and picks layout and precision with
+    common.hardware.resolve_speed (on a CPU by timing a few `image_size` images), so it is never slower than float32
+    NCHW; `channels_last` and `amp` fix them instead. fold_bn=False is the plain path (float32 NCHW unless asked), on
+    `model` itself. `compile` adds torch.compile with frozen weights. The runner's `speed` says what was chosen."""
     device = torch.device(device)
     network = fold_batchnorm(model) if fold_bn else model.eval()
     wrapped = InferenceModel(network, Preprocess(input_format)).to(device).eval()
@@ -140,8 +127,7 @@ def prepare_inference_model(model: nn.Module, *, input_format: InputFormat, devi
     speed = resolve_speed(channels_last, amp, device, prepare, what=f"on {PROBE_BATCH} images of {image_size}px")
     _set_layout(wrapped, speed.channels_last)
     if compile:
-        # Freezing turns the weights into constants, so inductor folds and prepacks them once (oneDNN's blocked
-        # layouts on CPU) instead of on every call: measured 1.2x on Large, 1.1x on OneShot at float32.
+        # Frozen weights are constants inductor prepacks once, not per call (measured 1.2x on Large, 1.1x OneShot).
         wrapped = torch.compile(wrapped, options={"freezing": True})
     runner = InferenceRunner(wrapped, device, speed.amp, fixed_batch=compile)
     runner.speed = speed

@@ -1,8 +1,5 @@
-"""What a network expects as input (channel order, scale, mean), and the module that produces it.
-
-Images travel through the data pipeline as uint8 RGB tensors; `Preprocess` turns a batch of them into the
-network's input format on the device, so train, eval and export share one definition of it.
-"""
+"""What a network expects as input (channel order, scale, mean, std), and `Preprocess`, which makes it from uint8
+RGB batches on the device, so train, eval and export share one definition."""
 from __future__ import annotations
 
 import dataclasses

@@ -6,10 +6,8 @@ from torch import nn
 
 
 def channel_split_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle and split channels: returns (channels 0, 2, 4, ...), (channels 1, 3, 5, ...).
-
-    Uses a rank-5 view only, because Core ML rejects tensors of rank 6.
-    """
+    """Shuffle and split channels: (channels 0, 2, 4, ...), (channels 1, 3, 5, ...), through a rank-5 view only
+    (Core ML rejects rank 6)."""
     n, c, h, w = x.shape
     pairs = x.reshape(n, c // 2, 2, h, w)
     return pairs[:, :, 0], pairs[:, :, 1]
@@ -57,11 +55,9 @@ class SideHead(nn.Module):
 
 
 def init_weights(model: nn.Module) -> None:
-    """The initialisation of the original networks (MODELS.md, "Initialisation").
-
-    Convs under `first_conv` draw from N(0, 0.01); every other conv from N(0, 1 / fan-in channels) (not a square
-    root: that is what the released models were trained from). BatchNorm weight 1, bias 1e-4; Linear N(0, 0.01).
-    """
+    """The original networks' initialisation (MODELS.md, "Initialisation"): convs under `first_conv` N(0, 0.01), other
+    convs N(0, 1 / fan-in channels) (no square root: what the released models were trained from), BatchNorm weight 1,
+    bias 1e-4, Linear N(0, 0.01)."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             std = 0.01 if name.startswith("first_conv") else 1.0 / module.weight.shape[1]

@@ -1,9 +1,8 @@
-"""Model weights in and out: unwrapping, reading weights files safely, released layouts, checked loading.
+"""Model weights in and out: reading weights files without running their code, released layouts, checked loading.
 
-Reading never runs code from a file: `.safetensors` files are read with safetensors, everything else with
-`torch.load(weights_only=True)`. The released 2019 files (MODELS.md, "Released checkpoint files") come as a flat
-dict or `{'state_dict': ...}`, with or without `module.` prefixes, `num_batches_tracked` or side heads, and with the
-squeeze-excitation weights under two names; all of these load strictly into this project's networks.
+The released 2019 files (MODELS.md, "Released checkpoint files") come as a flat dict or `{'state_dict': ...}`, with
+or without `module.` prefixes, `num_batches_tracked` or side heads, and with the squeeze-excitation weights under two
+names; all of these load strictly into this project's networks.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from common.errors import UserError
+from common.errors import UserError, listed
 from common.tensor_pack import unpack_tensors
 
 # Tag stored in the checkpoints written by common.checkpoint: extract_model_state recognises them by it.
@@ -69,31 +68,17 @@ class LoadReport:
     def summary(self) -> str:
         text = f"loaded {self.loaded} tensors from {self.source}"
         if self.missing:
-            text += f"; kept the model's values for {len(self.missing)} missing ({_first(self.missing)})"
+            text += f"; kept the model's values for {len(self.missing)} missing ({listed(self.missing)})"
         if self.unexpected:
-            text += f"; ignored {len(self.unexpected)} unexpected ({_first(self.unexpected)})"
+            text += f"; ignored {len(self.unexpected)} unexpected ({listed(self.unexpected)})"
         return text
 
 
 def unwrap_model(model: Any) -> nn.Module:
     """The network inside DistributedDataParallel, DataParallel, torch.compile and EMA wrappers, at any depth."""
-    while True:
-        if isinstance(model, nn.Module):
-            children = dict(model.named_children())
-            orig = getattr(model, "_orig_mod", None)
-            if isinstance(orig, nn.Module):
-                model = orig
-            # DDP, DataParallel, timm's ModelEmaV2/V3 and AveragedModel all keep the network as their only child,
-            # named `module`; recognising that shape covers them without importing each wrapper class.
-            elif list(children) == ["module"]:
-                model = children["module"]
-            else:
-                return model
-        elif isinstance(getattr(model, "ema", None), nn.Module):
-            # timm's older ModelEma and similar helpers are plain objects holding the averaged copy in `.ema`.
-            model = model.ema
-        else:
-            raise TypeError(f"expected an nn.Module or an EMA wrapper, got {type(model).__name__}")
+    from timm.utils import unwrap_model as unwrap  # imported here: timm imports torchvision, which --help need not
+
+    return unwrap(model)
 
 
 def get_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
@@ -126,12 +111,8 @@ def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *,
 
 
 def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the weights") -> dict[str, torch.Tensor]:
-    """The model's tensors from any accepted layout, under clean names, in a new dict (the input is not changed).
-
-    Accepts this project's training checkpoints, `{'state_dict': ...}` and similar wrappers, flat dicts and whole
-    pickled modules; strips `module.`/`_orig_mod.` prefixes and maps the SE aliases `se_block.0.`/`se_block.2.`
-    to `se_fc1.`/`se_fc2.`. A tensor stored under two names with different values means a damaged file.
-    """
+    """The model's tensors from any accepted layout under clean names, in a new dict: `module.`/`_orig_mod.`
+    prefixes stripped, SE aliases mapped. A tensor stored under two names with different values means a damaged file."""
     weights = _find_weights(obj, use_ema, source)
     clean: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
@@ -161,12 +142,10 @@ def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the w
 def load_model_state(model: Any, source: Any, strict: bool = True, for_inference: bool = False,
                      trust_pickle: bool = False, use_ema: bool = False, *,
                      source_name: str | None = None) -> LoadReport:
-    """Copy weights from `source` (a path or an already-read object) into the unwrapped `model`.
+    """Copy weights from `source` (a path or a read object) into the unwrapped `model`, every shape checked first.
 
-    Every shape is checked before anything is copied. Missing `num_batches_tracked` is always fine (the model
-    keeps its own); `for_inference` also accepts missing side heads `predict_*`. `strict=False` loads the keys
-    both sides have, but still refuses mis-shaped keys and a source that fits nothing.
-    """
+    Missing `num_batches_tracked` is fine; `for_inference` also accepts missing side heads. `strict=False` loads the
+    keys both sides have, but refuses mis-shaped keys and a source that fits nothing."""
     if isinstance(source, (str, os.PathLike)):
         name = source_name or str(source)
         source = read_weights_file(source, trust_pickle=trust_pickle)
@@ -184,16 +163,12 @@ def copy_weights(src: Any, dst: Any) -> None:
 
 def read_checkpoint_metadata(path_or_obj: Any) -> dict:
     """Plain metadata (arch, classes, image_size, input_format, args, ...) stored by this project; {} otherwise.
-
-    A training checkpoint's metadata also gives its `iteration` and `metrics`; a release file carries them over.
-    From a path, a training checkpoint is mapped rather than read and only a `.safetensors` file's header is
-    read, so this is cheap even for large files.
-    """
+    A training checkpoint's also gives `iteration` and `metrics`. Cheap from a path: mapped, or only the header read."""
     if isinstance(path_or_obj, (str, os.PathLike)):
         path = Path(path_or_obj)
         kind, size = _sniff(path)
         if kind == "safetensors":
-            return _decode_release_metadata(_read_safetensors_metadata(path, size))
+            return _decode_release_metadata(_read_safetensors(path, size, tensors=False).metadata)
         if kind != "zip":
             return {}
         path_or_obj = read_weights_file(path)
@@ -215,7 +190,7 @@ def describe_weights(state: Mapping[str, torch.Tensor]) -> str:
         arch, classifier = "ShuffleNetV2.Large", "fc.weight"
     else:
         return f"{len(state)} tensors that fit none of OneShot, ShuffleNetV2.Large, ShuffleNetV2.ExLarge " \
-               f"(first keys: {_first(list(state))})"
+               f"(first keys: {listed(list(state))})"
     rows = state.get(classifier)
     classes = f"{rows.shape[0]} classes" if rows is not None and rows.dim() == 2 else "an unknown number of classes"
     return f"a {arch} state dict with {classes}"
@@ -275,26 +250,15 @@ def _zip_has_end(path: Path, size: int) -> bool:
         return _ZIP_END in file.read()
 
 
-def _read_safetensors(path: Path, size: int) -> SafetensorsWeights:
+def _read_safetensors(path: Path, size: int, tensors: bool = True) -> SafetensorsWeights:
+    """The file's tensors (none unless `tensors`: the header alone) and metadata."""
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
-            return SafetensorsWeights({key: file.get_tensor(key) for key in file.keys()}, file.metadata())
+            return SafetensorsWeights({key: file.get_tensor(key) for key in file.keys() if tensors}, file.metadata())
     except (SafetensorError, OSError, ValueError) as error:
-        raise _safetensors_error(path, size, error) from None
-
-
-def _read_safetensors_metadata(path: Path, size: int) -> dict[str, str]:
-    try:
-        with safe_open(path, framework="pt", device="cpu") as file:
-            return file.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise _safetensors_error(path, size, error) from None
-
-
-def _safetensors_error(path: Path, size: int, error: Exception) -> WeightsFileError:
-    what = f"ends early ({size} bytes)" if _safetensors_needs(path) > size else f"is damaged ({_short(error)})"
-    return WeightsFileError(f"{path} {what}: an interrupted download? compare its size/MD5 with the published "
-                            "one and download it again")
+        what = f"ends early ({size} bytes)" if _safetensors_needs(path) > size else f"is damaged ({_short(error)})"
+        raise WeightsFileError(f"{path} {what}: an interrupted download? compare its size/MD5 with the published "
+                               "one and download it again") from None
 
 
 def _safetensors_needs(path: Path) -> int:
@@ -372,19 +336,24 @@ def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], strict: 
     return LoadReport(loaded=loadable, missing=missing, unexpected=unexpected, source=source)
 
 
-def _mismatch_message(module: nn.Module, source: str, state: Mapping, target: Mapping, missing: list[str],
-                      unexpected: list[str], misshaped: list[str], loadable: int) -> str:
+def mismatch_parts(state: Mapping, target: Mapping, missing: list[str], unexpected: list[str],
+                   misshaped: list[str]) -> list[str]:
+    """The pieces of a does-not-fit message: counts and first keys of each kind of mismatch."""
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing ({_first(missing)})")
+        parts.append(f"{len(missing)} missing ({listed(missing)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
+        parts.append(f"{len(unexpected)} unexpected ({listed(unexpected)})")
     if misshaped:
         shapes = ", ".join(f"{key}: file {tuple(state[key].shape)} vs model {tuple(target[key].shape)}"
                            for key in misshaped[:_SHOWN])
         parts.append(f"{len(misshaped)} with other shapes ({shapes}{', ...' if len(misshaped) > _SHOWN else ''})")
-    if loadable == 0:
-        parts.append("no tensor fits")
+    return parts
+
+
+def _mismatch_message(module: nn.Module, source: str, state: Mapping, target: Mapping, missing: list[str],
+                      unexpected: list[str], misshaped: list[str], loadable: int) -> str:
+    parts = mismatch_parts(state, target, missing, unexpected, misshaped) + (["no tensor fits"] if not loadable else [])
     advice = "load weights made for this model and number of classes"
     if missing and all(is_side_head(key) for key in missing):
         advice = "only the training side heads predict_* are missing: fine for evaluation (for_inference=True)"
@@ -398,13 +367,9 @@ def is_side_head(key: str) -> bool:
     return key.startswith("predict_")
 
 
-def _first(names: list[str]) -> str:
-    return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
-
-
 def _describe_container(obj: Mapping) -> str:
     keys = [str(key) for key in obj]
-    return f"top-level keys: {_first(keys)}" if keys else "it is an empty dict"
+    return f"top-level keys: {listed(keys)}" if keys else "it is an empty dict"
 
 
 def _short(error: BaseException) -> str:

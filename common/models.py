@@ -1,9 +1,5 @@
-"""The model folders of this repository, and loading a folder's network.py by path.
-
-Folder names such as `ShuffleNetV2.Large` are not importable package names, so tools that work across models
-(tests, benchmarks, the demo) load each folder's network.py through this module, and any script by path with
-`load_module`.
-"""
+"""The model folders of this repository, and loading a folder's network.py by path: names such as
+`ShuffleNetV2.Large` are not importable, so tools that work across models load them through this module."""
 from __future__ import annotations
 
 import importlib.util

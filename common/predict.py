@@ -1,10 +1,7 @@
 """Classify your own images: the predict.py command line of every model folder (`run_predict`).
 
-Images are read with PIL (any format it reads), turned upright by their EXIF orientation, then prepared as eval.py
-prepares them (common.data.EvalTransform, the weights' input format) and run in batches on the fast inference
-path. Class names: the 1000 ImageNet names for released files, the class folders a checkpoint of this project was
-trained on (its metadata), or a --class-names file.
-"""
+Images are read with PIL, turned upright by their EXIF orientation and prepared as eval.py prepares them. Class
+names: ImageNet's for released files, a checkpoint's own classes, or a --class-names file."""
 from __future__ import annotations
 
 import argparse
@@ -60,10 +57,8 @@ class ImageTransform:
 
 
 def find_images(paths: list[str]) -> tuple[list[str], int]:
-    """(files to classify, files skipped in folders because PIL does not read their extension).
-
-    A file given by name is always tried; folders are searched recursively, in sorted order.
-    """
+    """(files to classify, files in folders skipped for an extension PIL does not read); a file given by name is
+    always tried, folders are searched recursively in sorted order."""
     extensions = {ext.lower() for ext in Image.registered_extensions()}
     files, others = [], 0
     for path in paths:

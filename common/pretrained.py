@@ -1,9 +1,7 @@
 """Starting from trained weights: fine-tuning to another number of classes, backbones, torch.hub and timm.
 
-`load_pretrained` loads any weights file eval.py accepts into a network whose classifier may have another number
-of classes, or that is features-only: the classifier and side heads (declared in each network.py) are freshly
-initialised when they do not fit, the keys a features-only network dropped are ignored, and every other tensor
-must load with its exact shape. `create_model` builds a model folder's network that way (hub and timm use it).
+`load_pretrained` loads any weights file eval.py accepts: the classifier and side heads start afresh when they do not
+fit, keys a features-only network dropped are ignored, every other tensor must load with its exact shape.
 """
 from __future__ import annotations
 
@@ -18,11 +16,9 @@ from common.backbone import ClassifierNetwork, _under
 from common.errors import UserError
 from common.input_format import InputFormat
 from common.layers import init_weights
-from common.model_state import (WeightsMismatchError, describe_weights, extract_model_state,
+from common.model_state import (WeightsMismatchError, describe_weights, extract_model_state, mismatch_parts,
                                 read_checkpoint_metadata, read_weights_file, unwrap_model)
 from common.models import load_network_module
-
-_SHOWN = 4
 
 
 @dataclass
@@ -39,10 +35,6 @@ class PretrainedReport:
         if self.reinitialised:
             text += f"; re-initialised {', '.join(self.reinitialised)}"
         return text
-
-
-def _shown(keys: list[str]) -> str:
-    return ", ".join(keys[:_SHOWN]) + (", ..." if len(keys) > _SHOWN else "")
 
 
 def pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the weights"
@@ -72,18 +64,10 @@ def pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     unexpected = [k for k in state if k not in target and k not in network.removed_keys
                   and not any(_under(k, p) for p in all_heads)]
     if missing or misshaped or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_shown(missing)})")
-        if misshaped:
-            parts.append(f"{len(misshaped)} with other shapes (" + ", ".join(
-                f"{k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}" for k in misshaped[:_SHOWN])
-                + (", ..." if len(misshaped) > _SHOWN else "") + ")")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_shown(unexpected)})")
         raise WeightsMismatchError(
             f"{source} does not fit {type(network).__name__} outside the classifier and side heads: "
-            f"{'; '.join(parts)}; the file looks like {describe_weights(state)}")
+            f"{'; '.join(mismatch_parts(state, target, missing, unexpected, misshaped))}; the file looks like "
+            f"{describe_weights(state)}")
     loading = {k: state[k] for k in target if k in state and not any(_under(k, p) for p in reinitialised)}
     ignored = sum(1 for k in state if k not in loading and k not in network.removed_keys)
     return loading, reinitialised, ignored
@@ -91,10 +75,8 @@ def pretrained_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 def load_pretrained(model: nn.Module, source: Any, *, trust_pickle: bool = False, use_ema: bool = False,
                     source_name: str | None = None) -> PretrainedReport:
-    """Load a weights file (path or read object) into `model` for fine-tuning or as a backbone (see module doc).
-
-    Re-initialised heads get the original initialisation; their names are in the report's summary line.
-    """
+    """Load a weights file (path or read object) into `model` for fine-tuning or as a backbone (see module doc);
+    re-initialised heads get the original initialisation."""
     if isinstance(source, (str, os.PathLike)):
         source_name = source_name or str(source)
         source = read_weights_file(source, trust_pickle=trust_pickle)
@@ -115,12 +97,8 @@ MODEL_NAMES = {"oneshot": "OneShot", "shufflenetv2_large": "ShuffleNetV2.Large",
 def create_model(model: str, weights: str | os.PathLike | None = None, num_classes: int | None = None, *,
                  features_only: bool = False, out_indices: tuple[int, ...] = (0, 1, 2, 3),
                  verbose: bool = True) -> ClassifierNetwork:
-    """A model folder's network (`model`: folder name or one of MODEL_NAMES), with `weights` loaded when given.
-
-    `num_classes` defaults to the file's (1000 for a released file); another number re-initialises the
-    classifier and side heads. The input format is the file's (stored by this project) or the network's default,
-    in `model.input_format`. The model is returned in eval mode.
-    """
+    """A model folder's network (`model`: folder name or one of MODEL_NAMES) in eval mode, with `weights` loaded
+    when given. `num_classes` defaults to the file's; `.input_format` is the file's or the network's default."""
     folder = MODEL_NAMES.get(model, model)
     network = load_network_module(folder)
     metadata, state = {}, None

@@ -1,8 +1,5 @@
-"""Images for calibrating and measuring exports, and int8 quantization of ONNX exports (onnxruntime QDQ).
-
-Calibration images go through the model's own evaluation preprocessing (short-side resize, centre crop) and are
-fed to the exported graph as it will be fed in an app: RGB 0..255, the input format being part of the graph.
-"""
+"""Images for calibrating and measuring exports, prepared as evaluation prepares them and fed as an app feeds the
+export (RGB 0..255), and int8 quantization of ONNX exports (onnxruntime QDQ)."""
 from __future__ import annotations
 
 import os
@@ -34,15 +31,8 @@ def load_calibration_images(folder: str | Path, image_size: int, limit: int = DE
                             flag: str = "--calibration-dir") -> np.ndarray:
     """Up to `limit` images spread evenly over `folder`, as RGB uint8 N x image_size x image_size x 3 after the
     evaluation transform. An unreadable image is skipped with one line; none readable is an error."""
-    files = calibration_files(folder, flag)
-    if len(files) > limit:
-        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
-    transform = EvalTransform(image_size)
-    images = []
-    for path in files:
-        image = _eval_image(path, transform)
-        if image is not None:
-            images.append(image)
+    files = _spread(calibration_files(folder, flag), limit)
+    images = [image for _, image in _eval_images(files, image_size)]
     if not images:
         raise UserError(f"{flag} {folder}: none of its {len(files)} images could be read")
     if len(images) < len(files):
@@ -85,25 +75,27 @@ def load_labelled_images(folder: str | Path, classes: list[str], image_size: int
     from common.imagenet import class_to_index_for
 
     folders = scan_image_folder(folder, "--val-dir")[1]
-    samples, _ = scan_image_folder(folder, "--val-dir", class_to_index=class_to_index_for(folders, classes))
-    if len(samples) > limit:
-        samples = [samples[i] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
-    transform = EvalTransform(image_size)
-    images, labels = [], []
-    for path, label in samples:
-        image = _eval_image(path, transform)
-        if image is not None:
-            images.append(image)
-            labels.append(label)
-    if not images:
+    samples = _spread(scan_image_folder(folder, "--val-dir", class_to_index=class_to_index_for(folders, classes))[0],
+                      limit)
+    read = list(_eval_images([path for path, _ in samples], image_size))
+    if not read:
         raise UserError(f"--val-dir {folder}: none of its {len(samples)} images could be read")
-    return np.stack(images), np.array(labels)
+    return np.stack([image for _, image in read]), np.array([samples[i][1] for i, _ in read])
 
 
-def _eval_image(path: str | Path, transform: EvalTransform) -> np.ndarray | None:
-    """The image at `path` through `transform`, H x W x 3 uint8 RGB; None, after one line, if it cannot be read."""
-    try:
-        return transform(open_image(str(path))).permute(1, 2, 0).numpy()
-    except UndecodableImage as error:
-        print(f"skipped {path}: cannot decode it ({error})", file=sys.stderr, flush=True)
-        return None
+def _spread(items: list, limit: int) -> list:
+    """At most `limit` of `items`, spread evenly over them."""
+    if len(items) <= limit:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+def _eval_images(paths: list, image_size: int):
+    """(position, H x W x 3 uint8 RGB image after the evaluation transform) of each readable path; one line for
+    each that cannot be read."""
+    transform = EvalTransform(image_size)
+    for position, path in enumerate(paths):
+        try:
+            yield position, transform(open_image(str(path))).permute(1, 2, 0).numpy()
+        except UndecodableImage as error:
+            print(f"skipped {path}: cannot decode it ({error})", file=sys.stderr, flush=True)

@@ -18,16 +18,10 @@ def calibrated_random_network(network_module, input_format: InputFormat, num_cla
     """`network_module.create_network(num_classes)` in eval mode with random weights and BatchNorm statistics
     estimated on 8 synthetic images, so its logits depend on the image as a trained network's do.
 
-    Every BatchNorm gets a shift of one standard deviation (bias 1), so a ReLU passes most of its inputs rather than
-    half: a random ReLU network normalised to unit variance at every layer is chaotic (measured on OneShot at 64x64
-    with bias 0: noise of one grey level flips 30-39% of its top-1 classes, and int8 rounding flips half), while a
-    trained one is stable; with the shift, one grey level flips about 2% and int8 keeps about 94%. With
-    `decisive_on` images, the classifier is then fitted to them (fit_classifier).
-
-    The residual branches of Large and ExLarge then get a small output scale, as trained residual networks have:
-    with full-size random branches a 60-block network is chaotic (measured on ExLarge at 224: PyTorch fp32 itself
-    is 1.3e-3 of the logit range away from fp64), which no fp32 export can match to 1e-4.
-    """
+    Each BatchNorm gets bias 1 so ReLUs pass most inputs: a random unit-variance ReLU network is chaotic (one grey level
+    flipped 30-39% of OneShot's top-1 classes), a trained one is not (about 2% with the shift). Large/ExLarge residual
+    branches get a small output scale, as trained ones have, or fp32 itself misses fp64 by more than 1e-4.
+    With `decisive_on` images, the classifier is then fitted to them (fit_classifier)."""
     torch.manual_seed(seed)
     net = network_module.create_network(num_classes)
     for module in net.modules():
@@ -51,10 +45,8 @@ def calibrated_random_network(network_module, input_format: InputFormat, num_cla
 @torch.no_grad()
 def fit_classifier(net: nn.Module, input_format: InputFormat, images: np.ndarray, margin: float = 10.0) -> None:
     """Fit the last linear layer so that image i of `images` (RGB uint8 N x H x W x 3) gets class i mod the
-    number of classes with a lead of `margin` over the others, as a trained network's top-1 leads on the images
-    it knows. A random classifier favours one class on every image (measured: OneShot gave one class on all 16
-    verification images) or, centred, decides by near-ties that one grey level of noise flips (20% of images);
-    agreement with either proves nothing. The least-norm fit uses only how the features differ between images."""
+    number of classes with a lead of `margin`, as a trained network's top-1 leads on images it knows: a random
+    classifier favours one class everywhere or decides by near-ties, and agreement with either proves nothing."""
     last = [module for module in net.get_classifier().modules() if isinstance(module, nn.Linear)][-1]
     inputs = []
     handle = last.register_forward_hook(lambda module, args, output: inputs.append(args[0]))

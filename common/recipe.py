@@ -36,11 +36,8 @@ class FinetuneRecipe:
 
 
 class NetworkHooks:
-    """What a folder whose network is not fixed adds to the loop; the defaults add nothing.
-
-    OneShot's train.py stores a searched architecture in the checkpoint metadata (the network is built from the
-    metadata, as eval.py and export.py build it); its train_supernet.py also picks the path each iteration trains.
-    """
+    """What a folder whose network is not fixed adds to the loop (OneShot's searched architecture in the metadata,
+    the supernet's path per iteration); the defaults add nothing."""
 
     # DDP must expect parameters that get no gradient in an iteration (a supernet trains one path at a time).
     find_unused_parameters: bool = False

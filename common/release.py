@@ -1,10 +1,6 @@
 """Turn a released or training checkpoint into a clean release file: weights only, .safetensors, with SHA-256.
 
     python -m common.release INPUT --output OUT.safetensors [--ema] [--trust-pickle] [--keep-side-heads]
-
-The output holds the model's tensors under clean names (no `module.` prefixes, no SE aliases, no training side
-heads unless asked), this project's metadata (architecture, classes, input format) as JSON in the safetensors
-metadata, and is written atomically. `OUT.sha256` beside it holds `<hex>  <file name>`, as sha256sum writes it.
 """
 from __future__ import annotations
 
@@ -87,12 +83,9 @@ def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> di
 
 
 def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
-    """Write a weights file to share, and `OUT.sha256` beside it (`<hex>  <file name>`, as sha256sum writes it),
-    both atomically; returns the SHA-256. The one writer of releases, averages and the averages made in training.
-
-    `.safetensors` holds `metadata` as JSON; any other name is a torch.save state dict (without metadata). The
-    tensors are written straight from their memory, so writing needs no second copy of the weights.
-    """
+    """Write a weights file to share and `OUT.sha256` beside it (as sha256sum writes it), both atomically; returns
+    the SHA-256. The one writer of releases and averages: `.safetensors` holds `metadata` as JSON, any other name is
+    a torch.save state dict."""
     output = Path(output)
     # safetensors stores dense row-major data only; a channels_last network's weights are not.
     weights = {name: tensor.contiguous() for name, tensor in weights.items()}

@@ -1,12 +1,9 @@
 """Launch a model folder's train.py on a SLURM cluster with submitit; preempted or timed-out jobs requeue and resume.
 
-    python -m common.submit --model OneShot --nodes 2 --gpus-per-node 8 --partition gpu -- \\
+    python -m common.submit --model OneShot --nodes 2 --gpus-per-node 8 --partition gpu -- \
         --train-dir /data/imagenet/train --val-dir /data/imagenet/val --save /checkpoints/oneshot
 
-Everything after `--` goes to train.py unchanged. Each task is one rank of DistributedDataParallel; on SLURM's
-warning signal (SIGUSR2) the training saves a checkpoint, the job is requeued, and the new job resumes from it
-through train.py's automatic resume.
-"""
+Everything after `--` goes to train.py; each task is one rank, and SLURM's SIGUSR2 makes it save and requeue."""
 from __future__ import annotations
 
 import argparse

@@ -1,18 +1,10 @@
-"""The three networks registered with timm: `import common.timm_models` (with the repository root on sys.path), then
+"""The three networks registered with timm: `import common.timm_models`, then e.g.
 
     model = timm.create_model("shufflenetv2_large", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))
-    model = timm.create_model("oneshot", features_only=True, out_indices=(1, 2, 3))
-    config = timm.data.resolve_model_data_config(model)
 
-Nothing is downloaded: pretrained weights come from a local file (any layout eval.py accepts, through timm's own
-reader, then this module's pretrained_filter_fn). A timm data pipeline gives RGB images scaled to 0..1 and
-normalised by the config's mean and std; the released weights take BGR 0..255 (minus a mean for Large). The config's
-mean and std (the weights' mean / 255, std 1 / 255) make the pipeline's output RGB 0..255 minus the weights' mean,
-and the timm models reverse the channel order in front of their first convolution, so they take what the pipeline
-gives while their weights stay the released ones. Their `input_format` says the same for common.input_format.
-The remaining difference to eval.py is the resize: timm resizes with PIL (antialiased), eval.py without antialiasing
-as OpenCV does, which moves accuracy slightly.
-"""
+Nothing is downloaded: weights come from a local file of any layout eval.py accepts. The released weights take BGR
+0..255 (minus a mean for Large); the configs' mean and std make timm's pipeline give RGB 0..255 minus that mean, and
+the models reverse the channels before their first conv. Only the resize differs from eval.py (PIL, antialiased)."""
 from __future__ import annotations
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model

@@ -1,14 +1,9 @@
-"""The training loop shared by every model folder's train.py.
+"""The training loop shared by every model folder's train.py (MODELS.md, "Training recipes").
 
-Iteration-based, as the original recipes (MODELS.md, "Training recipes"): SGD with momentum, weight decay on
-weights of 2 or more dimensions only, label-smoothed cross-entropy (plus weighted side-head losses), a learning
-rate that is a function of the iteration (linear warm-up, then linear decay to 0), validation and crash-safe
-checkpoints at fixed intervals, and automatic resume from the newest good checkpoint. A folder's train.py passes
-its network module, the network's `RECIPE` and its `load_checkpoint` to `run_training`.
-
-Read from `run_training` down: set-up (`build_trainer`), the loop (`Trainer.train`: one step, then the work due
-at that iteration), and what follows the schedule (`finish`).
-"""
+Iteration-based: SGD with momentum, weight decay on weights of 2 or more dimensions, label-smoothed cross-entropy
+(plus weighted side-head losses), the learning rate a function of the iteration, validation and crash-safe
+checkpoints at fixed intervals, automatic resume. Read from `run_training` down: set-up (`build_trainer`), the loop
+(`Trainer.train`: one step, then the work due), and what follows the schedule (`finish`)."""
 from __future__ import annotations
 
 import argparse
@@ -187,8 +182,8 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
 
 
 def scan_classes(args: argparse.Namespace, say: Callable[..., None]) -> list[str]:
-    """The training classes. Validation scores them: a val folder that is not one of them is an error at start,
-    not after --val-interval iterations; training classes without a val folder are only noted."""
+    """The training classes. A val folder that is not one of them is an error at start, not after --val-interval
+    iterations; training classes without a val folder are only noted."""
     classes = scan_image_folder(args.train_dir, "--train-dir")[1]
     if len(classes) < 2:
         raise UserError(f"--train-dir {args.train_dir}: only one class folder ({classes[0]}); a classifier needs "
@@ -245,17 +240,14 @@ def warmup_linear_decay(total_iters: int, warmup_iters: int) -> Callable[[int], 
 
 
 def learning_rate(args: argparse.Namespace, iteration: int) -> float:
-    """The rate of iteration `iteration` (0-based), from the command line alone: a resumed run needs no scheduler
-    state, and after a divergence rerunning with a lower --learning-rate continues from the last good checkpoint at
-    that rate."""
+    """The rate of iteration `iteration` (0-based) from the command line alone: a resumed run needs no scheduler
+    state, and after a divergence a lower --learning-rate continues from the last good checkpoint."""
     return args.learning_rate * warmup_linear_decay(args.total_iters, args.warmup_iters)(iteration)
 
 
 class SignalStop(BaseException):
-    """A signal that ends the run at once (a second Ctrl-C, or any stop signal after the schedule).
-
-    A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way swallows it.
-    """
+    """A signal that ends the run at once (a second Ctrl-C, or any stop signal after the schedule): a BaseException,
+    as KeyboardInterrupt is, so that no `except Exception` on the way swallows it."""
 
     def __init__(self, signum: int) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -272,8 +264,8 @@ class Stopped(str):
 
 
 def exit_status(status: str) -> int:
-    """The process exit status of a run's result: 0 when finished, 128 + the signal's number when a signal
-    stopped it (the shell's convention: 130 for Ctrl-C, 143 for SIGTERM), so `train.py && eval.py` stops too."""
+    """The process exit status of a run's result: 0 when finished, 128 + the signal's number when a signal stopped
+    it (130 for Ctrl-C, 143 for SIGTERM), so `train.py && eval.py` stops too."""
     if isinstance(status, Stopped):
         return 128 + signal.Signals[status.signal_name].value
     return 0 if status == "finished" else 1
@@ -282,27 +274,32 @@ def exit_status(status: str) -> int:
 _STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None)) if s is not None)
 
 
-class StopRequest:
-    """While the schedule runs, SIGINT/SIGTERM ask the loop to save a checkpoint and leave at the next progress
-    line or checkpoint (at once when not distributed).
+class StopAtOnce:
+    """SIGINT and SIGTERM end the run at once (SignalStop), for the work outside the schedule, where no checkpoint
+    is pending. SIGUSR2 keeps whatever handler was there before (submitit's requeue). On leaving, the handlers
+    installed before come back."""
 
-    SIGUSR2 is SLURM's (and submitit's) warning before preemption or time-out. A second Ctrl-C stops at once;
-    the last complete checkpoint stays intact either way. Used as a context manager: on leaving, the handlers
-    that were installed before come back.
-    """
+    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopRequest:
-        for signum in _STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+    def __enter__(self):
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.signals}
         return self
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        raise SignalStop(signum)
+
+
+class StopRequest(StopAtOnce):
+    """While the schedule runs, SIGINT, SIGTERM and SIGUSR2 (SLURM's warning before preemption) ask the loop to save
+    a checkpoint and leave at the next progress line or checkpoint (at once when not distributed); a second Ctrl-C
+    stops at once."""
+
+    signals = _STOP_SIGNALS
+    signal_name: str | None = None
 
     def _handle(self, signum, frame) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
@@ -312,35 +309,15 @@ class StopRequest:
               file=sys.stderr, flush=True)
 
 
-class StopAtOnce:
-    """SIGINT and SIGTERM end the run at once (SignalStop), for the work outside the schedule, where no checkpoint
-    is pending. SIGUSR2 keeps whatever handler was there before (submitit's requeue)."""
-
-    def __enter__(self) -> StopAtOnce:
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    @staticmethod
-    def _handle(signum, frame) -> None:
-        raise SignalStop(signum)
-
-
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def resolve_training_speed(args: argparse.Namespace, model: nn.Module, info: DistInfo) -> SpeedChoice:
-    """Set `args.channels_last` (bool) and `args.amp` (None for float32, "bf16" or "fp16") from their flags.
-
-    Explicit flags win. "auto" takes the settings the run's newest checkpoint recorded (a resumed run computes
-    as it did before), else resolves by the device, timing the candidates on a CPU (rank 0 measures for all;
-    with --deterministic nothing is timed: plain float32 NCHW there).
-    """
+    """Set `args.channels_last` (bool) and `args.amp` (None, "bf16" or "fp16") from their flags: explicit flags
+    win; "auto" takes what the run's newest checkpoint recorded, else resolves by the device (rank 0 times the CPU
+    candidates for all; nothing is timed with --deterministic)."""
     recorded = _recorded_args(args.save) if args.auto_continue else {}
     kept = []
     if args.channels_last == "auto":
@@ -381,9 +358,9 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 
 class Meter:
-    """The running tallies of one logging window (loss, correct predictions, images, unreadable images skipped)
-    and the clocks of the window and the run, from which validating and saving are paused out, so that images/s
-    and the ETA count training alone. The tallies stay on the device until `read`: a GPU never waits per step."""
+    """The running tallies of one logging window (loss, correct, images, skipped) and the clocks of the window and the
+    run, with validating and saving paused out so images/s and the ETA count training alone. The tallies stay on the
+    device until `read`: a GPU never waits per step."""
 
     def __init__(self, device: torch.device, start_iteration: int) -> None:
         self.start_iteration = start_iteration
@@ -430,8 +407,8 @@ class Meter:
 
 @dataclass(kw_only=True)
 class Trainer:
-    """Everything the loop works on. `model` is the network itself; the loop runs it through `train_model` (DDP
-    and torch.compile wrappers, made here) and saves, validates and averages `model`."""
+    """Everything the loop works on. `model` is the network itself; the loop trains `train_model` (DDP and
+    torch.compile wrappers, made here) and saves, validates and averages `model`."""
 
     args: argparse.Namespace
     recipe: Recipe
@@ -598,8 +575,7 @@ def compute_loss(outputs, labels: torch.Tensor, criterion: nn.Module, weights: t
 # -- the run --------------------------------------------------------------------------------------------------
 
 def load_training_checkpoint(path: str | Path, model: nn.Module, **objects) -> dict:
-    """Resume: restore the whole training state of one of this project's checkpoints into `model` and `objects`
-    (optimizer, scaler, ema)."""
+    """Resume: restore a checkpoint of this project into `model` and `objects` (optimizer, scaler, ema)."""
     return load_checkpoint(path, model, **objects)
 
 
@@ -607,10 +583,8 @@ def run_training(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[
                  argv: list[str] | None = None) -> str:
     """Parse the command line and train (or only evaluate with --eval). Bad input ends with a one-line error.
 
-    Returns "finished", or a `Stopped` status ("stopped") when a signal ended the run early after saving a
-    checkpoint; `exit_status` turns either into the process's exit status. A signal that stops the run at once
-    (a second Ctrl-C, or one after the schedule) exits here with 128 + its number.
-    """
+    Returns "finished", or a `Stopped` status when a signal ended the run after saving (`exit_status` makes either an
+    exit status). A signal that stops the run at once exits here with 128 + its number."""
     try:
         return exit_on_user_error(_run)(network, recipe, load_checkpoint, argv)
     except SignalStop as stop:
@@ -647,8 +621,8 @@ def _run(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[..., dic
 
 
 def _evaluate_only(network: ModuleType, args: argparse.Namespace) -> str:
-    """`--eval`: the model folder's eval.py on the newest checkpoint in --save (or --eval-resume FILE), so there is
-    one evaluation: the same class handling and refusals, at the checkpoint's own classes and image size."""
+    """`--eval`: the folder's eval.py on the newest checkpoint in --save (or --eval-resume FILE), so evaluation is
+    one code path."""
     if args.demo and not args.val_dir:
         args.val_dir = str(demo_dataset(DEMO_DATA)[1])
     if not args.val_dir:
@@ -670,8 +644,8 @@ def _evaluate_only(network: ModuleType, args: argparse.Namespace) -> str:
 
 def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[..., dict],
                   args: argparse.Namespace, info: DistInfo) -> Trainer:
-    """Check the data, then build `network` (a folder's network.py module) and what trains it on this process's
-    device, from the newest checkpoint in --save when there is one."""
+    """Check the data, then build `network` and what trains it on this process's device, from the newest checkpoint
+    in --save when there is one."""
     if args.batch_size % info.world_size:
         raise UserError(f"--batch-size {args.batch_size} must divide by the {info.world_size} processes")
     seed_everything(args.seed, args.deterministic)
@@ -730,11 +704,8 @@ def _create_model(network: ModuleType, metadata: dict, args: argparse.Namespace,
 
 
 def finish(trainer: Trainer) -> None:
-    """After the schedule: optional BN re-estimation and best-K averaging, then the curves plot.
-
-    Every rank takes part (validation and BN re-estimation are spread over the ranks and summed); only the main
-    rank writes files.
-    """
+    """After the schedule: optional BN re-estimation and best-K averaging, then the curves plot. Every rank takes part
+    (validation and BN re-estimation are spread over the ranks); only the main rank writes files."""
     args, info = trainer.args, trainer.info
     if args.bn_recalibrate and not trainer.metadata.get("bn_recalibrated"):
         _recalibrate_batchnorm(trainer, args.bn_recalibrate)
@@ -751,9 +722,8 @@ def finish(trainer: Trainer) -> None:
 
 
 def _recalibrate_batchnorm(trainer: Trainer, num_batches: int) -> None:
-    """Re-estimate BatchNorm statistics over `num_batches` global batches of training images (the original
-    augmentation, another seed than training's): each rank over its part, then the ranks' statistics averaged,
-    so every rank holds the same ones."""
+    """Re-estimate BatchNorm statistics over `num_batches` global batches of training images (another seed than
+    training's), each rank over its part, then the ranks' statistics averaged."""
     from common.bn_recalibrate import recalibrate_batchnorm
 
     # The autocast is entered here, not around a generator's `yield`: a generator left suspended inside a context

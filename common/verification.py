@@ -1,13 +1,8 @@
-"""Judging an export against PyTorch, whatever runs it (Core ML, onnxruntime, the ExecuTorch runtime), and the
-ONNX check itself (the Core ML one, with its ML-program interpreter, is common.coreml_verify).
+"""Judging an export against PyTorch, whatever runs it, and the ONNX check (Core ML's is common.coreml_verify).
 
-An exact export (fp32) must match PyTorch's logits within 1e-4 of their range. An fp16 export must agree on the
-top-1 class, judged only on images whose reference top-1 is clear: where PyTorch's two best logits are closer than
-fp16 rounding can resolve (an untrained network's near-ties, say), any answer is right and the image is left out of
-the count, and the report says how many were. A compressed export (palettized or int8 weights, int8 activations)
-is measured rather than held to PyTorch's numbers: top-1 agreement on the clear images and the mean KL divergence
-of its class probabilities from PyTorch's, with agreement the gate.
-"""
+fp32 must match PyTorch's logits within 1e-4 of their range. fp16 must agree on the top-1 class of the images whose
+reference top-1 is clear (near-ties that fp16 cannot resolve are left out and counted). A compressed export is
+measured, top-1 agreement on the clear images (the gate) and mean KL divergence."""
 from __future__ import annotations
 
 from collections import Counter
@@ -73,10 +68,8 @@ class VerificationReport:
 
 
 def make_test_images(count: int, size: int, seed: int = 0) -> np.ndarray:
-    """`count` RGB uint8 images, N x size x size x 3: smooth random colour fields with a shape and pixel noise.
-
-    Smooth fields and edges give the networks varied, natural-looking statistics without any image files.
-    """
+    """`count` RGB uint8 images N x size x size x 3: smooth random colour fields with a shape and pixel noise, which
+    give the networks natural-looking statistics without image files."""
     generator = torch.Generator().manual_seed(seed)
     images = []
     for _ in range(count):
@@ -104,14 +97,10 @@ def reference_logits(model: nn.Module, input_format: InputFormat, images: np.nda
 
 
 def verify_onnx(onnx_path: str | Path, model: nn.Module, input_format: InputFormat, *,
-                images: np.ndarray | None = None, num_images: int = 4, seed: int = 0, quantized: bool = False,
-                min_agreement: float | None = None) -> VerificationReport:
-    """Check an ONNX file with onnx.checker and onnxruntime against `model`, at batch 1 and at batch N.
-
-    The file must have opset 17 or later and a dynamic batch; an fp32 file's logits must match PyTorch's within
-    1e-4 of their range, an int8 (`quantized`) file's top-1 must agree on `min_agreement` of the images.
-    Raises ExportVerificationError otherwise.
-    """
+                num_images: int = 4, quantized: bool = False, min_agreement: float | None = None) -> VerificationReport:
+    """Check an ONNX file with onnx.checker and onnxruntime against `model`, at batch 1 and at batch N (opset 17 or
+    later, dynamic batch; fp32 within 1e-4 of the logit range, `quantized` by top-1 agreement); raise
+    ExportVerificationError otherwise."""
     import onnx
     import onnxruntime
 
@@ -129,8 +118,7 @@ def verify_onnx(onnx_path: str | Path, model: nn.Module, input_format: InputForm
     batch, _, height, width = image_input.shape
     if isinstance(batch, int):
         raise ExportVerificationError(f"{onnx_path.name} has a fixed batch size {batch}, not a dynamic one")
-    if images is None:
-        images = make_test_images(max(num_images, 2), int(height), seed)
+    images = make_test_images(max(num_images, 2), int(height))
     batch_input = images.transpose(0, 3, 1, 2).astype(np.float32)
     logits = session.run(None, {image_input.name: batch_input})[0]
     single = session.run(None, {image_input.name: batch_input[:1]})[0]
@@ -163,12 +151,8 @@ def mean_kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
 def judge(reference: np.ndarray, candidate: np.ndarray, candidate_top1, *, precision: str, target: str,
           method: str, operations: dict[str, int] | None = None,
           min_agreement: float | None = None) -> VerificationReport:
-    """Compare an export's logits with PyTorch's; raise ExportVerificationError when they do not agree.
-
-    fp32: max |difference| <= 1e-4 x (max - min of the reference logits over all images). Otherwise (fp16,
-    compressed): the top-1 class agrees on at least `min_agreement` of the images with a clear reference top-1
-    (default: all of them). Any non-finite output fails.
-    """
+    """Compare an export's logits with PyTorch's; raise ExportVerificationError when they do not agree: fp32 within
+    1e-4 of the reference logit range, else top-1 agreement on `min_agreement` (default all) of the clear images."""
     if candidate.shape != reference.shape:
         raise ExportVerificationError(f"{target} gives outputs of shape {candidate.shape}, PyTorch "
                                       f"{reference.shape}: the export has another number of classes")
