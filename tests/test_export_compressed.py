@@ -89,14 +89,23 @@ def base_package(oneshot, tmp_path_factory):
                                      output=tmp_path_factory.mktemp("base") / "base.mlpackage")
 
 
-def compressed(base_package, compression: str, folder):
-    """The base package with its weights compressed, saved as a package of its own."""
-    mlmodel = compress_coreml(import_coremltools().models.MLModel(str(base_package), skip_model_load=True),
-                              compression)
-    mlmodel.user_defined_metadata["compression"] = compression
-    path = folder / f"{compression}.mlpackage"
-    mlmodel.save(str(path))
-    return path, mlmodel
+@pytest.fixture(scope="module")
+def compressed(base_package, tmp_path_factory):
+    """compressed(compression): the base package with its weights compressed, saved as a package of its own, as
+    (path, MLModel); each compression made once (palettize4 serves two tests)."""
+    made = {}
+
+    def make(compression: str):
+        if compression not in made:
+            mlmodel = compress_coreml(import_coremltools().models.MLModel(str(base_package), skip_model_load=True),
+                                      compression)
+            mlmodel.user_defined_metadata["compression"] = compression
+            path = tmp_path_factory.mktemp(compression) / f"{compression}.mlpackage"
+            mlmodel.save(str(path))
+            made[compression] = path, mlmodel
+        return made[compression]
+
+    return make
 
 
 def test_coreml_compression_command_line(weights, tmp_path, capsys):
@@ -123,11 +132,11 @@ def test_coreml_compression_command_line(weights, tmp_path, capsys):
     pytest.param("palettize6", "constexpr_lut_to_dense", "iOS16", marks=pytest.mark.slow),
     pytest.param("palettize8", "constexpr_lut_to_dense", "iOS16", marks=pytest.mark.slow),
 ])
-def test_coreml_compression_verified(oneshot, base_package, tmp_path, compression, operation, target):
+def test_coreml_compression_verified(oneshot, compressed, compression, operation, target):
     """Each other compression, from the one base conversion: the Linux check evaluates the compressed program
     (its palette or dequantization ops included) and reports agreement and KL; the first deployment target
     that holds it is the one the command line states."""
-    path, _ = compressed(base_package, compression, tmp_path)
+    path, _ = compressed(compression)
     program = MLProgram(path)
     assert program.compression == compression and program.operation_counts[operation] >= 50
     report = verify_coreml(path, oneshot, network("OneShot").INPUT_FORMAT, num_images=16, min_agreement=0.5)
@@ -144,11 +153,11 @@ def test_deployment_target_too_low_is_a_one_line_error(weights, tmp_path, capsys
     assert "palettize4 needs --deployment-target iOS18" in error and "iOS16 cannot hold it" in error
 
 
-def test_broken_palette_is_caught(oneshot, base_package, tmp_path):
+def test_broken_palette_is_caught(oneshot, compressed, tmp_path):
     """A palettized package whose stored palettes are reversed in weight.bin: the Linux check rebuilds the
     weights from the palettes, rejects it, and says which way to go."""
     ct = import_coremltools()
-    good, mlmodel = compressed(base_package, "palettize4", tmp_path)
+    good, mlmodel = compressed("palettize4")
     verify_coreml(good, oneshot, network("OneShot").INPUT_FORMAT, num_images=8, min_agreement=0.5)
 
     # The palettes (16 entries each) are stored in weight.bin or inline in the program; reverse each one where it
