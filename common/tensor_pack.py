@@ -15,6 +15,8 @@ from torch import Tensor
 # The key under which a packed object holds its tensors; each tensor's place holds {_REF: its number}.
 PACK_KEY = "tensor_pack"
 _REF = "tensor_pack_ref"
+# Per dtype, the flat tensor the last pack used (see _buffer).
+_BUFFERS: dict[torch.dtype, Tensor] = {}
 
 
 def pack_tensors(state: Mapping) -> dict:
@@ -23,7 +25,7 @@ def pack_tensors(state: Mapping) -> dict:
     tensors: list[Tensor] = []
     skeleton = _strip(state, tensors)
     dtypes = list(dict.fromkeys(tensor.dtype for tensor in tensors))
-    flats = [torch.empty(sum(t.numel() for t in tensors if t.dtype == dtype), dtype=dtype) for dtype in dtypes]
+    flats = [_buffer(dtype, sum(t.numel() for t in tensors if t.dtype == dtype)) for dtype in dtypes]
     offsets = [0] * len(dtypes)
     groups, sizes = [], []
     for tensor in tensors:
@@ -35,6 +37,16 @@ def pack_tensors(state: Mapping) -> dict:
         sizes += [tensor.dim(), *tensor.shape]
     return {**skeleton, PACK_KEY: {"storages": flats, "groups": torch.tensor(groups, dtype=torch.int64),
                                    "sizes": torch.tensor(sizes, dtype=torch.int64)}}
+
+
+def _buffer(dtype: torch.dtype, count: int) -> Tensor:
+    """A flat CPU tensor, the same one each time for the same dtype and size: a run saves states of one size again
+    and again, and fresh memory costs a page fault per 4 KB on first touch (seconds for ExLarge's 3.3 GB). The
+    packed state is written before the next save reuses it."""
+    buffer = _BUFFERS.get(dtype)
+    if buffer is None or buffer.numel() != count:
+        _BUFFERS[dtype] = buffer = torch.empty(count, dtype=dtype)
+    return buffer
 
 
 def unpack_tensors(obj: Any) -> Any:
