@@ -45,19 +45,27 @@ def import_coremltools():
 
 
 def verify_coreml(package_path: str | Path, model: nn.Module, input_format: InputFormat, *,
-                  num_images: int = 4, min_agreement: float | None = None) -> VerificationReport:
+                  images: np.ndarray | None = None, num_images: int = 4,
+                  min_agreement: float | None = None) -> VerificationReport:
     """Check a saved .mlpackage against `model` fed with `input_format`; raise ExportVerificationError if it differs.
 
     Precision, compression, image size and class names come from the package. An uncompressed package is checked
     on the `num_images` synthetic images with the clearest PyTorch top-1 out of four times as many (a near-tie says
     nothing about the conversion); a compressed one on `num_images` as they come, and must agree on
-    `min_agreement` of them (default: all), since its agreement is a measurement.
+    `min_agreement` of them (default: all), since its agreement is a measurement. Given `images` (RGB uint8
+    N x H x W x 3 at the package's size), those are used as they are.
     """
     package_path = Path(package_path)
     program = MLProgram(package_path)
-    images = make_test_images(num_images if program.compression else SELECTION_POOL * num_images, program.image_size)
+    chosen = images is not None
+    if not chosen:
+        images = make_test_images(num_images if program.compression else SELECTION_POOL * num_images,
+                                  program.image_size)
+    elif images.shape[1:] != (program.image_size, program.image_size, 3):
+        raise ValueError(f"test images must be N x {program.image_size} x {program.image_size} x 3 RGB, "
+                         f"not {images.shape}")
     reference = reference_logits(model, input_format, images)
-    if not program.compression:
+    if not program.compression and not chosen:
         top2 = np.sort(reference, axis=1)[:, -2:]
         clearest = np.sort(np.argsort(top2[:, 1] - top2[:, 0])[-num_images:])
         images, reference = images[clearest], reference[clearest]

@@ -724,7 +724,7 @@ def sweep_table(rows: list[dict]) -> str:
     with_val = any("export_top1" in row for row in rows)
     header = ["format", "MB", "top-1 agreement", "mean KL"]
     header += ["top-1 / top-5 (PyTorch: top-1 / top-5)"] if with_val else []
-    header += ["export s", "peak memory MB", "images/s (PyTorch eager)"]
+    header += ["export s", "peak memory MB", "images/s (PyTorch eager, ratio)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "error" in row:
@@ -738,7 +738,8 @@ def sweep_table(rows: list[dict]) -> str:
                          f"{row['pytorch_top5']:.1%})" if "export_top1" in row else "-")
         cells += [f"{row['export_seconds']:.0f}",
                   f"{row['peak_memory_mb']:.0f}" if row.get("peak_memory_mb") else "-",
-                  f"{row['export_images_per_s']:.1f} ({row['pytorch_images_per_s']:.1f})"
+                  f"{row['export_images_per_s']:.3g} ({row['pytorch_images_per_s']:.3g}, "
+                  f"{row['export_images_per_s'] / row['pytorch_images_per_s']:.2f}x)"
                   if "export_images_per_s" in row else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
