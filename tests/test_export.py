@@ -1,8 +1,9 @@
 """Core ML and ONNX export: every network converts and verifies; the Linux verifier rejects wrong conversions.
 
 Large and ExLarge convert at 64x64 (the same operations as at 224, a twelfth of the arithmetic), ExLarge at a
-quarter of its width; OneShot goes through the full command line at 224. Networks get random weights with BatchNorm statistics estimated on synthetic
-images (common.random_weights), so their logits depend on the image as a trained network's do.
+quarter of its width; OneShot goes through the full command line at 224. Networks get random weights with
+BatchNorm statistics estimated on synthetic images (common.random_weights), so their logits depend on the image as
+a trained network's do.
 """
 from __future__ import annotations
 

@@ -297,6 +297,7 @@ def test_sweep_command_and_table():
             {"name": "Core ML palettize4", "error": "exit status 2"}]
     table = sweep_table(rows).splitlines()
     assert table[0].startswith("| format | MB | top-1 agreement | mean KL | top-1 / top-5")
-    assert "| ONNX int8 | 3.6 | 95% of 20 | 0.004 | 70.0% / 90.0% (71.0% / 90.0%) | 12 | 900 | 80 (40, 2.00x) |" in table
+    assert ("| ONNX int8 | 3.6 | 95% of 20 | 0.004 | 70.0% / 90.0% (71.0% / 90.0%) | 12 | 900 | 80 (40, 2.00x) |"
+            in table)
     assert table[3].startswith("| Core ML palettize4 | failed: exit status 2 |")
 
