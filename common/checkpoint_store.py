@@ -1,7 +1,8 @@
 """The checkpoint folder: file names, SHA-256 sidecars, atomic saving, scanning, retention and best-K selection.
 
-`checkpoint-<iteration, 10 digits>.pth` (torch.save zip, loadable with weights_only=True) counts only with its
-`checkpoint-<iteration>.json` sidecar and when its size and SHA-256 match it. One writer per folder (rank 0)."""
+`checkpoint-<iteration, 10 digits>.pth` (torch.save zip, weights_only, tensors packed by common.tensor_pack)
+counts only with its `checkpoint-<iteration>.json` sidecar and when its size and SHA-256 match it. One writer per
+folder (rank 0)."""
 from __future__ import annotations
 
 import argparse
