@@ -1,5 +1,6 @@
 """Training images/s per model: eager (float32 NCHW) vs channels_last vs torch.compile vs bf16 autocast vs the
 default, the layout and precision train.py picks on this machine ("auto": measured at start, as train.py does).
+Each variant is timed in alternating rounds with eager, so its ratio to eager is measured side by side.
 
 One optimiser step of the real loss (label smoothing, side-head weights) on random images, per variant. bf16 runs
 only where the CPU computes it natively (emulated bf16 is several times slower than float32).
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+from typing import Callable
 
 import torch
 from torch import nn
 
-from timing import measure, rate, write_json
+from timing import interleaved, rate, write_json
 from common.hardware import cpu_supports_bf16, resolve_speed, training_step_timer
 from common.models import MODEL_FOLDERS, load_network_module
 from common.training import compute_loss
@@ -23,7 +25,8 @@ LOSS_WEIGHTS = {"OneShot": (1.0,), "ShuffleNetV2.Large": (1.0, 0.7, 0.5, 0.3),
 VARIANTS = ("eager", "channels_last", "compile", "bf16", "default")
 
 
-def bench_variant(model_name: str, variant: str, size: int, batch: int, repeats: int) -> dict:
+def build_step(model_name: str, variant: str, size: int, batch: int) -> tuple[Callable[[], None], str | None]:
+    """One optimiser step of `variant` on its own copy of the network, and the default's choice (else None)."""
     torch.manual_seed(0)
     model = load_network_module(model_name).create_network().train()
     choice = None
@@ -48,13 +51,29 @@ def bench_variant(model_name: str, variant: str, size: int, batch: int, repeats:
         loss.backward()
         optimizer.step()
 
-    seconds = measure(step, repeats=repeats, warmup=2 if variant == "compile" else 1)
-    del model, step_model, optimizer
-    gc.collect()
-    result = {"images_per_second": rate(seconds, batch), "batch": batch}
-    if choice is not None:
-        result["choice"] = choice.describe()
-    return result
+    return step, None if choice is None else choice.describe()
+
+
+def bench_against_eager(model_name: str, variants: list[str], size: int, batch: int, repeats: int) -> list[dict]:
+    """Each variant timed in alternating rounds with eager (two networks in memory at a time), so that every
+    ratio to eager is measured side by side; eager's own figures are those of its first pairing."""
+    eager_step, _ = build_step(model_name, "eager", size, batch)
+    if not variants:
+        seconds = interleaved({"eager": eager_step}, repeats=repeats, warmup=1)
+        return [{"variant": "eager", "images_per_second": rate(seconds["eager"], batch)}]
+    results = []
+    for variant in variants:
+        step, choice = build_step(model_name, variant, size, batch)
+        seconds = interleaved({"eager": eager_step, variant: step}, repeats=repeats,
+                              warmup=2 if variant == "compile" else 1)
+        if not results:
+            results.append({"variant": "eager", "images_per_second": rate(seconds["eager"], batch)})
+        result = {"variant": variant, "images_per_second": rate(seconds[variant], batch),
+                  "ratio": seconds["eager"]["median"] / seconds[variant]["median"]}
+        results.append(result if choice is None else {**result, "choice": choice})
+        del step
+        gc.collect()
+    return results
 
 
 def main() -> None:
@@ -73,19 +92,12 @@ def main() -> None:
             heavy = model_name != "OneShot" and size >= 224
             batch = 2 if heavy else (8 if size >= 224 or model_name != "OneShot" else 32)
             repeats = 2 if args.quick or heavy else 4
-            eager = None
-            for variant in args.variants:
-                if variant == "compile" and args.quick:
-                    continue
-                if variant == "bf16" and not cpu_supports_bf16():
-                    continue
-                result = bench_variant(model_name, variant, size, batch, repeats)
-                result.update(model=model_name, size=size, variant=variant)
-                if variant != "eager" and eager is not None:
-                    result["ratio"] = result["images_per_second"]["median"] / eager["images_per_second"]["median"]
-                eager = result if variant == "eager" else eager
+            variants = [v for v in args.variants if v != "eager" and not (v == "compile" and args.quick)
+                        and not (v == "bf16" and not cpu_supports_bf16())]
+            for result in bench_against_eager(model_name, variants, size, batch, repeats):
+                result.update(model=model_name, size=size, batch=batch)
                 ratio = f" ({result['ratio']:.2f}x eager)" if "ratio" in result else ""
-                print(f"train {model_name:22s} {size:4d}px {variant:14s} "
+                print(f"train {model_name:22s} {size:4d}px {result['variant']:14s} "
                       f"{result['images_per_second']['median']:8.2f} img/s{ratio} (batch {batch})"
                       f"{'  ' + result['choice'] if 'choice' in result else ''}", flush=True)
                 results.append(result)
