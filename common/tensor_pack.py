@@ -1,8 +1,6 @@
-"""Training checkpoints store their tensors packed: one flat tensor per dtype and an index of shapes, so that
-loading does not pay torch.load's per-tensor cost (a Python unpickler step, a record lookup and a storage per
-tensor: seconds for ExLarge's 5,000 tensors, more than reading its 3 GB from disk). Reading unpacks them into
-views of the flat tensors, without a copy, into the nested structure that was saved.
-"""
+"""Training checkpoints store their tensors packed, one flat tensor per dtype and an index of shapes, so loading does
+not pay torch.load's per-tensor cost (an unpickler step, a record lookup and a storage per tensor: seconds for
+ExLarge's 5,000 tensors, more than reading its 3 GB). Unpacking gives views of the flat tensors, without a copy."""
 from __future__ import annotations
 
 import math
@@ -27,13 +25,10 @@ def pack_tensors(state: Mapping) -> dict:
     dtypes = list(dict.fromkeys(tensor.dtype for tensor in tensors))
     flats = [_buffer(dtype, sum(t.numel() for t in tensors if t.dtype == dtype)) for dtype in dtypes]
     offsets = [0] * len(dtypes)
-    groups, sizes = [], []
-    for tensor in tensors:
-        group = dtypes.index(tensor.dtype)
-        count = tensor.numel()
-        flats[group][offsets[group]:offsets[group] + count].view(tensor.shape).copy_(tensor.detach())
-        offsets[group] += count
-        groups.append(group)
+    groups, sizes = [dtypes.index(tensor.dtype) for tensor in tensors], []
+    for tensor, group in zip(tensors, groups):
+        flats[group][offsets[group]:offsets[group] + tensor.numel()].view(tensor.shape).copy_(tensor.detach())
+        offsets[group] += tensor.numel()
         sizes += [tensor.dim(), *tensor.shape]
     return {**skeleton, PACK_KEY: {"storages": flats, "groups": torch.tensor(groups, dtype=torch.int64),
                                    "sizes": torch.tensor(sizes, dtype=torch.int64)}}
