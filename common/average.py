@@ -86,11 +86,9 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
 def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
                         use_ema: bool = False, trust_pickle: bool = False,
                         progress: bool = True) -> dict[str, torch.Tensor]:
-    """The element-wise mean of the model (or EMA) weights of `paths`; written to `output` if given.
-
-    Floating-point tensors are summed in float64 and cast back. Integer tensors (num_batches_tracked) come from the
-    newest input (highest recorded iteration, else the last path): a mean of counters counts nothing. Keys, shapes and
-    kinds of dtype must agree. `output` is written by `common.release.write_release`."""
+    """The element-wise mean (in float64) of the model (or EMA) weights of `paths`, written to `output` if given.
+    Integer tensors (num_batches_tracked) come from the newest input (highest recorded iteration, else the last path):
+    a mean of counters counts nothing. Keys, shapes and kinds of dtype must agree."""
     paths = [Path(path) for path in paths]
     if not paths:
         raise UserError("nothing to average: give at least one checkpoint")

@@ -49,11 +49,9 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, scaler: Any = None, ema: Any = None, *, verify: bool = True) -> dict:
-    """Restore a checkpoint into the given live objects; returns the whole state (iteration, metrics, metadata, ...).
-
-    The SHA-256 is checked first (`verify=False` skips it for a file copied without its sidecar). Each rank takes back
-    its own random generators when the number of ranks is unchanged, else rank 0's. A part the checkpoint lacks leaves
-    its object as it is, with a warning."""
+    """Restore a checkpoint, its SHA-256 checked first (unless `verify=False`), into the given live objects; returns
+    the whole state. Each rank takes back its own random generators when the number of ranks is unchanged, else rank
+    0's. A part the checkpoint lacks leaves its object as it is, with a warning."""
     path = Path(path)
     state = read_checkpoint(path, verify=verify)
     if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:

@@ -71,12 +71,10 @@ class CheckpointInfo:
 
 def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, keep: int = 5,
                     best_metric_name: str | None = None, lower_is_better: bool = True) -> Path | None:
-    """Write `state` as checkpoint `iters` in `save_dir` atomically; then keep the newest `keep` plus the best.
-
-    Returns the new path, or None on ranks other than 0, which write nothing. Every step is safe to interrupt: the state
-    goes to a hashed, fsynced temporary file; the sidecar is placed first (a sidecar without its data file is skipped as
-    an unfinished save), then the data file, each rename followed by a folder fsync; old checkpoints are removed only
-    after that. get_latest_model checks size and SHA-256 too, so even a reordering after a power cut is safe."""
+    """Write `state` as checkpoint `iters` in `save_dir` atomically, then keep the newest `keep` plus the best; the
+    new path, or None on ranks other than 0 (which write nothing). Every step is safe to interrupt: the state goes to a
+    hashed, fsynced temporary file; the sidecar is renamed into place first (without its data file it is an unfinished
+    save), then the data file, each rename made durable; old checkpoints are removed only after that."""
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
     if keep < 1:

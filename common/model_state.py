@@ -83,11 +83,8 @@ def unwrap_model(model: Any) -> nn.Module:
 
 def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *,
                       map_location: Any = "cpu") -> Any:
-    """The object stored in a weights file, read without running code from it unless `trust_pickle`.
-
-    `.safetensors` files give a SafetensorsWeights dict; anything else goes through torch.load, which reads both
-    the zip format and the legacy pickles of 2019. Every failure is a one-line WeightsFileError.
-    """
+    """The object stored in a weights file, read without running code from it unless `trust_pickle`: a
+    SafetensorsWeights dict, else torch.load's (zip or the legacy pickles of 2019). Failures are WeightsFileErrors."""
     path = Path(path)
     kind, size = _sniff(path)
     if kind == "safetensors":
@@ -134,7 +131,6 @@ def load_model_state(model: Any, source: Any, strict: bool = True, for_inference
                      trust_pickle: bool = False, use_ema: bool = False, *,
                      source_name: str | None = None) -> LoadReport:
     """Copy weights from `source` (a path or a read object) into the unwrapped `model`, every shape checked first.
-
     Missing `num_batches_tracked` is fine; `for_inference` also accepts missing side heads. `strict=False` loads the
     keys both sides have, but refuses mis-shaped keys and a source that fits nothing."""
     is_path = isinstance(source, (str, os.PathLike))

@@ -77,9 +77,8 @@ def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> di
 
 
 def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
-    """Write a weights file to share and `OUT.sha256` beside it (as sha256sum writes it), both atomically; returns
-    the SHA-256. The one writer of releases and averages: `.safetensors` holds `metadata` as JSON, any other name is
-    a torch.save state dict."""
+    """Write a weights file to share (`.safetensors` with `metadata` as JSON, any other name a torch.save state dict)
+    and `OUT.sha256` beside it, both atomically; returns the SHA-256. The one writer of releases and averages."""
     output = Path(output)
     # safetensors stores dense row-major data only; a channels_last network's weights are not.
     weights = {name: tensor.contiguous() for name, tensor in weights.items()}

@@ -360,10 +360,15 @@ class Meter:
     def __init__(self, device: torch.device, start_iteration: int) -> None:
         self.start_iteration = start_iteration
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device)
+        self.loss, self.correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.run_start = time.perf_counter()
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.loss.zero_()
+        self.correct.zero_()
         self.iterations = self.images = self.skipped = 0
-        self.window_start = self.run_start = time.perf_counter()
+        self.window_start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, skipped: int) -> None:
         self.nonfinite |= ~torch.isfinite(loss)
@@ -393,10 +398,7 @@ class Meter:
                   "top1_error": 100.0 * (1.0 - tally[1].item() / max(1, images)),
                   "images_per_second": images / max(elapsed, 1e-9), "skipped": self.skipped}
         per_iteration = (time.perf_counter() - self.run_start) / (done - self.start_iteration)
-        self.loss.zero_()
-        self.correct.zero_()
-        self.iterations = self.images = self.skipped = 0
-        self.window_start = time.perf_counter()
+        self._new_window()
         return window, per_iteration
 
 
@@ -570,10 +572,8 @@ load_training_checkpoint = load_checkpoint
 
 def run_training(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[..., dict],
                  argv: list[str] | None = None) -> str:
-    """Parse the command line and train (or only evaluate with --eval). Bad input ends with a one-line error.
-
-    Returns "finished", or a `Stopped` status when a signal ended the run after saving (`exit_status` makes either an
-    exit status). A signal that stops the run at once exits here with 128 + its number."""
+    """Parse the command line and train (or only evaluate with --eval); bad input ends with a one-line error. Returns
+    "finished", or `Stopped` when a signal ended the run after saving; a signal that stops it at once exits here."""
     try:
         return exit_on_user_error(_run)(network, recipe, load_checkpoint, argv)
     except SignalStop as stop:
