@@ -48,7 +48,8 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None, scaler: Any = None, ema: Any = None, *, verify: bool = True) -> dict:
+                    scheduler: Any = None, scaler: Any = None, ema: Any = None, *, restore_rng: bool = True,
+                    verify: bool = True) -> dict:
     """Restore a checkpoint, its SHA-256 checked first (unless `verify=False`), into the given live objects; returns
     the whole state. Each rank takes back its own random generators when the number of ranks is unchanged, else rank
     0's. A part the checkpoint lacks leaves its object as it is, with a warning."""
@@ -63,7 +64,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     _restore(path, "scaler", scaler, state.get("scaler"))
     if ema is not None:
         _restore_ema(path, ema, state.get("ema"))
-    set_rng_state(_this_ranks(state["rng"]))
+    if restore_rng:
+        set_rng_state(_this_ranks(state["rng"]))
     return state
 
 

@@ -136,13 +136,9 @@ def to_plain(value: Any, *, json_only: bool = False) -> Any:
 
 # -- finding and reading --------------------------------------------------------------------------------------
 
-def list_checkpoints(save_dir: str | os.PathLike, verify: bool = False) -> list[CheckpointInfo]:
-    """The complete checkpoints in `save_dir` (sidecar present, sizes agreeing), oldest first; `verify` also
-    checks every SHA-256 (reading every file)."""
-    complete, _ = _scan(Path(save_dir))
-    if verify:
-        complete = [info for info in complete if _hash_matches(info)]
-    return complete
+def list_checkpoints(save_dir: str | os.PathLike) -> list[CheckpointInfo]:
+    """The complete checkpoints in `save_dir` (sidecar present, sizes agreeing; SHA-256 not checked), oldest first."""
+    return _scan(Path(save_dir))[0]
 
 
 def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
