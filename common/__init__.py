@@ -6,6 +6,5 @@ from common.checkpoint import get_training_state, load_checkpoint
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointError, CheckpointInfo, CheckpointWarning,
                                      CheckpointWriteError, get_latest_model, list_checkpoints, save_checkpoint,
                                      verify_checkpoint)
-from common.model_state import (LoadReport, WeightsFileError, WeightsMismatchError, copy_weights,
-                                extract_model_state, get_model_state_dict, load_model_state,
-                                read_checkpoint_metadata, read_weights_file, unwrap_model)
+from common.model_state import (LoadReport, WeightsFileError, WeightsMismatchError, extract_model_state,
+                                load_model_state, read_checkpoint_metadata, read_weights_file, unwrap_model)

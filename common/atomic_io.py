@@ -1,8 +1,8 @@
 """Atomic file output and SHA-256: every file this project writes goes through here, so that a crash, a kill or a
 full disk at any moment leaves the old file or the complete new one, never a part.
 
-A file is written to a hidden temporary name beside its target (`.<name>.<pid>.tmp`), hashed while written,
-fsynced, renamed over the target, and the rename made durable by fsyncing the folder.
+A file is written to a hidden temporary name beside its target (`.<name>.<pid>.tmp`), fsynced, renamed over the
+target, and the rename made durable by fsyncing the folder.
 """
 from __future__ import annotations
 
@@ -22,14 +22,13 @@ _HASH_CHUNK = 16 << 20
 
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` for the caller to write the whole new file to. When the block ends without
-    an exception the file is fsynced and renamed over `path`, and the rename made durable, so `path` holds either
-    its old content or the complete new one; on any exception the temporary file is removed."""
+    """A temporary path beside `path` for the caller to write the whole new file to; when the block ends without an
+    exception it replaces `path` durably, on any exception it is removed."""
     path = Path(path)
     temp = temp_path(path)
     try:
         yield temp
-        _fsync_file(temp)
+        _fsync(temp, os.O_RDWR)  # Windows refuses to fsync a read-only descriptor
         os.replace(temp, path)
     except BaseException:
         remove_quietly(temp)
@@ -38,32 +37,19 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
-    """Write a file through `write(file)` so that `path` holds either its old content or the complete new one.
-
-    Returns (SHA-256 hex, size) of what was written, hashed on the way (no read back). Raises OSError.
-    """
-    path = Path(path)
-    temp = temp_path(path)
-    try:
-        result = write_hashed(temp, write)
-        os.replace(temp, path)
-    except BaseException:
-        remove_quietly(temp)
-        raise
-    fsync_dir(path.parent)
-    return result
+    """Write `path` atomically through `write(file)`; returns (SHA-256 hex, size), hashed on the way. Raises OSError."""
+    with atomic_output(path) as temp:
+        return write_hashed(temp, write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file (UTF-8) so that `path` holds either its old content or the complete new one."""
+    """Write a UTF-8 text file atomically."""
     atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def write_hashed(path: Path, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
     """Create `path` through `write(file)`, hashing the bytes as they pass, then fsync it; returns (SHA-256, size).
-
-    The OSError of a failed write (e.g. ENOSPC) is raised as itself, even from writers that wrap it.
-    """
+    The OSError of a failed write (e.g. ENOSPC) is raised as itself, even from writers that wrap it."""
     with open(path, "wb") as file, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
         writer = _HashingWriter(file, hasher)
         try:
@@ -78,8 +64,8 @@ def write_hashed(path: Path, write: Callable[[BinaryIO], object]) -> tuple[str, 
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's content: read in large chunks, each hashed in a second thread while the next is
-    read, so the time is that of the slower of the disk and the hash, not their sum."""
+    """SHA-256 (hex) of a file's content: each chunk is hashed in a second thread while the next is read, so the
+    time is that of the slower of the disk and the hash, not their sum."""
     digest = hashlib.sha256()
     buffers = (bytearray(_HASH_CHUNK), bytearray(_HASH_CHUNK))
     with open(path, "rb") as file, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
@@ -90,10 +76,9 @@ def file_sha256(path: str | os.PathLike) -> str:
             if hashing is not None:
                 hashing.result()
             if not count:
-                break
+                return digest.hexdigest()
             hashing = hasher.submit(digest.update, view[:count])
             index = 1 - index
-    return digest.hexdigest()
 
 
 def temp_path(path: Path) -> Path:
@@ -103,9 +88,12 @@ def temp_path(path: Path) -> Path:
 
 def fsync_dir(folder: Path) -> None:
     """Make the renames in `folder` durable (POSIX; elsewhere directories cannot be opened for fsync)."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
+    if os.name == "posix":
+        _fsync(folder, os.O_RDONLY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
     try:
         os.fsync(descriptor)
     finally:
@@ -120,25 +108,13 @@ def remove_quietly(path: Path) -> None:
         pass
 
 
-def _fsync_file(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDWR)  # Windows refuses to fsync a read-only descriptor
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 class _HashingWriter:
-    """A write-only file wrapper that hashes and counts the bytes passing through it.
-
-    torch.save hands over each tensor's storage as a memoryview of the tensor itself (no copy); a large one is
-    hashed in a second thread while this one writes it (both release the GIL), so hashing costs no extra time
-    where the disk is the slower of the two.
-    """
+    """A write-only file wrapper that hashes and counts the bytes passing through it. torch.save hands over each
+    tensor's storage as a memoryview (no copy); a large one is hashed in a second thread while this one writes it
+    (both release the GIL), so hashing costs no extra time where the disk is the slower of the two."""
 
     def __init__(self, file: BinaryIO, hasher: ThreadPoolExecutor) -> None:
-        self._file = file
-        self._hasher = hasher
+        self._file, self._hasher = file, hasher
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None

@@ -40,11 +40,10 @@ _CHUNK = 1 << 15
 
 @dataclass
 class _Input:
-    """One memory-mapped input: its clean model tensors and the address ranges that map its file."""
+    """One memory-mapped input: its clean model tensors, its metadata and the address ranges that map its file."""
 
     path: Path
     state: dict[str, torch.Tensor]
-    iteration: int | None
     metadata: dict
     mapped: list[tuple[int, int]]
 
@@ -87,11 +86,9 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
 def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.PathLike | None = None, *,
                         use_ema: bool = False, trust_pickle: bool = False,
                         progress: bool = True) -> dict[str, torch.Tensor]:
-    """The element-wise mean of the model (or EMA) weights of `paths`; written to `output` if given.
-
-    Floating-point tensors are summed in float64 and cast back. Integer tensors (num_batches_tracked) come from the
-    newest input (highest recorded iteration, else the last path): a mean of counters counts nothing. Keys, shapes and
-    kinds of dtype must agree. `output` is written by `common.release.write_release`."""
+    """The element-wise mean (in float64) of the model (or EMA) weights of `paths`, written to `output` if given.
+    Integer tensors (num_batches_tracked) come from the newest input (highest recorded iteration, else the last path):
+    a mean of counters counts nothing. Keys, shapes and kinds of dtype must agree."""
     paths = [Path(path) for path in paths]
     if not paths:
         raise UserError("nothing to average: give at least one checkpoint")
@@ -105,7 +102,7 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
 
     inputs = [_open_input(path, use_ema, trust_pickle) for path in paths]
     _check_same_layout(inputs)
-    newest = _newest(inputs)
+    newest = inputs[_newest([item.metadata for item in inputs])]
     averaged: dict[str, torch.Tensor] = {}
     total, scratch = torch.empty(_CHUNK, dtype=torch.float64), torch.empty(_CHUNK, dtype=torch.float64)
     total_bytes = sum(tensor.nbytes for item in inputs for tensor in item.state.values())
@@ -122,23 +119,18 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
                 _release_pages(tensor, item.mapped)
             bar.update(sum(tensor.nbytes for tensor in tensors))
     if output is not None:
-        write_release(Path(output), averaged,
-                      _metadata_of([(item.path, item.metadata) for item in inputs], newest.metadata, use_ema))
+        write_release(Path(output), averaged, _metadata_of([(item.path, item.metadata) for item in inputs], use_ema))
     return averaged
 
 
 def average_metadata(paths: Sequence[str | os.PathLike], use_ema: bool = False) -> dict:
     """What an average of `paths` says about itself: the newest input's shareable metadata, and each input with its
     iteration and metrics; no score of its own (nobody measured it; train.py --average-best adds "validation")."""
-    sources = [(Path(path), read_checkpoint_metadata(path)) for path in paths]
-    iterations = [metadata.get("iteration") for _, metadata in sources]
-    newest = sources[-1][1]
-    if all(isinstance(iteration, int) for iteration in iterations):
-        newest = max(reversed(sources), key=lambda source: source[1]["iteration"])[1]
-    return _metadata_of(sources, newest, use_ema)
+    return _metadata_of([(Path(path), read_checkpoint_metadata(path)) for path in paths], use_ema)
 
 
-def _metadata_of(sources: list[tuple[Path, dict]], newest: dict, use_ema: bool) -> dict:
+def _metadata_of(sources: list[tuple[Path, dict]], use_ema: bool) -> dict:
+    newest = sources[_newest([metadata for _, metadata in sources])][1]
     metadata = {key: value for key, value in shareable_metadata(newest).items()
                 if key not in ("iteration", "metrics", "bn_recalibrated")}
     metadata["time_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -147,6 +139,14 @@ def _metadata_of(sources: list[tuple[Path, dict]], newest: dict, use_ema: bool) 
     metadata["weights"] = "ema" if use_ema else "model"
     metadata["batchnorm_statistics"] = "means of the inputs' running statistics (not re-estimated)"
     return metadata
+
+
+def _newest(metadata: list[dict]) -> int:
+    """The index of the input with the highest recorded iteration (the later one on a tie), else the last one."""
+    iterations = [item.get("iteration") for item in metadata]
+    if all(isinstance(iteration, int) for iteration in iterations):
+        return max(range(len(iterations)), key=lambda index: (iterations[index], index))
+    return len(iterations) - 1
 
 
 def _mean_into(mean: torch.Tensor, tensors: list[torch.Tensor], total: torch.Tensor, scratch: torch.Tensor) -> None:
@@ -167,12 +167,8 @@ def _mean_into(mean: torch.Tensor, tensors: list[torch.Tensor], total: torch.Ten
 def _open_input(path: Path, use_ema: bool, trust_pickle: bool) -> _Input:
     # read_weights_file maps zip checkpoints and safetensors files: no tensor data is read here.
     obj = read_weights_file(path, trust_pickle=trust_pickle)
-    state = extract_model_state(obj, use_ema=use_ema, source=str(path))
-    metadata = read_checkpoint_metadata(obj)
-    iteration = obj.get("iteration") if isinstance(obj, Mapping) else None
-    if not isinstance(iteration, int):
-        iteration = metadata.get("iteration")
-    return _Input(path, state, iteration if isinstance(iteration, int) else None, metadata, _mapped_ranges(path))
+    return _Input(path, extract_model_state(obj, use_ema=use_ema, source=str(path)), read_checkpoint_metadata(obj),
+                  _mapped_ranges(path))
 
 
 def _check_same_layout(inputs: list[_Input]) -> None:
@@ -181,11 +177,8 @@ def _check_same_layout(inputs: list[_Input]) -> None:
         missing = [key for key in reference.state if key not in other.state]
         extra = [key for key in other.state if key not in reference.state]
         if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"lacks {len(missing)} of its keys ({listed(missing)})")
-            if extra:
-                parts.append(f"has {len(extra)} it lacks ({listed(extra)})")
+            parts = ([f"lacks {len(missing)} of its keys ({listed(missing)})"] if missing else []) + \
+                ([f"has {len(extra)} it lacks ({listed(extra)})"] if extra else [])
             raise UserError(f"{other.path} and {reference.path} hold different tensors: {other.path} "
                             f"{' and '.join(parts)}; average checkpoints of one architecture")
         misshaped = [key for key, tensor in reference.state.items() if tensor.shape != other.state[key].shape]
@@ -200,12 +193,6 @@ def _check_same_layout(inputs: list[_Input]) -> None:
             if tensor.is_floating_point() != theirs.is_floating_point():
                 raise UserError(f"{key} is {tensor.dtype} in {reference.path} but {theirs.dtype} in {other.path}; "
                                 f"floating-point and integer tensors cannot be averaged together")
-
-
-def _newest(inputs: list[_Input]) -> _Input:
-    if all(item.iteration is not None for item in inputs):
-        return max(reversed(inputs), key=lambda item: item.iteration)
-    return inputs[-1]
 
 
 # -- memory: dropping the pages of a mapped input once a tensor has been summed --------------------------------

@@ -18,11 +18,9 @@ from common.errors import UserError
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches: int,
                           forward: Callable[[nn.Module, Any], Any] | None = None) -> None:
-    """Replace every BatchNorm's running mean and variance by their exact average over `num_batches` batches.
-
-    `batches` yields model inputs, or anything `forward(model, batch)` runs. The whole model runs in train mode, as in
-    the original recipe, so side heads are re-estimated too; momenta and modes are restored afterwards. Raises
-    UserError if `batches` runs out early."""
+    """Replace every BatchNorm's running mean and variance by their exact average over `num_batches` batches (model
+    inputs, or what `forward(model, batch)` runs). The whole model runs in train mode, as in the original recipe, so
+    side heads are re-estimated too; momenta and modes are restored afterwards. UserError if `batches` runs out."""
     if num_batches < 1:
         raise ValueError(f"num_batches must be at least 1, got {num_batches}")
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from common.checkpoint_store import CheckpointError, CheckpointWarning, read_checkpoint, to_plain
@@ -48,14 +49,12 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, scaler: Any = None, ema: Any = None, *, restore_rng: bool = True,
-                    map_location: Any = "cpu", verify: bool = True) -> dict:
-    """Restore a checkpoint into the given live objects; returns the whole state (iteration, metrics, metadata, ...).
-
-    The SHA-256 is checked first (`verify=False` skips it for a file copied without its sidecar). Each rank takes back
-    its own random generators when the number of ranks is unchanged, else rank 0's. A part the checkpoint lacks leaves
-    its object as it is, with a warning."""
+                    verify: bool = True) -> dict:
+    """Restore a checkpoint, its SHA-256 checked first (unless `verify=False`), into the given live objects; returns
+    the whole state. Each rank takes back its own random generators when the number of ranks is unchanged, else rank
+    0's. A part the checkpoint lacks leaves its object as it is, with a warning."""
     path = Path(path)
-    state = read_checkpoint(path, verify=verify, map_location=map_location)
+    state = read_checkpoint(path, verify=verify)
     if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a training checkpoint of this project, so training cannot resume "
                               "from it; move it out of the --save folder (eval.py and export.py read it as it is)")
@@ -103,23 +102,15 @@ def set_rng_state(rng: dict) -> None:
 
 def library_versions() -> dict:
     """Versions of Python and the libraries that decide numerics, as recorded in checkpoints and results."""
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "torchvision", "numpy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+    return {"python": platform.python_version(),
+            **{package: importlib.metadata.version(package) for package in ("torch", "torchvision", "numpy")}}
 
 
 def _this_ranks(saved: list[dict] | dict) -> dict:
     """This rank's generators from the saved ones (one per rank), or rank 0's when the number of ranks changed."""
     per_rank = [saved] if isinstance(saved, Mapping) else saved
-    distributed = torch.distributed
-    if distributed.is_available() and distributed.is_initialized():
-        rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    else:
-        rank, world_size = 0, 1
+    joined = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if joined else (0, 1)
     return per_rank[rank] if len(per_rank) == world_size else per_rank[0]
 
 

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from common.atomic_io import file_sha256, fsync_dir, remove_quietly, temp_path, write_hashed
 from common.errors import UserError
@@ -32,8 +33,7 @@ _TEMP_RE = re.compile(r"^\.checkpoint-(\d+)\.(?:pth|json)\.\d+\.tmp$")
 # Other names with these endings in a checkpoint folder are reported as foreign files.
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".pkl", ".tar", ".ckpt", ".bin")
 # Accuracy aliases: checkpoints record errors; "top1" means 100 - top1_error, where higher is better.
-ACCURACY_ALIASES = {"top1": "top1_error", "top5": "top5_error"}
-_HIGHER_IS_BETTER = {"top1", "top5", "accuracy"}
+_ACCURACY_ALIASES = {"top1": "top1_error", "top5": "top5_error"}
 # Checkpoints get_latest_model has checked in this process, by (path, inode, size, mtime): a resume that picks the
 # newest good checkpoint (one full hash) and then loads it does not hash the same unchanged file twice.
 _VERIFIED: set[tuple[str, int, int, int]] = set()
@@ -71,13 +71,11 @@ class CheckpointInfo:
 
 def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, keep: int = 5,
                     best_metric_name: str | None = None, lower_is_better: bool = True) -> Path | None:
-    """Write `state` as checkpoint `iters` in `save_dir` atomically; then keep the newest `keep` plus the best.
-
-    Returns the new path, or None on ranks other than 0, which write nothing. Every step is safe to interrupt: the state
-    goes to a hashed, fsynced temporary file; the sidecar is placed first (a sidecar without its data file is skipped as
-    an unfinished save), then the data file, each rename followed by a folder fsync; old checkpoints are removed only
-    after that. get_latest_model checks size and SHA-256 too, so even a reordering after a power cut is safe."""
-    if _is_secondary_rank():
+    """Write `state` as checkpoint `iters` in `save_dir` atomically, then keep the newest `keep` plus the best; the
+    new path, or None on ranks other than 0 (which write nothing). Every step is safe to interrupt: the state goes to a
+    hashed, fsynced temporary file; the sidecar is renamed into place first (without its data file it is an unfinished
+    save), then the data file, each rename made durable; old checkpoints are removed only after that."""
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
     if keep < 1:
         raise CheckpointError(f"keep={keep}: at least one checkpoint must be kept")
@@ -127,7 +125,8 @@ def to_plain(value: Any, *, json_only: bool = False) -> Any:
             return value.item() if value.numel() == 1 else value.tolist()
         return value.detach()
     if isinstance(value, Mapping):
-        return {_plain_key(key): to_plain(item, json_only=json_only) for key, item in value.items()}
+        return {key if isinstance(key, (str, int)) and not isinstance(key, bool) else str(key):
+                to_plain(item, json_only=json_only) for key, item in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [to_plain(item, json_only=json_only) for item in value]
     if isinstance(value, argparse.Namespace):
@@ -137,13 +136,9 @@ def to_plain(value: Any, *, json_only: bool = False) -> Any:
 
 # -- finding and reading --------------------------------------------------------------------------------------
 
-def list_checkpoints(save_dir: str | os.PathLike, verify: bool = False) -> list[CheckpointInfo]:
-    """The complete checkpoints in `save_dir` (sidecar present, sizes agreeing), oldest first; `verify` also
-    checks every SHA-256 (reading every file)."""
-    complete, _ = _scan(Path(save_dir))
-    if verify:
-        complete = [info for info in complete if _hash_matches(info)]
-    return complete
+def list_checkpoints(save_dir: str | os.PathLike) -> list[CheckpointInfo]:
+    """The complete checkpoints in `save_dir` (sidecar present, sizes agreeing; SHA-256 not checked), oldest first."""
+    return _scan(Path(save_dir))[0]
 
 
 def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
@@ -166,44 +161,30 @@ def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
     return (chosen.path, chosen.iteration) if chosen else (None, 0)
 
 
-def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Raise CheckpointCorruptError unless `path` has its sidecar and matches its size and SHA-256."""
-    _verified_info(Path(path))
-
-
-def read_checkpoint(path: str | os.PathLike, *, verify: bool = True, map_location: Any = "cpu") -> Any:
-    """The object stored in checkpoint `path`, its size and SHA-256 checked against the sidecar first.
-
-    The file is mapped and unpickled while a second thread checks the SHA-256 (both read the same pages, which
-    the disk delivers once); the result is returned only once the check has passed. A file get_latest_model
-    checked in this process and unchanged since is not hashed again. `verify=False` skips the check, for a data
-    file copied without its sidecar.
-    """
+def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Any:
+    """The object stored in checkpoint `path`, its size and SHA-256 checked against the sidecar first (not again for
+    a file get_latest_model checked in this process; not at all with `verify=False`, for a file without its sidecar).
+    The file is mapped and unpickled while a second thread hashes it (both read the same pages, which the disk delivers
+    once); the result is returned only once the check has passed."""
     path = Path(path)
-    if not verify:
-        return read_weights_file(path, map_location=map_location)
-    info = _verified_info(path, check_hash=False)
-    if _identity(path) in _VERIFIED:
-        return read_weights_file(path, map_location=map_location)
+    info = verify_checkpoint(path, check_hash=False) if verify else None
+    if info is None or _identity(path) in _VERIFIED:
+        return read_weights_file(path)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
         hashing = hasher.submit(_hash_matches, info)
         try:
-            state = read_weights_file(path, map_location=map_location)
-        except Exception:
+            return read_weights_file(path)
+        finally:
             # A damaged file may already fail to unpickle: the hash tells which error is the right one.
             if not hashing.result():
                 raise CheckpointCorruptError(_hash_mismatch_text(path)) from None
-            raise
-        if not hashing.result():
-            raise CheckpointCorruptError(_hash_mismatch_text(path))
-    return state
 
 
 # -- best K ---------------------------------------------------------------------------------------------------
 
 def default_lower_is_better(metric: str) -> bool | None:
     """The direction of a known metric: errors and losses fall, accuracies rise; None when unknown."""
-    if metric in _HIGHER_IS_BETTER:
+    if metric in ("top1", "top5", "accuracy"):
         return False
     if metric.endswith("_error") or "loss" in metric:
         return True
@@ -213,8 +194,8 @@ def default_lower_is_better(metric: str) -> bool | None:
 def metric_value(metrics: Mapping, metric: str) -> float | None:
     """`metric` from a checkpoint's recorded metrics (with the top1/top5 accuracy aliases); None if absent."""
     value = metrics.get(metric)
-    if value is None and metric in ACCURACY_ALIASES:
-        error = metrics.get(ACCURACY_ALIASES[metric])
+    if value is None and metric in _ACCURACY_ALIASES:
+        error = metrics.get(_ACCURACY_ALIASES[metric])
         value = 100.0 - error if _is_number(error) else None
     return float(value) if _is_number(value) and math.isfinite(value) else None
 
@@ -233,15 +214,6 @@ def best_checkpoints(checkpoints: list[CheckpointInfo], k: int, metric: str,
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _plain_key(key: Any) -> Any:
-    return key if isinstance(key, (str, int)) and not isinstance(key, bool) else str(key)
-
-
-def _is_secondary_rank() -> bool:
-    distributed = torch.distributed
-    return distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0
 
 
 def _save_without_crc(state: dict, file: BinaryIO) -> None:
@@ -281,7 +253,6 @@ def _scan(save_dir: Path) -> tuple[list[CheckpointInfo], list[tuple[int | None, 
             continue
         try:
             info = _parse_sidecar(path, sidecar_path, iteration)
-            _check_size(path, info)
         except (CheckpointCorruptError, OSError) as error:
             problems.append((iteration, path, str(error)))
             continue
@@ -291,30 +262,30 @@ def _scan(save_dir: Path) -> tuple[list[CheckpointInfo], list[tuple[int | None, 
 
 
 def _parse_sidecar(path: Path, sidecar_path: Path, iteration: int) -> CheckpointInfo:
+    """The sidecar's description of `path`, checked against the file's name and size."""
     try:
         sidecar = json.loads(sidecar_path.read_bytes())
         if sidecar.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointCorruptError(f"{sidecar_path.name} was not written by this project")
         if sidecar.get("iteration") != iteration:
             raise CheckpointCorruptError(f"{sidecar_path.name} describes iteration {sidecar.get('iteration')}")
-        return CheckpointInfo(path=path, iteration=iteration, sha256=str(sidecar["sha256"]),
+        info = CheckpointInfo(path=path, iteration=iteration, sha256=str(sidecar["sha256"]),
                               size=int(sidecar["size"]), metrics=dict(sidecar.get("metrics") or {}))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointCorruptError(f"its sidecar {sidecar_path.name} is unreadable") from None
-
-
-def _check_size(path: Path, info: CheckpointInfo) -> None:
-    size = path.stat().st_size
-    if size != info.size:
+    if (size := path.stat().st_size) != info.size:
         raise CheckpointCorruptError(f"it has {size} bytes, its sidecar says {info.size}: an unfinished or "
                                      "damaged save")
+    return info
 
 
 def _hash_mismatch_text(path: Path) -> str:
     return f"{path}: its SHA-256 does not match its sidecar, the file is damaged; {_ADVICE}"
 
 
-def _verified_info(path: Path, check_hash: bool = True) -> CheckpointInfo:
+def verify_checkpoint(path: str | os.PathLike, check_hash: bool = True) -> CheckpointInfo:
+    """`path`'s sidecar; CheckpointCorruptError unless `path` has one and matches its size (and SHA-256)."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointCorruptError(f"{path}: no such checkpoint file; check the path")
     match = _DATA_RE.match(path.name)
@@ -324,7 +295,6 @@ def _verified_info(path: Path, check_hash: bool = True) -> CheckpointInfo:
                                      "checked; load it with verify=False if you know where it comes from")
     try:
         info = _parse_sidecar(path, sidecar_path, int(match.group(1)))
-        _check_size(path, info)
     except CheckpointCorruptError as error:
         raise CheckpointCorruptError(f"{path}: {error}; {_ADVICE}") from None
     if check_hash and not _hash_matches(info):
@@ -378,8 +348,8 @@ def _write_error_text(save_dir: Path, name: str, error: OSError) -> str:
     reason = error.strerror or str(error)
     code = errno.errorcode.get(error.errno or 0)
     hint = {errno.ENOSPC: "free some disk space or choose another --save",
-            errno.EDQUOT: "free some quota or choose another --save",
-            errno.EACCES: "choose a folder you can write to (--save)",
-            errno.EROFS: "choose a folder you can write to (--save)"}.get(error.errno, "check the folder")
+            errno.EDQUOT: "free some quota or choose another --save"}.get(error.errno, "check the folder")
+    if error.errno in (errno.EACCES, errno.EROFS):
+        hint = "choose a folder you can write to (--save)"
     return (f"could not save {name} in {save_dir}: {reason}{f' ({code})' if code else ''}; the checkpoints "
             f"saved before are intact; {hint}")

@@ -78,11 +78,7 @@ def shutdown_distributed() -> None:
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True when `flag` is true on any rank, so every rank takes the same branch (stop, skip, ...)."""
-    if not info.distributed:
-        return flag
-    value = torch.tensor([int(flag)], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return flag if not info.distributed else bool(all_reduce_sum(torch.tensor([int(flag)], device=info.device), info))
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

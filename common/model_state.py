@@ -81,18 +81,10 @@ def unwrap_model(model: Any) -> nn.Module:
     return unwrap(model)
 
 
-def get_model_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The state dict of the unwrapped network: clean keys, tensors shared with the model (no copy)."""
-    return unwrap_model(model).state_dict()
-
-
 def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *,
                       map_location: Any = "cpu") -> Any:
-    """The object stored in a weights file, read without running code from it unless `trust_pickle`.
-
-    `.safetensors` files give a SafetensorsWeights dict; anything else goes through torch.load, which reads both
-    the zip format and the legacy pickles of 2019. Every failure is a one-line WeightsFileError.
-    """
+    """The object stored in a weights file, read without running code from it unless `trust_pickle`: a
+    SafetensorsWeights dict, else torch.load's (zip or the legacy pickles of 2019). Failures are WeightsFileErrors."""
     path = Path(path)
     kind, size = _sniff(path)
     if kind == "safetensors":
@@ -114,25 +106,21 @@ def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the w
     """The model's tensors from any accepted layout under clean names, in a new dict: `module.`/`_orig_mod.`
     prefixes stripped, SE aliases mapped. A tensor stored under two names with different values means a damaged file."""
     weights = _find_weights(obj, use_ema, source)
+    names = {}  # key -> (clean name, whether it is an SE alias)
+    for key, value in weights.items():
+        if isinstance(value, torch.Tensor):
+            name = key
+            while name.startswith(_PREFIXES):
+                name = name.split(".", 1)[1]
+            real = name
+            for alias, target in _SE_ALIASES:
+                real = real.replace(alias, target)
+            names[key] = (real, real != name)
     clean: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
-    aliases = []
-    for key, value in weights.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        name = key
-        while name.startswith(_PREFIXES):
-            name = name.split(".", 1)[1]
-        renamed = name
-        for alias, real in _SE_ALIASES:
-            renamed = renamed.replace(alias, real)
-        if renamed != name:
-            aliases.append((renamed, key, value))
-        else:
-            _put(clean, origin, name, key, value, source)
     # Aliases go in last, so the clean name wins when a file has both (after checking they agree).
-    for name, key, value in aliases:
-        _put(clean, origin, name, key, value, source)
+    for key in sorted(names, key=lambda key: names[key][1]):
+        _put(clean, origin, names[key][0], key, weights[key], source)
     if not clean:
         raise WeightsFileError(f"{source} holds no tensors ({_describe_container(weights)}); "
                                "is it a weights file of this project?")
@@ -143,22 +131,14 @@ def load_model_state(model: Any, source: Any, strict: bool = True, for_inference
                      trust_pickle: bool = False, use_ema: bool = False, *,
                      source_name: str | None = None) -> LoadReport:
     """Copy weights from `source` (a path or a read object) into the unwrapped `model`, every shape checked first.
-
     Missing `num_batches_tracked` is fine; `for_inference` also accepts missing side heads. `strict=False` loads the
     keys both sides have, but refuses mis-shaped keys and a source that fits nothing."""
-    if isinstance(source, (str, os.PathLike)):
-        name = source_name or str(source)
+    is_path = isinstance(source, (str, os.PathLike))
+    name = source_name or (str(source) if is_path else "the weights")
+    if is_path:
         source = read_weights_file(source, trust_pickle=trust_pickle)
-    else:
-        name = source_name or "the weights"
     state = extract_model_state(source, use_ema=use_ema, source=name)
     return _load_checked(unwrap_model(model), state, strict, for_inference, name)
-
-
-def copy_weights(src: Any, dst: Any) -> None:
-    """Copy every tensor of `src` into `dst` (both unwrapped); names and shapes must match exactly."""
-    source = unwrap_model(src)
-    _load_checked(unwrap_model(dst), source.state_dict(), True, False, f"the weights of {type(source).__name__}")
 
 
 def read_checkpoint_metadata(path_or_obj: Any) -> dict:
@@ -234,10 +214,12 @@ def _load_error(path: Path, kind: str, size: int, error: Exception) -> WeightsFi
     if kind == "unknown":
         return WeightsFileError(f"{path} is not a PyTorch or safetensors weights file (it starts with "
                                 f"{_head_text(path)}); check that it is the file you meant")
-    if kind == "zip" and not _zip_has_end(path, size):
-        ends_early = True
-    else:
-        ends_early = isinstance(error, (EOFError, IndexError)) or "EOF" in str(error) or "unpack requires" in str(error)
+    ends_early = (kind == "zip" and not _zip_has_end(path, size)) or isinstance(error, (EOFError, IndexError)) \
+        or "EOF" in str(error) or "unpack requires" in str(error)
+    return _broken_download(path, size, ends_early, error)
+
+
+def _broken_download(path: Path, size: int, ends_early: bool, error: Exception) -> WeightsFileError:
     what = f"ends early ({size} bytes)" if ends_early else f"is damaged ({_short(error)})"
     return WeightsFileError(f"{path} {what}: an interrupted download? compare its size/MD5 with the published "
                             "one and download it again")
@@ -256,9 +238,7 @@ def _read_safetensors(path: Path, size: int, tensors: bool = True) -> Safetensor
         with safe_open(path, framework="pt", device="cpu") as file:
             return SafetensorsWeights({key: file.get_tensor(key) for key in file.keys() if tensors}, file.metadata())
     except (SafetensorError, OSError, ValueError) as error:
-        what = f"ends early ({size} bytes)" if _safetensors_needs(path) > size else f"is damaged ({_short(error)})"
-        raise WeightsFileError(f"{path} {what}: an interrupted download? compare its size/MD5 with the published "
-                               "one and download it again") from None
+        raise _broken_download(path, size, _safetensors_needs(path) > size, error) from None
 
 
 def _safetensors_needs(path: Path) -> int:
@@ -277,11 +257,8 @@ def _safetensors_needs(path: Path) -> int:
 
 
 def _decode_release_metadata(metadata: Mapping[str, str] | None) -> dict:
-    text = (metadata or {}).get(RELEASE_METADATA_KEY)
-    if text is None:
-        return {}
     try:
-        return json.loads(text)
+        return json.loads((metadata or {}).get(RELEASE_METADATA_KEY) or "{}")
     except json.JSONDecodeError:
         return {}
 
@@ -310,8 +287,7 @@ def _find_weights(obj: Any, use_ema: bool, source: str) -> Mapping:
 def _put(clean: dict, origin: dict, name: str, key: str, value: torch.Tensor, source: str) -> None:
     if name in clean:
         kept = clean[name]
-        same = kept.data_ptr() == value.data_ptr() and kept.shape == value.shape
-        if not same and not (kept.shape == value.shape and torch.equal(kept, value)):
+        if kept.shape != value.shape or (kept.data_ptr() != value.data_ptr() and not torch.equal(kept, value)):
             raise WeightsFileError(f"{source} holds two different tensors for {name} (as {origin[name]} and {key}): "
                                    "the file is damaged or was edited; use the original file")
         return

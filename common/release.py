@@ -13,7 +13,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from common.atomic_io import atomic_output, atomic_write, file_sha256
+from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint_store import to_plain
 from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error
@@ -52,17 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 def release_weights(weights: dict[str, torch.Tensor], keep_side_heads: bool = False) -> dict[str, torch.Tensor]:
     """The tensors to release: side heads dropped unless kept, each tensor contiguous with storage of its own
     (safetensors refuses shared storage)."""
-    released = {}
-    storages = set()
+    released, storages = {}, set()
     for key, value in weights.items():
-        if not keep_side_heads and is_side_head(key):
-            continue
-        value = value.detach().cpu().contiguous()
-        storage = value.untyped_storage().data_ptr()
-        if storage in storages:
-            value = value.clone()
-        storages.add(value.untyped_storage().data_ptr())
-        released[key] = value
+        if keep_side_heads or not is_side_head(key):
+            value = value.detach().cpu().contiguous()
+            if value.untyped_storage().data_ptr() in storages:
+                value = value.clone()
+            storages.add(value.untyped_storage().data_ptr())
+            released[key] = value
     return released
 
 
@@ -74,18 +71,14 @@ def shareable_metadata(metadata: dict) -> dict:
 
 def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> dict:
     """The metadata stored in the release: the checkpoint's own (without training arguments), what it holds."""
-    metadata = shareable_metadata(read_checkpoint_metadata(obj))
-    metadata["contents"] = describe_weights(weights)
-    if use_ema:
-        metadata["weights"] = "ema"
-    metadata.setdefault("weights", "model")
+    metadata = {**shareable_metadata(read_checkpoint_metadata(obj)), "contents": describe_weights(weights)}
+    metadata["weights"] = "ema" if use_ema else metadata.get("weights", "model")
     return to_plain(metadata, json_only=True)
 
 
 def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
-    """Write a weights file to share and `OUT.sha256` beside it (as sha256sum writes it), both atomically; returns
-    the SHA-256. The one writer of releases and averages: `.safetensors` holds `metadata` as JSON, any other name is
-    a torch.save state dict."""
+    """Write a weights file to share (`.safetensors` with `metadata` as JSON, any other name a torch.save state dict)
+    and `OUT.sha256` beside it, both atomically; returns the SHA-256. The one writer of releases and averages."""
     output = Path(output)
     # safetensors stores dense row-major data only; a channels_last network's weights are not.
     weights = {name: tensor.contiguous() for name, tensor in weights.items()}
@@ -102,8 +95,7 @@ def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict
             else:
                 torch.save(weights, temporary)
             digest = file_sha256(temporary)
-        line = f"{digest}  {output.name}\n".encode()
-        atomic_write(output.with_name(output.name + ".sha256"), lambda file: file.write(line))
+        atomic_write_text(output.with_name(output.name + ".sha256"), f"{digest}  {output.name}\n")
     except OSError as error:
         raise UserError(f"could not write {output}: {error.strerror or error}; check the folder and free space") \
             from error

@@ -8,13 +8,10 @@ from pathlib import Path
 
 
 class RunLog:
-    """Appends one JSON object per record to `<save_dir>/metrics.jsonl` and mirrors scalars to TensorBoard.
-
-    Only the main process writes; on other ranks every method is a no-op.
-    """
+    """Appends one JSON object per record to `<save_dir>/metrics.jsonl` and mirrors scalars to TensorBoard; on ranks
+    other than the main one (`enabled=False`) it writes nothing."""
 
     def __init__(self, save_dir: str | Path, enabled: bool = True) -> None:
-        self.enabled = enabled
         self.path = Path(save_dir) / "metrics.jsonl"
         self.writer = None
         if enabled:
@@ -23,7 +20,7 @@ class RunLog:
             self.writer = SummaryWriter(str(Path(save_dir) / "tensorboard"))
 
     def log(self, split: str, iteration: int, values: dict[str, float]) -> None:
-        if not self.enabled:
+        if self.writer is None:
             return
         record = {"split": split, "iteration": iteration, "time": round(time.time(), 3), **values}
         with open(self.path, "a") as file:
@@ -37,20 +34,15 @@ class RunLog:
             self.writer.close()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl file; a line cut off by a crash is ignored."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -> Path:
     """A PNG of training loss and top-1 error, with validation error, against the iteration."""
-    figure = curves_figure(read_metrics(metrics_path), title)
+    records = []
+    for line in Path(metrics_path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut off by a crash
+            continue
+    figure = curves_figure(records, title)
     import matplotlib.pyplot as plt
     figure.savefig(output, dpi=100)
     plt.close(figure)
@@ -72,16 +64,14 @@ def curves_figure(records: list[dict], title: str = ""):
         if points:
             loss_axis.plot(*zip(*points), style, label=label)
     loss_axis.set_yscale("log")
-    loss_axis.set_xlabel("iteration")
-    loss_axis.set_ylabel("loss (log scale)")
-    loss_axis.legend()
     error_axis.plot([r["iteration"] for r in train], [r["top1_error"] for r in train], label="train top-1 error")
     for key, label in (("top1_error", "val top-1 error"), ("top5_error", "val top-5 error")):
         if val:
             error_axis.plot([r["iteration"] for r in val], [r[key] for r in val], "o-", label=label)
-    error_axis.set_xlabel("iteration")
-    error_axis.set_ylabel("error (%)")
-    error_axis.legend()
+    for axis, ylabel in ((loss_axis, "loss (log scale)"), (error_axis, "error (%)")):
+        axis.set_xlabel("iteration")
+        axis.set_ylabel(ylabel)
+        axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
     return figure

@@ -1,12 +1,10 @@
-"""Training checkpoints store their tensors packed: one flat tensor per dtype and an index of shapes, so that
-loading does not pay torch.load's per-tensor cost (a Python unpickler step, a record lookup and a storage per
-tensor: seconds for ExLarge's 5,000 tensors, more than reading its 3 GB from disk). Reading unpacks them into
-views of the flat tensors, without a copy, into the nested structure that was saved.
-"""
+"""Training checkpoints store their tensors packed, one flat tensor per dtype and an index of shapes, so loading does
+not pay torch.load's per-tensor cost (an unpickler step, a record lookup and a storage per tensor: seconds for
+ExLarge's 5,000 tensors, more than reading its 3 GB). Unpacking gives views of the flat tensors, without a copy."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,17 +21,21 @@ def pack_tensors(state: Mapping) -> dict:
     """`state` with every tensor (at any depth of dicts, lists and tuples) replaced by a reference, and the tensors'
     values copied into one flat CPU tensor per dtype under PACK_KEY."""
     tensors: list[Tensor] = []
-    skeleton = _strip(state, tensors)
+
+    def strip(obj: Any) -> dict | None:
+        if isinstance(obj, Tensor):
+            tensors.append(obj)
+            return {_REF: len(tensors) - 1}
+        return None
+
+    skeleton = _rebuild(state, strip)
     dtypes = list(dict.fromkeys(tensor.dtype for tensor in tensors))
     flats = [_buffer(dtype, sum(t.numel() for t in tensors if t.dtype == dtype)) for dtype in dtypes]
     offsets = [0] * len(dtypes)
-    groups, sizes = [], []
-    for tensor in tensors:
-        group = dtypes.index(tensor.dtype)
-        count = tensor.numel()
-        flats[group][offsets[group]:offsets[group] + count].view(tensor.shape).copy_(tensor.detach())
-        offsets[group] += count
-        groups.append(group)
+    groups, sizes = [dtypes.index(tensor.dtype) for tensor in tensors], []
+    for tensor, group in zip(tensors, groups):
+        flats[group][offsets[group]:offsets[group] + tensor.numel()].view(tensor.shape).copy_(tensor.detach())
+        offsets[group] += tensor.numel()
         sizes += [tensor.dim(), *tensor.shape]
     return {**skeleton, PACK_KEY: {"storages": flats, "groups": torch.tensor(groups, dtype=torch.int64),
                                    "sizes": torch.tensor(sizes, dtype=torch.int64)}}
@@ -63,27 +65,19 @@ def unpack_tensors(obj: Any) -> Any:
         count = math.prod(shape)
         tensors.append(storages[group][offsets[group]:offsets[group] + count].view(shape))
         offsets[group] += count
-    return _restore({key: value for key, value in obj.items() if key != PACK_KEY}, tensors)
+    return _rebuild({key: value for key, value in obj.items() if key != PACK_KEY},
+                    lambda part: tensors[part[_REF]] if isinstance(part, dict) and part.keys() == {_REF} else None)
 
 
-def _strip(obj: Any, tensors: list[Tensor]) -> Any:
-    if isinstance(obj, Tensor):
-        tensors.append(obj)
-        return {_REF: len(tensors) - 1}
+def _rebuild(obj: Any, convert: Callable[[Any], Any]) -> Any:
+    """`obj` with each part that `convert` maps to something other than None replaced, through dicts, lists, tuples."""
+    converted = convert(obj)
+    if converted is not None:
+        return converted
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_strip(item, tensors) for item in obj)
+        return type(obj)(_rebuild(item, convert) for item in obj)
     if isinstance(obj, dict):
-        return _same_kind(obj, {key: _strip(value, tensors) for key, value in obj.items()})
-    return obj
-
-
-def _restore(obj: Any, tensors: list[Tensor]) -> Any:
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_restore(item, tensors) for item in obj)
-    if isinstance(obj, dict):
-        if len(obj) == 1 and _REF in obj:
-            return tensors[obj[_REF]]
-        return _same_kind(obj, {key: _restore(value, tensors) for key, value in obj.items()})
+        return _same_kind(obj, {key: _rebuild(value, convert) for key, value in obj.items()})
     return obj
 
 

@@ -1,9 +1,6 @@
-"""The training loop shared by every model folder's train.py (MODELS.md, "Training recipes").
-
-Iteration-based: SGD with momentum, weight decay on weights of 2 or more dimensions, label-smoothed cross-entropy
-(plus weighted side-head losses), the learning rate a function of the iteration, validation and crash-safe
-checkpoints at fixed intervals, automatic resume. Read from `run_training` down: set-up (`build_trainer`), the loop
-(`Trainer.train`: one step, then the work due), and what follows the schedule (`finish`)."""
+"""The training loop of every model folder's train.py (MODELS.md, "Training recipes"): iteration-based SGD, the
+learning rate a function of the iteration, validation and crash-safe checkpoints at fixed intervals, automatic resume.
+Read from `run_training` down: set-up (`build_trainer`), the loop (`Trainer.train`), after the schedule (`finish`)."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +32,7 @@ from common.errors import UserError, exit_on_user_error
 from common.evaluate import evaluate
 from common.hardware import AMP_CHOICES, AMP_DTYPES, SpeedChoice, resolve_speed, training_step_timer
 from common.input_format import InputFormat, Preprocess
-from common.model_state import get_model_state_dict, load_model_state, read_checkpoint_metadata
+from common.model_state import load_model_state, read_checkpoint_metadata
 from common.models import REPO_ROOT, create_network_for, load_module
 from common.recipe import DemoRecipe, FinetuneRecipe, NetworkHooks, Recipe  # noqa: F401  (the scripts' imports)
 from common.run_log import RunLog, plot_curves
@@ -215,12 +212,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -365,10 +360,15 @@ class Meter:
     def __init__(self, device: torch.device, start_iteration: int) -> None:
         self.start_iteration = start_iteration
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device)
+        self.loss, self.correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.run_start = time.perf_counter()
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.loss.zero_()
+        self.correct.zero_()
         self.iterations = self.images = self.skipped = 0
-        self.window_start = self.run_start = time.perf_counter()
+        self.window_start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, skipped: int) -> None:
         self.nonfinite |= ~torch.isfinite(loss)
@@ -398,10 +398,7 @@ class Meter:
                   "top1_error": 100.0 * (1.0 - tally[1].item() / max(1, images)),
                   "images_per_second": images / max(elapsed, 1e-9), "skipped": self.skipped}
         per_iteration = (time.perf_counter() - self.run_start) / (done - self.start_iteration)
-        self.loss.zero_()
-        self.correct.zero_()
-        self.iterations = self.images = self.skipped = 0
-        self.window_start = time.perf_counter()
+        self._new_window()
         return window, per_iteration
 
 
@@ -460,7 +457,8 @@ class Trainer:
             stopping = (due or not info.distributed) and any_rank(stop.signal_name is not None, info)
             if not (due or stopping):
                 continue
-            if any_rank(bool(meter.nonfinite) or not weights_finite(self.model), info):
+            finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+            if any_rank(bool(meter.nonfinite) or not finite, info):
                 raise TrainingDiverged(
                     f"the loss or the weights became NaN or infinite after iteration {last_saved} (noticed at "
                     f"{done}); nothing after the checkpoint at iteration {last_saved} was saved, so it stays the "
@@ -522,9 +520,9 @@ class Trainer:
     def validate(self, iteration: int, model: nn.Module | None = None, split: str = "val") -> dict | None:
         if self.val_loader is None:
             return None
-        network = model if model is not None else self.model
-        self.recipe.hooks.prepare(network, None, self.args)
-        results = evaluate(network, self.preprocess, self.val_loader, device=self.info.device, amp=self.args.amp,
+        model = self.model if model is None else model
+        self.recipe.hooks.prepare(model, None, self.args)
+        results = evaluate(model, self.preprocess, self.val_loader, device=self.info.device, amp=self.args.amp,
                            progress=False)
         metrics = {key: results[key] for key in ("top1_error", "top5_error", "loss")}
         self.log.log(split, iteration, metrics)
@@ -544,23 +542,17 @@ class Trainer:
         state = get_training_state(self.model, self.optimizer, scaler=self.scaler, ema=self.ema, iteration=iteration,
                                    best_metric=self.best_error, metrics=metrics, metadata=self.metadata, rng=rng)
         started = time.perf_counter()
-        path = save_checkpoint(state, iteration, self.args.save, keep=self.args.keep,
-                               best_metric_name="top1_error", lower_is_better=True)
+        path = save_checkpoint(state, iteration, self.args.save, keep=self.args.keep, best_metric_name="top1_error")
         print(f"saved {path} ({time.perf_counter() - started:.1f} s)", flush=True)
 
     def train_loader(self, seed: int, start_iteration: int = 0) -> torch.utils.data.DataLoader:
         """Training batches of --train-dir (the original augmentation) for this rank, from `start_iteration`."""
         args, info = self.args, self.info
-        loader, _ = build_train_loader(
+        return build_train_loader(
             args.train_dir, crop_size=args.image_size, global_batch_size=args.batch_size, seed=seed,
             start_iteration=start_iteration, rank=info.rank, world_size=info.world_size, workers=args.workers,
             pin_memory=info.device.type == "cuda",
-            samples_filter=lambda samples: self.recipe.hooks.train_samples(samples, args))
-        return loader
-
-
-def weights_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            samples_filter=lambda samples: self.recipe.hooks.train_samples(samples, args))[0]
 
 
 def compute_loss(outputs, labels: torch.Tensor, criterion: nn.Module, weights: tuple[float, ...]):
@@ -574,17 +566,14 @@ def compute_loss(outputs, labels: torch.Tensor, criterion: nn.Module, weights: t
 
 # -- the run --------------------------------------------------------------------------------------------------
 
-def load_training_checkpoint(path: str | Path, model: nn.Module, **objects) -> dict:
-    """Resume: restore a checkpoint of this project into `model` and `objects` (optimizer, scaler, ema)."""
-    return load_checkpoint(path, model, **objects)
+# Resume: restore a checkpoint of this project into a model and its optimizer, scaler and EMA.
+load_training_checkpoint = load_checkpoint
 
 
 def run_training(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[..., dict],
                  argv: list[str] | None = None) -> str:
-    """Parse the command line and train (or only evaluate with --eval). Bad input ends with a one-line error.
-
-    Returns "finished", or a `Stopped` status when a signal ended the run after saving (`exit_status` makes either an
-    exit status). A signal that stops the run at once exits here with 128 + its number."""
+    """Parse the command line and train (or only evaluate with --eval); bad input ends with a one-line error. Returns
+    "finished", or `Stopped` when a signal ended the run after saving; a signal that stops it at once exits here."""
     try:
         return exit_on_user_error(_run)(network, recipe, load_checkpoint, argv)
     except SignalStop as stop:
@@ -666,19 +655,15 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
     optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                                 momentum=args.momentum)
     scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp == "fp16")
-    ema = None
-    if args.ema:
-        from common.ema import create_ema
-        ema = create_ema(model, decay=args.ema_decay)
+    from common.ema import create_ema  # here: it imports timm, which --help need not
+    ema = create_ema(model, decay=args.ema_decay) if args.ema else None
     state = {}
     if resume_path is not None:
         state = load_checkpoint(resume_path, model, optimizer=optimizer, scaler=scaler, ema=ema)
         say(f"resumed from {resume_path} at iteration {state['iteration']}")
-    val_loader = None
-    if args.val_dir:
-        val_loader = build_eval_loader(args.val_dir, crop_size=args.image_size, batch_size=args.val_batch_size,
-                                       workers=args.workers, rank=info.rank, world_size=info.world_size,
-                                       class_to_index=metadata["class_to_index"])[0]
+    val_loader = build_eval_loader(args.val_dir, crop_size=args.image_size, batch_size=args.val_batch_size,
+                                   workers=args.workers, rank=info.rank, world_size=info.world_size,
+                                   class_to_index=metadata["class_to_index"])[0] if args.val_dir else None
     say(f"{recipe.model_name}: {metadata['num_classes']} classes, {args.total_iters} iterations of global batch "
         f"{args.batch_size} on {info.world_size} x {info.device}, lr {args.learning_rate:g}, image "
         f"{args.image_size}px, input {input_format.describe()}")
@@ -739,35 +724,31 @@ def _recalibrate_batchnorm(trainer: Trainer, num_batches: int) -> None:
 
 def _average_best(trainer: Trainer) -> None:
     from common.average import BATCHNORM_NOTE, average_checkpoints, average_metadata, select_best_checkpoints
-    from common.release import write_release
-    args, info = trainer.args, trainer.info
-    chosen = select_best_checkpoints(args.save, args.average_best, "top1_error", lower_is_better=True)
-    paths = [c.path for c in chosen]
+    args, k = trainer.args, trainer.args.average_best
+    paths = [c.path for c in select_best_checkpoints(args.save, k, "top1_error", lower_is_better=True)]
+    output = Path(args.save) / f"average-best-{k}.safetensors"
     # Every rank averages the same files itself (no rank waits on another's file); only the main rank writes.
-    averaged = average_checkpoints(paths, progress=info.is_main)
-    # The inputs and their metrics; the average's own score is only what is measured on it below.
+    load_model_state(trainer.model, average_checkpoints(paths, progress=trainer.info.is_main), source_name=str(output))
+    # The inputs and their metrics; the average's own score is only what is measured on it.
     metadata = average_metadata(paths)
-    output = Path(args.save) / f"average-best-{args.average_best}.safetensors"
-    load_model_state(trainer.model, averaged, source_name=str(output))
-    split = f"val_average_best_{args.average_best}"
-    metrics = trainer.validate(args.total_iters, split=split)
-    if info.is_main:
-        write_release(output, averaged, _with_validation(metadata, split, metrics))
-        print(f"averaged the best {len(chosen)} checkpoints into {output}")
+    _release_validated(trainer, output, f"val_average_best_{k}", metadata,
+                       f"averaged the best {len(paths)} checkpoints")
     if not args.recompute_bn:
-        if info.is_main:
+        if trainer.info.is_main:
             print(f"note: {BATCHNORM_NOTE}", file=sys.stderr)
         return
     _recalibrate_batchnorm(trainer, args.recompute_bn)
     metadata["batchnorm_statistics"] = f"re-estimated over {args.recompute_bn} training batches"
-    split += "_recomputed_bn"
-    output = output.with_name(output.stem + "-recomputed-bn.safetensors")
-    metrics = trainer.validate(args.total_iters, split=split)
-    if info.is_main:
-        write_release(output, get_model_state_dict(trainer.model), _with_validation(metadata, split, metrics))
-        print(f"re-estimated the average's BatchNorm statistics into {output}")
+    _release_validated(trainer, output.with_name(output.stem + "-recomputed-bn.safetensors"),
+                       f"val_average_best_{k}_recomputed_bn", metadata,
+                       "re-estimated the average's BatchNorm statistics")
 
 
-def _with_validation(metadata: dict, split: str, metrics: dict | None) -> dict:
-    """An average's metadata with its measured score under its own name (none without --val-dir)."""
-    return {**metadata, "validation": {"split": split, **metrics}} if metrics else metadata
+def _release_validated(trainer: Trainer, output: Path, split: str, metadata: dict, what: str) -> None:
+    """Validate the model as `split` and release it with that measured score (none without --val-dir)."""
+    from common.release import write_release
+    metrics = trainer.validate(trainer.args.total_iters, split=split)
+    if trainer.info.is_main:
+        validation = {"validation": {"split": split, **metrics}} if metrics else {}
+        write_release(output, trainer.model.state_dict(), {**metadata, **validation})
+        print(f"{what} into {output}")

@@ -293,7 +293,6 @@ def test_latest_skips_partial_corrupt_and_foreign_files(tmp_path):
     for name, reason in ((damaged.name, "SHA-256"), (truncated.name, "bytes"), (foreign.name, "no sidecar"),
                          (".checkpoint-0000000500.pth.123.tmp", "unfinished"), ("model_best.pth", "not a checkpoint")):
         assert any(name in m and reason in m for m in messages), (name, messages)
-    assert [info.iteration for info in list_checkpoints(tmp_path, verify=True)] == [100]
 
     with pytest.raises(CheckpointCorruptError, match="SHA-256 does not match") as error:
         load_checkpoint(damaged, Tiny())

@@ -12,9 +12,8 @@ import torch
 from conftest import network, released_state_dict
 from torch import nn
 
-from common.model_state import (WeightsFileError, WeightsMismatchError, copy_weights, extract_model_state,
-                                get_model_state_dict, load_model_state, read_checkpoint_metadata, read_weights_file,
-                                unwrap_model)
+from common.model_state import (WeightsFileError, WeightsMismatchError, extract_model_state, load_model_state,
+                                read_checkpoint_metadata, read_weights_file, unwrap_model)
 
 MODELS = ("OneShot", "ShuffleNetV2.Large", "ShuffleNetV2.ExLarge")
 CLASSIFIER = {"OneShot": "classifier.0.weight", "ShuffleNetV2.Large": "fc.weight",
@@ -316,32 +315,17 @@ def test_unwrap_every_wrapper(tmp_path):
     assert unwrap_model(compiled) is model
     assert unwrap_model(nn.DataParallel(compiled)) is model
     ema = ModelEmaV3(model)
-    assert list(get_model_state_dict(ema)) == keys and unwrap_model(ema) is ema.module
+    assert list(unwrap_model(ema).state_dict()) == keys and unwrap_model(ema) is ema.module
     averaged = AveragedModel(model)
     assert unwrap_model(averaged) is averaged.module
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(compiled)
-        assert unwrap_model(ddp) is model and list(get_model_state_dict(ddp)) == keys
+        assert unwrap_model(ddp) is model and list(unwrap_model(ddp).state_dict()) == keys
         target = _Tiny()
-        load_model_state(nn.parallel.DistributedDataParallel(target), get_model_state_dict(ddp))
+        load_model_state(nn.parallel.DistributedDataParallel(target), unwrap_model(ddp).state_dict())
         assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), model.state_dict().values()))
     finally:
         torch.distributed.destroy_process_group()
     # A checkpoint saved from a compiled DDP model has both prefixes.
     load_model_state(_Tiny(), {f"_orig_mod.module.{key}": value for key, value in model.state_dict().items()})
-
-
-def test_copy_weights_checks_shapes():
-    from timm.utils import ModelEmaV3
-
-    source, target = _Tiny(), nn.DataParallel(_Tiny())
-    copy_weights(torch.compile(source), target)
-    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.module.state_dict().values()))
-    ema = ModelEmaV3(_Tiny())
-    copy_weights(source, ema)
-    assert torch.equal(ema.module.fc.weight, source.fc.weight)
-    other = _Tiny()
-    other.fc = nn.Linear(4, 3)
-    with pytest.raises(WeightsMismatchError, match=r"fc.weight: file \(2, 4\) vs model \(3, 4\)"):
-        copy_weights(source, other)
