@@ -16,11 +16,8 @@ from common.errors import UserError
 
 @dataclass(frozen=True)
 class InputFormat:
-    """Pixel values 0..255 are reordered, multiplied by `scale`, then `mean` is subtracted and `std` divides.
-
-    `mean` and `std` are given in the network's channel order. `mean_image`, a path to an OpenCV FileStorage
-    XML mean image (BGR, H x W x 3), replaces `mean` with a per-pixel mean.
-    """
+    """Pixel values 0..255 are reordered, multiplied by `scale`, then `mean` (in the network's channel order) is
+    subtracted and `std` divides. `mean_image`, an OpenCV XML mean image (BGR, H x W x 3), replaces `mean`."""
 
     channel_order: str = "BGR"
     scale: float = 1.0
@@ -61,7 +58,8 @@ class MeanImageError(UserError):
 
 
 def read_opencv_mean_image(path: str | Path) -> np.ndarray:
-    """Read an OpenCV FileStorage XML mean image (`Channel`, `Row`, `Col`, `MeanImg`) as float32 H x W x C."""
+    """Read an OpenCV FileStorage XML mean image (`Channel`, `Row`, `Col`, `MeanImg`) as float32 H x W x C
+    (hand-written: OpenCV is no dependency, and the format is a few tags)."""
     path = Path(path)
     try:
         root = ElementTree.parse(path).getroot()
