@@ -10,10 +10,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -279,12 +278,9 @@ def _count_macs(network: ModuleType, num_classes: int, image_size: int, metadata
 
 def _summary_line(results: dict, published: dict | None) -> str:
     """timm validate.py's summary, ` * Acc@1 a (error) Acc@5 b (error)`, with loss, count and speed."""
-    line = (f" * Acc@1 {results['top1_accuracy']:.3f} ({results['top1_error']:.3f}) "
+    skipped = f" ({results['skipped']:,} skipped: undecodable)" if results["skipped"] else ""
+    reference = (f"  [published error: top-1 {published['top1_error']}, top-5 {published['top5_error']}]"
+                 if published else "")
+    return (f" * Acc@1 {results['top1_accuracy']:.3f} ({results['top1_error']:.3f}) "
             f"Acc@5 {results['top5_accuracy']:.3f} ({results['top5_error']:.3f})  loss {results['loss']:.4f}  "
-            f"{results['images']:,} images")
-    if results["skipped"]:
-        line += f" ({results['skipped']:,} skipped: undecodable)"
-    line += f"  {results['images_per_second']:.1f} images/s"
-    if published:
-        line += f"  [published error: top-1 {published['top1_error']}, top-5 {published['top5_error']}]"
-    return line
+            f"{results['images']:,} images{skipped}  {results['images_per_second']:.1f} images/s{reference}")

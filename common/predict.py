@@ -61,18 +61,15 @@ def find_images(paths: list[str]) -> tuple[list[str], int]:
     extensions = {ext.lower() for ext in Image.registered_extensions()}
     files, others = [], 0
     for path in paths:
-        if os.path.isdir(path):
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
-                for name in sorted(names):
-                    if os.path.splitext(name)[1].lower() in extensions:
-                        files.append(os.path.join(root, name))
-                    else:
-                        others += 1
-        elif os.path.isfile(path):
+        if os.path.isfile(path):
             files.append(path)
-        else:
+        elif not os.path.isdir(path):
             raise UserError(f"{path}: no such file or folder")
+        for root, dirs, names in os.walk(path):  # nothing for a file
+            dirs.sort()
+            kept = [name for name in sorted(names) if os.path.splitext(name)[1].lower() in extensions]
+            files += [os.path.join(root, name) for name in kept]
+            others += len(names) - len(kept)
     return files, others
 
 
