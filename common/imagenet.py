@@ -42,7 +42,7 @@ def imagenet_short_names() -> list[str]:
 
 def output_names(classes: Sequence[str], num_classes: int) -> list[str]:
     """A name for each output: ImageNet's for its wnids, else the weights' class names, then "output i" for the
-    outputs past them (a checkpoint trained with --num-classes above its class folders)."""
+    outputs past them (a checkpoint trained with more outputs than class folders)."""
     names = imagenet_names() if list(classes) == imagenet_wnids() else list(classes)
     return names + [f"output {index}" for index in range(len(names), num_classes)]
 
