@@ -93,14 +93,13 @@ class Preprocess(nn.Module):
         super().__init__()
         self.input_format = input_format
         self.bgr = input_format.channel_order == "BGR"
-        std = torch.tensor(input_format.std, dtype=torch.float32).view(1, 3, 1, 1)
         if input_format.mean_image:
             mean_bgr = torch.from_numpy(read_opencv_mean_image(input_format.mean_image)).permute(2, 0, 1)
             mean = (mean_bgr if self.bgr else mean_bgr.flip(0)).unsqueeze(0).contiguous()
         else:
             mean = torch.tensor(input_format.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("inv_std", 1.0 / std, persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(input_format.std).view(1, 3, 1, 1), persistent=False)
 
     def mean_at(self, height: int, width: int) -> torch.Tensor:
         """The mean to subtract for images of this size: a per-pixel mean image is resized to fit."""
