@@ -20,7 +20,8 @@ import time
 import torch
 
 from timing import interleaved, matmul_gflops, rate, write_json
-from common.inference import cpu_supports_bf16, prepare_inference_model
+from common.hardware import cpu_supports_bf16
+from common.inference import prepare_inference_model
 from common.models import MODEL_FOLDERS, load_network_module
 
 IMAGE_SIZE = 224

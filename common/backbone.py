@@ -1,8 +1,6 @@
-"""The interface every network of this repository has, timm's: forward_features, forward_head, get_classifier,
-reset_classifier, feature_info, forward_intermediates, and a features-only form for detection or segmentation.
-
-The three networks share one shape: a stem, four stages (strides 4, 8, 16, 32), an optional last conv, pooling,
-dropout and a classifier (Large and ExLarge add training-only side heads); `ClassifierNetwork` runs it once."""
+"""The interface every network of this repository has, timm's (forward_features, forward_head, get_classifier,
+reset_classifier, feature_info, forward_intermediates, a features-only form), written once for their shared shape:
+a stem, four stages (strides 4, 8, 16, 32), an optional head conv, pooling, dropout, a classifier, side heads."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,7 +9,7 @@ import torch
 from torch import nn
 
 from common.input_format import InputFormat
-from common.layers import init_weights
+from common.layers import fresh_head
 
 STAGE_REDUCTIONS = (4, 8, 16, 32)
 
@@ -21,10 +19,11 @@ def _under(key: str, prefix: str) -> bool:
 
 
 class ClassifierNetwork(nn.Module):
-    """Base class of the networks; subclasses set the class attributes and implement the three methods below.
-
-    `classifier_name` holds the classifier, `side_head_names` the side heads in stage order, `head_conv_name` the conv
-    between the last stage and the pooling (None without one)."""
+    """Base class of the networks. Subclasses set the class attributes (`classifier_name`: the classifier,
+    `side_head_names`: the side heads in stage order, `head_conv_name`: the conv between the last stage and the
+    pooling, None without one) and implement forward_stem(x), stages() (the four stages in order),
+    stage_module_names() (the module each stage's output comes from, for feature_info), drop_stages_after(last)
+    (the others keep their names) and new_classifier(num_classes) (key names as this network's)."""
 
     classifier_name: str = "fc"
     side_head_names: tuple[str, ...] = ()
@@ -37,43 +36,17 @@ class ClassifierNetwork(nn.Module):
     removed_keys: frozenset[str] = frozenset()
     _batchnorm_frozen: bool = False
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def stages(self) -> list[nn.Module]:
-        """The four stages, each a module from the previous stage's output to its own."""
-        raise NotImplementedError
-
-    def stage_module_names(self) -> list[str]:
-        """For feature_info: the name of the module whose output each stage's output is."""
-        raise NotImplementedError
-
-    def drop_stages_after(self, last: int) -> None:
-        """Remove the stages after stage `last` (the names of the others unchanged)."""
-        raise NotImplementedError
-
-    def new_classifier(self, num_classes: int) -> nn.Module:
-        """A classifier for `num_classes` outputs with the layout of this network's (same key names)."""
-        raise NotImplementedError
-
-    # -- the forward passes ------------------------------------------------------------------------------------
-
     def forward_head_conv(self, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, self.head_conv_name)(x) if self.head_conv_name else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map before pooling (stride 32), head conv included."""
-        x = self.forward_stem(x)
-        for stage in self.stages():
-            x = stage(x)
-        return self.forward_head_conv(x)
+        return self.forward_intermediates(x, indices=1)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Logits of a forward_features map; with `pre_logits` the pooled features (N x num_features) instead."""
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
-        if pre_logits:
-            return x
-        return self.get_classifier()(self.dropout(x))
+        return x if pre_logits else self.get_classifier()(self.dropout(x))
 
     def forward(self, x: torch.Tensor):
         """Logits in eval mode; with side heads, (logits, side heads from the deepest to the shallowest) in training
@@ -82,13 +55,9 @@ class ClassifierNetwork(nn.Module):
             return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         if not (self.training and self.side_head_names):
             return self.forward_head(self.forward_features(x))
-        x = self.forward_stem(x)
-        sides = []
-        for index, stage in enumerate(self.stages()):
-            x = stage(x)
-            if index < len(self.side_head_names):
-                sides.append(getattr(self, self.side_head_names[index])(x))
-        return (self.forward_head(self.forward_head_conv(x)), *reversed(sides))
+        x, stage_outputs = self.forward_intermediates(x)
+        sides = [getattr(self, name)(output) for name, output in zip(self.side_head_names, stage_outputs)]
+        return (self.forward_head(x), *reversed(sides))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -111,8 +80,6 @@ class ClassifierNetwork(nn.Module):
             return intermediates
         return (self.forward_head_conv(x) if len(stages) == len(STAGE_REDUCTIONS) else x), intermediates
 
-    # -- classifier --------------------------------------------------------------------------------------------
-
     def get_classifier(self) -> nn.Module:
         return getattr(self, self.classifier_name)
 
@@ -126,16 +93,10 @@ class ClassifierNetwork(nn.Module):
         features out)."""
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool {global_pool!r}: these networks pool by average only")
-        old = next(self.get_classifier().parameters(), None)
         new = self.new_classifier(num_classes) if num_classes else nn.Identity()
-        init_weights(new)
-        if old is not None:
-            new.to(device=old.device, dtype=old.dtype)
-        setattr(self, self.classifier_name, new)
+        setattr(self, self.classifier_name, fresh_head(self.get_classifier(), new))
         for name in self.side_head_names:
             getattr(self, name).reset_classifier(num_classes)
-
-    # -- features --------------------------------------------------------------------------------------------
 
     @property
     def feature_info(self) -> list[dict]:
@@ -147,22 +108,15 @@ class ClassifierNetwork(nn.Module):
 
     def _stage_indices(self, indices: int | Sequence[int] | None) -> list[int]:
         count = len(STAGE_REDUCTIONS)
-        if indices is None:
-            return list(range(count))
-        if isinstance(indices, int):
-            if not 0 < indices <= count:
-                raise ValueError(f"indices {indices}: the last n stages, n from 1 to {count}")
-            return list(range(count - indices, count))
-        chosen = sorted({i % count if -count <= i < count else _bad_index(i) for i in indices})
-        if not chosen:
+        if isinstance(indices, int) and not 0 < indices <= count:
+            raise ValueError(f"indices {indices}: the last n stages, n from 1 to {count}")
+        if indices is None or isinstance(indices, int):
+            return list(range(count - (indices or count), count))
+        if bad := [i for i in indices if not -count <= i < count]:
+            raise ValueError(f"stage index {bad[0]}: choose from 0 to {count - 1} (or -1 to -{count})")
+        if not indices:
             raise ValueError("indices: choose at least one stage")
-        return chosen
-
-    # -- fine-tuning -------------------------------------------------------------------------------------------
-
-    def head_prefixes(self) -> list[str]:
-        """The classifier and side heads present: what depends on the number of classes."""
-        return [name for name in (self.classifier_name, *self.side_head_names) if hasattr(self, name)]
+        return sorted({i % count for i in indices})
 
     def freeze_backbone(self) -> None:
         """A linear probe: only the classifier trains; every BatchNorm stays in eval mode, even in train()."""
@@ -200,11 +154,6 @@ class StagedNetwork(ClassifierNetwork):
 
     def drop_stages_after(self, last: int) -> None:
         del self.features[last + 1:]
-
-
-def _bad_index(index: int) -> int:
-    raise ValueError(f"stage index {index}: choose from 0 to {len(STAGE_REDUCTIONS) - 1} (or -1 to "
-                     f"-{len(STAGE_REDUCTIONS)})")
 
 
 def make_features_only(network: ClassifierNetwork, out_indices: Sequence[int] | int = (0, 1, 2, 3)

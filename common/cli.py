@@ -26,7 +26,9 @@ def prepare_output(flag: str, path: str | os.PathLike, *, folder: bool = False) 
     except OSError as error:
         reason = error.strerror or str(error)
         if isinstance(error, (FileExistsError, NotADirectoryError)):
-            reason = f"{_blocking_file(target)} is a file, not a folder"
+            # The first existing non-folder on the way to `target`.
+            blocking = next((p for p in [*reversed(target.parents), target] if p.exists() and not p.is_dir()), target)
+            reason = f"{blocking} is a file, not a folder"
         raise UserError(f"{flag} {path}: cannot write there ({reason}); choose another path") from None
     return path
 
@@ -38,21 +40,12 @@ def check_image_size(size: int | None) -> None:
                         "five times; at other sizes the halvings pad unevenly and train.py refuses them too)")
 
 
-def _blocking_file(folder: Path) -> Path:
-    """The first existing non-folder on the way to `folder`."""
-    for candidate in [*reversed(folder.parents), folder]:
-        if candidate.exists() and not candidate.is_dir():
-            return candidate
-    return folder
-
-
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to a flag's help only where it tells something: not for a default of None or
     False (an unset option, an off switch), and not where the help already states its default."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
-                or "default" in text:
+        if any(action.default is unset for unset in (None, False, argparse.SUPPRESS)) or "default" in text:
             return text
         return super()._get_help_string(action)

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Sequence
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 
 def listed(names: Sequence[str], shown: int = 3) -> str:

@@ -1,5 +1,6 @@
 """Evaluation: the loop shared by eval.py and the training's validation (timm validate.py's figures, summed over
-ranks when distributed), the result files, and every model folder's eval.py command line (`run_eval`)."""
+ranks when distributed), the result files, and every model folder's eval.py command line (`run_eval`), whose
+weights, data and speed flags predict.py shares."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import resolve_device
 from common.errors import UserError, exit_on_user_error
 from common.hardware import AMP_CHOICES
-from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_names, imagenet_wnids
+from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_wnids, output_names
 from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
 from common.input_format import InputFormat, add_input_format_arguments, input_format_from_args
 from common.model_state import read_checkpoint_metadata, read_weights_file
@@ -42,26 +42,17 @@ _POSTFIX_INTERVAL = 10
 def evaluate(model: nn.Module | InferenceRunner, preprocess: nn.Module | None, loader: Iterable, *,
              device: str | torch.device | None = None, amp: str | None = None, progress: bool = True,
              keep_predictions: bool = False) -> dict:
-    """Top-1/top-5 accuracy and error (%), mean loss, images, skipped and images/s of `model` over `loader`.
-
-    `model` is a network, run in eval mode behind `preprocess` on `device` under `amp`, or an InferenceRunner
-    (which holds all three). `loader` yields what common.data.build_eval_loader does. With `keep_predictions` the
-    result also holds "predictions": this rank's positions, labels and top-5 classes and probabilities.
-    """
+    """Top-1/top-5 accuracy and error (%), mean loss, images, skipped and images/s of `model` (a network, run in eval
+    mode behind `preprocess` on `device` under `amp`, or an InferenceRunner) over `loader` (build_eval_loader's). With
+    `keep_predictions`, also "predictions": this rank's positions, labels and top-5 classes and probabilities."""
     if isinstance(model, InferenceRunner):
         return _evaluate(model, loader, progress, keep_predictions)
     was_training = model.training
-    model.eval()
     try:
-        runner = InferenceRunner(InferenceModel(model, preprocess), torch.device(device), amp)
+        runner = InferenceRunner(InferenceModel(model.eval(), preprocess), device, amp)
         return _evaluate(runner, loader, progress, keep_predictions)
     finally:
         model.train(was_training)
-
-
-def _planned_images(loader: Iterable) -> int | None:
-    batches = getattr(loader, "batch_sampler", None)
-    return sum(len(batch) for batch in batches) if batches is not None else None
 
 
 def _evaluate(runner: InferenceRunner, loader: Iterable, progress: bool, keep_predictions: bool) -> dict:
@@ -69,8 +60,9 @@ def _evaluate(runner: InferenceRunner, loader: Iterable, progress: bool, keep_pr
     # correct top-1, correct top-k, summed loss, images, skipped: kept on the device to avoid a sync per batch.
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     kept: dict[str, list[torch.Tensor]] = {"positions": [], "labels": [], "top_classes": [], "top_probs": []}
-    bar = tqdm(total=_planned_images(loader), unit="img", desc="eval", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
+    batches = getattr(loader, "batch_sampler", None)
+    bar = tqdm(total=sum(map(len, batches)) if batches is not None else None, unit="img", desc="eval",
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     for step, (images, labels, skipped, positions) in enumerate(loader):
         bar.update(len(labels) + skipped)
@@ -87,59 +79,44 @@ def _evaluate(runner: InferenceRunner, loader: Iterable, progress: bool, keep_pr
         totals[2] += F.cross_entropy(logits, labels, reduction="sum")
         totals[3] += len(labels)
         if keep_predictions:
-            for name, value in (("positions", positions), ("labels", labels), ("top_classes", top_classes),
-                                ("top_probs", top_probs)):
+            for name, value in zip(kept, (positions, labels, top_classes, top_probs)):
                 kept[name].append(value.cpu())
         if progress and step % _POSTFIX_INTERVAL == 0:
             bar.set_postfix_str(f"acc@1 {100 * totals[0].item() / totals[3].item():.2f}%", refresh=False)
     seconds = time.perf_counter() - started
     bar.close()
-    results = _results(*_reduce_over_ranks(totals.cpu(), seconds, device))
+    results = _results(totals, seconds)
     if keep_predictions:
         results["predictions"] = {name: torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
                                   for name, values in kept.items()}
     return results
 
 
-def _reduce_over_ranks(totals: torch.Tensor, seconds: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """The tallies summed over the ranks of a distributed run, and the slowest rank's time."""
+def _results(totals: torch.Tensor, seconds: float) -> dict:
+    """The metrics of the tallies, summed over the ranks of a distributed run (the slowest rank's time)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        reduced = torch.cat((totals, torch.tensor([seconds], dtype=torch.float64))).to(device)
+        reduced = torch.cat((totals, torch.tensor([seconds], dtype=torch.float64, device=totals.device)))
         dist.all_reduce(reduced[:5])
         dist.all_reduce(reduced[5:], op=dist.ReduceOp.MAX)
-        return reduced[:5].cpu(), reduced[5].item()
-    return totals, seconds
-
-
-def _results(totals: torch.Tensor, seconds: float) -> dict:
+        totals, seconds = reduced[:5], reduced[5].item()
     correct1, correct5, loss_sum, images, skipped = totals.tolist()
-    images = int(images)
-    results = {
-        "top1_accuracy": 100 * correct1 / max(images, 1),
-        "top5_accuracy": 100 * correct5 / max(images, 1),
-        "loss": loss_sum / max(images, 1),
-        "images": images,
-        "skipped": int(skipped),
-        "seconds": seconds,
-        "images_per_second": images / seconds if seconds > 0 else 0.0,
-    }
-    results["top1_error"] = 100 - results["top1_accuracy"]
-    results["top5_error"] = 100 - results["top5_accuracy"]
-    return results
+    images, count = int(images), max(int(images), 1)
+    top1, top5 = 100 * correct1 / count, 100 * correct5 / count
+    return {"top1_accuracy": top1, "top5_accuracy": top5, "loss": loss_sum / count, "images": images,
+            "skipped": int(skipped), "seconds": seconds, "images_per_second": images / seconds if seconds > 0 else 0.0,
+            "top1_error": 100 - top1, "top5_error": 100 - top5}
 
 
 # -- result files ---------------------------------------------------------------------------------------------------
 
-RESULT_KEYS = ("top1_accuracy", "top5_accuracy", "top1_error", "top5_error", "loss", "images", "skipped",
-               "images_per_second")
-
-
 def _results_record(results: dict, *, model: str, weights: str | Path, input_format: InputFormat, **how) -> dict:
     """The --results-json record: what was evaluated, how (`how`: params, macs, device, ...), the metrics, the
     library versions."""
+    metrics = ("top1_accuracy", "top5_accuracy", "top1_error", "top5_error", "loss", "images", "skipped",
+               "images_per_second")
     return {"model": model, "weights": str(weights), "weights_sha256": file_sha256(weights),
             "input_format": {**input_format.to_dict(), "description": input_format.describe()},
-            **{key: results[key] for key in RESULT_KEYS}, **how, "versions": library_versions(),
+            **{key: results[key] for key in metrics}, **how, "versions": library_versions(),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -147,14 +124,12 @@ def write_predictions_csv(path: str | Path, predictions: dict, paths: Sequence[s
                           class_names: Sequence[str]) -> None:
     """One row per image: path, label, label_name, then index, name and probability of the top-5 classes."""
     k = predictions["top_classes"].shape[1] if predictions["top_classes"].dim() == 2 else TOP_K
-    header = ["path", "label", "label_name"]
-    for rank in range(1, k + 1):
-        header += [f"top{rank}_index", f"top{rank}_name", f"top{rank}_prob"]
-    order = predictions["positions"].argsort()
+    header = ["path", "label", "label_name", *(f"top{rank}_{what}" for rank in range(1, k + 1)
+                                               for what in ("index", "name", "prob"))]
     with atomic_output(path) as temp, open(temp, "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(header)
-        for row in order.tolist():
+        for row in predictions["positions"].argsort().tolist():
             label = int(predictions["labels"][row])
             cells = [paths[int(predictions["positions"][row])], label, class_names[label]]
             for index, prob in zip(predictions["top_classes"][row].tolist(), predictions["top_probs"][row].tolist()):
@@ -163,6 +138,60 @@ def write_predictions_csv(path: str | Path, predictions: dict, paths: Sequence[s
 
 
 # -- the eval.py command line ---------------------------------------------------------------------------------------
+
+def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """The data flags eval.py and predict.py share: batching, workers, device, crop size."""
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data-loading worker processes; 0 loads in the main process (default: the CPU count, "
+                             "at most 4)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (the default: the GPU when CUDA is present, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="center-crop size; the short side is first resized to round(N * 256 / 224) (default: "
+                             "the size a checkpoint of this project was trained at, else 224)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, layout_flags: bool) -> None:
+    """The model flags eval.py and predict.py share: input format, speed (`layout_flags`: --channels-last and
+    --no-fast too) and weights."""
+    add_input_format_arguments(parser)
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the inference model (Large and ExLarge take a while to compile on a CPU)")
+    speed.add_argument("--amp", choices=AMP_CHOICES, default="none",
+                       help="autocast precision. none (the default): float32, which reproduces the published "
+                            "accuracy exactly; auto: bf16 on CUDA (fp16 where bf16 is not supported), on a CPU bf16 "
+                            "only where it is native (AVX512-BF16 or AMX) and measured faster, else float32 (bf16 "
+                            "results may differ slightly)")
+    if layout_flags:
+        speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                           help="memory layout of the fast path (default: auto, channels_last on CUDA, on a CPU the "
+                                "layout measured faster for this model in a few calls at start)")
+        speed.add_argument("--no-fast", action="store_true",
+                           help="plain path: BatchNorm not folded, float32 NCHW unless --amp/--channels-last say "
+                                "otherwise (the fast path's outputs equal it within float tolerance)")
+    weights = parser.add_argument_group("weights")
+    weights.add_argument("--trust-pickle", action="store_true",
+                         help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
+                              "made yourself")
+    weights.add_argument("--ema", "--use-ema", dest="use_ema", action="store_true",
+                         help="use the EMA weights of a training checkpoint")
+
+
+def read_weights_for(network: ModuleType, args: argparse.Namespace, script: str) -> tuple[object, dict, int,
+                                                                                           InputFormat]:
+    """(weights, metadata, crop size, input format) of --weights for the model folder of `network`, whose `script`
+    a file made for another folder is sent to; the flags win over the file, the file over the network's defaults."""
+    model_name = Path(network.__file__).resolve().parent.name
+    weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
+    metadata = read_checkpoint_metadata(weights)
+    if metadata.get("arch") not in (None, model_name):
+        raise UserError(f"--weights {args.weights}: a {metadata['arch']} checkpoint; use {metadata['arch']}/{script}")
+    stored = metadata.get("input_format")
+    input_format = input_format_from_args(args, InputFormat.from_dict(stored) if stored else network.INPUT_FORMAT)
+    return weights, metadata, args.image_size or metadata.get("image_size") or 224, input_format
+
 
 def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -174,15 +203,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--val-dir", required=True, metavar="DIR",
                         help="val images in ImageFolder layout, one sub-folder per class named by ImageNet wnid "
                              "(or by the class names a checkpoint of this project was trained on)")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per batch (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="data-loading worker processes; 0 loads in the main process (default: the CPU count, "
-                             "at most 4)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (the default: the GPU when CUDA is present, else the CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--image-size", type=int, metavar="N",
-                        help="center-crop size; the short side is first resized to round(N * 256 / 224) (default: "
-                             "the size a checkpoint of this project was trained at, else 224)")
+    add_data_arguments(parser, batch_size=100)
     parser.add_argument("--limit", type=int, metavar="N",
                         help="evaluate only the first N images of the fixed evaluation order (spread over the "
                              "classes)")
@@ -192,37 +213,8 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--predictions-csv", metavar="FILE",
                         help="write per-image top-5 classes (index, name, probability) to FILE")
     parser.add_argument("--class-map", metavar="FILE", help=f"match val folders to network outputs: {CLASS_MAP_HELP}")
-    add_input_format_arguments(parser)
-    speed = parser.add_argument_group("speed")
-    speed.add_argument("--compile", action="store_true",
-                       help="torch.compile the inference model (Large and ExLarge take a while to compile on a CPU)")
-    speed.add_argument("--amp", choices=AMP_CHOICES, default="none",
-                       help="autocast precision. none (the default): float32, which reproduces the published "
-                            "accuracy exactly; auto: bf16 on CUDA (fp16 where bf16 is not supported), on a CPU bf16 "
-                            "only where it is native (AVX512-BF16 or AMX) and measured faster, else float32 (bf16 "
-                            "results may differ slightly)")
-    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="memory layout of the fast path (default: auto, channels_last on CUDA, on a CPU the "
-                            "layout measured faster for this model in a few calls at start)")
-    speed.add_argument("--no-fast", action="store_true",
-                       help="plain path: BatchNorm not folded, float32 NCHW unless --amp/--channels-last say "
-                            "otherwise (the fast path's outputs equal it within float tolerance)")
-    weights = parser.add_argument_group("weights")
-    weights.add_argument("--trust-pickle", action="store_true",
-                         help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
-                              "made yourself")
-    weights.add_argument("--ema", "--use-ema", dest="use_ema", action="store_true",
-                         help="evaluate the EMA weights of a training checkpoint")
+    add_model_arguments(parser, layout_flags=True)
     return parser
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    """What the data and model code would only find after the weights are read."""
-    check_image_size(args.image_size)
-    input_format_from_args(args, InputFormat())  # a bad --mean-image or combination fails before the weights are read
-    for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
-        if path:
-            prepare_output(flag, path)
 
 
 @exit_on_user_error
@@ -231,18 +223,16 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
     `load_checkpoint(model, weights, source_name=, use_ema=)` loads a read weights object into the model."""
     model_name = Path(network.__file__).resolve().parent.name
     args = build_parser(model_name).parse_args(argv)
-    _check_args(args)
+    # What the data and model code would only find after the weights are read.
+    check_image_size(args.image_size)
+    input_format_from_args(args, InputFormat())
+    for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
+        if path:
+            prepare_output(flag, path)
     device = resolve_device(args.device)
-    weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
-    metadata = read_checkpoint_metadata(weights)
-    if metadata.get("arch") not in (None, model_name):
-        raise UserError(f"--weights {args.weights}: a {metadata['arch']} checkpoint; evaluate it with "
-                        f"{metadata['arch']}/eval.py")
-    classes, num_classes, is_imagenet, class_names = _classes(metadata)
-    image_size = args.image_size or metadata.get("image_size") or 224
-    stored_format = metadata.get("input_format")
-    input_format = input_format_from_args(args, InputFormat.from_dict(stored_format) if stored_format
-                                          else network.INPUT_FORMAT)
+    weights, metadata, image_size, input_format = read_weights_for(network, args, "eval.py")
+    classes = metadata.get("classes") or imagenet_wnids()
+    num_classes = metadata.get("num_classes") or len(classes)
     # The val folder is checked before the network is built: large models take seconds to build and load.
     folders = scan_image_folder(args.val_dir, "--val-dir")[1]
     class_to_index = class_to_index_for(folders, classes, args.class_map)
@@ -264,7 +254,7 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
           f"{', compiled' if args.compile else ''} on {device}", flush=True)
     results = evaluate(runner, None, loader, keep_predictions=bool(args.predictions_csv))
     # The published errors are of the 1000 ImageNet classes and the released architecture: elsewhere they mislead.
-    comparable = is_imagenet and len(folders) == len(classes) and not metadata.get("architecture")
+    comparable = list(classes) == imagenet_wnids() and len(folders) == len(classes) and not metadata.get("architecture")
     published = {key: network.PUBLISHED[key] for key in ("top1_error", "top5_error")} if comparable else None
     print(_summary_line(results, published), flush=True)
     if args.results_json:
@@ -274,19 +264,9 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
             image_size=image_size, published=published, device=str(device), amp=runner.amp,
             channels_last=runner.speed.channels_last, compile=args.compile, fast=fast), indent=2) + "\n")
     if args.predictions_csv:
-        write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths, class_names)
+        write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths,
+                              output_names(classes, num_classes))
     return results
-
-
-def _classes(metadata: dict) -> tuple[list[str], int, bool, list[str]]:
-    """The weights' class folders, number of outputs, whether they are ImageNet's, and a name for every output."""
-    classes = metadata.get("classes") or imagenet_wnids()
-    num_classes = metadata.get("num_classes") or len(classes)
-    is_imagenet = list(classes) == imagenet_wnids()
-    class_names = imagenet_names() if is_imagenet else list(classes)
-    # A checkpoint trained with --num-classes above its class folders has outputs without a class.
-    class_names += [f"output {index}" for index in range(len(class_names), num_classes)]
-    return classes, num_classes, is_imagenet, class_names
 
 
 def _count_macs(network: ModuleType, num_classes: int, image_size: int, metadata: dict) -> int:
@@ -298,12 +278,9 @@ def _count_macs(network: ModuleType, num_classes: int, image_size: int, metadata
 
 def _summary_line(results: dict, published: dict | None) -> str:
     """timm validate.py's summary, ` * Acc@1 a (error) Acc@5 b (error)`, with loss, count and speed."""
-    line = (f" * Acc@1 {results['top1_accuracy']:.3f} ({results['top1_error']:.3f}) "
+    skipped = f" ({results['skipped']:,} skipped: undecodable)" if results["skipped"] else ""
+    reference = (f"  [published error: top-1 {published['top1_error']}, top-5 {published['top5_error']}]"
+                 if published else "")
+    return (f" * Acc@1 {results['top1_accuracy']:.3f} ({results['top1_error']:.3f}) "
             f"Acc@5 {results['top5_accuracy']:.3f} ({results['top5_error']:.3f})  loss {results['loss']:.4f}  "
-            f"{results['images']:,} images")
-    if results["skipped"]:
-        line += f" ({results['skipped']:,} skipped: undecodable)"
-    line += f"  {results['images_per_second']:.1f} images/s"
-    if published:
-        line += f"  [published error: top-1 {published['top1_error']}, top-5 {published['top5_error']}]"
-    return line
+            f"{results['images']:,} images{skipped}  {results['images_per_second']:.1f} images/s{reference}")

@@ -1,15 +1,13 @@
-"""What this machine computes fast, and the speed settings chosen from it.
-
-`--amp auto` and `--channels-last` auto resolve per device: on CUDA channels_last with bf16 (else fp16); on a CPU
-bf16 only where native, and the layout (and precision) by a short measurement on the real model, so the defaults
-are never slower than float32 NCHW on the machine at hand."""
+"""What this machine computes fast, and the speed settings chosen from it: `--amp auto` and `--channels-last` auto
+give channels_last with bf16 (else fp16) on CUDA; on a CPU bf16 only where native, and the layout (and precision)
+measured on the real model, so the defaults are never slower than float32 NCHW on the machine at hand."""
 from __future__ import annotations
 
 import copy
 import functools
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,28 +45,25 @@ def cpu_supports_bf16() -> bool:
 
 
 @functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return {}
+    return dict((part.strip() for part in line.split(":", 1)) for line in lines if ":" in line)
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 def cpu_capabilities() -> dict:
     """What the CPU offers the fast paths: model name, vector extensions, native bf16, PyTorch's kernel level."""
     flags = cpu_flags()
-    name = ""
-    try:
-        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"model": name, **{key: key in flags for key in _CPU_FLAGS}, "bf16_native": cpu_supports_bf16(),
-            "kernels": torch.backends.cpu.get_cpu_capability()}
+    return {"model": _cpuinfo().get("model name", ""), **{key: key in flags for key in _CPU_FLAGS},
+            "bf16_native": cpu_supports_bf16(), "kernels": torch.backends.cpu.get_cpu_capability()}
 
 
 def describe_cpu(capabilities: dict | None = None) -> str:
@@ -79,88 +74,60 @@ def describe_cpu(capabilities: dict | None = None) -> str:
             f"{'native' if caps['bf16_native'] else 'emulated (not native)'}; PyTorch kernels {caps['kernels']}")
 
 
+# Set once the emulated-bf16 warning has been given: it is given once per process.
 _warned_emulated = False
 
 
-def warn_emulated_bf16() -> None:
-    """Once per process: bf16 on this CPU is emulated, so it is much slower than float32."""
-    global _warned_emulated
-    if _warned_emulated:
-        return
-    _warned_emulated = True
-    warnings.warn("--amp bf16: this CPU has no native bfloat16 (no AVX512-BF16 or AMX), so PyTorch emulates it: "
-                  "expect training and evaluation several times slower than float32 (6x to 11x measured for "
-                  "training), with bf16's rounding; --amp auto (the default) or none runs float32",
-                  EmulatedBF16Warning, stacklevel=2)
-
-
-def amp_candidates(amp: str | None, device: torch.device) -> list[str | None]:
+def _amp_candidates(amp: str | None, device: torch.device) -> list[str | None]:
     """The precisions `--amp amp` allows on `device`: one, or float32 and bf16 to measure on a bf16-native CPU."""
-    if amp in (None, "none"):
-        return [None]
-    if amp not in AMP_CHOICES:
+    global _warned_emulated
+    if amp not in (*AMP_CHOICES, None):
         raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, not {amp!r}")
+    if amp == "bf16" and device.type == "cpu" and not cpu_supports_bf16() and not _warned_emulated:
+        _warned_emulated = True
+        warnings.warn("--amp bf16: this CPU has no native bfloat16 (no AVX512-BF16 or AMX), so PyTorch emulates it: "
+                      "expect training and evaluation several times slower than float32 (6x to 11x measured for "
+                      "training), with bf16's rounding; --amp auto (the default) or none runs float32",
+                      EmulatedBF16Warning, stacklevel=3)
     if amp != "auto":
-        if amp == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
-            warn_emulated_bf16()
-        return [amp]
+        return [None if amp == "none" else amp]
     if device.type == "cuda":
         return ["bf16" if torch.cuda.is_bf16_supported() else "fp16"]
-    if device.type == "cpu" and cpu_supports_bf16():
-        return [None, "bf16"]
-    return [None]
-
-
-def layout_candidates(channels_last: bool | None, device: torch.device) -> list[bool]:
-    """The layouts to consider: the explicit one, channels_last on CUDA (tensor cores), both on a CPU."""
-    if channels_last is not None:
-        return [channels_last]
-    if device.type == "cpu":
-        return [False, True]
-    return [device.type == "cuda"]
-
-
-def choose_fastest(candidates: Sequence[tuple[bool, str | None]],
-                   prepare: Callable[[bool, str | None], Callable[[], object]], *, what: str = "") -> SpeedChoice:
-    """The candidate (channels_last, amp) whose call runs fastest, timed in turns after one warm-up call each.
-
-    `prepare(channels_last, amp)` sets a candidate up and returns the call to time. Rounds take one call of each, so
-    load from other processes slows all alike; each one's fastest call counts. The first candidate is the
-    reference."""
-    seconds: dict[int, list[float]] = {index: [] for index in range(len(candidates))}
-    round_index = 0
-    while round_index <= _ROUNDS or (round_index <= _MAX_ROUNDS and sum(map(sum, seconds.values())) < _MIN_SECONDS):
-        for index, (channels_last, amp) in enumerate(candidates):
-            call = prepare(channels_last, amp)
-            started = time.perf_counter()
-            call()
-            if round_index:  # round 0 warms up (oneDNN builds its kernels on the first call)
-                seconds[index].append(time.perf_counter() - started)
-        round_index += 1
-    best = {index: min(values) for index, values in seconds.items()}
-    # Another candidate must beat the reference by more than timing noise to replace it.
-    fastest = min(best, key=lambda index: best[index] * (1.0 if index == 0 else _MARGIN))
-    channels_last, amp = candidates[fastest]
-    others = ", ".join(f"{_name(*candidate)} {best[0] / best[index]:.2f}x" for index, candidate in
-                       enumerate(candidates) if index)
-    reason = (f"auto, timed{f' {what}' if what else ''}: {others} the speed of {_name(*candidates[0])} "
-              f"(best of {round_index - 1} rounds)")
-    return SpeedChoice(channels_last, amp, reason)
+    return [None, "bf16"] if device.type == "cpu" and cpu_supports_bf16() else [None]
 
 
 def resolve_speed(channels_last: bool | None, amp: str | None, device: str | torch.device,
                   prepare: Callable[[bool, str | None], Callable[[], object]] | None, *, what: str = "") -> SpeedChoice:
-    """Resolve `--channels-last` (None: auto) and `--amp` for `device`: the fastest of several candidates when
-    `prepare` can time them (see choose_fastest), else the first (plain float32 NCHW on a CPU)."""
+    """Resolve `--channels-last` (None: auto) and `--amp` for `device`: the first candidate (plain float32 NCHW on a
+    CPU) unless `prepare` can time several, else the one whose call runs fastest, timed in turns after a warm-up.
+
+    `prepare(channels_last, amp)` sets a candidate up and returns the call to time. Rounds take one call of each, so
+    load from other processes slows all alike; each one's fastest call counts against the first's."""
     device = torch.device(device)
-    candidates = [(layout, precision) for precision in amp_candidates(amp, device)
-                  for layout in layout_candidates(channels_last, device)]
+    # The layouts: the explicit one, channels_last on CUDA (tensor cores), both on a CPU.
+    layouts = ([channels_last] if channels_last is not None else [False, True] if device.type == "cpu"
+               else [device.type == "cuda"])
+    candidates = [(layout, precision) for precision in _amp_candidates(amp, device) for layout in layouts]
     if prepare is None or len(candidates) == 1:
-        layout, precision = candidates[0]
-        reason = ("set by the flags or the device" if len(candidates) == 1 else
-                  "auto without measuring: plain float32 NCHW")
-        return SpeedChoice(layout, precision, reason)
-    return choose_fastest(candidates, prepare, what=what)
+        return SpeedChoice(*candidates[0], "set by the flags or the device" if len(candidates) == 1
+                           else "auto without measuring: plain float32 NCHW")
+    seconds: list[list[float]] = [[] for _ in candidates]
+    rounds = 0
+    while rounds <= _ROUNDS or (rounds <= _MAX_ROUNDS and sum(map(sum, seconds)) < _MIN_SECONDS):
+        for times, candidate in zip(seconds, candidates):
+            call = prepare(*candidate)
+            started = time.perf_counter()
+            call()
+            if rounds:  # round 0 warms up (oneDNN builds its kernels on the first call)
+                times.append(time.perf_counter() - started)
+        rounds += 1
+    best = [min(times) for times in seconds]
+    # Another candidate must beat the reference by more than timing noise to replace it.
+    fastest = min(range(len(best)), key=lambda index: best[index] * (1.0 if index == 0 else _MARGIN))
+    others = ", ".join(f"{_name(*candidates[index])} {best[0] / best[index]:.2f}x" for index in range(1, len(best)))
+    reason = (f"auto, timed{f' {what}' if what else ''}: {others} the speed of {_name(*candidates[0])} "
+              f"(best of {rounds - 1} rounds)")
+    return SpeedChoice(*candidates[fastest], reason)
 
 
 def _name(channels_last: bool, amp: str | None) -> str:
@@ -169,7 +136,7 @@ def _name(channels_last: bool, amp: str | None) -> str:
 
 def training_step_timer(model: torch.nn.Module, batch: int, image_size: int,
                         device: str | torch.device) -> Callable[[bool, str | None], Callable[[], object]]:
-    """A `prepare` for choose_fastest: one forward and backward pass of a copy of `model` in train mode on
+    """A `prepare` for resolve_speed: one forward and backward pass of a copy of `model` in train mode on
     random images, per candidate layout and precision. `model`, its BatchNorm statistics and the global random
     generators stay untouched (the caller's run stays reproducible)."""
     device = torch.device(device)

@@ -1,19 +1,12 @@
-"""The classes a network predicts, and which of its outputs each class folder of a val set stands for.
-
-The released weights predict the 1000 ImageNet-1k classes in sorted wnid order; timm ships the ids and names,
-torchvision short unique names, so nothing is downloaded. A checkpoint of this project stores its own class list."""
+"""The classes a network predicts, and which of its outputs each class folder of a val set stands for. The released
+weights predict ImageNet-1k's 1000 classes in sorted wnid order (ids and names from timm and torchvision)."""
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 from common.errors import UserError, listed
-
-if TYPE_CHECKING:
-    from timm.data import ImageNetInfo
 
 CLASS_MAP_HELP = ("a text file of lines '<class folder> <output index or class name>' (e.g. 'cat 281' or "
                   "'cat n02123045'); blank lines and lines starting with # are skipped; folders it does not name "
@@ -25,9 +18,8 @@ class ClassMapError(UserError):
 
 
 @functools.cache
-def _info() -> ImageNetInfo:
+def _info():
     from timm.data import ImageNetInfo  # imported on first use: timm takes seconds to import
-
     return ImageNetInfo("imagenet-1k")
 
 
@@ -45,41 +37,41 @@ def imagenet_short_names() -> list[str]:
     """Short unique names of the ImageNet-1k classes in wnid order, e.g. 'tench' (the labels of exported models):
     torchvision's, since timm's repeat ('crane' the bird and the machine)."""
     import torchvision  # imported on first use, like timm
-
     return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def output_names(classes: Sequence[str], num_classes: int) -> list[str]:
+    """A name for each output: ImageNet's for its wnids, else the weights' class names, then "output i" for the
+    outputs past them (a checkpoint trained with more outputs than class folders)."""
+    names = imagenet_names() if list(classes) == imagenet_wnids() else list(classes)
+    return names + [f"output {index}" for index in range(len(names), num_classes)]
 
 
 def read_class_map(path: str | Path, expected: Sequence[str]) -> dict[str, int]:
     """{class folder: output index} from a --class-map file (format: CLASS_MAP_HELP); a target that is not a whole
     number must be one of `expected`."""
-    path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = Path(path).read_text().splitlines()
     except OSError as error:
         raise ClassMapError(f"--class-map {path}: cannot read it ({error.strerror or error})") from None
     index_of = {name: index for index, name in enumerate(expected)}
     mapping: dict[str, int] = {}
     for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        parts, where = line.strip().rsplit(None, 1), f"--class-map {path} line {number}"
+        if not parts or parts[0].startswith("#"):
             continue
-        parts = line.rsplit(None, 1)
         if len(parts) != 2:
-            raise ClassMapError(f"--class-map {path} line {number}: expected '<class folder> <index or class "
-                                f"name>', got {line!r}")
+            raise ClassMapError(f"{where}: expected '<class folder> <index or class name>', got {line.strip()!r}")
         folder, target = parts
-        if target.isdigit():
-            index = int(target)
-            if index >= len(expected):
-                raise ClassMapError(f"--class-map {path} line {number}: index {index} is out of range; the "
-                                    f"network has {len(expected)} classes (0 to {len(expected) - 1})")
-        elif target in index_of:
-            index = index_of[target]
-        else:
-            raise ClassMapError(f"--class-map {path} line {number}: {target!r} is neither an output index nor "
-                                f"one of the {len(expected)} class names ({listed(expected, 4)})")
+        index = int(target) if target.isdigit() else index_of.get(target)
+        if index is None:
+            raise ClassMapError(f"{where}: {target!r} is neither an output index nor one of the {len(expected)} "
+                                f"class names ({listed(expected, 4)})")
+        if index >= len(expected):
+            raise ClassMapError(f"{where}: index {index} is out of range; the network has {len(expected)} classes "
+                                f"(0 to {len(expected) - 1})")
         if folder in mapping:
-            raise ClassMapError(f"--class-map {path} line {number}: class folder {folder!r} is mapped twice")
+            raise ClassMapError(f"{where}: class folder {folder!r} is mapped twice")
         mapping[folder] = index
     return mapping
 
@@ -93,15 +85,8 @@ def class_to_index_for(val_classes: Sequence[str], expected: Sequence[str],
     their name, or a placeholder when a mapped folder took that name."""
     mapping = read_class_map(class_map_file, expected) if class_map_file else {}
     index_of = {name: index for index, name in enumerate(expected)}
-    labels: dict[str, int] = {}
-    unknown = []
-    for folder in val_classes:
-        index = mapping.get(folder, index_of.get(folder))
-        if index is None:
-            unknown.append(folder)
-        else:
-            labels[folder] = index
-    if unknown:
+    labels = {folder: mapping.get(folder, index_of.get(folder)) for folder in val_classes}
+    if unknown := [folder for folder, index in labels.items() if index is None]:
         if len(expected) == 1000 and list(expected) == imagenet_wnids():
             what = ("are not ImageNet wnids: the weights predict the 1000 ImageNet-1k classes in sorted wnid order "
                     "(n01440764, n01443537, ...); name the folders by wnid")
@@ -112,10 +97,9 @@ def class_to_index_for(val_classes: Sequence[str], expected: Sequence[str],
                             f"{what}, {hint}")
     folder_of: dict[int, str] = {}
     for folder, index in labels.items():
-        if index in folder_of:
-            raise ClassMapError(f"--val-dir: class folders {folder_of[index]!r} and {folder!r} both stand for "
+        if (other := folder_of.setdefault(index, folder)) != folder:
+            raise ClassMapError(f"--val-dir: class folders {other!r} and {folder!r} both stand for "
                                 f"output {index} ({expected[index]}); map each output to one folder")
-        folder_of[index] = folder
     # "\0" cannot occur in a file name, so a placeholder never captures a folder.
     return {folder_of.get(index, name if name not in labels else f"\0unused output {index}"): index
             for index, name in enumerate(expected)}

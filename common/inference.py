@@ -6,25 +6,14 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from common.hardware import AMP_DTYPES, SpeedChoice, cpu_supports_bf16, resolve_speed  # noqa: F401 (re-exported)
+from common.hardware import AMP_DTYPES, resolve_speed
 from common.input_format import InputFormat, Preprocess
 from common.layers import ConvBNReLU
 
 # Images per call of the layout measurement of the fast path: enough for the per-image speed, cheap for ExLarge.
 PROBE_BATCH = 4
-
-
-def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Rescale `conv` in place so that it computes bn(conv(x)) with `bn`'s running statistics."""
-    var = bn.running_var.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
-    scale = gamma / torch.sqrt(var + bn.eps)
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
-    # In place with a float64 factor: rounded once, without a float64 copy of the weight (ExLarge's convs: 1 GB).
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
-    conv.bias = nn.Parameter(((bias - bn.running_mean.double()) * scale + beta).to(conv.weight.dtype))
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -34,41 +23,38 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of `model` in eval mode with every Conv2d -> BatchNorm2d pair folded into the conv (BN -> Identity).
-
-    Only pairs whose conv output reaches nothing but the BN: adjacent children of an nn.Sequential, and the conv/bn of
-    a ConvBNReLU, each with its own forward unchanged."""
+    """A copy of `model` in eval mode with each Conv2d -> BatchNorm2d pair whose conv feeds only the BN (adjacent in an
+    nn.Sequential, or a ConvBNReLU's, forward not overridden) folded into the conv, the BN made an Identity."""
     model = copy.deepcopy(model).eval()
     for module in model.modules():
         forward = type(module).forward
         if forward is ConvBNReLU.forward and _foldable(module.conv, module.bn):
-            _folded_conv(module.conv, module.bn)
-            module.bn = nn.Identity()
+            module.conv, module.bn = fuse_conv_bn_eval(module.conv, module.bn), nn.Identity()
         elif forward is nn.Sequential.forward:
             names = list(module._modules)
             for first, second in zip(names, names[1:]):
                 if _foldable(module._modules[first], module._modules[second]):
-                    _folded_conv(module._modules[first], module._modules[second])
+                    module._modules[first] = fuse_conv_bn_eval(module._modules[first], module._modules[second])
                     module._modules[second] = nn.Identity()
     return model
 
 
 class InferenceModel(nn.Module):
-    """The network behind its input format: uint8 (or 0..255 float) RGB N x 3 x H x W in, logits out;
-    `memory_format` (None: kept) converts the preprocessed batch."""
+    """The network behind its input format: uint8 (or 0..255 float) RGB N x 3 x H x W in, logits out."""
 
-    def __init__(self, network: nn.Module, preprocess: nn.Module,
-                 memory_format: torch.memory_format | None = None) -> None:
+    def __init__(self, network: nn.Module, preprocess: nn.Module) -> None:
         super().__init__()
         self.preprocess = preprocess
         self.network = network
-        self.memory_format = memory_format
+        self.memory_format = torch.contiguous_format
+
+    def set_layout(self, channels_last: bool) -> None:
+        """The memory layout of the network's weights and of the preprocessed batch."""
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.network.to(memory_format=self.memory_format)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(images)
-        if self.memory_format is not None:
-            x = x.contiguous(memory_format=self.memory_format)
-        return self.network(x)
+        return self.network(self.preprocess(images).contiguous(memory_format=self.memory_format))
 
 
 class InferenceRunner:
@@ -103,10 +89,8 @@ class InferenceRunner:
 def prepare_inference_model(model: nn.Module, *, input_format: InputFormat, device: str | torch.device,
                             channels_last: bool | None = None, compile: bool = False, amp: str | None = "auto",
                             fold_bn: bool = True, image_size: int = 224) -> InferenceRunner:
-    """A callable for evaluation: uint8 RGB batches N x 3 x H x W in, float32 logits out, input format applied on
-    `device`.
-
-    The fast path (the defaults) folds BatchNorm into a copy and picks layout and precision with
+    """A runner for evaluation: uint8 RGB batches N x 3 x H x W in, float32 logits out, input format applied on
+    `device`. The fast path (the defaults) folds BatchNorm into a copy and picks layout and precision with
     common.hardware.resolve_speed (on a CPU by timing a few `image_size` images), so it is never slower than float32
     NCHW; `channels_last` and `amp` fix them instead. fold_bn=False is the plain path (float32 NCHW unless asked), on
     `model` itself. `compile` adds torch.compile with frozen weights. The runner's `speed` says what was chosen."""
@@ -120,21 +104,15 @@ def prepare_inference_model(model: nn.Module, *, input_format: InputFormat, devi
                            generator=torch.Generator().manual_seed(0))
 
     def prepare(layout: bool, precision: str | None):
-        _set_layout(wrapped, layout)
+        wrapped.set_layout(layout)
         runner = InferenceRunner(wrapped, device, precision)
         return lambda: runner(images)
 
     speed = resolve_speed(channels_last, amp, device, prepare, what=f"on {PROBE_BATCH} images of {image_size}px")
-    _set_layout(wrapped, speed.channels_last)
+    wrapped.set_layout(speed.channels_last)
     if compile:
         # Frozen weights are constants inductor prepacks once, not per call (measured 1.2x on Large, 1.1x OneShot).
         wrapped = torch.compile(wrapped, options={"freezing": True})
     runner = InferenceRunner(wrapped, device, speed.amp, fixed_batch=compile)
     runner.speed = speed
     return runner
-
-
-def _set_layout(model: InferenceModel, channels_last: bool) -> None:
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.memory_format = memory_format
-    model.network.to(memory_format=memory_format)

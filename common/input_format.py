@@ -16,11 +16,8 @@ from common.errors import UserError
 
 @dataclass(frozen=True)
 class InputFormat:
-    """Pixel values 0..255 are reordered, multiplied by `scale`, then `mean` is subtracted and `std` divides.
-
-    `mean` and `std` are given in the network's channel order. `mean_image`, a path to an OpenCV FileStorage
-    XML mean image (BGR, H x W x 3), replaces `mean` with a per-pixel mean.
-    """
+    """Pixel values 0..255 are reordered, multiplied by `scale`, then `mean` (in the network's channel order) is
+    subtracted and `std` divides. `mean_image`, an OpenCV XML mean image (BGR, H x W x 3), replaces `mean`."""
 
     channel_order: str = "BGR"
     scale: float = 1.0
@@ -61,7 +58,8 @@ class MeanImageError(UserError):
 
 
 def read_opencv_mean_image(path: str | Path) -> np.ndarray:
-    """Read an OpenCV FileStorage XML mean image (`Channel`, `Row`, `Col`, `MeanImg`) as float32 H x W x C."""
+    """Read an OpenCV FileStorage XML mean image (`Channel`, `Row`, `Col`, `MeanImg`) as float32 H x W x C
+    (hand-written: OpenCV is no dependency, and the format is a few tags)."""
     path = Path(path)
     try:
         root = ElementTree.parse(path).getroot()
@@ -95,14 +93,13 @@ class Preprocess(nn.Module):
         super().__init__()
         self.input_format = input_format
         self.bgr = input_format.channel_order == "BGR"
-        std = torch.tensor(input_format.std, dtype=torch.float32).view(1, 3, 1, 1)
         if input_format.mean_image:
             mean_bgr = torch.from_numpy(read_opencv_mean_image(input_format.mean_image)).permute(2, 0, 1)
             mean = (mean_bgr if self.bgr else mean_bgr.flip(0)).unsqueeze(0).contiguous()
         else:
             mean = torch.tensor(input_format.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("inv_std", 1.0 / std, persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(input_format.std).view(1, 3, 1, 1), persistent=False)
 
     def mean_at(self, height: int, width: int) -> torch.Tensor:
         """The mean to subtract for images of this size: a per-pixel mean image is resized to fit."""

@@ -34,24 +34,25 @@ class SideHead(nn.Module):
     def __init__(self, in_channels: int, channels: int, num_classes: int, bn_eps: float) -> None:
         super().__init__()
         self.pool = nn.MaxPool2d(3, 2, 1)
-        self.conv = nn.Sequential(
-            ConvBNReLU(in_channels, channels, 1, bn_eps=bn_eps),
-            ConvBNReLU(channels, channels, 3, bn_eps=bn_eps),
-        )
+        self.conv = nn.Sequential(ConvBNReLU(in_channels, channels, 1, bn_eps=bn_eps),
+                                  ConvBNReLU(channels, channels, 3, bn_eps=bn_eps))
         self.fc = nn.Linear(channels, num_classes)
 
     def reset_classifier(self, num_classes: int) -> None:
         """A freshly initialised `fc` for `num_classes` outputs (0: the pooled features themselves)."""
         channels = self.conv[-1].conv.out_channels
-        old = self.fc.weight if isinstance(self.fc, nn.Linear) else None
-        self.fc = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
-        init_weights(self.fc)
-        if old is not None:
-            self.fc.to(device=old.device, dtype=old.dtype)
+        self.fc = fresh_head(self.fc, nn.Linear(channels, num_classes) if num_classes else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(self.pool(x))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def fresh_head(old: nn.Module, new: nn.Module) -> nn.Module:
+    """`new` initialised, on the device and in the dtype of `old`'s parameters: the head that replaces `old`."""
+    init_weights(new)
+    reference = next(old.parameters(), None)
+    return new if reference is None else new.to(device=reference.device, dtype=reference.dtype)
 
 
 def init_weights(model: nn.Module) -> None:
@@ -59,16 +60,12 @@ def init_weights(model: nn.Module) -> None:
     convs N(0, 1 / fan-in channels) (no square root: what the released models were trained from), BatchNorm weight 1,
     bias 1e-4, Linear N(0, 0.01)."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            std = 0.01 if name.startswith("first_conv") else 1.0 / module.weight.shape[1]
-            nn.init.normal_(module.weight, 0.0, std)
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            small = isinstance(module, nn.Linear) or name.startswith("first_conv")
+            nn.init.normal_(module.weight, 0.0, 0.01 if small else 1.0 / module.weight.shape[1])
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d) and module.affine:
             nn.init.ones_(module.weight)
             nn.init.constant_(module.bias, 1e-4)
             nn.init.zeros_(module.running_mean)
-        elif isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.01)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)

@@ -1,7 +1,5 @@
-"""Classify your own images: the predict.py command line of every model folder (`run_predict`).
-
-Images are read with PIL, turned upright by their EXIF orientation and prepared as eval.py prepares them. Class
-names: ImageNet's for released files, a checkpoint's own classes, or a --class-names file."""
+"""Classify your own images: the predict.py command line of every model folder (`run_predict`). Images are turned
+upright by their EXIF orientation and prepared as eval.py prepares them."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +8,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -21,11 +20,12 @@ from common.atomic_io import atomic_write_text
 from common.data import EvalTransform, collate_skip_corrupt_with_indices
 from common.distributed import resolve_device
 from common.errors import UserError, exit_on_user_error
-from common.hardware import AMP_CHOICES
-from common.imagenet import imagenet_names, imagenet_wnids
+from common.evaluate import add_data_arguments, add_model_arguments, read_weights_for
+from common.imagenet import imagenet_wnids, output_names
 from common.inference import prepare_inference_model
-from common.input_format import InputFormat, Preprocess, add_input_format_arguments, input_format_from_args
-from common.model_state import load_model_state, read_checkpoint_metadata, read_weights_file
+from common.input_format import InputFormat, Preprocess
+from common.model_state import load_model_state
+from common.models import create_network_for
 from common.pretrained import classifier_rows
 
 
@@ -34,7 +34,6 @@ def read_image(path: str | Path) -> Image.Image:
     # Another import may have turned this on; a truncated file must fail rather than predict on half grey.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     with Image.open(path) as opened:
-        opened.load()
         image = ImageOps.exif_transpose(opened)
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -62,27 +61,24 @@ def find_images(paths: list[str]) -> tuple[list[str], int]:
     extensions = {ext.lower() for ext in Image.registered_extensions()}
     files, others = [], 0
     for path in paths:
-        if os.path.isdir(path):
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
-                for name in sorted(names):
-                    if os.path.splitext(name)[1].lower() in extensions:
-                        files.append(os.path.join(root, name))
-                    else:
-                        others += 1
-        elif os.path.isfile(path):
+        if os.path.isfile(path):
             files.append(path)
-        else:
+        elif not os.path.isdir(path):
             raise UserError(f"{path}: no such file or folder")
+        for root, dirs, names in os.walk(path):  # nothing for a file
+            dirs.sort()
+            kept = [name for name in sorted(names) if os.path.splitext(name)[1].lower() in extensions]
+            files += [os.path.join(root, name) for name in kept]
+            others += len(names) - len(kept)
     return files, others
 
 
+@dataclass
 class _PredictDataset(Dataset):
     """(uint8 image, 0, index) per file, or None (with one line on stderr) for a file PIL cannot read."""
 
-    def __init__(self, files: list[str], image_size: int) -> None:
-        self.files = files
-        self.transform = EvalTransform(image_size)
+    files: list[str]
+    transform: EvalTransform
 
     def __len__(self) -> int:
         return len(self.files)
@@ -108,16 +104,6 @@ def read_class_names(path: str | Path, count: int) -> list[str]:
         raise UserError(f"--class-names {path}: {len(names)} names, but the weights predict {count} classes; "
                         "give one name per line, in output order")
     return names
-
-
-def class_names_for(metadata: dict, num_classes: int, class_names_file: str | None) -> list[str]:
-    """The name of each output: --class-names, else the checkpoint's classes, else ImageNet's, else 'class i'."""
-    if class_names_file:
-        return read_class_names(class_names_file, num_classes)
-    classes = list(metadata.get("classes") or [])
-    if classes == imagenet_wnids() or (not classes and num_classes == 1000):
-        return imagenet_names()
-    return classes + [f"class {index}" for index in range(len(classes), num_classes)]
 
 
 def _predict(runner, loader: DataLoader, files: list[str], names: list[str], k: int) -> tuple[list[dict], int, float]:
@@ -150,34 +136,15 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--class-names", metavar="FILE",
                         help="class names, one per line in output order (default: ImageNet's for released files, "
                              "the training class folders for checkpoints of this project)")
-    parser.add_argument("--image-size", type=int, metavar="N",
-                        help="center-crop size; the short side is first resized to round(N * 256 / 224) (default: "
-                             "the size a checkpoint of this project was trained at, else 224)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="image-decoding worker processes; 0 decodes in the main process (default: the CPU "
-                             "count, at most 4)")
-    parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu, cuda or cuda:N")
-    parser.add_argument("--amp", choices=AMP_CHOICES, default="none",
-                        help="autocast precision, as in eval.py: none (the default) is float32; auto picks bf16 on "
-                             "CUDA and on CPUs with native bf16 when measured faster")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the inference model")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
-                             "made yourself")
-    parser.add_argument("--ema", "--use-ema", dest="use_ema", action="store_true",
-                        help="use the EMA weights of a training checkpoint")
-    add_input_format_arguments(parser)
+    add_data_arguments(parser, batch_size=32)
+    add_model_arguments(parser, layout_flags=False)
     return parser
 
 
+@exit_on_user_error
 def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict]:
     """The predict.py command line of a model folder (`network`: its network.py); returns the records written
     to --json. Bad input ends with a one-line error before any image is read."""
-    return exit_on_user_error(_run_predict)(network, argv)
-
-
-def _run_predict(network: ModuleType, argv: list[str] | None) -> list[dict]:
     model_name = Path(network.__file__).resolve().parent.name
     args = build_parser(model_name).parse_args(argv)
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
@@ -192,22 +159,17 @@ def _run_predict(network: ModuleType, argv: list[str] | None) -> list[dict]:
     if not files:
         raise UserError(f"no image files in {' '.join(args.paths)}")
 
-    weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
-    metadata = read_checkpoint_metadata(weights)
-    if metadata.get("arch") not in (None, model_name):
-        raise UserError(f"--weights {args.weights}: a {metadata['arch']} checkpoint; use {metadata['arch']}/predict.py")
+    weights, metadata, image_size, input_format = read_weights_for(network, args, "predict.py")
     num_classes = metadata.get("num_classes") or classifier_rows(network, weights)
-    names = class_names_for(metadata, num_classes, args.class_names)
-    image_size = args.image_size or metadata.get("image_size") or 224
-    stored = metadata.get("input_format")
-    input_format = input_format_from_args(args, InputFormat.from_dict(stored) if stored else network.INPUT_FORMAT)
-    model = network.create_network(num_classes)
+    classes = metadata.get("classes") or (imagenet_wnids() if num_classes == 1000 else [])
+    names = read_class_names(args.class_names, num_classes) if args.class_names else output_names(classes, num_classes)
+    model = create_network_for(network, num_classes, metadata)
     load_model_state(model, weights, for_inference=True, use_ema=args.use_ema, source_name=str(args.weights))
     del weights
     runner = prepare_inference_model(model, input_format=input_format, device=device, compile=args.compile,
                                      amp=args.amp)
-    loader = DataLoader(_PredictDataset(files, image_size), batch_size=args.batch_size, num_workers=args.workers,
-                        collate_fn=functools.partial(collate_skip_corrupt_with_indices,
+    loader = DataLoader(_PredictDataset(files, EvalTransform(image_size)), batch_size=args.batch_size,
+                        num_workers=args.workers, collate_fn=functools.partial(collate_skip_corrupt_with_indices,
                                                      image_shape=(3, image_size, image_size)))
     print(f"{model_name}: {len(files)} images, {image_size}px center crop, input {input_format.describe()}, "
           f"on {device}", flush=True)

@@ -9,40 +9,35 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError, exit_on_user_error
 from common.models import MODEL_FOLDERS, REPO_ROOT, load_module
 
 
+@dataclass
 class TrainJob:
     """The callable submitit runs in every task; `checkpoint` makes submitit requeue it instead of giving up."""
 
-    def __init__(self, model: str, train_args: list[str]) -> None:
-        self.model = model
-        self.train_args = train_args
+    model: str
+    train_args: list[str]
 
     def __call__(self) -> str:
         import submitit
-        environment = submitit.JobEnvironment()
         # One rank per task: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, as torchrun would set them.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         requeue = signal.getsignal(signal.SIGUSR2)
-        status = load_train_script(self.model).main(self.train_args)
-        if status == "stopped" and callable(requeue) and environment.global_rank == 0:
+        folder = REPO_ROOT / self.model
+        sys.path.insert(0, str(folder))  # for the train.py's `import network`
+        status = load_module(folder / "train.py", "train_" + self.model.replace(".", "_")).main(self.train_args)
+        if status == "stopped" and callable(requeue) and submitit.JobEnvironment().global_rank == 0:
             requeue(signal.SIGUSR2, None)
         return status
 
     def checkpoint(self):
         import submitit
         return submitit.helpers.DelayedSubmission(TrainJob(self.model, self.train_args))
-
-
-def load_train_script(model: str):
-    """A model folder's train.py as a module (its folder goes on sys.path so its `import network` works)."""
-    folder = REPO_ROOT / model
-    sys.path.insert(0, str(folder))
-    return load_module(folder / "train.py", "train_" + model.replace(".", "_"))
 
 
 def build_parser() -> argparse.ArgumentParser:

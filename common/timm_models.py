@@ -2,9 +2,8 @@
 
     model = timm.create_model("shufflenetv2_large", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))
 
-Nothing is downloaded: weights come from a local file of any layout eval.py accepts. The released weights take BGR
-0..255 (minus a mean for Large); the configs' mean and std make timm's pipeline give RGB 0..255 minus that mean, and
-the models reverse the channels before their first conv. Only the resize differs from eval.py (PIL, antialiased)."""
+Weights come from a local file of any layout eval.py accepts. The configs' mean and std make timm's pipeline give the
+weights' 0..255 scale and mean; a BGR model reverses the channels before its first conv (timm's resize is PIL's)."""
 from __future__ import annotations
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -14,12 +13,8 @@ from common.backbone import ClassifierNetwork
 from common.input_format import InputFormat
 from common.model_state import extract_model_state
 from common.models import load_network_module
-from common.pretrained import pretrained_state
+from common.pretrained import MODEL_NAMES, pretrained_state
 
-__all__ = ["oneshot", "shufflenetv2_large", "shufflenetv2_exlarge", "timm_input_format"]
-
-_FOLDERS = {"oneshot": "OneShot", "shufflenetv2_large": "ShuffleNetV2.Large",
-            "shufflenetv2_exlarge": "ShuffleNetV2.ExLarge"}
 _FIRST_CONVS = {"oneshot": "first_conv.0", "shufflenetv2_large": "first_conv.0.conv",
                 "shufflenetv2_exlarge": "first_conv.0.conv"}
 
@@ -33,20 +28,20 @@ def timm_input_format(weights_format: InputFormat) -> InputFormat:
 
 
 def _cfg(name: str) -> dict:
-    network = load_network_module(_FOLDERS[name])
+    network = load_network_module(MODEL_NAMES[name])
     fmt = timm_input_format(network.INPUT_FORMAT)
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 224 / 256,
         "crop_mode": "center", "interpolation": "bilinear", "mean": fmt.mean, "std": fmt.std,
         "first_conv": _FIRST_CONVS[name], "classifier": network.CLASSIFIER,
-        "description": f"{_FOLDERS[name]} of the ShuffleNet series; weights from a local file (file=PATH)",
+        "description": f"{MODEL_NAMES[name]} of the ShuffleNet series; weights from a local file (file=PATH)",
         "notes": (f"the released weights take {network.INPUT_FORMAT.describe()}; this timm model takes RGB as timm's "
                   "transforms give it (mean and std put it on the 0..255 scale) and reverses the channels before "
                   "its first conv",),
     }
 
 
-default_cfgs = generate_default_cfgs({f"{name}.released": _cfg(name) for name in _FOLDERS})
+default_cfgs = generate_default_cfgs({f"{name}.released": _cfg(name) for name in MODEL_NAMES})
 
 
 def _rgb_to_bgr(module: nn.Module, args: tuple) -> tuple:
@@ -56,12 +51,11 @@ def _rgb_to_bgr(module: nn.Module, args: tuple) -> tuple:
 def _filter_fn(state_dict: dict, model: ClassifierNetwork) -> dict:
     """A file's tensors (any released layout or checkpoint of this project) as a complete state dict of `model`:
     heads that do not fit keep the model's fresh initialisation; anything else that does not fit is an error."""
-    loading, _, _ = pretrained_state(model, extract_model_state(state_dict))
-    return {**model.state_dict(), **loading}
+    return {**model.state_dict(), **pretrained_state(model, extract_model_state(state_dict))[0]}
 
 
 def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
-    network = load_network_module(_FOLDERS[name])
+    network = load_network_module(MODEL_NAMES[name])
 
     def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg") -> ClassifierNetwork:
         if in_chans != 3 or global_pool != "avg":
