@@ -261,9 +261,7 @@ class _Arguments:
 
 
 def _compute(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.dtype == torch.float16:
-        return value.float()
-    return value
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.float16 else value
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:

@@ -164,8 +164,7 @@ def judge(reference: np.ndarray, candidate: np.ndarray, candidate_top1, *, preci
         advice = ("try --precision fp32" if precision in ("fp16", "fp32") else
                   "its weights do not reproduce the network's: compress less (more bits) or re-export the package")
         raise ExportVerificationError(f"{target} gives non-finite outputs ({precision}): an overflow; {advice}")
-    reference_top1 = reference.argmax(axis=1)
-    agrees = np.asarray(candidate_top1) == reference_top1
+    agrees = np.asarray(candidate_top1) == reference.argmax(axis=1)
     logit_range = float(reference.max() - reference.min())
     exact = precision == "fp32"
     clear = np.ones(len(reference), dtype=bool) if exact else clear_top1(reference)
