@@ -1,11 +1,9 @@
 """Checking a saved Core ML package against PyTorch, on any platform.
 
-On macOS Core ML predicts. Elsewhere (Core ML runs only on Apple systems) the package is read with coremltools'
-MIL loader and its operations are evaluated one by one in torch, as the runtime would: fp16 tensors are stored in
-fp16 and every operation computes in fp32, so an fp16 program's rounding is reproduced. Compressed weights are
-rebuilt by coremltools from the stored palettes or integers, so a damaged palette changes the outputs. An unknown
-operation stops the check before anything runs, so a program is never half-checked.
-"""
+On macOS Core ML predicts. Elsewhere the package is read with coremltools' MIL loader and its operations evaluated
+in torch as the runtime would: fp16 values stored in fp16, every operation computed in fp32; compressed weights
+rebuilt by coremltools from the stored palettes or integers. An unknown operation stops the check before anything
+runs, so a program is never half-checked."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +11,7 @@ import math
 import platform
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch.nn import functional as F
 
 from common.input_format import InputFormat
 from common.verification import (ExportVerificationError, VerificationReport, judge, make_test_images,
-                                 reference_logits)
+                                 reference_logits, top1_lead)
 
 SELECTION_POOL = 4
 
@@ -49,12 +48,9 @@ def verify_coreml(package_path: str | Path, model: nn.Module, input_format: Inpu
                   min_agreement: float | None = None) -> VerificationReport:
     """Check a saved .mlpackage against `model` fed with `input_format`; raise ExportVerificationError if it differs.
 
-    Precision, compression, image size and class names come from the package. An uncompressed package is checked
-    on the `num_images` synthetic images with the clearest PyTorch top-1 out of four times as many (a near-tie says
-    nothing about the conversion); a compressed one on `num_images` as they come, and must agree on
-    `min_agreement` of them (default: all), since its agreement is a measurement. Given `images` (RGB uint8
-    N x H x W x 3 at the package's size), those are used as they are.
-    """
+    An uncompressed package is checked on the `num_images` synthetic images with the clearest PyTorch top-1 out of
+    four times as many (a near-tie says nothing about the conversion); a compressed one on `num_images` as they come,
+    agreeing on `min_agreement` of them (default: all). Given `images` (RGB uint8 N x H x W x 3), those are used."""
     package_path = Path(package_path)
     program = MLProgram(package_path)
     chosen = images is not None
@@ -66,14 +62,13 @@ def verify_coreml(package_path: str | Path, model: nn.Module, input_format: Inpu
                          f"not {images.shape}")
     reference = reference_logits(model, input_format, images)
     if not program.compression and not chosen:
-        top2 = np.sort(reference, axis=1)[:, -2:]
-        clearest = np.sort(np.argsort(top2[:, 1] - top2[:, 0])[-num_images:])
+        clearest = np.sort(np.argsort(top1_lead(reference))[-num_images:])
         images, reference = images[clearest], reference[clearest]
     if platform.system() == "Darwin":
         candidate, labels = _predict_with_coreml(package_path, program, images)
-        reference = _log_softmax(reference)
+        reference = torch.log_softmax(torch.from_numpy(reference).double(), dim=1).numpy()
         # A probability that underflowed to 0 has no logarithm to compare; the label check still covers it.
-        candidate = np.where(np.isnan(candidate), reference, candidate)
+        candidate = np.where(np.isfinite(candidate), candidate, reference)
         method = "Core ML prediction (log-probabilities)"
     else:
         candidate, labels = program.predict(images)
@@ -81,16 +76,12 @@ def verify_coreml(package_path: str | Path, model: nn.Module, input_format: Inpu
     index = {name: i for i, name in enumerate(program.class_names)}
     return judge(reference, candidate, [index[label] for label in labels],
                  precision=program.compression or program.precision, target=package_path.name, method=method,
-                 operations=program.operation_counts, min_agreement=min_agreement if program.compression else None)
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    return torch.log_softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+                 min_agreement=min_agreement if program.compression else None)
 
 
 def _predict_with_coreml(package_path: Path, program: "MLProgram",
                          images: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Log-probabilities and labels from Core ML; probabilities that underflowed to 0 give NaN."""
+    """Log-probabilities and labels from Core ML; probabilities that underflowed to 0 give -inf."""
     from PIL import Image
 
     ct = import_coremltools()
@@ -104,7 +95,7 @@ def _predict_with_coreml(package_path: Path, program: "MLProgram",
         probabilities = result[description.predictedProbabilitiesName]
         row = np.array([probabilities[name] for name in program.class_names], dtype=np.float64)
         with np.errstate(divide="ignore"):
-            rows.append(np.where(row > 0, np.log(row), np.nan))
+            rows.append(np.log(row))
         labels.append(result[description.predictedFeatureName])
     return np.stack(rows), labels
 
@@ -140,8 +131,8 @@ class MLProgram:
             raise ExportVerificationError(f"{path.name}: coremltools cannot read its ML program ({error})") from None
         self.operations = list(function.operations)
         self.operation_counts = dict(Counter(op.op_type for op in self.operations))
-        unknown = sorted({op.op_type for op in self.operations if op.blocks} |
-                         {op.op_type for op in self.operations if op.op_type not in {*_KERNELS, *_CONSTANTS}})
+        known = {*_KERNELS, *_CONSTANTS}
+        unknown = sorted({op.op_type for op in self.operations if op.blocks or op.op_type not in known})
         if unknown:
             raise UnsupportedProgramError(
                 f"{path.name} uses operations the Linux verifier does not evaluate: {', '.join(unknown)}; "
@@ -177,13 +168,10 @@ class MLProgram:
         value = var.val if op.op_type == "const" else op.materialized_val_inference()
         if isinstance(value, (str, list, tuple)):
             return value
-        array = np.asarray(value)
         type_name = self._type_name(var)
         if type_name not in _TORCH_DTYPES:
             raise UnsupportedProgramError(f"constants of type {type_name} are not supported ({var.name!r})")
-        if array.dtype in (np.uint16, np.uint32):
-            array = array.astype(np.int64)
-        return torch.from_numpy(np.ascontiguousarray(array)).to(_TORCH_DTYPES[type_name])
+        return _from_numpy(np.asarray(value)).to(_TORCH_DTYPES[type_name])
 
     def _find_classifier(self, name: str) -> tuple[Any, str]:
         """The classify op, and the name of the logits: the input of the softmax that feeds it (through casts)."""
@@ -203,10 +191,8 @@ class MLProgram:
         logits, labels = [], []
         label_name = self._classify.outputs[0].name
         for image in images:
-            pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
             # Core ML feeds the image as 1 x 3 x H x W float in the declared channel order; the program scales it.
-            if self.color_space == "BGR":
-                pixels = pixels.flip(0)
+            pixels = _from_numpy(image[..., ::-1] if self.color_space == "BGR" else image).permute(2, 0, 1).float()
             values = self.run({self.input_name: pixels.unsqueeze(0)})
             logits.append(values[self._logits_name].float().reshape(-1).numpy())
             labels.append(values[label_name])
@@ -227,9 +213,7 @@ class MLProgram:
             except Exception as error:
                 error.add_note(f"while evaluating the ML program's {op.op_type} {op.outputs[0].name!r}")
                 raise
-            if not isinstance(results, tuple):
-                results = (results,)
-            for output, result in zip(op.outputs, results, strict=True):
+            for output, result in zip(op.outputs, results if isinstance(results, tuple) else (results,), strict=True):
                 values[output.name] = self._conform(op, output, result)
         return values
 
@@ -248,78 +232,57 @@ class MLProgram:
         return _compute(result.to(_TORCH_DTYPES[type_name]))
 
 
+_REQUIRED = object()
+
+
+@dataclass
 class _Arguments:
     """An operation's inputs by name. Float tensors come as fp32: each op computes in fp32 from stored values."""
 
-    def __init__(self, op_type: str, values: dict[str, list[Any]]) -> None:
-        self.op_type = op_type
-        self.values = values
+    op_type: str
+    values: dict[str, list[Any]]
 
-    def has(self, name: str) -> bool:
-        return name in self.values
+    def raw(self, name: str, default: Any = _REQUIRED) -> Any:
+        if name in self.values:
+            return self.values[name][0]
+        if default is _REQUIRED:
+            raise ExportVerificationError(f"{self.op_type} is missing its input {name!r}")
+        return default
 
-    def raw(self, name: str, default: Any = None) -> Any:
-        if name not in self.values:
-            if default is None:
-                raise ExportVerificationError(f"{self.op_type} is missing its input {name!r}")
-            return default
-        return self.values[name][0]
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return _compute(self.raw(name))
+    def tensor(self, name: str, default: Any = _REQUIRED) -> torch.Tensor:
+        return _compute(self.raw(name, default))
 
     def tensors(self, name: str) -> list[torch.Tensor]:
         return [_compute(value) for value in self.values[name]]
 
-    def ints(self, name: str, default: list[int] | None = None) -> list[int]:
+    def ints(self, name: str, default: Any = _REQUIRED) -> list[int] | None:
         value = self.raw(name, default)
-        return value if isinstance(value, list) else [int(v) for v in value.reshape(-1).tolist()]
-
-    def float(self, name: str, default: float) -> float:
-        return float(self.raw(name, default))
-
-    def int(self, name: str, default: int | None = None) -> int:
-        return int(self.raw(name, default))
-
-    def bool(self, name: str, default: bool | None = None) -> bool:
-        return bool(self.raw(name, default))
-
-    def bools(self, name: str, default: list[bool]) -> list[bool]:
-        value = self.raw(name, default)
-        return value if isinstance(value, list) else [bool(v) for v in value.reshape(-1).tolist()]
-
-    def str(self, name: str, default: str) -> str:
-        return str(self.raw(name, default))
+        return value if value is None or isinstance(value, list) else [int(v) for v in value.reshape(-1).tolist()]
 
 
 def _compute(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.dtype == torch.float16:
-        return value.float()
-    return value
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.float16 else value
 
 
-def _spatial_padding(args: _Arguments, x: torch.Tensor, kernel: Sequence[int], strides: Sequence[int],
-                     dilations: Sequence[int]) -> list[int]:
-    """Begin/end padding per spatial axis, [b0, e0, b1, e1, ...], for pad_type valid, custom, same, same_lower."""
-    pad_type = args.str("pad_type", "valid")
-    spatial = x.shape[2:]
-    if pad_type == "valid":
-        return [0] * (2 * len(spatial))
-    if pad_type == "custom":
-        return args.ints("pad", [0] * (2 * len(spatial)))
-    if pad_type not in ("same", "same_lower"):
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _padding(args: _Arguments, x: torch.Tensor, kernel: Sequence[int], strides: Sequence[int],
+             dilations: Sequence[int]) -> list[int]:
+    """F.pad's padding (last axis first, begin then end) for pad_type valid, custom, same or same_lower."""
+    pad_type = str(args.raw("pad_type", "valid"))
+    if pad_type in ("valid", "custom"):
+        pads = args.ints("pad") if pad_type == "custom" else [0] * (2 * len(kernel))
+        pairs = [pads[i:i + 2] for i in range(0, len(pads), 2)]
+    elif pad_type in ("same", "same_lower"):
+        pairs = []
+        for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            begin = total // 2 if pad_type == "same" else total - total // 2
+            pairs.append([begin, total - begin])
+    else:
         raise UnsupportedProgramError(f"{args.op_type} pad_type {pad_type!r} is not supported")
-    pads = []
-    for size, k, s, d in zip(spatial, kernel, strides, dilations):
-        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        begin = total // 2 if pad_type == "same" else total - total // 2
-        pads += [begin, total - begin]
-    return pads
-
-
-def _torch_pad_order(pads: list[int]) -> list[int]:
-    """[b0, e0, b1, e1] (first spatial axis first) to F.pad's order (last axis first)."""
-    pairs = [pads[i:i + 2] for i in range(0, len(pads), 2)]
     return [p for pair in reversed(pairs) for p in pair]
 
 
@@ -327,82 +290,44 @@ def _conv(args: _Arguments) -> torch.Tensor:
     x, weight = args.tensor("x"), args.tensor("weight")
     if x.dim() != 4:
         raise UnsupportedProgramError(f"conv on rank-{x.dim()} tensors is not supported (2-D convolutions only)")
-    strides = args.ints("strides", [1, 1])
-    dilations = args.ints("dilations", [1, 1])
-    pads = _spatial_padding(args, x, weight.shape[2:], strides, dilations)
-    padding = pads[::2]
-    if pads[1::2] != padding:
-        x, padding = F.pad(x, _torch_pad_order(pads)), [0] * len(padding)
-    bias = args.tensor("bias") if args.has("bias") else None
-    return F.conv2d(x, weight, bias, strides, padding, dilations, args.int("groups", 1))
+    strides, dilations = args.ints("strides", [1, 1]), args.ints("dilations", [1, 1])
+    pads = _padding(args, x, weight.shape[2:], strides, dilations)
+    padding = pads[::2][::-1]
+    if pads[1::2] != pads[::2]:
+        x, padding = F.pad(x, pads), 0
+    return F.conv2d(x, weight, args.tensor("bias", None), strides, padding, dilations, int(args.raw("groups", 1)))
 
 
 def _pool(args: _Arguments, average: bool) -> torch.Tensor:
     x = args.tensor("x")
     if x.dim() != 4:
         raise UnsupportedProgramError(f"{args.op_type} on rank-{x.dim()} tensors is not supported")
-    kernel = args.ints("kernel_sizes")
-    strides = args.ints("strides", [1, 1])
-    pads = _torch_pad_order(_spatial_padding(args, x, kernel, strides, [1, 1]))
-    ceil_mode = args.bool("ceil_mode", False)
+    kernel, strides = args.ints("kernel_sizes"), args.ints("strides", [1, 1])
+    pads = _padding(args, x, kernel, strides, [1, 1])
+    ceil_mode = bool(args.raw("ceil_mode", False))
     if not average:
         return F.max_pool2d(F.pad(x, pads, value=-math.inf), kernel, strides, ceil_mode=ceil_mode)
     sums = F.avg_pool2d(F.pad(x, pads), kernel, strides, ceil_mode=ceil_mode, divisor_override=1)
-    if args.bool("exclude_padding_from_average", False):
+    if args.raw("exclude_padding_from_average", False):
         ones = torch.ones_like(x[:1, :1])
-        counts = F.avg_pool2d(F.pad(ones, pads), kernel, strides, ceil_mode=ceil_mode, divisor_override=1)
-        return sums / counts
+        return sums / F.avg_pool2d(F.pad(ones, pads), kernel, strides, ceil_mode=ceil_mode, divisor_override=1)
     return sums / math.prod(kernel)
-
-
-def _batch_norm(args: _Arguments) -> torch.Tensor:
-    x = args.tensor("x")
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    scale = torch.rsqrt(args.tensor("variance") + args.float("epsilon", 1e-5)).view(shape)
-    y = (x - args.tensor("mean").view(shape)) * scale
-    if args.has("gamma"):
-        y = y * args.tensor("gamma").view(shape)
-    if args.has("beta"):
-        y = y + args.tensor("beta").view(shape)
-    return y
-
-
-def _axes(axes: list[int], rank: int) -> list[int]:
-    return sorted(a + rank if a < 0 else a for a in axes)
-
-
-def _reduce_mean(args: _Arguments) -> torch.Tensor:
-    x = args.tensor("x")
-    axes = _axes(args.ints("axes"), x.dim()) if args.has("axes") else list(range(x.dim()))
-    return x.mean(dim=axes, keepdim=args.bool("keep_dims", False))
 
 
 def _reshape(args: _Arguments) -> torch.Tensor:
     x = args.tensor("x")
-    shape = [x.shape[i] if size == 0 else size for i, size in enumerate(args.ints("shape"))]
-    return x.reshape(shape)
-
-
-def _expand_dims(args: _Arguments) -> torch.Tensor:
-    x = args.tensor("x")
-    axes = args.ints("axes")
-    for axis in _axes(axes, x.dim() + len(axes)):
-        x = x.unsqueeze(axis)
-    return x
+    return x.reshape([x.shape[i] if size == 0 else size for i, size in enumerate(args.ints("shape"))])
 
 
 def _squeeze(args: _Arguments) -> torch.Tensor:
     x = args.tensor("x")
-    if not args.has("axes"):
-        return x.squeeze()
-    return x.squeeze(tuple(_axes(args.ints("axes"), x.dim())))
+    return x.squeeze(tuple(args.ints("axes", list(range(x.dim())))))
 
 
 def _concat(args: _Arguments) -> torch.Tensor:
     values = args.tensors("values")
-    axis = args.int("axis")
-    axis = axis + values[0].dim() if axis < 0 else axis
-    if args.bool("interleave", False):
+    axis = int(args.raw("axis")) % values[0].dim()
+    if args.raw("interleave", False):
         return torch.stack(values, dim=axis + 1).flatten(axis, axis + 1)
     return torch.cat(values, dim=axis)
 
@@ -410,52 +335,33 @@ def _concat(args: _Arguments) -> torch.Tensor:
 def _slice_by_index(args: _Arguments) -> torch.Tensor:
     x = args.tensor("x")
     rank = x.dim()
-    begin, end = args.ints("begin"), args.ints("end")
-    stride = args.ints("stride", [1] * rank)
-    begin_mask = args.bools("begin_mask", [False] * rank)
-    end_mask = args.bools("end_mask", [False] * rank)
-    squeeze_mask = args.bools("squeeze_mask", [False] * rank)
-    # Python's slices give MIL's semantics: negative positions count from the end, masks mean "to the edge".
-    slices = [slice(None if begin_mask[axis] else begin[axis], None if end_mask[axis] else end[axis], stride[axis])
-              for axis in range(rank)]
-    if all(step > 0 for step in stride):
-        x = x[tuple(slices)]
-    else:
-        for axis, axis_slice in enumerate(slices):
-            x = x.index_select(axis, torch.tensor(range(x.shape[axis])[axis_slice], dtype=torch.long))
-    squeezed = [axis for axis in range(rank) if squeeze_mask[axis]]
-    return x.squeeze(tuple(squeezed)) if squeezed else x
+    begin, end, stride = args.ints("begin"), args.ints("end"), args.ints("stride", [1] * rank)
+    begin_mask, end_mask, squeeze_mask = (args.ints(mask, [0] * rank) for mask in
+                                          ("begin_mask", "end_mask", "squeeze_mask"))
+    # numpy's slices give MIL's semantics: negative positions count from the end, masks mean "to the edge".
+    index = tuple(slice(None if begin_mask[axis] else begin[axis], None if end_mask[axis] else end[axis],
+                        stride[axis]) for axis in range(rank))
+    return _from_numpy(x.numpy()[index]).squeeze(tuple(axis for axis in range(rank) if squeeze_mask[axis]))
 
 
 def _slice_by_size(args: _Arguments) -> torch.Tensor:
     x = args.tensor("x")
     for axis, (start, size) in enumerate(zip(args.ints("begin"), args.ints("size"))):
-        start = start + x.shape[axis] if start < 0 else start
+        start = start % x.shape[axis]
         x = x.narrow(axis, start, x.shape[axis] - start if size == -1 else size)
     return x
 
 
 def _gather(args: _Arguments) -> torch.Tensor:
-    if args.int("batch_dims", 0) != 0:
+    if int(args.raw("batch_dims", 0)) != 0:
         raise UnsupportedProgramError("gather with batch_dims is not supported")
-    x = args.tensor("x")
-    indices = args.raw("indices")
-    axis = args.int("axis", 0)
-    taken = np.take(x.numpy(), indices.long().numpy(), axis=axis)
-    return torch.from_numpy(np.ascontiguousarray(taken))
+    return _from_numpy(np.take(args.tensor("x").numpy(), args.raw("indices").long().numpy(),
+                               axis=int(args.raw("axis", 0))))
 
 
 def _matmul(args: _Arguments) -> torch.Tensor:
-    x, y = args.tensor("x"), args.tensor("y")
-    if args.bool("transpose_x", False):
-        x = x.transpose(-1, -2)
-    if args.bool("transpose_y", False):
-        y = y.transpose(-1, -2)
+    x, y = (args.tensor(n).transpose(-1, -2) if args.raw(f"transpose_{n}", False) else args.tensor(n) for n in "xy")
     return x @ y
-
-
-def _linear(args: _Arguments) -> torch.Tensor:
-    return F.linear(args.tensor("x"), args.tensor("weight"), args.tensor("bias") if args.has("bias") else None)
 
 
 def _classify(args: _Arguments) -> tuple[str, dict[str, float]]:
@@ -469,15 +375,16 @@ def _classify(args: _Arguments) -> tuple[str, dict[str, float]]:
 
 _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
     "conv": _conv,
-    "batch_norm": _batch_norm,
+    "batch_norm": lambda a: F.batch_norm(a.tensor("x"), a.tensor("mean"), a.tensor("variance"), a.tensor("gamma", None),
+                                         a.tensor("beta", None), eps=float(a.raw("epsilon", 1e-5))),
     "max_pool": lambda a: _pool(a, average=False),
     "avg_pool": lambda a: _pool(a, average=True),
-    "reduce_mean": _reduce_mean,
-    "linear": _linear,
+    "reduce_mean": lambda a: a.tensor("x").mean(dim=a.ints("axes", None), keepdim=bool(a.raw("keep_dims", False))),
+    "linear": lambda a: F.linear(a.tensor("x"), a.tensor("weight"), a.tensor("bias", None)),
     "matmul": _matmul,
     "relu": lambda a: torch.relu(a.tensor("x")),
     "sigmoid": lambda a: torch.sigmoid(a.tensor("x")),
-    "softmax": lambda a: torch.softmax(a.tensor("x"), dim=a.int("axis", -1)),
+    "softmax": lambda a: torch.softmax(a.tensor("x"), dim=int(a.raw("axis", -1))),
     "add": lambda a: a.tensor("x") + a.tensor("y"),
     "sub": lambda a: a.tensor("x") - a.tensor("y"),
     "mul": lambda a: a.tensor("x") * a.tensor("y"),
@@ -486,7 +393,7 @@ _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
     "cast": lambda a: a.tensor("x"),
     "identity": lambda a: a.tensor("x"),
     "reshape": _reshape,
-    "expand_dims": _expand_dims,
+    "expand_dims": lambda a: _from_numpy(np.expand_dims(a.tensor("x").numpy(), tuple(a.ints("axes")))),
     "squeeze": _squeeze,
     "transpose": lambda a: a.tensor("x").permute(a.ints("perm")),
     "concat": _concat,
@@ -497,4 +404,3 @@ _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
 }
 # Operations whose values are known before anything runs: constants and compressed weights.
 _CONSTANTS = {"const", "constexpr_lut_to_dense", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"}
-

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from common.input_format import InputFormat, Preprocess
-from common.verification import ExportVerificationError, VerificationReport, judge, reference_logits
+from common.verification import ExportVerificationError, VerificationReport, as_batch, judge, reference_logits
 
 
 def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size: int, output: str | Path,
@@ -33,8 +33,8 @@ def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         prepared = prepare_pt2e(torch.export.export(graph, example).module(), quantizer)
         with torch.no_grad():
-            for image in _as_batches(calibration):
-                prepared(image)
+            for i in range(len(calibration)):
+                prepared(as_batch(calibration[i:i + 1]))
         graph = convert_pt2e(prepared)
     elif quantize is not None:
         raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
@@ -43,12 +43,6 @@ def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size
     output = Path(output)
     output.write_bytes(program.buffer)
     return output
-
-
-def _as_batches(images: np.ndarray):
-    """RGB uint8 N x H x W x 3 as contiguous float 1 x 3 x H x W tensors (the runtime reads raw memory)."""
-    for image in images:
-        yield torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).unsqueeze(0)
 
 
 class ExecuTorchProgram:
@@ -65,7 +59,8 @@ class ExecuTorchProgram:
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits for RGB uint8 images N x H x W x 3, one image at a time (the program has batch 1)."""
-        return np.concatenate([self.method.execute([image])[0].clone().numpy() for image in _as_batches(images)])
+        return np.concatenate([self.method.execute([as_batch(images[i:i + 1])])[0].clone().numpy()
+                               for i in range(len(images))])
 
 
 def verify_executorch(path: str | Path, model: nn.Module, input_format: InputFormat, images: np.ndarray, *,

@@ -28,12 +28,8 @@ from common.errors import UserError, exit_on_user_error
 from common.imagenet import imagenet_short_names
 from common.input_format import InputFormat, Preprocess, add_input_format_arguments, input_format_from_args
 from common.quantize import DEFAULT_CALIBRATION_IMAGES
-from common.verification import (DEFAULT_MIN_AGREEMENT, ExportVerificationError, VerificationReport,
-                                 make_test_images, mean_kl_divergence, reference_logits, verify_onnx)
-
-__all__ = ["convert_pytorch_to_coreml", "export_onnx", "verify_coreml", "verify_onnx", "run_export",
-           "ExportVerificationError", "VerificationReport", "DEPLOYMENT_TARGET",
-           "COMPRESSIONS", "compress_coreml"]
+from common.verification import (DEFAULT_MIN_AGREEMENT, as_batch, make_test_images, mean_kl_divergence,
+                                 reference_logits, verify_onnx)
 
 # The first releases with ML programs: iOS 15 / macOS 12 / watchOS 8 / tvOS 15.
 DEPLOYMENT_TARGET = "iOS15"
@@ -52,20 +48,15 @@ MIN_IMAGE_SIZE = 32  # five stride-2 steps in every network
 
 
 class _CoreMLProgram(nn.Module):
-    """What runs after the image input's channel order, scale and bias: mean image, std, network, softmax."""
+    """What runs after the image input's channel order, scale and bias: mean image, std, network, softmax. A zero
+    mean and a unit std are no-ops that coremltools removes from the program."""
 
-    def __init__(self, network: nn.Module, mean_image: torch.Tensor | None, inv_std: torch.Tensor | None) -> None:
+    def __init__(self, network: nn.Module, mean_image: torch.Tensor, inv_std: torch.Tensor) -> None:
         super().__init__()
-        self.network = network
-        self.mean_image = mean_image
-        self.inv_std = inv_std
+        self.network, self.mean_image, self.inv_std = network, mean_image, inv_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean_image is not None:
-            x = x - self.mean_image
-        if self.inv_std is not None:
-            x = x * self.inv_std
-        return torch.softmax(self.network(x), dim=1)
+        return torch.softmax(self.network((x - self.mean_image) * self.inv_std), dim=1)
 
 
 def _check_common(model: nn.Module, image_size: int, output: str | Path, suffix: str) -> Path:
@@ -91,13 +82,7 @@ def _replace_path(output: Path, kind: str) -> None:
     _check_replaceable(output, kind)
     if output.is_dir():
         shutil.rmtree(output)
-    elif output.exists():
-        output.unlink()
-
-
-@torch.no_grad()
-def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
-    return int(model(example).shape[1])
+    output.unlink(missing_ok=True)
 
 
 def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, image_size: int = 224,
@@ -116,16 +101,15 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
     if len(set(class_names)) != len(class_names):
         raise ValueError("class names must be unique: Core ML returns the probabilities as a dict keyed by name")
     example = torch.rand(1, 3, image_size, image_size) * 255
-    num_outputs = _num_outputs(model, example)
+    with torch.no_grad():
+        num_outputs = int(model(example).shape[1])
     if num_outputs != len(class_names):
         raise ValueError(f"the model has {num_outputs} outputs but {len(class_names)} class names were given")
     preprocess = Preprocess(input_format)
     ct = import_coremltools()
     per_pixel = input_format.mean_image is not None
-    uniform_std = all(s == 1.0 for s in input_format.std)
-    program = _CoreMLProgram(
-        model, preprocess.mean_at(image_size, image_size).clone() if per_pixel else None,
-        None if uniform_std else preprocess.inv_std.clone()).eval()
+    program = _CoreMLProgram(model, preprocess.mean_at(image_size, image_size).clone() if per_pixel
+                             else torch.zeros(1, 3, 1, 1), preprocess.inv_std.clone()).eval()
     image = ct.ImageType(
         name="image", shape=(1, 3, image_size, image_size), scale=float(input_format.scale),
         bias=[0.0, 0.0, 0.0] if per_pixel else [-float(m) for m in input_format.mean],
@@ -151,6 +135,7 @@ def _describe_package(mlmodel, metadata: dict | None, input_format: InputFormat,
     description = str(fields.pop("description", "image classifier"))
     if compression:
         description += f"; weights compressed: {COMPRESSIONS[compression][2]}"
+        fields.update(compression=compression, compression_description=COMPRESSIONS[compression][2])
     mlmodel.short_description = f"{description}; needs {target} / {DEPLOYMENT_TARGETS[target]} or later"
     for name in ("author", "license", "version"):
         if name in fields:
@@ -159,8 +144,6 @@ def _describe_package(mlmodel, metadata: dict | None, input_format: InputFormat,
                   input_format_description=input_format.describe(), image_size=str(image_size),
                   precision=precision, minimum_deployment_target=f"{target} ({DEPLOYMENT_TARGETS[target]})",
                   num_classes=str(num_classes))
-    if compression:
-        fields.update(compression=compression, compression_description=COMPRESSIONS[compression][2])
     for key, value in fields.items():
         mlmodel.user_defined_metadata[key] = str(value)
     mlmodel.input_description["image"] = (f"{image_size}x{image_size} colour image; converted inside to the "
@@ -210,44 +193,35 @@ def _portable_format(input_format: InputFormat) -> dict:
 
 
 def export_onnx(model: nn.Module, *, input_format: InputFormat, image_size: int = 224, output: str | Path,
-                opset: int = 18, metadata: dict | None = None) -> Path:
-    """Export an eval-mode network with its input format to ONNX (input `image`: float RGB 0..255, N x 3 x H x W,
-    dynamic N; output `logits`; `metadata` in metadata_props), checked by onnx.checker. Opset 18 is the lowest torch's
-    exporter writes; a lower one would be converted down and may fail."""
+                metadata: dict | None = None) -> Path:
+    """Export an eval-mode network with its input format to ONNX opset 18, the lowest torch's exporter writes (input
+    `image`: float RGB 0..255, N x 3 x H x W, dynamic N; output `logits`; `metadata` in metadata_props), checked by
+    onnx.checker."""
     import onnx
 
-    if opset < 17:
-        raise ValueError(f"opset must be 17 or later, not {opset}")
     output = _check_common(model, image_size, output, ".onnx")
     _replace_path(output, "onnx")
     graph = nn.Sequential(Preprocess(input_format), model).eval()
     # Batch 2 in the example: torch.export specialises a dimension of size 1.
     example = torch.rand(2, 3, image_size, image_size) * 255
     torch.onnx.export(graph, (example,), str(output), input_names=["image"], output_names=["logits"],
-                      opset_version=opset, dynamo=True, external_data=False, verbose=False,
+                      opset_version=18, dynamo=True, external_data=False, verbose=False,
                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
     proto = onnx.load(str(output))
-    written = max(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
-    if written != opset:
-        output.unlink()
-        raise ValueError(f"asked for ONNX opset {opset}, but the exporter could only write opset {written}")
     proto.doc_string = "input image: float32 N x 3 x H x W, RGB, 0..255; output logits: N x classes"
-    entries = dict(metadata or {})
-    entries.update(input_format=json.dumps(_portable_format(input_format)),
-                   input_format_description=f"the model takes RGB 0..255 and converts it to the network's "
-                                            f"input format inside: {input_format.describe()}",
-                   image_size=str(image_size))
-    for key, value in entries.items():
-        proto.metadata_props.add(key=key, value=str(value))
+    onnx.helper.set_model_props(proto, {
+        **{key: str(value) for key, value in (metadata or {}).items()},
+        "input_format": json.dumps(_portable_format(input_format)),
+        "input_format_description": "the model takes RGB 0..255 and converts it to the network's input format "
+                                    f"inside: {input_format.describe()}",
+        "image_size": str(image_size)})
     onnx.save(proto, str(output))
     onnx.checker.check_model(str(output), full_check=True)
     return output
 
 
 def _size_of(path: Path) -> int:
-    if path.is_dir():
-        return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
-    return path.stat().st_size
+    return sum(item.stat().st_size for item in [path, *path.rglob("*")] if item.is_file())
 
 
 SUFFIXES = {"coreml": ".mlpackage", "onnx": ".onnx", "executorch": ".pte"}
@@ -356,7 +330,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     elif args.quantize:
         raise UserError("--quantize is for --format onnx or executorch; Core ML weights are compressed with "
                         "--compress (palettize8, palettize6, palettize4, int8)")
-    if args.format == "coreml":
+    else:
         check_deployment_target(args.compress, args.deployment_target)
     if args.quantize and not (args.calibration_dir or args.val_dir):
         raise UserError("--quantize int8 needs --calibration-dir DIR: a few hundred images like those the model "
@@ -385,8 +359,8 @@ def _export_logits(kind: str, path: Path, images: np.ndarray) -> np.ndarray:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    batches = [images[i:i + 32].transpose(0, 3, 1, 2).astype(np.float32) for i in range(0, len(images), 32)]
-    return np.concatenate([session.run(None, {"image": batch})[0] for batch in batches])
+    return np.concatenate([session.run(None, {"image": as_batch(images[i:i + 32]).numpy()})[0]
+                           for i in range(0, len(images), 32)])
 
 
 def _accuracy(kind: str, path: Path, model: nn.Module, input_format: InputFormat, images: np.ndarray,
@@ -410,8 +384,7 @@ def _images_per_second(runs: dict[str, Callable], images: np.ndarray, rounds: in
                        min_seconds: float = 0.5) -> dict[str, float]:
     """Batch-1 images/s of each `run(one float 1 x 3 x H x W tensor)`: the median of `rounds` rounds, each run
     timed once per round for at least `min_seconds`, so a change in the machine's load hits all of them alike."""
-    batches = [torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).unsqueeze(0)
-               for image in images]
+    batches = [as_batch(images[i:i + 1]) for i in range(len(images))]
     for run in runs.values():
         run(batches[0])  # warm-up: first-call allocations and lazy initialisation
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -556,15 +529,13 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
 def _read_images(args: argparse.Namespace, job: _Job) -> tuple[tuple[np.ndarray, np.ndarray] | None,
                                                                 np.ndarray | None]:
     """The labelled --val-dir images and the --quantize calibration images, each None where not needed."""
+    from common.imagenet import imagenet_wnids
     from common.quantize import load_calibration_images, load_labelled_images
 
-    val = None
+    val = calibration = None
     if args.val_dir:
-        from common.imagenet import imagenet_wnids
-
         val = load_labelled_images(args.val_dir, imagenet_wnids() if job.imagenet else job.class_names,
                                    job.image_size, args.num_val_images)
-    calibration = None
     if args.quantize:
         if not args.calibration_dir:
             print(f"calibrating on --val-dir {args.val_dir} (no --calibration-dir given)", flush=True)
@@ -622,14 +593,15 @@ def _export_onnx_file(args: argparse.Namespace, job: _Job, model: nn.Module, sta
                       calibration: np.ndarray | None, metadata: dict) -> None:
     """fp32 ONNX at `staging`, or with --quantize its int8 copy there."""
     metadata["class_names"] = json.dumps(job.class_names)
+    if args.quantize:
+        metadata["quantization"] = (f"int8 QDQ, per-channel int8 weights, uint8 activations calibrated on "
+                                    f"{len(calibration)} images")
     fp32 = staging.with_name(f"fp32-{staging.name}") if args.quantize else staging
     export_onnx(model, input_format=job.input_format, image_size=job.image_size, output=fp32, metadata=metadata)
     if args.quantize:
         from common.quantize import quantize_onnx
 
         quantize_onnx(fp32, staging, calibration)
-        _set_onnx_metadata(staging, {**_onnx_metadata(fp32), "quantization": "int8 QDQ, per-channel int8 "
-                                     f"weights, uint8 activations calibrated on {len(calibration)} images"})
         fp32.unlink()
 
 
@@ -655,22 +627,6 @@ def _verify(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path
                 mean_kl=report.mean_kl, max_abs_diff=report.max_abs_diff, logit_range=report.logit_range)
 
 
-def _onnx_metadata(path: Path) -> dict:
-    import onnx
-
-    return {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
-def _set_onnx_metadata(path: Path, entries: dict) -> None:
-    import onnx
-
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    for key, value in entries.items():
-        proto.metadata_props.add(key=key, value=str(value))
-    onnx.save(proto, str(path))
-
-
 def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Namespace, argv: list[str]) -> int:
     """Export every format in its own process (so each one's peak memory is its own) and tabulate the results."""
     import subprocess
@@ -691,8 +647,7 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
                    "--output", str(folder / f"{model_name}-{stem}{suffix}"), "--min-agreement", "0"]
         status = subprocess.run(command).returncode
         ok = status == 0 and results.is_file()
-        row = json.loads(results.read_text()) if ok else {"error": f"exit status {status}"}
-        rows.append({"name": name, **row})
+        rows.append({"name": name, **(json.loads(results.read_text()) if ok else {"error": f"exit status {status}"})})
     atomic_write_text(folder / "sweep.json", json.dumps(rows, indent=2) + "\n")
     atomic_write_text(folder / "sweep.md", sweep_table(rows) + "\n")
     print(f"\n{sweep_table(rows)}\n\nwrote {folder / 'sweep.md'} and {folder / 'sweep.json'}")
@@ -705,16 +660,10 @@ def _forwarded_flags(argv: list[str]) -> list[str]:
            "--results-json", "--min-agreement"}
     kept, skip = [], False
     for item in argv:
-        if skip:
-            skip = False
-            continue
         name = item.split("=", 1)[0]
-        if name == "--sweep":
-            continue
-        if name in own:
-            skip = "=" not in item
-            continue
-        kept.append(item)
+        if not skip and name not in own and name != "--sweep":
+            kept.append(item)
+        skip = not skip and name in own and "=" not in item
     return kept
 
 

@@ -10,13 +10,16 @@ import numpy as np
 
 from common.data import EvalTransform, UndecodableImage, open_image
 from common.errors import UserError
+from common.verification import as_batch
 
 DEFAULT_CALIBRATION_IMAGES = 300
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def calibration_files(folder: str | Path, flag: str = "--calibration-dir") -> list[Path]:
-    """The image files under `folder` (an ImageFolder tree or a flat folder), in sorted order."""
+def load_calibration_images(folder: str | Path, image_size: int, limit: int = DEFAULT_CALIBRATION_IMAGES,
+                            flag: str = "--calibration-dir") -> np.ndarray:
+    """Up to `limit` images spread evenly over `folder` (an ImageFolder tree or flat), as RGB uint8
+    N x image_size x image_size x 3 after the evaluation transform. Unreadable images are skipped with a line each."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"{flag} {folder}: no such folder")
@@ -24,14 +27,7 @@ def calibration_files(folder: str | Path, flag: str = "--calibration-dir") -> li
                    for name in names if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."))
     if not files:
         raise UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its sub-folders")
-    return files
-
-
-def load_calibration_images(folder: str | Path, image_size: int, limit: int = DEFAULT_CALIBRATION_IMAGES,
-                            flag: str = "--calibration-dir") -> np.ndarray:
-    """Up to `limit` images spread evenly over `folder`, as RGB uint8 N x image_size x image_size x 3 after the
-    evaluation transform. An unreadable image is skipped with one line; none readable is an error."""
-    files = _spread(calibration_files(folder, flag), limit)
+    files = _spread(files, limit)
     images = [image for _, image in _eval_images(files, image_size)]
     if not images:
         raise UserError(f"{flag} {folder}: none of its {len(files)} images could be read")
@@ -42,19 +38,18 @@ def load_calibration_images(folder: str | Path, image_size: int, limit: int = DE
 
 
 def quantize_onnx(fp32_path: str | Path, output: str | Path, calibration: np.ndarray) -> Path:
-    """Write an int8 copy of an fp32 ONNX export: QDQ format, per-channel int8 weights, uint8 activations whose
-    ranges are calibrated on `calibration` (RGB uint8 N x H x W x 3)."""
+    """Write an int8 copy of an fp32 ONNX export, its metadata kept: QDQ format, per-channel int8 weights, uint8
+    activations whose ranges are calibrated on `calibration` (RGB uint8 N x H x W x 3)."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calibration[i:i + 1].transpose(0, 3, 1, 2).astype(np.float32)
-                                for i in range(len(calibration)))
+            self.feeds = iter({"image": as_batch(calibration[i:i + 1]).numpy()} for i in range(len(calibration)))
 
         def get_next(self) -> dict | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {"image": batch}
+            return next(self.feeds, None)
 
     output = Path(output)
     prepared = output.with_name(f".{output.stem}.prepared.onnx")
@@ -62,6 +57,10 @@ def quantize_onnx(fp32_path: str | Path, output: str | Path, calibration: np.nda
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        metadata = {entry.key: entry.value for entry in onnx.load(str(fp32_path)).metadata_props}
+        proto = onnx.load(str(output))
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(output))
     finally:
         prepared.unlink(missing_ok=True)
     return output

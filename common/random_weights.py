@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.verification import make_test_images
+from common.verification import as_batch, make_test_images
 from common.input_format import InputFormat, Preprocess
 
 BN_SHIFT = 1.0
@@ -16,12 +16,12 @@ BN_SHIFT = 1.0
 def calibrated_random_network(network_module, input_format: InputFormat, num_classes: int = 1000,
                               seed: int = 0, image_size: int = 64, decisive_on: np.ndarray | None = None) -> nn.Module:
     """`network_module.create_network(num_classes)` in eval mode with random weights and BatchNorm statistics
-    estimated on 8 synthetic images, so its logits depend on the image as a trained network's do.
+    estimated on 8 synthetic images, so its logits depend on the image as a trained network's do; with
+    `decisive_on` images, its classifier is then fitted to them (fit_classifier).
 
-    Each BatchNorm gets bias 1 so ReLUs pass most inputs: a random unit-variance ReLU network is chaotic (one grey level
+    BatchNorm biases are 1 so ReLUs pass most inputs: a random unit-variance ReLU network is chaotic (one grey level
     flipped 30-39% of OneShot's top-1 classes), a trained one is not (about 2% with the shift). Large/ExLarge residual
-    branches get a small output scale, as trained ones have, or fp32 itself misses fp64 by more than 1e-4.
-    With `decisive_on` images, the classifier is then fitted to them (fit_classifier)."""
+    branches get a small output scale, as trained ones have, or fp32 itself misses fp64 by more than 1e-4."""
     torch.manual_seed(seed)
     net = network_module.create_network(num_classes)
     for module in net.modules():
@@ -29,9 +29,8 @@ def calibrated_random_network(network_module, input_format: InputFormat, num_cla
             module.reset_running_stats()
             module.momentum = None  # a cumulative average over the calibration batch
             module.bias.fill_(BN_SHIFT)
-    images = torch.from_numpy(make_test_images(8, image_size, seed=100 + seed)).permute(0, 3, 1, 2)
     net.train()
-    net(Preprocess(input_format)(images))
+    net(Preprocess(input_format)(as_batch(make_test_images(8, image_size, seed=100 + seed))))
     for block in net.modules():
         if hasattr(block, "se_fc1"):
             block.branch_main[-1].bn.weight.mul_(0.2)
@@ -50,7 +49,7 @@ def fit_classifier(net: nn.Module, input_format: InputFormat, images: np.ndarray
     last = [module for module in net.get_classifier().modules() if isinstance(module, nn.Linear)][-1]
     inputs = []
     handle = last.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
-    net(Preprocess(input_format)(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)))
+    net(Preprocess(input_format)(as_batch(images)))
     handle.remove()
     features = inputs[0].double()
     targets = torch.zeros(len(images), last.out_features, dtype=torch.float64)
