@@ -12,6 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import simplejpeg
 import torch
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one worker process uses one core
+    cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
         samples = write_jpegs(Path(folder), args.images)
 
