@@ -145,8 +145,8 @@ class TrainTransform:
     Parameters are drawn as torchvision draws them (ten crop tries, then the central fallback; a random jitter
     order) by Python's generator, seeded from torch's: seeding torch decides them. They are drawn before
     decoding, so a JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 size (in the
-    DCT domain). The crop is resized with antialiasing (PIL's bilinear filter, torch's uint8 kernel); jitter,
-    flip and layout changes run on uint8 in OpenCV's SIMD passes, as few as exact (`_color_jitter`)."""
+    DCT domain). The crop is resized with antialiasing (PIL's bilinear filter, torch's uint8 kernel); the
+    jitter runs on uint8 in OpenCV's SIMD passes, as few as exact (`_color_jitter`); the flip is a view."""
 
     def __init__(self, crop_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4) -> None:
@@ -172,9 +172,9 @@ class TrainTransform:
                         round(left * factor):round((left + width) * factor)]
         crop = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)
         resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-        # The resize's output is planar; OpenCV interleaves (and the final copy deinterleaves) with SIMD.
+        # The resize's output is planar, OpenCV's colour pass wants it interleaved (cv2.merge: a SIMD copy).
         out = _color_jitter(cv2.merge(list(resized.numpy())), steps, factors)
-        return torch.from_numpy(np.stack(cv2.split(cv2.flip(out, 1) if flip else out)))
+        return torch.from_numpy(np.ascontiguousarray((out[:, ::-1] if flip else out).transpose(2, 0, 1)))
 
     def __repr__(self) -> str:
         return (f"TrainTransform(RandomResizedCrop {self.crop_size} scale {self.scale} ratio "
