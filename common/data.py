@@ -7,7 +7,6 @@ global batch t. So iteration t's data depends only on (seed, t, B, N), not on ra
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 import os
@@ -359,7 +358,7 @@ def open_image(path: str) -> EncodedJpeg | Image.Image:
             colorspace = None
         if colorspace in ("YCbCr", "Gray", "RGB"):
             return EncodedJpeg(data, height, width)
-        return Image.open(io.BytesIO(data))
+        return Image.open(path)  # from the path, so that PIL's errors name the file
     except Exception as error:
         raise UndecodableImage(f"{type(error).__name__}: {error}") from None
 
@@ -393,6 +392,7 @@ def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[
     # Decoders raise many types on damaged input (OSError, SyntaxError, ValueError, DecompressionBombError, ...);
     # whatever the type, this file is unusable and is skipped and counted, and nothing else is caught.
     except Exception as error:
+        image.close()
         raise UndecodableImage(f"{type(error).__name__}: {error}") from None
 
 
