@@ -1,7 +1,7 @@
 """The training augmentation keeps the original pipeline's statistics (torchvision's RandomResizedCrop,
 ColorJitter and RandomHorizontalFlip on PIL images): crop scale and aspect ratio, colour jitter ranges and flip
 rate agree within sampling error, also where the JPEG is decoded at reduced size; the one-pass colour jitter
-agrees with torchvision's step-by-step blends on PIL images pixel by pixel."""
+agrees with torchvision's step-by-step blends pixel by pixel; files open and decode as PIL decodes them."""
 from __future__ import annotations
 
 import random
@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
-
 from torchvision.transforms import functional
 
 from common.data import TrainTransform, _color_jitter, _crop_params, decode_rgb_array, open_image
