@@ -1,8 +1,9 @@
-"""Data pipeline images/s per worker: decode + train augmentation and decode + eval transform, against decoding
-alone (with PIL, and with simplejpeg's libjpeg-turbo at full size, the decoder the pipeline uses) and against
-the original training pipeline (PIL decode, torchvision RandomResizedCrop, ColorJitter and flip on PIL images,
-then the original OpenCV-style BGR float tensor conversion), all in the same run on the same ImageNet-sized JPEG
-files (500 x 375, quality 90) written for it.
+"""Data pipeline images/s per worker: decode + train augmentation (with the antialiased resize it trains with, and
+with OpenCV's plain bilinear one) and decode + eval transform, against decoding alone (with PIL, and with
+simplejpeg's libjpeg-turbo at full size, the decoder the pipeline uses) and against the original training pipeline
+(PIL decode, torchvision RandomResizedCrop, ColorJitter and flip on PIL images, then the original OpenCV-style BGR
+float tensor conversion), all in the same run on the same ImageNet-sized JPEG files (500 x 375, quality 90) written
+for it.
 
     python bench/data_speed.py [--images 64] [--json FILE]
 """
@@ -12,6 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import simplejpeg
 import torch
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one worker process uses one core
+    cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:
         samples = write_jpegs(Path(folder), args.images)
 
@@ -73,12 +76,14 @@ def main() -> None:
                     simplejpeg.decode_jpeg(file.read(), colorspace="RGB")
 
         train = ImageDataset(samples, TrainTransform(224))
+        train_plain_resize = ImageDataset(samples, TrainTransform(224, antialias=False))
         evaluation = ImageDataset(samples, EvalTransform(224))
         original = original_train_pipeline(224)
         cases = {"pil_decode": pil_only,
                  "simplejpeg_decode": turbo_only,
                  "original_train_augment": lambda: [original(path) for path, _ in samples],
                  "decode_train_augment": lambda: [train[(i, 1000 + i)] for i in range(len(samples))],
+                 "decode_train_no_antialias": lambda: [train_plain_resize[(i, 1000 + i)] for i in range(len(samples))],
                  "decode_eval_transform": lambda: [evaluation[i] for i in range(len(samples))]}
         results = {name: rate(seconds, len(samples))
                    for name, seconds in interleaved(cases, repeats=args.repeats, warmup=1).items()}

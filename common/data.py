@@ -14,6 +14,7 @@ import random
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import simplejpeg
@@ -32,7 +33,7 @@ PREFETCH_BATCHES_PER_WORKER = 2
 # The recipe's eval resize for a 224 crop; other crop sizes keep the ratio.
 EVAL_RESIZE_FOR_224 = 256
 # ITU-R 601-2 luma, as PIL's "L" conversion and torchvision's grayscale use.
-_LUMA = (0.299, 0.587, 0.114)
+_LUMA = np.array([0.299, 0.587, 0.114])
 
 _MASK64 = (1 << 64) - 1
 _TAG_ORDER, _TAG_SAMPLE, _TAG_EVAL = 1, 2, 3
@@ -86,13 +87,6 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
 
 # -- transforms -------------------------------------------------------------------------------------------------
 
-def image_to_tensor(image: Image.Image | Tensor) -> Tensor:
-    """A PIL image (any mode) as a uint8 RGB 3 x H x W tensor (H x W x 3 in memory); tensors pass through."""
-    if isinstance(image, Tensor):
-        return image
-    return torch.from_numpy(decode_rgb_array(image)).permute(2, 0, 1)
-
-
 def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     """(height, width) after resizing the short side to `short_side`: long side int(short_side * long / short + 0.5)."""
     if height < width:
@@ -134,8 +128,10 @@ class EvalTransform:
         self.crop_size = crop_size
         self.resize_size = round(crop_size * EVAL_RESIZE_FOR_224 / 224)
 
-    def __call__(self, image: Image.Image | Tensor) -> Tensor:
-        return center_crop(opencv_resize_short_side(image_to_tensor(image), self.resize_size), self.crop_size)
+    def __call__(self, image: EncodedJpeg | Image.Image | Tensor) -> Tensor:
+        if not isinstance(image, Tensor):
+            image = torch.from_numpy(decode_rgb_array(image)).permute(2, 0, 1)
+        return center_crop(opencv_resize_short_side(image, self.resize_size), self.crop_size)
 
     def __repr__(self) -> str:
         return f"EvalTransform(resize {self.resize_size} OpenCV bilinear, center crop {self.crop_size})"
@@ -143,82 +139,86 @@ class EvalTransform:
 
 class TrainTransform:
     """The original training augmentation: RandomResizedCrop, ColorJitter (brightness, contrast, saturation),
-    horizontal flip; a PIL image in (opened; decoded here if not yet), a uint8 RGB 3 x H x W tensor out.
+    horizontal flip; an image from `open_image` (or a PIL image or tensor) in, a uint8 RGB 3 x H x W tensor out.
 
-    Randomness comes from the global torch generator, drawn as torchvision's RandomResizedCrop, ColorJitter and
-    RandomHorizontalFlip draw it, so a seed gives the parameters torchvision would draw. The parameters are drawn
-    before decoding: a JPEG whose crop is at least twice the output size in both directions is decoded at
-    reduced size (1/2, 1/4, 1/8, done by the decoder in the DCT domain); only the crop window is converted and
-    resized (antialiased bilinear, torch's uint8 kernel, about twice as fast as PIL's); the jitter runs on the
-    small output in float with one rounding at the end (measured faster than PIL's uint8 blends with the
-    conversions they need).
-    """
+    Parameters are drawn as torchvision draws them (ten crop tries, then the central fallback; a random jitter
+    order) by Python's generator, seeded from torch's: seeding torch decides them. They are drawn before
+    decoding, so a JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 size (in the
+    DCT domain). The crop is resized with antialiasing (PIL's bilinear filter, torch's uint8 kernel), or without
+    (`antialias=False`: OpenCV's bilinear, faster, sharper where it shrinks); the jitter runs on uint8 in
+    OpenCV's SIMD passes, as few as exact (`_color_jitter`); the flip is a view."""
 
     def __init__(self, crop_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4) -> None:
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4, antialias: bool = True) -> None:
         self.crop_size = crop_size
+        self.antialias = antialias
         self.scale = scale
         self.ratio = ratio
         self.jitter_range = (max(0.0, 1 - jitter), 1 + jitter)
 
-    def __call__(self, image: Image.Image | Tensor) -> Tensor:
-        from torchvision import transforms
-
-        if isinstance(image, Tensor):
-            image = Image.fromarray(image.permute(1, 2, 0).numpy())
-        top, left, height, width = transforms.RandomResizedCrop.get_params(image, list(self.scale),
-                                                                           list(self.ratio))
-        order, brightness, contrast, saturation, _ = transforms.ColorJitter.get_params(
-            self.jitter_range, self.jitter_range, self.jitter_range, None)
-        flip = bool(torch.rand(1) < 0.5)
+    def __call__(self, image: EncodedJpeg | Image.Image | Tensor) -> Tensor:
+        import cv2
+        rng = random.Random(int(torch.empty((), dtype=torch.int64).random_()))
+        full_height, full_width = image.shape[-2:] if isinstance(image, Tensor) else (image.height, image.width)
+        top, left, height, width = _crop_params(rng, full_height, full_width, self.scale, self.ratio)
+        steps, factors = rng.sample(range(3), 3), [rng.uniform(*self.jitter_range) for _ in range(3)]
+        flip = rng.random() < 0.5
         size = self.crop_size
-        full_width, full_height = image.size
         # Decode no larger than needed for the crop to still cover `size` x `size` pixels.
         pixels = decode_rgb_array(image, at_least=(math.ceil(full_height * size / height),
                                                    math.ceil(full_width * size / width)))
         factor = pixels.shape[1] / full_width
         window = pixels[round(top * factor):round((top + height) * factor),
                         round(left * factor):round((left + width) * factor)]
-        crop = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)
-        resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-        out = _color_jitter(resized, order.tolist(), brightness, contrast, saturation)
-        return out.flip(-1) if flip else out
+        if self.antialias:  # torch's kernel gives planar pixels; OpenCV's colour pass wants them interleaved
+            crop = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)
+            window = cv2.merge(list(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0].numpy()))
+        else:
+            window = cv2.resize(window, (size, size), interpolation=cv2.INTER_LINEAR)
+        out = _color_jitter(window, steps, factors)
+        return torch.from_numpy(np.ascontiguousarray((out[:, ::-1] if flip else out).transpose(2, 0, 1)))
 
     def __repr__(self) -> str:
         return (f"TrainTransform(RandomResizedCrop {self.crop_size} scale {self.scale} ratio "
-                f"({self.ratio[0]:.3g}, {self.ratio[1]:.3g}), ColorJitter {self.jitter_range}, flip)")
+                f"({self.ratio[0]:.3g}, {self.ratio[1]:.3g}){'' if self.antialias else ' no antialias'}, "
+                f"ColorJitter {self.jitter_range}, flip)")
 
 
-def _color_jitter(image: Tensor, order: list[int], brightness: float, contrast: float,
-                  saturation: float) -> Tensor:
-    """Brightness, contrast and saturation blends in the given order (3 = hue, unused), clamped after each."""
-    # Planar float: the resize hands over channels-last pixels, on which every per-channel step runs strided.
-    x = image.to(torch.float32, memory_format=torch.contiguous_format)
-    for step in order:
+def _crop_params(rng: random.Random, height: int, width: int, scale: tuple[float, float],
+                 ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop, drawn as torchvision's RandomResizedCrop.get_params draws it."""
+    for _ in range(10):
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        crop_width, crop_height = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            return rng.randint(0, height - crop_height), rng.randint(0, width - crop_width), crop_height, crop_width
+    # The central crop of the whole image, its aspect ratio brought into `ratio`.
+    crop_width = min(width, round(height * max(ratio)))
+    crop_height = min(height, round(crop_width / min(ratio)))
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def _color_jitter(pixels: np.ndarray, steps: list[int], factors: list[float]) -> np.ndarray:
+    """Brightness (0), contrast (1) and saturation (2) blends of H x W x 3 uint8 pixels in the order of `steps`,
+    each clamped to 0..255 as torchvision's; a new array. Each blend is an affine map of the colour (towards
+    black, the mean grey before it, each pixel's grey), so consecutive ones compose into one 3 x 4 matrix applied
+    in one pass (cv2.transform, which rounds and clamps to uint8). Only a factor above 1 can leave 0..255, so
+    only after one, with blends to follow, is the image materialised; the contrast's mean maps through too."""
+    import cv2
+    matrix = np.eye(3, 4)  # the blends since the last materialised image: colour -> matrix @ (colour, 1)
+    for position, (step, factor) in enumerate(zip(steps, factors)):
         if step == 0:
-            x.mul_(brightness)
-            factor = brightness
+            matrix *= factor
         elif step == 1:
-            # The grey level is that of the image before this step, as torchvision's.
-            grey = sum(weight * float(mean) for weight, mean in zip(_LUMA, x.mean(dim=(1, 2))))
-            x.mul_(contrast).add_((1 - contrast) * grey)
-            factor = contrast
-        elif step == 2:
-            grey = _luma(x)
-            x.mul_(saturation).add_(grey.mul_(1 - saturation))
-            factor = saturation
+            grey = _LUMA @ (matrix @ [*cv2.mean(pixels)[:3], 1.0])
+            matrix *= factor
+            matrix[:, 3] += (1 - factor) * grey
         else:
-            continue
-        # A factor of at most 1 blends towards a value inside 0..255 (black, the mean grey, each pixel's own
-        # grey), so only a larger one can leave the range.
-        if factor > 1:
-            x.clamp_(0, 255)
-    # float -> int32 -> uint8 is about three times faster on CPU than float -> uint8.
-    return x.round_().to(torch.int32).to(torch.uint8)
-
-
-def _luma(x: Tensor) -> Tensor:
-    return (x[0] * _LUMA[0]).add_(x[1], alpha=_LUMA[1]).add_(x[2], alpha=_LUMA[2])
+            matrix = factor * matrix + (1 - factor) * (_LUMA @ matrix)
+        if factor > 1 and position < len(steps) - 1:
+            pixels, matrix = cv2.transform(pixels, matrix), np.eye(3, 4)
+    return cv2.transform(pixels, matrix)
 
 
 # -- the sample stream ------------------------------------------------------------------------------------------
@@ -339,53 +339,61 @@ class UndecodableImage(Exception):
     """An image file that cannot be read or decoded (the message names the decoder's error)."""
 
 
-def open_image(path: str) -> Image.Image:
-    """The image at `path`, opened but not yet decoded (a transform may ask the decoder for a reduced size
-    first); UndecodableImage when it cannot even be opened."""
+class EncodedJpeg(NamedTuple):
+    """A JPEG file's bytes, not yet decoded, and its size from the header."""
+    data: bytes
+    height: int
+    width: int
+
+
+def open_image(path: str) -> EncodedJpeg | Image.Image:
+    """The image at `path`, not yet decoded (a transform may ask for a reduced size): an EncodedJpeg for an RGB or
+    greyscale JPEG file, else the opened PIL image; UndecodableImage when it cannot even be opened."""
     try:
-        return Image.open(path)
+        with open(path, "rb") as file:
+            data = file.read()
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:  # not a JPEG, or one libjpeg-turbo's header reader rejects: PIL's turn
+            colorspace = None
+        if colorspace in ("YCbCr", "Gray", "RGB"):
+            return EncodedJpeg(data, height, width)
+        return Image.open(path)  # from the path, so that PIL's errors name the file
     except Exception as error:
         raise UndecodableImage(f"{type(error).__name__}: {error}") from None
 
 
-def decode_rgb(image: Image.Image) -> Image.Image:
-    """`image` decoded as RGB; UndecodableImage when its data cannot be decoded."""
+def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[int, int] | None = None
+                     ) -> np.ndarray:
+    """An opened image's pixels as an H x W x 3 uint8 RGB array; UndecodableImage when they cannot be decoded.
+
+    An EncodedJpeg is decoded by libjpeg-turbo (simplejpeg: PIL's pixels, a third faster) and, given `at_least`
+    (height, width), scaled down in the DCT domain by the largest of 1/2, 1/4 and 1/8 that keeps both sides at
+    least that large (its other factors, 7/8, 3/4, ..., run plain-C inverse DCTs, slower than a full decode)."""
+    if isinstance(image, Tensor):
+        return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    if isinstance(image, EncodedJpeg):
+        height, width = image.height, image.width
+        divisor = 1
+        while at_least is not None and divisor < 8 and (-(-height // (2 * divisor)) >= at_least[0]
+                                                         and -(-width // (2 * divisor)) >= at_least[1]):
+            divisor *= 2
+        try:
+            # libjpeg-turbo scales to ceil(side / divisor), the smallest output at least this large.
+            return simplejpeg.decode_jpeg(image.data, colorspace="RGB", min_height=-(-height // divisor),
+                                          min_width=-(-width // divisor))
+        except ValueError as error:
+            raise UndecodableImage(f"{type(error).__name__}: {error}") from None
     # Another import may have turned this on; truncated files must fail here rather than load half grey.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         image.load()
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return np.array(image if image.mode == "RGB" else image.convert("RGB"))
     # Decoders raise many types on damaged input (OSError, SyntaxError, ValueError, DecompressionBombError, ...);
     # whatever the type, this file is unusable and is skipped and counted, and nothing else is caught.
     except Exception as error:
+        image.close()
         raise UndecodableImage(f"{type(error).__name__}: {error}") from None
-
-
-def decode_rgb_array(image: Image.Image, at_least: tuple[int, int] | None = None) -> np.ndarray:
-    """An opened image's pixels as an H x W x 3 uint8 RGB array; UndecodableImage when they cannot be decoded.
-
-    RGB and greyscale JPEG files are decoded by libjpeg-turbo through simplejpeg (the same pixels as PIL, a third
-    faster, without PIL's copies) and, given `at_least` (height, width), scaled down in the DCT domain by the
-    largest of 1/2, 1/4 and 1/8 that keeps both sides at least that large. Only those: libjpeg-turbo's other
-    factors (7/8, 3/4, ...) run plain-C inverse DCTs, slower than a full-size decode. Other files are decoded by
-    PIL at full size.
-    """
-    if image.format == "JPEG" and image.mode in ("RGB", "L") and getattr(image, "fp", None) is not None:
-        image.fp.seek(0)
-        data = image.fp.read()
-        width, height = image.size
-        divisor = 1
-        if at_least is not None:
-            while divisor < 8 and (-(-height // (2 * divisor)) >= at_least[0]
-                                   and -(-width // (2 * divisor)) >= at_least[1]):
-                divisor *= 2
-        try:
-            # libjpeg-turbo scales to ceil(side / divisor), the smallest output at least this large.
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // divisor),
-                                          min_width=-(-width // divisor))
-        except ValueError as error:
-            raise UndecodableImage(f"{type(error).__name__}: {error}") from None
-    return np.array(decode_rgb(image))
 
 
 # Per list of files, which were warned about: in shared memory, so a file is named once per run, whatever the worker.
@@ -402,8 +410,9 @@ def _warned_flags(paths: bytes, count: int) -> Tensor:
 class ImageDataset(Dataset):
     """(uint8 image, label) per sample, or None for a file that cannot be decoded (one warning line).
 
-    An item is an index (evaluation) or an (index, sample_seed) pair from `StreamSampler`, which seeds torch's and
-    Python's generators so augmentation depends on the seed alone. With `with_index` items are (image, label, index).
+    An item is an index (evaluation) or an (index, sample_seed) pair from `StreamSampler`, which seeds torch's
+    generator (transforms draw from it) so augmentation depends on the seed alone. With `with_index` items are
+    (image, label, index).
     Paths are one bytes object and labels one array, so forked workers do not copy a million refcounted objects."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform, *, with_index: bool = False) -> None:
@@ -422,22 +431,16 @@ class ImageDataset(Dataset):
         start = int(self._path_ends[index - 1]) if index else 0
         return os.fsdecode(self._paths[start:int(self._path_ends[index])])
 
-    def _transformed(self, image: Image.Image, sample_seed: int | None) -> Tensor:
+    def _transformed(self, image: EncodedJpeg | Image.Image, sample_seed: int | None) -> Tensor:
         if sample_seed is None:
             return self.transform(image)
         if get_worker_info() is not None:
             torch.default_generator.manual_seed(sample_seed)
-            random.seed(sample_seed)
             return self.transform(image)
-        # Loading in the main process: keep the training's own random streams (dropout) untouched.
-        python_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(sample_seed)
-                random.seed(sample_seed)
-                return self.transform(image)
-        finally:
-            random.setstate(python_state)
+        # Loading in the main process: keep the training's own random stream (dropout) untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed)
+            return self.transform(image)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple | None:
         if isinstance(item, tuple):
@@ -445,8 +448,7 @@ class ImageDataset(Dataset):
         else:
             index, sample_seed = item, None
         try:
-            with open_image(self.path(index)) as image:
-                pixels = self._transformed(image, sample_seed)
+            pixels = self._transformed(open_image(self.path(index)), sample_seed)
         except UndecodableImage as error:
             if not self._warned[index]:
                 self._warned[index] = 1
