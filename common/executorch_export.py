@@ -13,6 +13,8 @@ from torch import nn
 from common.input_format import InputFormat, Preprocess
 from common.verification import ExportVerificationError, VerificationReport, judge, reference_logits
 
+CALIBRATION_BATCH = 16  # int8 calibration images per call of the prepared graph
+
 
 def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size: int, output: str | Path,
                       quantize: str | None = None, calibration: np.ndarray | None = None) -> Path:
@@ -31,10 +33,14 @@ def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        prepared = prepare_pt2e(torch.export.export(graph, example).module(), quantizer)
+        # Calibrated in batches from a copy with a dynamic batch size: the observers' and the graph's cost per call
+        # is then paid per batch, not per image; the program below is exported at batch 1 as ever.
+        batch = torch.export.Dim("batch", min=1, max=CALIBRATION_BATCH)
+        prepared = prepare_pt2e(torch.export.export(graph, (torch.rand(2, 3, image_size, image_size) * 255,),
+                                                    dynamic_shapes=({0: batch},)).module(), quantizer)
         with torch.no_grad():
-            for image in _as_batches(calibration):
-                prepared(image)
+            for images in _as_batches(calibration, CALIBRATION_BATCH):
+                prepared(images)
         graph = convert_pt2e(prepared)
     elif quantize is not None:
         raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
@@ -45,10 +51,12 @@ def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size
     return output
 
 
-def _as_batches(images: np.ndarray):
-    """RGB uint8 N x H x W x 3 as contiguous float 1 x 3 x H x W tensors (the runtime reads raw memory)."""
-    for image in images:
-        yield torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).unsqueeze(0)
+def _as_batches(images: np.ndarray, size: int = 1):
+    """RGB uint8 N x H x W x 3 as contiguous float `size` x 3 x H x W tensors, the last one smaller where `size`
+    does not divide N (the runtime reads raw memory)."""
+    for start in range(0, len(images), size):
+        yield torch.from_numpy(np.ascontiguousarray(images[start:start + size].transpose(0, 3, 1, 2),
+                                                    dtype=np.float32))
 
 
 class ExecuTorchProgram:
