@@ -67,7 +67,8 @@ def weights(oneshot, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibration_dir(tmp_path_factory):
-    """23 JPEGs like the verification images, in two class folders, and one file that is not an image at all."""
+    """23 JPEGs like the verification images (ExecuTorch calibrates a batch of 16, then one of 7), in two class
+    folders, and one file that is not an image at all."""
     root = tmp_path_factory.mktemp("calibration")
     for index, image in enumerate(make_test_images(23, SMALL, seed=50)):
         folder = root / ("a" if index % 2 else "b")
