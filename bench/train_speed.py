@@ -59,17 +59,19 @@ def bench_against_eager(model_name: str, variants: list[str], size: int, batch: 
     """Each variant timed in alternating rounds with eager (two networks in memory at a time), so that every
     ratio to eager is measured side by side; eager's own figures are those of its first pairing."""
     eager_step, _ = build_step(model_name, "eager", size, batch)
-    if not variants:
+
+    def eager_alone() -> dict:
         seconds = interleaved({"eager": eager_step}, repeats=repeats, warmup=1)
-        return [{"variant": "eager", "images_per_second": rate(seconds["eager"], batch)}]
+        return {"variant": "eager", "images_per_second": rate(seconds["eager"], batch)}
+
+    if not variants:
+        return [eager_alone()]
     results = []
     for variant in variants:
         step, choice = build_step(model_name, variant, size, batch)
         if choice is not None and not choice.channels_last and choice.amp is None:
             # The default chose exactly what eager runs: timing a second copy would only measure noise.
-            if not results:
-                seconds = interleaved({"eager": eager_step}, repeats=repeats, warmup=1)
-                results.append({"variant": "eager", "images_per_second": rate(seconds["eager"], batch)})
+            results = results or [eager_alone()]
             results.append({"variant": variant, "images_per_second": results[0]["images_per_second"], "ratio": 1.0,
                             "choice": choice.describe(), "same_as": "eager"})
             continue
