@@ -162,7 +162,10 @@ def test_a_rank_killed_at_a_random_moment_is_restarted_and_the_run_finishes(tmp_
             while f"iter {moment}/20" not in seen and process.poll() is None:
                 seen = process.stdout.readline()
             when = f"after iteration {moment}"
-        ranks = worker_pids(process.pid)
+        # On a loaded machine torchrun may not have started its ranks yet when the sleep ends: wait for them.
+        deadline = time.monotonic() + 120
+        while not (ranks := worker_pids(process.pid)) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert ranks, f"attempt {attempt}: no rank to kill {when}"
         victim = generator.choice(ranks)
         os.kill(victim, signal.SIGKILL)
