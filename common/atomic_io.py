@@ -9,13 +9,18 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-# Writes at least this large are hashed in a second thread while they are written.
+# Writes at least this large are hashed in a second thread while they are written, in pieces of _PIECE bytes.
 _PARALLEL_HASH_BYTES = 1 << 20
+_PIECE = 64 << 20
+# After this many bytes are written, a third thread asks the disk to store them (fdatasync) while later ones are
+# hashed and written, so the final fsync waits only for the last ones (the kernel alone starts writing back late).
+_WRITEBACK_BYTES = 256 << 20
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 # Bytes read and hashed per step when checking a file.
 _HASH_CHUNK = 16 << 20
 
@@ -50,11 +55,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def write_hashed(path: Path, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
     """Create `path` through `write(file)`, hashing the bytes as they pass, then fsync it; returns (SHA-256, size).
     The OSError of a failed write (e.g. ENOSPC) is raised as itself, even from writers that wrap it."""
-    with open(path, "wb") as file, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
-        writer = _HashingWriter(file, hasher)
+    with (open(path, "wb") as file, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher,
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeback") as flusher):
+        writer = _HashingWriter(file, hasher, flusher)
         try:
             write(writer)
             file.flush()
+            writer.wait_for_writeback()
             os.fsync(file.fileno())
         except Exception:
             if writer.error is not None:
@@ -110,31 +117,62 @@ def remove_quietly(path: Path) -> None:
 
 class _HashingWriter:
     """A write-only file wrapper that hashes and counts the bytes passing through it. torch.save hands over each
-    tensor's storage as a memoryview (no copy); a large one is hashed in a second thread while this one writes it
-    (both release the GIL), so hashing costs no extra time where the disk is the slower of the two."""
+    tensor's storage as a memoryview (no copy); a large one is written in pieces, each hashed in a second thread
+    while the next is written (both release the GIL), and what is written is sent to the disk by a third thread
+    meanwhile: the time is that of the slowest of the three, not their sum."""
 
-    def __init__(self, file: BinaryIO, hasher: ThreadPoolExecutor) -> None:
-        self._file, self._hasher = file, hasher
+    def __init__(self, file: BinaryIO, hasher: ThreadPoolExecutor, flusher: ThreadPoolExecutor) -> None:
+        self._file, self._hasher, self._flusher = file, hasher, flusher
+        self._writeback: Future | None = None
+        self._not_written_back = 0
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
-        hashing = self._hasher.submit(self.sha256.update, data) if len(data) >= _PARALLEL_HASH_BYTES else None
+        view = memoryview(data).cast("B")
+        if len(view) < _PARALLEL_HASH_BYTES:
+            self._write(view)
+            self.sha256.update(view)
+            return len(view)
+        hashing = []
         try:
-            written = self._file.write(data)
+            for start in range(0, len(view), _PIECE):
+                piece = view[start:start + _PIECE]
+                hashing.append(self._hasher.submit(self.sha256.update, piece))
+                self._write(piece)
+                self._start_writeback(len(piece))
+        finally:
+            # The memoryview may point into memory torch frees once this call returns: finish hashing first.
+            for future in hashing:
+                future.result()
+        return len(view)
+
+    def _write(self, data: memoryview) -> None:
+        try:
+            self._file.write(data)
         except OSError as error:
             # torch.save's C++ writer turns exceptions into a RuntimeError; keep the OSError for the message.
             self.error = error
             raise
-        finally:
-            # The memoryview may point into memory torch frees once this call returns: finish hashing first.
-            if hashing is not None:
-                hashing.result()
-        if hashing is None:
-            self.sha256.update(data)
         self.size += len(data)
-        return written
+
+    def _start_writeback(self, count: int) -> None:
+        self._not_written_back += count
+        if self._not_written_back >= _WRITEBACK_BYTES and (self._writeback is None or self._writeback.done()):
+            self.wait_for_writeback()  # done already: raises its error, if any
+            self._file.flush()
+            self._writeback = self._flusher.submit(_datasync, self._file.fileno())
+            self._not_written_back = 0
+
+    def wait_for_writeback(self) -> None:
+        """Wait for the writeback in flight; its OSError (a full disk can show only then) is raised here."""
+        if self._writeback is not None:
+            try:
+                self._writeback.result()
+            except OSError as error:
+                self.error = error
+                raise
 
     def flush(self) -> None:
         self._file.flush()

@@ -514,3 +514,25 @@ def test_each_rank_takes_back_its_own_generators(tmp_path, monkeypatch):
         drawn = (random.random(), float(np.random.rand()), torch.rand(1).item())
         _seed_everything(seed)
         assert drawn == (random.random(), float(np.random.rand()), torch.rand(1).item()), (world_size, rank)
+
+
+def test_large_writes_hash_in_pieces_and_a_failed_writeback_is_a_full_disk(tmp_path, monkeypatch):
+    # Pieces and writebacks of 1 MB, so that a 5 MB tensor crosses several of each.
+    monkeypatch.setattr(atomic_io, "_PIECE", 1 << 20)
+    monkeypatch.setattr(atomic_io, "_WRITEBACK_BYTES", 1 << 20)
+    big = torch.arange(5 * (1 << 18) + 3, dtype=torch.float32)
+    state = {"format": checkpoint.CHECKPOINT_FORMAT, "iteration": 1, "model": {"w": big}, "metrics": {}}
+    path = save_checkpoint(state, 1, tmp_path)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert torch.equal(checkpoint_store.read_checkpoint(path)["model"]["w"], big)
+
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = sorted(tmp_path.iterdir())
+    monkeypatch.setattr(atomic_io, "_datasync", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"No space left on device \(ENOSPC\)"):
+        save_checkpoint({**state, "iteration": 2}, 2, tmp_path)
+    assert sorted(tmp_path.iterdir()) == before
+    assert get_latest_model(tmp_path) == (path, 1)
