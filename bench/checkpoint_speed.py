@@ -7,7 +7,8 @@ hits both alike. Goal (issue 15): save at most 1.3x, load at most 1.2x.
   Each removes its previous file first, so both write into the memory that freed (on a VM that hands freed memory
   back to its host, filling memory nothing freed just before costs several times more: 5.3 s against 1.2 s for
   a 1.7 GB write measured on one, which would otherwise land on whichever of the two writes second).
-- load: load_checkpoint into the live model, optimizer and EMA, including the SHA-256 check of the whole file;
+- load: load_checkpoint into the live model and EMA and a new optimizer (as a resumed run does), including the
+  SHA-256 check of the whole file;
   raw read: read() of a file of the same size. Both start from the disk: the file's pages are dropped from the
   page cache first.
 - sha256: SHA-256 of as many bytes from memory, on one core: a load that checks the hash takes at least as long
