@@ -166,7 +166,8 @@ def test_fast_path_equals_the_plain_path(released):
     load_model_state(net, state, for_inference=True)
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     input_format = network(model).INPUT_FORMAT
-    runner = prepare_inference_model(net, input_format=input_format, device="cpu", image_size=64)
+    # float32, as eval.py's default --amp none: on a CPU with native bf16 "auto" may choose bf16, which cannot match.
+    runner = prepare_inference_model(net, input_format=input_format, device="cpu", image_size=64, amp="none")
     assert not any(isinstance(module, nn.BatchNorm2d) for module in runner.model.network.modules())
     fast = runner(images)
     plain = prepare_inference_model(net, input_format=input_format, device="cpu", fold_bn=False,
