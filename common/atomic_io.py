@@ -6,8 +6,11 @@ target, and the rename made durable by fsyncing the folder.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,8 +24,11 @@ _PIECE = 64 << 20
 # hashed and written, so the final fsync waits only for the last ones (the kernel alone starts writing back late).
 _WRITEBACK_BYTES = 256 << 20
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-# Bytes read and hashed per step when checking a file.
+# Bytes read and hashed per step when checking a file, and how many steps the reading runs ahead of the hash.
 _HASH_CHUNK = 16 << 20
+_CHUNKS_AHEAD = 8
+# madvise(MADV_POPULATE_READ) reads a mapped range into memory (Linux 5.14+); Python names it from 3.12 on.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform.startswith("linux") else None
 
 
 @contextmanager
@@ -71,11 +77,49 @@ def write_hashed(path: Path, write: Callable[[BinaryIO], object]) -> tuple[str, 
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's content: each chunk is hashed in a second thread while the next is read, so the
-    time is that of the slower of the disk and the hash, not their sum."""
+    """SHA-256 (hex) of a file's content. On Linux the file is mapped and hashed in place while a second thread has
+    the kernel read the next pieces into the page cache (no copy into a buffer: on a 2-core machine the copy competed
+    with the hash); elsewhere each chunk read is hashed in a second thread while the next is read. Either way the
+    time is about that of the slower of the disk and the hash, not their sum."""
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size and _MADV_POPULATE_READ is not None:
+            try:
+                return _sha256_mapped(file, size)
+            except OSError as error:
+                if error.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14 cannot populate a mapping
+                    raise
+        return _sha256_read(file)
+
+
+def _sha256_mapped(file: BinaryIO, size: int) -> str:
+    digest = hashlib.sha256()
+    starts = range(0, size, _HASH_CHUNK)
+    with (mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapping,
+          ThreadPoolExecutor(max_workers=1, thread_name_prefix="readahead") as reader):
+        def populate(start: int) -> None:
+            mapping.madvise(_MADV_POPULATE_READ, start, min(_HASH_CHUNK, size - start))
+
+        populate(0)  # raises EINVAL at once where the kernel lacks it
+        reading = {start: reader.submit(populate, start) for start in starts[1:1 + _CHUNKS_AHEAD]}
+        view = memoryview(mapping)
+        try:
+            for index, start in enumerate(starts):
+                if index + 1 + _CHUNKS_AHEAD < len(starts):
+                    ahead = starts[index + 1 + _CHUNKS_AHEAD]
+                    reading[ahead] = reader.submit(populate, ahead)
+                if start in reading:
+                    reading.pop(start).result()
+                digest.update(view[start:start + _HASH_CHUNK])
+        finally:
+            view.release()
+    return digest.hexdigest()
+
+
+def _sha256_read(file: BinaryIO) -> str:
     digest = hashlib.sha256()
     buffers = (bytearray(_HASH_CHUNK), bytearray(_HASH_CHUNK))
-    with open(path, "rb") as file, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
         hashing, index = None, 0
         while True:
             view = memoryview(buffers[index])

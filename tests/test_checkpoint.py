@@ -253,6 +253,18 @@ def _save(folder: Path, iteration: int, **kwargs) -> Path:
     return save_checkpoint(state, iteration, folder, **kwargs)
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
+def test_file_sha256_matches_hashlib_on_chunk_boundaries(tmp_path, monkeypatch, mapped):
+    # Small chunks so that the boundaries and the read-ahead window are crossed with small files.
+    monkeypatch.setattr(atomic_io, "_HASH_CHUNK", 1 << 16)
+    if not mapped:
+        monkeypatch.setattr(atomic_io, "_MADV_POPULATE_READ", None)
+    for size in (0, 1, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 11 * (1 << 16) + 7):
+        path = tmp_path / f"{size}.bin"
+        path.write_bytes(np.random.default_rng(size).bytes(size))
+        assert atomic_io.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest(), size
+
+
 def test_names_sort_by_number_at_any_iteration_count(tmp_path):
     for iteration in (999_999, 5, 1_000_000, 12_345_678_901, 10_000):
         _save(tmp_path, iteration, keep=10)
