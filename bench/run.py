@@ -105,11 +105,12 @@ def summary(results: dict) -> list[str]:
                           f"{v['median'] / original:.2f}" if original else "-"] for name, v in ok["data"].items()])
     if "checkpoint" in ok:
         lines += ["", "Checkpoint of a full training state (weights, momentum, EMA) against raw disk speed:", ""]
-        lines += _table(["model", "size", "save s", "x raw write+fsync", "load s", "x raw read", "SHA-256 s",
-                         "load x max(raw read, SHA-256)"], [
+        lines += _table(["model", "size", "save s", "x raw write+fsync", "save x max(raw write, SHA-256)", "load s",
+                         "x raw read", "load x max(raw read, SHA-256)", "SHA-256 s"], [
             [r["model"], f"{r['bytes'] / 1e9:.2f} GB", _speed(r["seconds"]["save"]), f"{r['save_ratio']:.2f}",
-             _speed(r["seconds"]["load"]), f"{r['load_ratio']:.2f}", _speed(r["seconds"]["sha256"]),
-             f"{r['load_to_floor']:.2f}"] for r in ok["checkpoint"]])
+             f"{r['save_to_floor']:.2f}" if "save_to_floor" in r else "-", _speed(r["seconds"]["load"]),
+             f"{r['load_ratio']:.2f}", f"{r['load_to_floor']:.2f}", _speed(r["seconds"]["sha256"])]
+            for r in ok["checkpoint"]])
     if "average" in ok:
         a = ok["average"]
         lines += ["", f"Averaging {a['files']} {a['model']} checkpoints of {a['file_bytes'] / 1e9:.2f} GB:", ""]

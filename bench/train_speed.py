@@ -102,7 +102,7 @@ def main() -> None:
         for size in args.sizes:
             heavy = model_name != "OneShot" and size >= 224
             batch = 2 if heavy else (8 if size >= 224 or model_name != "OneShot" else 32)
-            repeats = 2 if args.quick or heavy else 4
+            repeats = 2 if heavy else (3 if args.quick else 4)
             variants = [v for v in args.variants if v != "eager" and not (v == "compile" and args.quick)
                         and not (v == "bf16" and not cpu_supports_bf16())]
             for result in bench_against_eager(model_name, variants, size, batch, repeats):

@@ -380,6 +380,9 @@ WEIGHT = torch.arange(1_000_000, dtype=torch.float32)  # 4 MB: large enough that
 
 
 def _writer(folder: str, start: int) -> None:
+    # One thread: a forked child hangs in its first parallel kernel when the parent has used OpenMP (as a pytest
+    # run without OMP_NUM_THREADS=1 has by now).
+    torch.set_num_threads(1)
     iteration = start
     while True:
         iteration += 1
