@@ -79,30 +79,39 @@ def write_hashed(path: Path, write: Callable[[BinaryIO], object]) -> tuple[str, 
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file's content. On Linux the file is mapped and hashed in place while a second thread has
     the kernel read the next pieces into the page cache (no copy into a buffer: on a 2-core machine the copy competed
-    with the hash); elsewhere each chunk read is hashed in a second thread while the next is read. Either way the
-    time is about that of the slower of the disk and the hash, not their sum."""
+    with the hash); elsewhere, or where the file cannot be mapped, each chunk read is hashed in a second thread while
+    the next is read. Either way the time is about that of the slower of the disk and the hash, not their sum."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         if size and _MADV_POPULATE_READ is not None:
             try:
-                return _sha256_mapped(file, size)
-            except OSError as error:
-                if error.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14 cannot populate a mapping
-                    raise
+                mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError:  # a file system that cannot map files
+                mapping = None
+            if mapping is not None:
+                with mapping:
+                    digest = _sha256_mapped(mapping, size)
+                if digest is not None:
+                    return digest
         return _sha256_read(file)
 
 
-def _sha256_mapped(file: BinaryIO, size: int) -> str:
+def _sha256_mapped(mapping: mmap.mmap, size: int) -> str | None:
+    """The SHA-256 of a mapped file, or None where the kernel cannot populate a mapping (before Linux 5.14)."""
+    def populate(start: int) -> None:
+        mapping.madvise(_MADV_POPULATE_READ, start, min(_HASH_CHUNK, size - start))
+
+    try:
+        populate(0)
+    except OSError as error:
+        if error.errno == errno.EINVAL:
+            return None
+        raise
     digest = hashlib.sha256()
     starts = range(0, size, _HASH_CHUNK)
-    with (mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapping,
-          ThreadPoolExecutor(max_workers=1, thread_name_prefix="readahead") as reader):
-        def populate(start: int) -> None:
-            mapping.madvise(_MADV_POPULATE_READ, start, min(_HASH_CHUNK, size - start))
-
-        populate(0)  # raises EINVAL at once where the kernel lacks it
+    view = memoryview(mapping)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="readahead") as reader:
         reading = {start: reader.submit(populate, start) for start in starts[1:1 + _CHUNKS_AHEAD]}
-        view = memoryview(mapping)
         try:
             for index, start in enumerate(starts):
                 if index + 1 + _CHUNKS_AHEAD < len(starts):

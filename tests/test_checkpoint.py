@@ -253,12 +253,20 @@ def _save(folder: Path, iteration: int, **kwargs) -> Path:
     return save_checkpoint(state, iteration, folder, **kwargs)
 
 
-@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
-def test_file_sha256_matches_hashlib_on_chunk_boundaries(tmp_path, monkeypatch, mapped):
+def _unmappable(*args, **kwargs):
+    raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+
+@pytest.mark.parametrize("way", ["mapped", "read", "unmappable", "kernel-without-populate"])
+def test_file_sha256_matches_hashlib_on_chunk_boundaries(tmp_path, monkeypatch, way):
     # Small chunks so that the boundaries and the read-ahead window are crossed with small files.
     monkeypatch.setattr(atomic_io, "_HASH_CHUNK", 1 << 16)
-    if not mapped:
+    if way == "read":
         monkeypatch.setattr(atomic_io, "_MADV_POPULATE_READ", None)
+    elif way == "unmappable":
+        monkeypatch.setattr(atomic_io.mmap, "mmap", _unmappable)
+    elif way == "kernel-without-populate":
+        monkeypatch.setattr(atomic_io, "_MADV_POPULATE_READ", 9999)  # an advice the kernel rejects with EINVAL
     for size in (0, 1, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 11 * (1 << 16) + 7):
         path = tmp_path / f"{size}.bin"
         path.write_bytes(np.random.default_rng(size).bytes(size))
