@@ -11,6 +11,7 @@ import hashlib
 import mmap
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -111,14 +112,14 @@ def _sha256_mapped(mapping: mmap.mmap, size: int) -> str | None:
     starts = range(0, size, _HASH_CHUNK)
     view = memoryview(mapping)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="readahead") as reader:
-        reading = {start: reader.submit(populate, start) for start in starts[1:1 + _CHUNKS_AHEAD]}
+        # The reads of the chunks after the one being hashed, oldest first (the first chunk is read already).
+        reading = deque(reader.submit(populate, start) for start in starts[1:1 + _CHUNKS_AHEAD])
         try:
             for index, start in enumerate(starts):
+                if index:
+                    reading.popleft().result()
                 if index + 1 + _CHUNKS_AHEAD < len(starts):
-                    ahead = starts[index + 1 + _CHUNKS_AHEAD]
-                    reading[ahead] = reader.submit(populate, ahead)
-                if start in reading:
-                    reading.pop(start).result()
+                    reading.append(reader.submit(populate, starts[index + 1 + _CHUNKS_AHEAD]))
                 digest.update(view[start:start + _HASH_CHUNK])
         finally:
             view.release()
