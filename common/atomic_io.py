@@ -11,23 +11,21 @@ import hashlib
 import mmap
 import os
 import sys
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-# Writes at least this large are hashed in a second thread while they are written, in pieces of _PIECE bytes.
+# Writes at least this large are hashed in other threads while they are written, in parts of at most _PART bytes.
 _PARALLEL_HASH_BYTES = 1 << 20
-_PIECE = 64 << 20
+_PART = 64 << 20
 # After this many bytes are written, a third thread asks the disk to store them (fdatasync) while later ones are
 # hashed and written, so the final fsync waits only for the last ones (the kernel alone starts writing back late).
 _WRITEBACK_BYTES = 256 << 20
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-# Bytes read and hashed per step when checking a file, and how many steps the reading runs ahead of the hash.
-_HASH_CHUNK = 16 << 20
-_CHUNKS_AHEAD = 8
+# Bytes read per step where a piece is read rather than mapped.
+_READ_CHUNK = 16 << 20
 # madvise(MADV_POPULATE_READ) reads a mapped range into memory (Linux 5.14+); Python names it from 3.12 on.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform.startswith("linux") else None
 
@@ -59,12 +57,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda file: file.write(text.encode()))
 
 
-def write_hashed(path: Path, write: Callable[[BinaryIO], object]) -> tuple[str, int]:
-    """Create `path` through `write(file)`, hashing the bytes as they pass, then fsync it; returns (SHA-256, size).
+def write_hashed(path: Path, write: Callable[[BinaryIO], object],
+                 piece_bytes: int | None = None) -> tuple[str, int]:
+    """Create `path` through `write(file)`, hashing the bytes as they pass, then fsync it; returns (digest, size):
+    the SHA-256, or with `piece_bytes` the pieces' SHA-256 (see `pieces_sha256`), hashed on every core.
     The OSError of a failed write (e.g. ENOSPC) is raised as itself, even from writers that wrap it."""
-    with (open(path, "wb") as file, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher,
+    workers = 1 if piece_bytes is None else os.cpu_count() or 1
+    with (open(path, "wb") as file, ThreadPoolExecutor(workers, thread_name_prefix="sha256") as hashers,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeback") as flusher):
-        writer = _HashingWriter(file, hasher, flusher)
+        writer = _HashingWriter(file, hashers, flusher, piece_bytes)
         try:
             write(writer)
             file.flush()
@@ -74,72 +75,58 @@ def write_hashed(path: Path, write: Callable[[BinaryIO], object]) -> tuple[str, 
             if writer.error is not None:
                 raise writer.error from None
             raise
-    return writer.sha256.hexdigest(), writer.size
+    return writer.digest(), writer.size
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's content. On Linux the file is mapped and hashed in place while a second thread has
-    the kernel read the next pieces into the page cache (no copy into a buffer: on a 2-core machine the copy competed
-    with the hash); elsewhere, or where the file cannot be mapped, each chunk read is hashed in a second thread while
-    the next is read. Either way the time is about that of the slower of the disk and the hash, not their sum."""
+def file_sha256(path: str | os.PathLike, piece_bytes: int | None = None) -> str:
+    """SHA-256 (hex) of a file's content, or with `piece_bytes` its pieces' SHA-256 (see `pieces_sha256`)."""
     with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size and _MADV_POPULATE_READ is not None:
-            try:
-                mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-            except OSError:  # a file system that cannot map files
-                mapping = None
-            if mapping is not None:
-                with mapping:
-                    digest = _sha256_mapped(mapping, size)
-                if digest is not None:
-                    return digest
-        return _sha256_read(file)
+        if piece_bytes is None:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+        return _file_pieces_sha256(file, piece_bytes)
 
 
-def _sha256_mapped(mapping: mmap.mmap, size: int) -> str | None:
-    """The SHA-256 of a mapped file, or None where the kernel cannot populate a mapping (before Linux 5.14)."""
-    def populate(start: int) -> None:
-        mapping.madvise(_MADV_POPULATE_READ, start, min(_HASH_CHUNK, size - start))
+def pieces_sha256(piece_digests: Iterable[bytes]) -> str:
+    """The digest of a file hashed in pieces: the SHA-256 of its pieces' SHA-256 digests in order (a file of n bytes
+    has ceil(n / piece_bytes) pieces, each piece_bytes long but the last). One SHA-256 runs on one core, slower than
+    the disks this was measured on (see README Performance); pieces are hashed on as many cores as there are."""
+    return hashlib.sha256(b"".join(piece_digests)).hexdigest()
 
+
+def _file_pieces_sha256(file: BinaryIO, piece_bytes: int) -> str:
+    """Each piece is hashed by a thread of its own, one more than the cores so that the disk has one to serve while
+    the others hash. On Linux the file is mapped and each piece read into the page cache (MADV_POPULATE_READ) and
+    hashed in place, without a copy into a buffer; elsewhere, or where the file cannot be mapped, pieces are read."""
+    fd = file.fileno()
+    size = os.fstat(fd).st_size
     try:
-        populate(0)
-    except OSError as error:
-        if error.errno == errno.EINVAL:
-            return None
-        raise
-    digest = hashlib.sha256()
-    starts = range(0, size, _HASH_CHUNK)
-    view = memoryview(mapping)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="readahead") as reader:
-        # The reads of the chunks after the one being hashed, oldest first (the first chunk is read already).
-        reading = deque(reader.submit(populate, start) for start in starts[1:1 + _CHUNKS_AHEAD])
+        mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size and _MADV_POPULATE_READ is not None else None
+    except OSError:  # a file system that cannot map files
+        mapping = None
+
+    def hash_piece(start: int) -> bytes:
+        end = min(start + piece_bytes, size)
+        if mapping is None:
+            digest = hashlib.sha256()
+            for offset in range(start, end, _READ_CHUNK):
+                digest.update(os.pread(fd, min(_READ_CHUNK, end - offset), offset))
+            return digest.digest()
         try:
-            for index, start in enumerate(starts):
-                if index:
-                    reading.popleft().result()
-                if index + 1 + _CHUNKS_AHEAD < len(starts):
-                    reading.append(reader.submit(populate, starts[index + 1 + _CHUNKS_AHEAD]))
-                digest.update(view[start:start + _HASH_CHUNK])
-        finally:
-            view.release()
-    return digest.hexdigest()
+            mapping.madvise(_MADV_POPULATE_READ, start, end - start)
+        except OSError as error:
+            if error.errno != errno.EINVAL:  # a kernel before 5.14: the hash's page faults read the piece instead
+                raise
+        with memoryview(mapping) as view, view[start:end] as piece:
+            return hashlib.sha256(piece).digest()
 
-
-def _sha256_read(file: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    buffers = (bytearray(_HASH_CHUNK), bytearray(_HASH_CHUNK))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
-        hashing, index = None, 0
-        while True:
-            view = memoryview(buffers[index])
-            count = file.readinto(view)  # the other buffer is being hashed meanwhile
-            if hashing is not None:
-                hashing.result()
-            if not count:
-                return digest.hexdigest()
-            hashing = hasher.submit(digest.update, view[:count])
-            index = 1 - index
+    starts = range(0, size, piece_bytes)
+    try:
+        with ThreadPoolExecutor(min(len(starts), (os.cpu_count() or 1) + 1) or 1,
+                                thread_name_prefix="sha256") as hashers:
+            return pieces_sha256(hashers.map(hash_piece, starts))
+    finally:
+        if mapping is not None:
+            mapping.close()
 
 
 def temp_path(path: Path) -> Path:
@@ -171,36 +158,62 @@ def remove_quietly(path: Path) -> None:
 
 class _HashingWriter:
     """A write-only file wrapper that hashes and counts the bytes passing through it. torch.save hands over each
-    tensor's storage as a memoryview (no copy); a large one is written in pieces, each hashed in a second thread
-    while the next is written (both release the GIL), and what is written is sent to the disk by a third thread
-    meanwhile: the time is that of the slowest of the three, not their sum."""
+    tensor's storage as a memoryview (no copy); a large one is written in parts, each hashed in other threads while
+    the next is written (both release the GIL), and what is written is sent to the disk by a third thread meanwhile:
+    the time is that of the slowest of the three, not their sum. With pieces, a part never spans two, so parts are
+    hashed on as many cores as there are; without, in order by one thread."""
 
-    def __init__(self, file: BinaryIO, hasher: ThreadPoolExecutor, flusher: ThreadPoolExecutor) -> None:
-        self._file, self._hasher, self._flusher = file, hasher, flusher
+    def __init__(self, file: BinaryIO, hashers: ThreadPoolExecutor, flusher: ThreadPoolExecutor,
+                 piece_bytes: int | None) -> None:
+        self._file, self._hashers, self._flusher = file, hashers, flusher
+        self._piece_bytes = piece_bytes
+        self._hashes = [hashlib.sha256()]  # one per piece begun, or the one of the whole file
         self._writeback: Future | None = None
         self._not_written_back = 0
-        self.sha256 = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
         view = memoryview(data).cast("B")
-        if len(view) < _PARALLEL_HASH_BYTES:
-            self._write(view)
-            self.sha256.update(view)
-            return len(view)
+        total = len(view)
         hashing = []
         try:
-            for start in range(0, len(view), _PIECE):
-                piece = view[start:start + _PIECE]
-                hashing.append(self._hasher.submit(self.sha256.update, piece))
-                self._write(piece)
-                self._start_writeback(len(piece))
+            while len(view):
+                length = self._part_length(len(view))
+                part, view = view[:length], view[length:]
+                digest = self._hash_of_piece_at(self.size)
+                if total < _PARALLEL_HASH_BYTES:
+                    digest.update(part)
+                    self._write(part)
+                    continue
+                # Parts of one call lie in different pieces (or go to the one thread in order); all are hashed
+                # before the next call (below).
+                hashing.append(self._hashers.submit(digest.update, part))
+                self._write(part)
+                self._start_writeback(len(part))
         finally:
             # The memoryview may point into memory torch frees once this call returns: finish hashing first.
             for future in hashing:
                 future.result()
-        return len(view)
+        return total
+
+    def digest(self) -> str:
+        """The digest of all that was written."""
+        if self._piece_bytes is None:
+            return self._hashes[0].hexdigest()
+        return pieces_sha256(digest.digest() for digest in self._hashes[:-(-self.size // self._piece_bytes)])
+
+    def _part_length(self, remaining: int) -> int:
+        """How much of the next `remaining` bytes to write as one part: up to the end of a piece, at most _PART."""
+        step = _PART if self._piece_bytes is None else self._piece_bytes - self.size % self._piece_bytes
+        return min(remaining, step, _PART)
+
+    def _hash_of_piece_at(self, offset: int) -> Any:
+        if self._piece_bytes is None:
+            return self._hashes[0]
+        while len(self._hashes) <= offset // self._piece_bytes:
+            self._hashes.append(hashlib.sha256())
+        return self._hashes[offset // self._piece_bytes]
 
     def _write(self, data: memoryview) -> None:
         try:

@@ -37,6 +37,8 @@ _ACCURACY_ALIASES = {"top1": "top1_error", "top5": "top5_error"}
 # Checkpoints get_latest_model has checked in this process, by (path, inode, size, mtime): a resume that picks the
 # newest good checkpoint (one full hash) and then loads it does not hash the same unchanged file twice.
 _VERIFIED: set[tuple[str, int, int, int]] = set()
+# Checkpoints are hashed in pieces of this size, on every core (see atomic_io.pieces_sha256); the sidecar records it.
+PIECE_BYTES = 64 << 20
 _ADVICE = "resume from an earlier checkpoint (get_latest_model picks the newest good one)"
 
 
@@ -62,8 +64,9 @@ class CheckpointInfo:
 
     path: Path
     iteration: int
-    sha256: str
+    sha256: str  # of the file's pieces of piece_bytes (see atomic_io.pieces_sha256), or of the whole file if None
     size: int
+    piece_bytes: int | None = None
     metrics: dict = field(default_factory=dict)
 
 
@@ -89,9 +92,11 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(save_dir)
-        digest, size = write_hashed(data_temp, lambda file: _save_without_crc(pack_tensors(state), file))
-        sidecar = {"format": CHECKPOINT_FORMAT, "file": data_path.name, "iteration": int(iters), "sha256": digest,
-                   "size": size, "metrics": to_plain(state.get("metrics") or {}, json_only=True)}
+        digest, size = write_hashed(data_temp, lambda file: _save_without_crc(pack_tensors(state), file),
+                                    piece_bytes=PIECE_BYTES)
+        sidecar = {"format": CHECKPOINT_FORMAT, "file": data_path.name, "iteration": int(iters),
+                   "pieces_sha256": digest, "piece_bytes": PIECE_BYTES, "size": size,
+                   "metrics": to_plain(state.get("metrics") or {}, json_only=True)}
         write_hashed(sidecar_temp, lambda file: file.write(json.dumps(sidecar, indent=1).encode() + b"\n"))
         os.replace(sidecar_temp, sidecar_path)
         sidecar_placed = True
@@ -212,6 +217,12 @@ def best_checkpoints(checkpoints: list[CheckpointInfo], k: int, metric: str,
 
 # -- internals ------------------------------------------------------------------------------------------------
 
+def _positive_int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"not a positive integer: {value!r}")
+    return value
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -269,8 +280,12 @@ def _parse_sidecar(path: Path, sidecar_path: Path, iteration: int) -> Checkpoint
             raise CheckpointCorruptError(f"{sidecar_path.name} was not written by this project")
         if sidecar.get("iteration") != iteration:
             raise CheckpointCorruptError(f"{sidecar_path.name} describes iteration {sidecar.get('iteration')}")
-        info = CheckpointInfo(path=path, iteration=iteration, sha256=str(sidecar["sha256"]),
-                              size=int(sidecar["size"]), metrics=dict(sidecar.get("metrics") or {}))
+        # Sidecars written before checkpoints were hashed in pieces hold the whole file's "sha256".
+        pieces = "pieces_sha256" in sidecar
+        info = CheckpointInfo(path=path, iteration=iteration,
+                              sha256=str(sidecar["pieces_sha256" if pieces else "sha256"]), size=int(sidecar["size"]),
+                              piece_bytes=_positive_int(sidecar["piece_bytes"]) if pieces else None,
+                              metrics=dict(sidecar.get("metrics") or {}))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointCorruptError(f"its sidecar {sidecar_path.name} is unreadable") from None
     if (size := path.stat().st_size) != info.size:
@@ -304,7 +319,7 @@ def verify_checkpoint(path: str | os.PathLike, check_hash: bool = True) -> Check
 
 def _hash_matches(info: CheckpointInfo) -> bool:
     try:
-        return file_sha256(info.path) == info.sha256
+        return file_sha256(info.path, info.piece_bytes) == info.sha256
     except OSError:
         return False
 

@@ -179,7 +179,7 @@ def test_round_trip_of_every_piece(tmp_path):
     assert raw["metadata"]["time_utc"].endswith("+00:00")
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["iteration"] == 4 and sidecar["size"] == path.stat().st_size
-    assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sidecar["pieces_sha256"] == _pieces_sha256(path.read_bytes(), sidecar["piece_bytes"])
     assert sidecar["metrics"] == {"top1_error": 30.1, "top5_error": 10.0, "loss": 1.25}
 
     _seed_everything(42)
@@ -257,20 +257,42 @@ def _unmappable(*args, **kwargs):
     raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
 
 
+def _pieces_sha256(data: bytes, piece: int) -> str:
+    return hashlib.sha256(b"".join(hashlib.sha256(data[start:start + piece]).digest()
+                                   for start in range(0, len(data), piece))).hexdigest()
+
+
 @pytest.mark.parametrize("way", ["mapped", "read", "unmappable", "kernel-without-populate"])
-def test_file_sha256_matches_hashlib_on_chunk_boundaries(tmp_path, monkeypatch, way):
-    # Small chunks so that the boundaries and the read-ahead window are crossed with small files.
-    monkeypatch.setattr(atomic_io, "_HASH_CHUNK", 1 << 16)
+def test_file_sha256_matches_hashlib_on_piece_boundaries(tmp_path, monkeypatch, way):
+    # Small pieces and read chunks, so that their boundaries are crossed with small files.
+    piece = 1 << 16
+    monkeypatch.setattr(atomic_io, "_READ_CHUNK", 1 << 14)
     if way == "read":
         monkeypatch.setattr(atomic_io, "_MADV_POPULATE_READ", None)
     elif way == "unmappable":
         monkeypatch.setattr(atomic_io.mmap, "mmap", _unmappable)
     elif way == "kernel-without-populate":
         monkeypatch.setattr(atomic_io, "_MADV_POPULATE_READ", 9999)  # an advice the kernel rejects with EINVAL
-    for size in (0, 1, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 11 * (1 << 16) + 7):
+    for size in (0, 1, piece - 1, piece, piece + 1, 11 * piece + 7):
         path = tmp_path / f"{size}.bin"
-        path.write_bytes(np.random.default_rng(size).bytes(size))
-        assert atomic_io.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest(), size
+        data = np.random.default_rng(size).bytes(size)
+        path.write_bytes(data)
+        assert atomic_io.file_sha256(path) == hashlib.sha256(data).hexdigest(), size
+        assert atomic_io.file_sha256(path, piece) == _pieces_sha256(data, piece), size
+
+
+def test_checkpoints_with_a_whole_file_sha256_still_load(tmp_path):
+    # Sidecars written before checkpoints were hashed in pieces hold "sha256" of the whole file.
+    path = _save(tmp_path, 7)
+    sidecar_path = path.with_suffix(".json")
+    sidecar = json.loads(sidecar_path.read_text())
+    del sidecar["pieces_sha256"], sidecar["piece_bytes"]
+    sidecar_path.write_text(json.dumps({**sidecar, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}))
+    assert get_latest_model(tmp_path) == (path, 7)
+    assert torch.equal(checkpoint_store.read_checkpoint(path)["model"]["w"], torch.full((4,), 1.0))
+    sidecar_path.write_text(json.dumps({**sidecar, "sha256": "0" * 64}))
+    with pytest.raises(CheckpointCorruptError, match="SHA-256 does not match"):
+        checkpoint_store.verify_checkpoint(path)
 
 
 def test_names_sort_by_number_at_any_iteration_count(tmp_path):
@@ -540,14 +562,15 @@ def test_each_rank_takes_back_its_own_generators(tmp_path, monkeypatch):
 
 
 def test_large_writes_hash_in_pieces_and_a_failed_writeback_is_a_full_disk(tmp_path, monkeypatch):
-    # Pieces and writebacks of 1 MB, so that a 5 MB tensor crosses several of each.
-    monkeypatch.setattr(atomic_io, "_PIECE", 1 << 20)
+    # Parts and writebacks of 1 MB and hashed pieces of 1.5 MB + 1, so that a 5 MB tensor crosses several of each.
+    monkeypatch.setattr(atomic_io, "_PART", 1 << 20)
     monkeypatch.setattr(atomic_io, "_WRITEBACK_BYTES", 1 << 20)
+    monkeypatch.setattr(checkpoint_store, "PIECE_BYTES", 3 * (1 << 19) + 1)
     big = torch.arange(5 * (1 << 18) + 3, dtype=torch.float32)
     state = {"format": checkpoint.CHECKPOINT_FORMAT, "iteration": 1, "model": {"w": big}, "metrics": {}}
     path = save_checkpoint(state, 1, tmp_path)
     sidecar = json.loads(path.with_suffix(".json").read_text())
-    assert sidecar["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sidecar["pieces_sha256"] == _pieces_sha256(path.read_bytes(), sidecar["piece_bytes"])
     assert torch.equal(checkpoint_store.read_checkpoint(path)["model"]["w"], big)
 
     def full_disk(descriptor):
