@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from timing import interleaved, rate, write_json
-from common.hardware import SpeedChoice, cpu_supports_bf16, resolve_speed, training_step_timer
+from common.hardware import (SpeedChoice, cpu_supports_bf16, probe_batch_size, resolve_speed,
+                             training_step_timer)
 from common.models import MODEL_FOLDERS, load_network_module
 from common.training import compute_loss
 
@@ -32,8 +33,9 @@ def build_step(model_name: str, variant: str, size: int, batch: int) -> tuple[Ca
     model = load_network_module(model_name).create_network().train()
     choice = None
     if variant == "default":
-        choice = resolve_speed(None, "auto", "cpu", training_step_timer(model, min(8, batch), size, "cpu"),
-                               what=f"on training steps of {min(8, batch)} images of {size}px")
+        probe_batch = probe_batch_size(model, batch, size)
+        choice = resolve_speed(None, "auto", "cpu", training_step_timer(model, probe_batch, size, "cpu"),
+                               what=f"on training steps of {probe_batch} images of {size}px")
         channels_last, amp = choice.channels_last, choice.amp
     else:
         channels_last, amp = variant in ("channels_last", "compile", "bf16"), "bf16" if variant == "bf16" else None

@@ -30,7 +30,8 @@ from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, an
                                 init_distributed, shutdown_distributed)
 from common.errors import UserError, exit_on_user_error
 from common.evaluate import evaluate
-from common.hardware import AMP_CHOICES, AMP_DTYPES, SpeedChoice, resolve_speed, training_step_timer
+from common.hardware import (AMP_CHOICES, AMP_DTYPES, SpeedChoice, probe_batch_size, resolve_speed,
+                             training_step_timer)
 from common.input_format import InputFormat, Preprocess
 from common.model_state import load_model_state, read_checkpoint_metadata
 from common.models import REPO_ROOT, create_network_for, load_module
@@ -323,9 +324,9 @@ def resolve_training_speed(args: argparse.Namespace, model: nn.Module, info: Dis
     if args.amp == "auto" and "amp" in recorded:
         args.amp = recorded["amp"]
         kept.append("precision")
-    batch = min(8, args.batch_size // info.world_size)
-    prepare = None
-    if info.is_main and not args.deterministic:
+    batch, prepare = args.batch_size // info.world_size, None
+    if info.is_main and not args.deterministic and info.device.type == "cpu":  # CUDA's choice is fixed
+        batch = probe_batch_size(model, batch, args.image_size)
         prepare = training_step_timer(model, batch, args.image_size, info.device)
     speed = resolve_speed(args.channels_last, args.amp, info.device, prepare,
                           what=f"on training steps of {batch} images of {args.image_size}px")
