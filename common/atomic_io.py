@@ -186,7 +186,7 @@ class _HashingWriter:
                     digest.update(part)
                     self._write(part)
                     continue
-                # Parts of one call lie in different pieces (or go to the one thread in order); all are hashed
+                # Parts of one call lie in different pieces (or go in order to the one thread); all are hashed
                 # before the next call (below).
                 hashing.append(self._hashers.submit(digest.update, part))
                 self._write(part)
@@ -204,9 +204,10 @@ class _HashingWriter:
         return pieces_sha256(digest.digest() for digest in self._hashes[:-(-self.size // self._piece_bytes)])
 
     def _part_length(self, remaining: int) -> int:
-        """How much of the next `remaining` bytes to write as one part: up to the end of a piece, at most _PART."""
+        """How much of the next `remaining` bytes to write as one part: the rest of the piece (a piece has at most one
+        part in flight: two would race for its hash), else at most _PART."""
         step = _PART if self._piece_bytes is None else self._piece_bytes - self.size % self._piece_bytes
-        return min(remaining, step, _PART)
+        return min(remaining, step)
 
     def _hash_of_piece_at(self, offset: int) -> Any:
         if self._piece_bytes is None:

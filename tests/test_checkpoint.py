@@ -562,8 +562,7 @@ def test_each_rank_takes_back_its_own_generators(tmp_path, monkeypatch):
 
 
 def test_large_writes_hash_in_pieces_and_a_failed_writeback_is_a_full_disk(tmp_path, monkeypatch):
-    # Parts and writebacks of 1 MB and hashed pieces of 1.5 MB + 1, so that a 5 MB tensor crosses several of each.
-    monkeypatch.setattr(atomic_io, "_PART", 1 << 20)
+    # Writebacks of 1 MB and hashed pieces of 1.5 MB + 1, so that a 5 MB tensor crosses several of each.
     monkeypatch.setattr(atomic_io, "_WRITEBACK_BYTES", 1 << 20)
     monkeypatch.setattr(checkpoint_store, "PIECE_BYTES", 3 * (1 << 19) + 1)
     big = torch.arange(5 * (1 << 18) + 3, dtype=torch.float32)
