@@ -1,9 +1,9 @@
 """Eval images/s per model at 224: the plain path against the fast path and its steps, with achieved GFLOP/s.
 
 The plain path is eager float32 with BatchNorm not folded on contiguous NCHW. The fast path, eval.py's default,
-folds BatchNorm into the convs and runs under inference mode in the layout (and, where bf16 is native, the
-precision) it measures faster on this machine at start (common.inference.prepare_inference_model); its full form
-adds torch.compile with frozen weights and, where the CPU computes bfloat16 natively, bf16 autocast
+folds BatchNorm into the convs and runs float32 under inference mode in the layout it measures faster on this
+machine at start (common.inference.prepare_inference_model); fast+bf16 is the same under bf16 autocast
+(eval.py --amp bf16), where the CPU computes bfloat16 natively; the full form adds torch.compile with frozen weights
 (eval.py --compile --amp bf16). All include the input format (uint8 RGB -> BGR float, mean) on the device.
 Variants are timed in turns, one call of each per round, so a load from other processes on the machine slows all
 of them alike. GFLOP/s counts 2 FLOPs per multiply-add of the published MACs and is set against this machine's
@@ -29,8 +29,8 @@ IMAGE_SIZE = 224
 BATCH = {"OneShot": 32, "ShuffleNetV2.Large": 8, "ShuffleNetV2.ExLarge": 4}
 VARIANTS = {
     "plain": {"fold_bn": False, "channels_last": False},
-    "fast": {},
-    "fast+compile": {"compile": True},
+    "fast": {"amp": "none"},
+    "fast+compile": {"compile": True, "amp": "none"},
     "fast+bf16": {"amp": "bf16"},
     "fast+compile+bf16": {"compile": True, "amp": "bf16"},
 }
