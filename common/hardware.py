@@ -93,8 +93,8 @@ def _amp_candidates(amp: str | None, device: torch.device) -> list[str | None]:
     if amp == "bf16" and device.type == "cpu" and not cpu_supports_bf16() and not _warned_emulated:
         _warned_emulated = True
         warnings.warn("--amp bf16: this CPU has no native bfloat16 (no AVX512-BF16 or AMX), so PyTorch emulates it: "
-                      "expect training and evaluation several times slower than float32 (6x to 11x measured for "
-                      "training), with bf16's rounding; --amp auto (the default) or none runs float32",
+                      "expect training and evaluation several times slower than float32, with bf16's rounding; "
+                      "--amp auto or none runs float32 here",
                       EmulatedBF16Warning, stacklevel=3)
     if amp != "auto":
         return [None if amp == "none" else amp]
