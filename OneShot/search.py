@@ -404,8 +404,14 @@ def run_demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.demo:
+        # The demo runs each stage with settings of its own; a flag given beside it would be silently ignored.
+        given = [name for name, value in vars(args).items() if name != "demo" and value != parser.get_default(name)]
+        if given:
+            parser.error(f"--demo runs the three stages with settings of its own; leave out "
+                         f"{', '.join('--' + name.replace('_', '-') for name in given)} or --demo")
         run_demo()
         return None
     return exit_on_user_error(search)(args)

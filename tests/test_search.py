@@ -245,6 +245,14 @@ def test_bad_architecture_file_is_a_one_line_error(tmp_path, image_folder):
 
 
 @pytest.mark.slow
+def test_demo_with_other_flags_is_refused_before_any_work():
+    result = run(["search.py", "--demo", "--supernet", "x.pth", "--generations", "3"])
+    assert result.returncode == 2
+    assert "--demo runs the three stages with settings of its own; leave out --supernet, --generations" in \
+        result.stderr
+    assert "===" not in result.stdout
+
+
 def test_supernet_trains_under_two_gloo_ranks(tmp_path, image_folder):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
