@@ -244,7 +244,6 @@ def test_bad_architecture_file_is_a_one_line_error(tmp_path, image_folder):
     assert result.returncode != 0 and "Traceback" not in result.stderr and "--architecture" in result.stderr
 
 
-@pytest.mark.slow
 def test_demo_with_other_flags_is_refused_before_any_work():
     result = run(["search.py", "--demo", "--supernet", "x.pth", "--generations", "3"])
     assert result.returncode == 2
@@ -253,6 +252,7 @@ def test_demo_with_other_flags_is_refused_before_any_work():
     assert "===" not in result.stdout
 
 
+@pytest.mark.slow
 def test_supernet_trains_under_two_gloo_ranks(tmp_path, image_folder):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
