@@ -116,10 +116,11 @@ def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
 
 def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
     run.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
-    run.add_argument("--amp", choices=AMP_CHOICES, default="auto",
-                     help="mixed precision: auto picks bf16 on CUDA (fp16 where bf16 is not supported; fp16 uses a "
-                          "gradient scaler), on a CPU bf16 only where it is native and measured faster, else "
-                          "float32 (none); a resumed run keeps the choice it started with")
+    run.add_argument("--amp", choices=AMP_CHOICES,
+                     help="mixed precision (default: auto): auto picks bf16 on CUDA (fp16 where bf16 is not "
+                          "supported; fp16 uses a gradient scaler), on a CPU bf16 only where it is native and "
+                          "measured faster, else float32 (none); a resumed run keeps the choice it started with. "
+                          "--eval evaluates as eval.py does: float32 unless --amp is given")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default="auto",
                      help="channels_last memory format; --no-channels-last for NCHW; auto: channels_last on CUDA, "
                           "on a CPU the layout measured faster for this model in a few steps at start (NCHW with "
@@ -316,6 +317,7 @@ def resolve_training_speed(args: argparse.Namespace, model: nn.Module, info: Dis
     candidates for all; nothing is timed with --deterministic)."""
     recorded = _recorded_args(args.save) if args.auto_continue else {}
     kept = []
+    args.amp = args.amp or "auto"  # not given: auto (None stands for "not given" so that --eval can tell)
     if args.channels_last == "auto":
         args.channels_last = None
     if args.channels_last is None and isinstance(recorded.get("channels_last"), bool):

@@ -85,6 +85,13 @@ def test_eval_scores_this_runs_checkpoint_without_train_dir(tmp_path, image_fold
     assert result.returncode == 0, result.stderr
     # eval.py's report: the checkpoint's 3 classes at its own 32px crop, all 24 images.
     assert " * Acc@1 " in result.stdout and "24 images" in result.stdout and "32px center crop" in result.stdout
+    # The same scores as eval.py's own defaults give (float32 whatever precision training chose).
+    eval_py = run([sys.executable, "eval.py", "--weights", str(tmp_path / "checkpoint-0000000002.pth"),
+                   "--val-dir", str(image_folder), "--workers", "0"])
+
+    def scores(output: str) -> str:
+        return next(line for line in output.splitlines() if line.startswith(" * Acc@1")).split("  24 images")[0]
+    assert eval_py.returncode == 0 and scores(result.stdout) == scores(eval_py.stdout)
 
 
 def test_curves_loss_panel_shows_the_curve_under_a_huge_early_val_loss():

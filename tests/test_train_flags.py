@@ -155,3 +155,18 @@ def test_a_checkpoint_with_a_scheduler_state_still_resumes(ema_run, tmp_path, im
     assert train(oneshot_train, argv) == "finished"
     assert get_latest_model(tmp_path)[1] == 5
     assert [r["lr"] for r in records(tmp_path) if r["split"] == "train"] == [pytest.approx(0.1 * (1 - 4 / 5))]
+
+
+def test_eval_forwards_amp_to_eval_py_only_when_given(oneshot_train, monkeypatch, tmp_path):
+    """Not given, eval.py's own default applies (float32), so train.py --eval scores what eval.py scores."""
+    calls = []
+
+    class EvalScript:
+        @staticmethod
+        def main(argv: list[str]) -> None:
+            calls.append(argv)
+
+    monkeypatch.setattr(training, "load_module", lambda *args: EvalScript)
+    for extra in ([], ["--amp", "bf16"], ["--amp", "auto"]):
+        oneshot_train.main(["--eval", "--eval-resume", str(tmp_path / "w.pth"), "--val-dir", str(tmp_path), *extra])
+    assert [argv[argv.index("--amp") + 1] if "--amp" in argv else None for argv in calls] == [None, "bf16", "auto"]
