@@ -34,7 +34,7 @@ import search_space  # noqa: E402
 import supernet as supernet_module  # noqa: E402
 from common.bn_recalibrate import recalibrate_batchnorm  # noqa: E402
 from common.atomic_io import atomic_write  # noqa: E402
-from common.cli import DefaultsHelpFormatter  # noqa: E402
+from common.cli import DefaultsHelpFormatter, add_device_argument  # noqa: E402
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
 from common.distributed import all_gather_objects, init_distributed, shutdown_distributed  # noqa: E402
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                          help="data-loading worker processes (images are decoded once and kept in memory); "
                               "the default is the CPU count, at most 8")
-    scoring.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    add_device_argument(scoring)
     parser.add_argument("--demo", action="store_true",
                         help="run the three stages on the built-in data at small size: train a supernet, search "
                              "it (evolution and random), retrain the found architecture")

@@ -49,3 +49,9 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if any(action.default is unset for unset in (None, False, argparse.SUPPRESS)) or "default" in text:
             return text
         return super()._get_help_string(action)
+
+
+def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--device, worded the same in every script."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (the default): the GPU when CUDA is present, else the CPU; or cpu, cuda, cuda:N")

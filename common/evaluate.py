@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint import library_versions
-from common.cli import check_image_size, prepare_output
+from common.cli import add_device_argument, check_image_size, prepare_output
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import resolve_device
@@ -145,8 +145,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="data-loading worker processes; 0 loads in the main process (default: the CPU count, "
                              "at most 4)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (the default: the GPU when CUDA is present, else the CPU), cpu, cuda or cuda:N")
+    add_device_argument(parser)
     parser.add_argument("--image-size", type=int, metavar="N",
                         help="center-crop size; the short side is first resized to round(N * 256 / 224) (default: "
                              "the size a checkpoint of this project was trained at, else 224)")

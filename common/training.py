@@ -23,7 +23,7 @@ from torch import nn
 
 from common.checkpoint import get_training_state, load_checkpoint, rng_state
 from common.checkpoint_store import get_latest_model, list_checkpoints, save_checkpoint
-from common.cli import DefaultsHelpFormatter, prepare_output
+from common.cli import DefaultsHelpFormatter, add_device_argument, prepare_output
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
 from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, average_buffers, barrier,
@@ -115,7 +115,7 @@ def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
 
 
 def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
-    run.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or cuda:N")
+    add_device_argument(run)
     run.add_argument("--amp", choices=AMP_CHOICES,
                      help="mixed precision (default: auto): auto picks bf16 on CUDA (fp16 where bf16 is not "
                           "supported; fp16 uses a gradient scaler), on a CPU bf16 only where it is native and "
