@@ -12,6 +12,7 @@ import math
 import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -484,9 +485,27 @@ def collate_skip_corrupt_with_indices(batch: list, image_shape: tuple[int, int, 
     return images, labels, skipped, torch.tensor([item[2] for item in kept], dtype=torch.int64)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the loop answers it by saving a checkpoint, with the workers alive.
+def _outlive_stop_signals(worker_id: int) -> None:
+    """Stop signals reach the workers too: Ctrl-C goes to the terminal's whole process group, and SLURM sends SIGTERM
+    (time limit) and SIGUSR2 (before preemption) to every process of the job. The training process answers them by
+    saving a checkpoint, which needs its workers alive, and then shuts them down; so a worker ignores them, except
+    a SIGTERM from its parent (the loader's last resort, and multiprocessing's at exit), which ends it at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # no way to tell the sender (macOS): SIGTERM keeps its default
+        return
+    # Blocked here, before any other thread of this process exists, so every thread inherits the mask and the
+    # signals wait for the thread below, which alone learns who sent them.
+    handled = {signal.SIGTERM, signal.SIGUSR2}
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    parent = os.getppid()
+
+    def answer() -> None:
+        while True:
+            received = signal.sigwaitinfo(handled)
+            if received.si_signo == signal.SIGTERM and received.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=answer, name="stop-signals", daemon=True).start()
 
 
 def _loader(dataset: Dataset, batch_sampler, collate_fn, workers: int, pin_memory: bool) -> DataLoader:
@@ -495,7 +514,7 @@ def _loader(dataset: Dataset, batch_sampler, collate_fn, workers: int, pin_memor
     # A generator of its own: iter(loader) drawing from the global RNG would change a resumed run's dropout masks.
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=workers > 0, generator=torch.Generator(),
-                      worker_init_fn=_ignore_sigint if workers > 0 else None,
+                      worker_init_fn=_outlive_stop_signals if workers > 0 else None,
                       prefetch_factor=PREFETCH_BATCHES_PER_WORKER if workers > 0 else None)
 
 

@@ -15,17 +15,23 @@ from test_train import ONESHOT, train_command
 
 def start(command: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(command, cwd=ONESHOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=ONESHOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
-def signal_after(process: subprocess.Popen, marker: str, signum: int, delay: float = 0.0) -> tuple[str, str]:
-    """Send `signum` once a stdout line contains `marker` (after `delay` seconds); (stdout, stderr) at the end."""
+def signal_after(process: subprocess.Popen, marker: str, signum: int, delay: float = 0.0,
+                 group: bool = False) -> tuple[str, str]:
+    """Send `signum` once a stdout line contains `marker` (after `delay` seconds), to the process or (`group`) to
+    its whole process group, data-loading workers included; (stdout, stderr) at the end."""
     seen = []
     for line in process.stdout:
         seen.append(line)
         if marker in line:
             time.sleep(delay)
-            process.send_signal(signum)
+            if group:
+                os.killpg(process.pid, signum)
+            else:
+                process.send_signal(signum)
             break
     try:
         out, err = process.communicate(timeout=120)
@@ -41,6 +47,19 @@ def test_a_stopped_run_saves_and_exits_non_zero(tmp_path, image_folder, signum, 
     process = start(train_command(tmp_path, image_folder, "--total-iters", "400", "--save-interval", "1000"))
     out, err = signal_after(process, "iter 2/400", signum)
     assert process.returncode == status, err
+    path, iterations = get_latest_model(tmp_path)
+    assert 2 <= iterations < 400 and f"stopped at iteration {iterations}" in out
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR2, 140)])
+def test_a_signal_to_every_process_still_saves_and_exits_non_zero(tmp_path, image_folder, signum, status):
+    """Ctrl-C reaches the terminal's whole process group, and SLURM sends its SIGTERM (time limit) and SIGUSR2
+    (before preemption) to every process of the job: the loading workers get it too and must not die of it."""
+    process = start(train_command(tmp_path, image_folder, "--total-iters", "400", "--save-interval", "1000",
+                                  "--workers", "2"))
+    out, err = signal_after(process, "iter 2/400", signum, group=True)
+    assert process.returncode == status, err
+    assert "Traceback" not in err
     path, iterations = get_latest_model(tmp_path)
     assert 2 <= iterations < 400 and f"stopped at iteration {iterations}" in out
 
