@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.errors import exit_on_user_error
+
 ROOT = Path(__file__).resolve().parent
 RUN = ROOT / "runs" / "demo"
 MODEL_DIR = ROOT / "OneShot"
@@ -42,7 +44,6 @@ def averaging_verdict(last_error: float, average_error: float, iterations: int) 
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT))
     from common.checkpoint_store import get_latest_model
 
     shutil.rmtree(RUN, ignore_errors=True)
@@ -74,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)()

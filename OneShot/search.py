@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if given:
             parser.error(f"--demo runs the three stages with settings of its own; leave out "
                          f"{', '.join('--' + name.replace('_', '-') for name in given)} or --demo")
-        run_demo()
+        exit_on_user_error(run_demo)()
         return None
     return exit_on_user_error(search)(args)
 

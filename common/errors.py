@@ -1,4 +1,5 @@
-"""Errors a user can fix. Scripts print their message on one line and exit with status 2, no traceback."""
+"""Errors a user can fix. Scripts print their message on one line and exit with status 2, no traceback; a Ctrl-C
+ends them with one line and status 130, as a shell reports an interrupted command."""
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,8 @@ class UserError(Exception):
 
 
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Decorate a script's main(): a UserError becomes `error: <message>` on stderr and exit status 2."""
+    """Decorate a script's main(): a UserError becomes `error: <message>` on stderr and exit status 2, a Ctrl-C
+    (KeyboardInterrupt) `stopped (Ctrl-C)` and exit status 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -25,5 +27,8 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            print("\nstopped (Ctrl-C)", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper

@@ -469,16 +469,17 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     job = _plan(network_module, model_name, args)
     val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
     model = _load_model(network_module, job, args)
-    # Written into a hidden folder and moved into place once verified: a failed export leaves nothing behind.
-    staging_dir = job.output.with_name(f".{job.output.name}.partial")
-    shutil.rmtree(staging_dir, ignore_errors=True)
-    staging_dir.mkdir(parents=True)
-    staging = staging_dir / job.output.name
     print(f"{model_name}: exporting {job.weights.name} to {args.format} ({job.variant}, {job.image_size}x"
           f"{job.image_size}, input {job.input_format.describe()})", flush=True)
     result = {"model": model_name, "format": args.format, "variant": job.variant, "image_size": job.image_size,
               "weights": job.weights.name}
+    # Written into a hidden folder and moved into place once verified: a failed or interrupted export leaves
+    # nothing behind (the folder is made inside the try: a Ctrl-C cannot fall between making and cleaning up).
+    staging_dir = job.output.with_name(f".{job.output.name}.partial")
+    staging = staging_dir / job.output.name
     try:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        staging_dir.mkdir(parents=True)
         result.update(_export(args, job, model, staging, calibration))
         if not args.no_verify:
             result.update(_verify(args, job, model, staging))

@@ -11,6 +11,10 @@ import contextlib
 import hashlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -26,7 +30,7 @@ from common.layers import SideHead
 from common.model_state import RELEASE_METADATA_KEY
 from common.random_weights import calibrated_random_network
 from common.verification import ExportVerificationError, judge, make_test_images
-from conftest import network
+from conftest import REPO_ROOT, network
 
 SMALL = 64
 CLASSES = [f"class {i}" for i in range(10)]
@@ -269,3 +273,19 @@ def test_missing_weights_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_export(network("OneShot"), ["--weights", str(tmp_path / "absent.pkl")])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_an_export_is_one_line_status_130_and_leaves_nothing(tmp_path):
+    weights = tmp_path / "oneshot.pth"
+    torch.save(network("OneShot").create_network().state_dict(), weights)
+    output = tmp_path / "out" / "m.mlpackage"
+    process = subprocess.Popen([sys.executable, "export.py", "--weights", str(weights), "--output", str(output)],
+                               cwd=REPO_ROOT / "OneShot", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if "exporting" in line:  # printed just before the conversion starts
+            process.send_signal(signal.SIGINT)
+            break
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and err.rstrip().endswith("stopped (Ctrl-C)") and "Traceback" not in err
+    assert not output.exists() and list(output.parent.iterdir()) == []
