@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 
@@ -22,6 +23,7 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        warnings.formatwarning = _format_warning
         try:
             return main(*args, **kwargs)
         except UserError as error:
@@ -32,3 +34,14 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
             sys.exit(130)
 
     return wrapper
+
+
+_library_format = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """This project's warnings as one line, `warning: <message>`, as its errors are; a library's keep Python's form,
+    whose file and line say where they come from."""
+    if category.__module__.startswith("common."):
+        return f"warning: {message}\n"
+    return _library_format(message, category, filename, lineno, line)

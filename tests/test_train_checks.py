@@ -94,6 +94,18 @@ def test_eval_scores_this_runs_checkpoint_without_train_dir(tmp_path, image_fold
     assert eval_py.returncode == 0 and scores(result.stdout) == scores(eval_py.stdout)
 
 
+def test_a_damaged_newest_checkpoint_is_passed_over_with_a_one_line_warning(tmp_path, image_folder):
+    first = run(train_command(tmp_path, image_folder, "--total-iters", "2", "--save-interval", "1"))
+    assert first.returncode == 0, first.stderr
+    newest = tmp_path / "checkpoint-0000000002.pth"
+    with open(newest, "r+b") as file:
+        file.truncate(1000)
+    resumed = run(train_command(tmp_path, image_folder, "--total-iters", "3", "--save-interval", "1"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"warning: skipping {newest}: it has 1000 bytes" in resumed.stderr
+    assert "CheckpointWarning" not in resumed.stderr and "resumed from" in resumed.stdout
+
+
 def test_curves_loss_panel_shows_the_curve_under_a_huge_early_val_loss():
     records = [{"split": "train", "iteration": i, "loss": 2.0 - i / 200, "top1_error": 80.0 - i / 4}
                for i in range(10, 201, 10)]
