@@ -19,7 +19,7 @@ class UserError(Exception):
 
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | None]:
     """Decorate a script's main(): a UserError becomes `error: <message>` on stderr and exit status 2, a Ctrl-C
-    (KeyboardInterrupt) `stopped (Ctrl-C)` and exit status 130."""
+    (KeyboardInterrupt) `stopped (Ctrl-C)` and exit status 130; this project's warnings print as one line."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
