@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from common.checkpoint import get_training_state, load_checkpoint, rng_state
-from common.checkpoint_store import get_latest_model, list_checkpoints, save_checkpoint
+from common.checkpoint_store import (CheckpointError, claim_folder, get_latest_model, list_checkpoints,
+                                     save_checkpoint)
 from common.cli import DefaultsHelpFormatter, add_device_argument, prepare_output
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
@@ -642,6 +643,16 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
         raise UserError(f"--batch-size {args.batch_size} must divide by the {info.world_size} processes")
     seed_everything(args.seed, args.deterministic)
     say = print if info.is_main else (lambda *a, **k: None)
+    # Rank 0 writes the checkpoints, so it claims the folder; every rank learns whether it could.
+    refusal = None
+    if info.is_main:
+        try:
+            claim_folder(args.save)
+        except CheckpointError as error:
+            refusal = str(error)
+    refusal = all_gather_objects(refusal, info)[0]
+    if refusal:
+        raise UserError(refusal)
     classes = scan_classes(args, say)
     input_format: InputFormat = network.INPUT_FORMAT
     metadata = {"arch": recipe.model_name, "classes": classes, "num_classes": args.num_classes or len(classes),

@@ -3,7 +3,10 @@ a NaN validation loss said in words, an unreadable image named once, `--eval` as
 curves and its word on averaging."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 import sys
 
 import torch
@@ -12,7 +15,7 @@ from common.checkpoint_store import get_latest_model, save_checkpoint
 from common.model_state import read_weights_file
 from common.run_log import curves_figure
 from demo import averaging_verdict
-from test_train import network, run, train_command
+from test_train import ONESHOT, network, run, train_command
 
 
 def test_a_stray_val_class_is_refused_before_training(tmp_path, image_folder):
@@ -92,6 +95,27 @@ def test_eval_scores_this_runs_checkpoint_without_train_dir(tmp_path, image_fold
     def scores(output: str) -> str:
         return next(line for line in output.splitlines() if line.startswith(" * Acc@1")).split("  24 images")[0]
     assert eval_py.returncode == 0 and scores(result.stdout) == scores(eval_py.stdout)
+
+
+def test_a_second_run_in_the_same_save_folder_is_refused_while_the_first_runs(tmp_path, image_folder):
+    first = subprocess.Popen(train_command(tmp_path, image_folder, "--total-iters", "100000"), cwd=ONESHOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in first.stdout:
+            if "iter 1/" in line:
+                break
+        second = run(train_command(tmp_path, image_folder, "--total-iters", "4"))
+        assert second.returncode == 2 and second.stderr.strip().count("\n") == 0
+        assert f"--save {tmp_path}: another training run is writing its checkpoints there (process {first.pid}" \
+            in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    # The lock goes with the process: the same command now resumes.
+    again = run(train_command(tmp_path, image_folder, "--total-iters", "4"))
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout
 
 
 def test_a_damaged_newest_checkpoint_is_passed_over_with_a_one_line_warning(tmp_path, image_folder):
