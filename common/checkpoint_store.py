@@ -79,7 +79,8 @@ def claim_folder(save_dir: str | os.PathLike) -> None:
     """Make this process the one writer of `save_dir` until it ends: an exclusive lock on `save_dir/.lock`, which
     the system drops when the process ends, however it ends. A second run in the same folder would remove the
     first's temporary files and mix its checkpoints with its own, so it is refused (CheckpointError naming the
-    holder). Nothing is locked where the system has no file locks (Windows)."""
+    holder). Nothing is locked where the system or the filesystem has no file locks (Windows, some network
+    filesystems)."""
     try:
         import fcntl
     except ImportError:
@@ -97,6 +98,9 @@ def claim_folder(save_dir: str | os.PathLike) -> None:
         raise CheckpointError(f"--save {save_dir}: another training run is writing its checkpoints there"
                               f"{f' ({holder})' if holder else ''}; wait for it to end or choose another --save"
                               ) from None
+    except OSError:  # a filesystem without file locks (some network ones): one writer cannot be ensured there
+        lock.close()
+        return
     lock.truncate(0)
     lock.write(f"process {os.getpid()} on {platform.node()}\n")
     lock.flush()
