@@ -403,18 +403,19 @@ def run_demo() -> None:
     print(f"Files in {run}: supernet/, search.json (+ .png, .state.json), random.json, retrain/")
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demo:
-        # The demo runs each stage with settings of its own; a flag given beside it would be silently ignored.
-        given = [name for name, value in vars(args).items() if name != "demo" and value != parser.get_default(name)]
-        if given:
-            parser.error(f"--demo runs the three stages with settings of its own; leave out "
-                         f"{', '.join('--' + name.replace('_', '-') for name in given)} or --demo")
-        exit_on_user_error(run_demo)()
-        return None
-    return exit_on_user_error(search)(args)
+    if not args.demo:
+        return search(args)
+    # The demo runs each stage with settings of its own; a flag given beside it would be silently ignored.
+    given = [name for name, value in vars(args).items() if name != "demo" and value != parser.get_default(name)]
+    if given:
+        parser.error(f"--demo runs the three stages with settings of its own; leave out "
+                     f"{', '.join('--' + name.replace('_', '-') for name in given)} or --demo")
+    run_demo()
+    return None
 
 
 if __name__ == "__main__":

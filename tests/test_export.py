@@ -11,9 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -30,7 +28,8 @@ from common.layers import SideHead
 from common.model_state import RELEASE_METADATA_KEY
 from common.random_weights import calibrated_random_network
 from common.verification import ExportVerificationError, judge, make_test_images
-from conftest import REPO_ROOT, network
+from conftest import network
+from test_train_stops import start
 
 SMALL = 64
 CLASSES = [f"class {i}" for i in range(10)]
@@ -279,9 +278,7 @@ def test_ctrl_c_during_an_export_is_one_line_status_130_and_leaves_nothing(tmp_p
     weights = tmp_path / "oneshot.pth"
     torch.save(network("OneShot").create_network().state_dict(), weights)
     output = tmp_path / "out" / "m.mlpackage"
-    process = subprocess.Popen([sys.executable, "export.py", "--weights", str(weights), "--output", str(output)],
-                               cwd=REPO_ROOT / "OneShot", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    process = start([sys.executable, "export.py", "--weights", str(weights), "--output", str(output)])
     for line in process.stdout:
         if "exporting" in line:  # printed just before the conversion starts
             process.send_signal(signal.SIGINT)

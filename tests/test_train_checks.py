@@ -3,10 +3,8 @@ a NaN validation loss said in words, an unreadable image named once, `--eval` as
 curves and its word on averaging."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import torch
@@ -15,7 +13,8 @@ from common.checkpoint_store import get_latest_model, save_checkpoint
 from common.model_state import read_weights_file
 from common.run_log import curves_figure
 from demo import averaging_verdict
-from test_train import ONESHOT, network, run, train_command
+from test_train import network, run, train_command
+from test_train_stops import start
 
 
 def test_a_stray_val_class_is_refused_before_training(tmp_path, image_folder):
@@ -98,9 +97,7 @@ def test_eval_scores_this_runs_checkpoint_without_train_dir(tmp_path, image_fold
 
 
 def test_a_second_run_in_the_same_save_folder_is_refused_while_the_first_runs(tmp_path, image_folder):
-    first = subprocess.Popen(train_command(tmp_path, image_folder, "--total-iters", "100000"), cwd=ONESHOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    first = start(train_command(tmp_path, image_folder, "--total-iters", "100000"))
     try:
         for line in first.stdout:
             if "iter 1/" in line:
