@@ -34,7 +34,7 @@ import search_space  # noqa: E402
 import supernet as supernet_module  # noqa: E402
 from common.bn_recalibrate import recalibrate_batchnorm  # noqa: E402
 from common.atomic_io import atomic_write  # noqa: E402
-from common.cli import DefaultsHelpFormatter, add_device_argument  # noqa: E402
+from common.cli import DefaultsHelpFormatter, add_device_argument, prepare_output  # noqa: E402
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
 from common.distributed import all_gather_objects, init_distributed, shutdown_distributed  # noqa: E402
@@ -242,6 +242,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--supernet CHECKPOINT is required (a checkpoint of train_supernet.py), or --demo")
     if not Path(args.supernet).is_file():
         raise UserError(f"--supernet {args.supernet}: no such file")
+    # The state is written after the first generation: a folder that cannot take it must fail now.
+    prepare_output("--output", args.output)
 
 
 def search(args: argparse.Namespace) -> dict:

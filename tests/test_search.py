@@ -244,6 +244,21 @@ def test_bad_architecture_file_is_a_one_line_error(tmp_path, image_folder):
     assert result.returncode != 0 and "Traceback" not in result.stderr and "--architecture" in result.stderr
 
 
+def test_search_into_a_new_folder_creates_it_and_an_unwritable_output_fails_before_any_work(
+        tmp_path, supernet_run):
+    checkpoint = str(get_latest_model(supernet_run)[0])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run(["search.py", "--supernet", checkpoint, "--output", str(blocker / "search.json"), *SEARCH])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--output {blocker / 'search.json'}: cannot write there ({blocker} is a file" in result.stderr
+    assert "generation" not in result.stdout
+    output = tmp_path / "new" / "folder" / "search.json"
+    result = run(["search.py", "--supernet", checkpoint, "--output", str(output), *SEARCH, "--generations", "1"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(output.read_text())["architectures"]
+
+
 def test_demo_with_other_flags_is_refused_before_any_work():
     result = run(["search.py", "--demo", "--supernet", "x.pth", "--generations", "3"])
     assert result.returncode == 2
