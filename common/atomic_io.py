@@ -33,15 +33,18 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform.st
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` for the caller to write the whole new file to; when the block ends without an
-    exception it replaces `path` durably, on any exception it is removed."""
+    exception it replaces `path` durably, on any exception it is removed. An OSError that names no file (a write to
+    a full disk) is raised naming `path`."""
     path = Path(path)
     temp = temp_path(path)
     try:
         yield temp
         _fsync(temp, os.O_RDWR)  # Windows refuses to fsync a read-only descriptor
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         remove_quietly(temp)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     fsync_dir(path.parent)
 

@@ -1,7 +1,9 @@
-"""Errors a user can fix. Scripts print their message on one line and exit with status 2, no traceback; a Ctrl-C
-ends them with one line and status 130, as a shell reports an interrupted command."""
+"""Errors a user can fix. Scripts print their message on one line and exit with status 2, no traceback; a full disk
+or a path that cannot be written during the work ends them with one line and status 1; a Ctrl-C with one line and
+status 130, as a shell reports an interrupted command."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 import warnings
@@ -13,12 +15,19 @@ def listed(names: Sequence[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
+# Failures of the disk or the file system rather than of this code: a full disk, a quota, a read-only or vanished
+# folder. Outputs are checked before the work starts (cli.prepare_output); these can still come during it.
+_FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT,
+                       errno.ENOTDIR}
+
+
 class UserError(Exception):
     """Bad input: a missing file, a wrong flag, a file that holds something else. The message says what to do."""
 
 
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Decorate a script's main(): a UserError becomes `error: <message>` on stderr and exit status 2, a Ctrl-C
+    """Decorate a script's main(): a UserError becomes `error: <message>` on stderr and exit status 2, a file system
+    failure (full disk, read-only or vanished folder) `error: <path>: <reason>` and exit status 1, a Ctrl-C
     (KeyboardInterrupt) `stopped (Ctrl-C)` and exit status 130; this project's warnings print as one line."""
 
     @functools.wraps(main)
@@ -29,6 +38,13 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except OSError as error:
+            if error.errno not in _FILE_SYSTEM_ERRNOS:
+                raise
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"error: {where}{error.strerror}; the files written before are intact (check the folder, its "
+                  "permissions and free space)", file=sys.stderr)
+            sys.exit(1)
         except KeyboardInterrupt:
             print("\nstopped (Ctrl-C)", file=sys.stderr)
             sys.exit(130)

@@ -222,3 +222,32 @@ def test_help_imports_no_heavy_library():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "imported:"
+
+
+@pytest.mark.parametrize("failure", ["full disk", "vanished folder"])
+def test_a_file_system_failure_during_the_work_is_one_line_and_exit_status_1(failure, tmp_path, capsys):
+    """Outputs are checked at start, but a disk can fill and a folder can be removed during the work."""
+    from common.atomic_io import atomic_write_text
+    from common.errors import exit_on_user_error
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+
+    @exit_on_user_error
+    def main() -> int:
+        if failure == "full disk":
+            with open("/dev/full", "wb", buffering=0) as device:  # every write fails with ENOSPC
+                device.write(b"results")
+        folder.rmdir()
+        atomic_write_text(folder / "results.json", "{}")
+        return 0
+
+    if failure == "full disk" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 1
+    error = capsys.readouterr().err
+    expected = "No space left on device" if failure == "full disk" else f"{folder}/.results.json."
+    assert error.startswith("error: ") and expected in error and len(error.strip().splitlines()) == 1
+    assert "the files written before are intact" in error
