@@ -171,12 +171,13 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     loader = DataLoader(_PredictDataset(files, EvalTransform(image_size)), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=functools.partial(collate_skip_corrupt_with_indices,
                                                      image_shape=(3, image_size, image_size)))
-    print(f"{model_name}: {len(files)} images, {image_size}px center crop, input {input_format.describe()}, "
-          f"on {device}", flush=True)
+    print(f"{model_name}: {len(files)} image{'s' * (len(files) != 1)}, {image_size}px center crop, input "
+          f"{input_format.describe()}, on {device}", flush=True)
 
     records, skipped, seconds = _predict(runner, loader, files, names, min(args.top_k, num_classes))
     if args.json:
         atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
     note = f", {skipped} unreadable skipped" if skipped else ""
-    print(f"{len(records)} images in {seconds:.2f} s: {len(records) / max(seconds, 1e-9):.1f} images/s{note}")
+    rate = len(records) / max(seconds, 1e-9)
+    print(f"{len(records)} image{'s' * (len(records) != 1)} in {seconds:.2f} s: {rate:.1f} images/s{note}")
     return records
