@@ -52,6 +52,8 @@ class CheckpointError(UserError):
 class CheckpointWriteError(CheckpointError):
     """Saving failed (disk full, no permission, ...); the checkpoints written before are untouched."""
 
+    exit_status = 1  # a failure during the work, as errors.py's file-system failures
+
 
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint whose sidecar is missing or unreadable, or whose size or SHA-256 does not match it."""

@@ -24,11 +24,14 @@ _FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
 class UserError(Exception):
     """Bad input: a missing file, a wrong flag, a file that holds something else. The message says what to do."""
 
+    exit_status = 2
+
 
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | None]:
-    """Decorate a script's main(): a UserError becomes `error: <message>` on stderr and exit status 2, a file system
-    failure (full disk, read-only or vanished folder) `error: <path>: <reason>` and exit status 1, a Ctrl-C
-    (KeyboardInterrupt) `stopped (Ctrl-C)` and exit status 130; this project's warnings print as one line."""
+    """Decorate a script's main(): a UserError becomes `error: <message>` on stderr and its exit status (2; 1 for a
+    checkpoint that could not be written), a file system failure (full disk, read-only or vanished folder)
+    `error: <path>: <reason>` and exit status 1, a Ctrl-C (KeyboardInterrupt) `stopped (Ctrl-C)` and exit status
+    130; this project's warnings print as one line."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -37,7 +40,7 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
             return main(*args, **kwargs)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(error.exit_status)
         except OSError as error:
             if error.errno not in _FILE_SYSTEM_ERRNOS:
                 raise
