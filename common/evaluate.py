@@ -25,7 +25,7 @@ from common.checkpoint import library_versions
 from common.cli import add_device_argument, check_image_size, prepare_output
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
-from common.distributed import resolve_device
+from common.distributed import DistInfo, all_gather_objects, init_distributed, shutdown_distributed
 from common.errors import UserError, exit_on_user_error
 from common.hardware import AMP_CHOICES
 from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_wnids, output_names
@@ -195,7 +195,8 @@ def read_weights_for(network: ModuleType, args: argparse.Namespace, script: str)
 def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=f"Evaluate {model_name} on an ImageNet-layout val folder (single center crop) and report "
-                    "top-1/top-5 accuracy and error, mean loss and images/s, as timm's validate.py does.")
+                    "top-1/top-5 accuracy and error, mean loss and images/s, as timm's validate.py does. Under "
+                    "torchrun each process evaluates a part and the first reports the whole.")
     parser.add_argument("--weights", "--eval-resume", dest="weights", required=True, metavar="FILE",
                         help="weights to evaluate: a released file of any layout (.pkl/.pth/.pth.tar), a .safetensors "
                              "release or a training checkpoint of this project")
@@ -218,7 +219,8 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpoint: Callable[..., object]) -> dict:
-    """The eval.py command line of a model folder (`network`: its network.py); returns the results.
+    """The eval.py command line of a model folder (`network`: its network.py); returns the results. Under torchrun
+    each rank evaluates every W-th image and rank 0 reports the sums.
     `load_checkpoint(model, weights, source_name=, use_ema=)` loads a read weights object into the model."""
     model_name = Path(network.__file__).resolve().parent.name
     args = build_parser(model_name).parse_args(argv)
@@ -228,7 +230,19 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
     for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
         if path:
             prepare_output(flag, path)
-    device = resolve_device(args.device)
+    joined = dist.is_available() and dist.is_initialized()  # called from a distributed run: its group stays
+    info = init_distributed(args.device)
+    try:
+        return _run_eval(network, model_name, args, load_checkpoint, info)
+    finally:
+        if not joined:
+            shutdown_distributed()
+
+
+def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, load_checkpoint: Callable[..., object],
+              info: DistInfo) -> dict:
+    device = info.device
+    say = print if info.is_main else (lambda *a, **k: None)
     weights, metadata, image_size, input_format = read_weights_for(network, args, "eval.py")
     classes = metadata.get("classes") or imagenet_wnids()
     num_classes = metadata.get("num_classes") or len(classes)
@@ -237,7 +251,7 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
     class_to_index = class_to_index_for(folders, classes, args.class_map)
     loader, _, paths = build_eval_loader(args.val_dir, crop_size=image_size, batch_size=args.batch_size,
                                          workers=args.workers, limit=args.limit, class_to_index=class_to_index,
-                                         pin_memory=device.type == "cuda")
+                                         rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda")
     model = create_network_for(network, num_classes, metadata)
     report = load_checkpoint(model, weights, source_name=str(args.weights), use_ema=args.use_ema)
     del weights
@@ -247,11 +261,17 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
                                      channels_last=args.channels_last, compile=args.compile, amp=args.amp,
                                      fold_bn=fast, image_size=image_size)
     how = ("fast path (BatchNorm folded)" if fast else "plain path") + f", {runner.speed.describe()}"
-    print(f"{model_name}: {report.summary()}", flush=True)
-    print(f"{len(paths):,} images of {args.val_dir}, {image_size}px center crop of a "
-          f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {how}"
-          f"{', compiled' if args.compile else ''} on {device}", flush=True)
-    results = evaluate(runner, None, loader, keep_predictions=bool(args.predictions_csv))
+    on = f"{info.world_size} x {device.type}" if info.distributed else str(device)
+    say(f"{model_name}: {report.summary()}", flush=True)
+    say(f"{len(paths):,} images of {args.val_dir}, {image_size}px center crop of a "
+        f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {how}"
+        f"{', compiled' if args.compile else ''} on {on}", flush=True)
+    results = evaluate(runner, None, loader, progress=info.is_main, keep_predictions=bool(args.predictions_csv))
+    if args.predictions_csv:
+        every_rank = all_gather_objects(results.pop("predictions"), info)
+        results["predictions"] = {name: torch.cat([part[name] for part in every_rank]) for name in every_rank[0]}
+    if not info.is_main:
+        return results
     # The published errors are of the 1000 ImageNet classes and the released architecture: elsewhere they mislead.
     comparable = list(classes) == imagenet_wnids() and len(folders) == len(classes) and not metadata.get("architecture")
     published = {key: network.PUBLISHED[key] for key in ("top1_error", "top5_error")} if comparable else None
@@ -260,7 +280,7 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
         atomic_write_text(args.results_json, json.dumps(_results_record(
             results, model=model_name, weights=args.weights, input_format=input_format, params=params,
             macs=_count_macs(network, num_classes, image_size, metadata),
-            image_size=image_size, published=published, device=str(device), amp=runner.amp,
+            image_size=image_size, published=published, device=on, amp=runner.amp,
             channels_last=runner.speed.channels_last, compile=args.compile, fast=fast), indent=2) + "\n")
     if args.predictions_csv:
         write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths,

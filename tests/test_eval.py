@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -330,6 +331,30 @@ def test_results_json_schema_and_predictions_csv(oneshot_eval, oneshot_file, wni
                        "--predictions-csv", str(again)])
     with open(again, newline="") as file:
         assert [row["path"] for row in csv.DictReader(file)] == [row["path"] for row in rows]
+
+
+@pytest.mark.slow
+def test_under_two_gloo_ranks_each_evaluates_half_and_rank_0_reports_the_whole(oneshot_file, wnid_folder, tmp_path):
+    """torchrun eval.py: one summary line, one progress bar, and the result files of one process."""
+    from test_train import free_port
+
+    common = ["eval.py", "--weights", str(oneshot_file), "--val-dir", str(wnid_folder), "--image-size", "64",
+              "--workers", "0", "--batch-size", "2", "--device", "cpu"]
+    outputs = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                   "--master_port", str(free_port())])):
+        files = ["--results-json", str(tmp_path / f"{name}.json"), "--predictions-csv", str(tmp_path / f"{name}.csv")]
+        result = subprocess.run([sys.executable, *launcher, *common, *files], cwd=REPO_ROOT / "OneShot",
+                                capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count(" * Acc@1") == 1 and result.stderr.count("eval: 100%") == 1
+        outputs[name] = result
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert one["images"] == two["images"] == 12 and two["device"] == "2 x cpu"
+    assert (one["top1_error"], one["top5_error"]) == (two["top1_error"], two["top5_error"])
+    assert math.isclose(one["loss"], two["loss"], rel_tol=1e-5)
+    rows = {name: list(csv.reader(open(tmp_path / f"{name}.csv"))) for name in ("one", "two")}
+    assert [row[:6] for row in rows["one"]] == [row[:6] for row in rows["two"]] and len(rows["two"]) == 13
 
 
 @pytest.mark.parametrize("layout", ["flat", "state_dict_module_prefix_zip", "no_num_batches_tracked",
