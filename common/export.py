@@ -633,8 +633,7 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
     import subprocess
 
     weights = Path(args.weights)
-    folder = Path(args.output) if args.output else weights.parent / f"{model_name}-sweep"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = prepare_output("--output", args.output or weights.parent / f"{model_name}-sweep", folder=True)
     script = Path(network_module.__file__).resolve().parent / "export.py"
     passed = _forwarded_flags(argv)
     rows = []
