@@ -17,6 +17,7 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from common.atomic_io import atomic_write_text
+from common.cli import prepare_output
 from common.data import EvalTransform, collate_skip_corrupt_with_indices
 from common.distributed import resolve_device
 from common.errors import UserError, exit_on_user_error
@@ -152,6 +153,8 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
             raise UserError(f"{flag} {value}: must be at least 1")
     if args.image_size is not None and args.image_size < 32:
         raise UserError(f"--image-size {args.image_size}: must be at least 32")
+    if args.json:
+        prepare_output("--json", args.json)
     device = resolve_device(args.device)
     files, others = find_images(args.paths)
     if others:

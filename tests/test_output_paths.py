@@ -121,3 +121,11 @@ def test_release_refuses_an_unwritable_output_and_creates_missing_folders(tmp_pa
     output = tmp_path / "new" / "r.safetensors"
     assert release.main([source, "--output", str(output)]) == 0
     assert output.is_file() and output.with_name("r.safetensors.sha256").is_file()
+
+
+def test_predict_refuses_an_unwritable_json_before_reading_images(blocked, imagenet_weights, wnid_val, capsys):
+    predict = script_module("OneShot", "predict").main
+    line = user_error_line(capsys, predict, ["--weights", str(imagenet_weights), str(wnid_val), "--json",
+                                             str(blocked / "predictions.json")])
+    assert line.startswith(f"error: --json {blocked / 'predictions.json'}: cannot write there")
+    assert "images in" not in capsys.readouterr().out
