@@ -607,6 +607,9 @@ def _run(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[..., dic
                                     "schedule; run the same command to do them")
                     trainer.log.close()
                     return Stopped(signals[0])
+            else:
+                trainer.say(f"no training to do: the run in --save {args.save} is at iteration "
+                            f"{trainer.start_iteration} of --total-iters {args.total_iters} (raise it to train longer)")
             finish(trainer)
             return "finished"
     finally:

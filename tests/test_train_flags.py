@@ -76,6 +76,17 @@ def test_amp_bf16_runs_the_forward_pass_in_bfloat16(tmp_path, image_folder, ones
     assert all(math.isfinite(r["loss"]) for r in records(tmp_path) if r["split"] == "train")
 
 
+def test_the_command_of_a_finished_run_says_there_is_no_training_to_do(ema_run, image_folder, oneshot_train, capsys):
+    save, _ = ema_run
+    newest = get_latest_model(save)
+    argv = ["--train-dir", str(image_folder), "--save", str(save), *FLAGS, "--amp", "none", "--ema"]
+    capsys.readouterr()
+    assert train(oneshot_train, argv) == "finished"
+    out = capsys.readouterr().out
+    assert f"no training to do: the run in --save {save} is at iteration 4 of --total-iters 4" in out
+    assert "iter " not in out and get_latest_model(save) == newest
+
+
 def test_ema_is_saved_validated_and_what_eval_ema_scores(ema_run, image_folder, oneshot_train, monkeypatch,
                                                          capsys):
     save, before = ema_run
