@@ -11,6 +11,7 @@ import hashlib
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ _PART = 64 << 20
 # hashed and written, so the final fsync waits only for the last ones (the kernel alone starts writing back late).
 _WRITEBACK_BYTES = 256 << 20
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-# Bytes read per step where a piece is read rather than mapped.
+# Bytes read per step, into the page cache or, where a file cannot be mapped, into memory.
 _READ_CHUNK = 16 << 20
 # madvise(MADV_POPULATE_READ) reads a mapped range into memory (Linux 5.14+); Python names it from 3.12 on.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform.startswith("linux") else None
@@ -97,39 +98,81 @@ def pieces_sha256(piece_digests: Iterable[bytes]) -> str:
 
 
 def _file_pieces_sha256(file: BinaryIO, piece_bytes: int) -> str:
-    """Each piece is hashed by a thread of its own, one more than the cores so that the disk has one to serve while
-    the others hash. On Linux the file is mapped and each piece read into the page cache (MADV_POPULATE_READ) and
-    hashed in place, without a copy into a buffer; elsewhere, or where the file cannot be mapped, pieces are read."""
+    """Pieces are hashed by one thread per core. On Linux the file is mapped and one more thread reads it into the
+    page cache front to back (MADV_POPULATE_READ, in steps of _READ_CHUNK), while the hashers hash each piece in
+    place once it is read: the disk sees one sequential stream and the hashers never wait on it mid-piece (threads
+    that each read and then hashed a piece of their own were slower: README Performance). Elsewhere, or where the
+    file cannot be mapped, each hasher reads its pieces itself."""
     fd = file.fileno()
     size = os.fstat(fd).st_size
     try:
         mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size and _MADV_POPULATE_READ is not None else None
     except OSError:  # a file system that cannot map files
         mapping = None
+    reader = _PageCacheReader(mapping, size) if mapping is not None else None
 
     def hash_piece(start: int) -> bytes:
         end = min(start + piece_bytes, size)
-        if mapping is None:
+        if reader is None:
             digest = hashlib.sha256()
             for offset in range(start, end, _READ_CHUNK):
                 digest.update(os.pread(fd, min(_READ_CHUNK, end - offset), offset))
             return digest.digest()
-        try:
-            mapping.madvise(_MADV_POPULATE_READ, start, end - start)
-        except OSError as error:
-            if error.errno != errno.EINVAL:  # a kernel before 5.14: the hash's page faults read the piece instead
-                raise
+        reader.wait_until_read(end)
         with memoryview(mapping) as view, view[start:end] as piece:
             return hashlib.sha256(piece).digest()
 
     starts = range(0, size, piece_bytes)
     try:
-        with ThreadPoolExecutor(min(len(starts), (os.cpu_count() or 1) + 1) or 1,
-                                thread_name_prefix="sha256") as hashers:
+        with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1) or 1, thread_name_prefix="sha256") as hashers:
             return pieces_sha256(hashers.map(hash_piece, starts))
     finally:
+        if reader is not None:
+            reader.stop()
         if mapping is not None:
             mapping.close()
+
+
+class _PageCacheReader:
+    """A thread that reads a mapped file into the page cache in order; `wait_until_read(end)` returns once bytes
+    [0, end) are in (or at once if the kernel cannot populate: the hashers' page faults then read the pages)."""
+
+    def __init__(self, mapping: mmap.mmap, size: int) -> None:
+        self._mapping, self._size = mapping, size
+        self._read = 0
+        self._error: OSError | None = None
+        self._stopping = False
+        self._progress = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="page-cache-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for offset in range(0, self._size, _READ_CHUNK):
+                if self._stopping:
+                    return
+                length = min(_READ_CHUNK, self._size - offset)
+                self._mapping.madvise(_MADV_POPULATE_READ, offset, length)
+                with self._progress:
+                    self._read = offset + length
+                    self._progress.notify_all()
+        except OSError as error:
+            if error.errno != errno.EINVAL:  # EINVAL: a kernel before 5.14, whose page faults read instead
+                self._error = error
+        finally:
+            with self._progress:
+                self._read = self._size
+                self._progress.notify_all()
+
+    def wait_until_read(self, end: int) -> None:
+        with self._progress:
+            self._progress.wait_for(lambda: self._read >= end)
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join()
 
 
 def temp_path(path: Path) -> Path:
