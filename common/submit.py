@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--job-name", default=None, help="SLURM job name (default: the model name)")
     parser.add_argument("--log-dir", default="slurm_logs", help="folder for submitit's logs and job files")
     parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
-                        help="force a submitit executor (default: SLURM when available, else local processes)")
+                        help="submitit executor (default: SLURM, refused where there is none); local: the ranks as "
+                             "background processes on this machine; debug: one rank in this process")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of train.py")
     return parser
 
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     if not train_args:
         raise UserError("give train.py's arguments after --, e.g. -- --train-dir DIR --val-dir DIR")
     import submitit
+    if args.cluster is None and submitit.AutoExecutor.which() != "slurm":
+        # submitit would start every rank as a process on this machine, in the background.
+        raise UserError(f"no SLURM on this machine (no sbatch found); --cluster local runs the job's "
+                        f"{args.nodes * args.gpus_per_node} ranks as processes here, or use torchrun")
     executor = submitit.AutoExecutor(folder=Path(args.log_dir) / "%j", cluster=args.cluster,
                                      slurm_max_num_timeout=args.max_requeues)
     executor.update_parameters(

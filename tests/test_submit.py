@@ -1,0 +1,47 @@
+"""common.submit, the SLURM launcher, where there is no SLURM: refused unless asked for local processes, and then a
+real two-rank job of submitit's local executor that trains and saves like torchrun's ranks."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common.checkpoint_store import get_latest_model
+from conftest import REPO_ROOT
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+def submit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "common.submit", *args], cwd=REPO_ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is not None, reason="SLURM is installed here")
+def test_without_slurm_nothing_starts_unless_local_processes_are_asked_for(tmp_path):
+    result = submit("--model", "OneShot", "--log-dir", str(tmp_path / "logs"), "--", "--demo")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: no SLURM on this machine (no sbatch found); --cluster local runs the "
+                                     "job's 8 ranks as processes here, or use torchrun")
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_a_local_two_rank_job_trains_and_saves(tmp_path, image_folder):
+    save = tmp_path / "run"
+    result = submit("--model", "OneShot", "--cluster", "local", "--gpus-per-node", "2", "--log-dir",
+                    str(tmp_path / "logs"), "--", "--train-dir", str(image_folder), "--save", str(save),
+                    "--image-size", "32", "--batch-size", "8", "--workers", "0", "--total-iters", "2",
+                    "--save-interval", "2", "--val-interval", "1000", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "submitted job" in result.stdout and "(local)" in result.stdout
+    deadline = time.monotonic() + 240
+    while get_latest_model(save)[1] != 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert get_latest_model(save)[1] == 2
+    logs = {path.name: path.read_text() for path in (tmp_path / "logs").rglob("*_log.out")}
+    assert len(logs) == 2 and any("of global batch 8 on 2 x cpu" in text for text in logs.values())
