@@ -416,6 +416,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if given:
         parser.error(f"--demo runs the three stages with settings of its own; leave out "
                      f"{', '.join('--' + name.replace('_', '-') for name in given)} or --demo")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each rank would run every stage into the same folder, and the stages would inherit its rank.
+        raise UserError("--demo starts its stages as processes of its own: run it with python, not torchrun")
     run_demo()
     return None
 

@@ -267,6 +267,18 @@ def test_demo_with_other_flags_is_refused_before_any_work():
     assert "===" not in result.stdout
 
 
+def test_demo_under_torchrun_is_refused_on_every_rank():
+    from test_train import free_port
+
+    result = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                  "search.py", "--demo"])
+    # torchrun prints a traceback of its own when its processes fail; none may come from search.py.
+    assert result.returncode != 0 and "search.py\", line" not in result.stderr
+    assert result.stderr.count("error: --demo starts its stages as processes of its own: run it with python, not "
+                               "torchrun") == 2
+    assert "===" not in result.stdout
+
+
 @pytest.mark.slow
 def test_supernet_trains_under_two_gloo_ranks(tmp_path, image_folder):
     result = subprocess.run(
