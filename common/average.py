@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen_text = ", ".join(_describe(path, recorded, args.metric) for path, recorded in zip(paths, metrics))
     size = os.path.getsize(args.output)
     print(f"averaged {len(paths)} checkpoint(s) ({'EMA' if args.ema else 'model'} weights): {chosen_text} -> "
-          f"{args.output} ({_format_size(size)}, sha256 {file_sha256(args.output)}) in "
+          f"{args.output} ({size / 1e6:.1f} MB, sha256 {file_sha256(args.output)}) in "
           f"{time.perf_counter() - started:.1f} s")
     if any(key.endswith("running_mean") for key in averaged):
         _note(BATCHNORM_NOTE)
@@ -318,14 +318,6 @@ def _recorded_metrics(path: Path) -> dict:
 def _describe(path: Path, metrics: Mapping, metric: str) -> str:
     value = metric_value(metrics, metric)
     return path.name if value is None else f"{path.name} ({metric} {value:.3f})"
-
-
-def _format_size(size: int) -> str:
-    for unit in ("bytes", "kB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.2f} GB"
 
 
 def _note(message: str) -> None:
