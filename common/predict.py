@@ -153,6 +153,10 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
             raise UserError(f"{flag} {value}: must be at least 1")
     if args.image_size is not None and args.image_size < 32:
         raise UserError(f"--image-size {args.image_size}: must be at least 32")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would classify every image and print and write the same results.
+        raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "
+                        "torchrun for labelled folders)")
     if args.json:
         prepare_output("--json", args.json)
     device = resolve_device(args.device)

@@ -116,3 +116,15 @@ def test_missing_path_is_one_line(released_file, capsys):
     with pytest.raises(SystemExit):
         run_predict(ONESHOT, ["--weights", str(released_file), "/no/such/photo.jpg"])
     assert capsys.readouterr().err.strip() == "error: /no/such/photo.jpg: no such file or folder"
+
+
+def test_under_torchrun_every_rank_refuses_before_reading_anything(released_file, image_folder):
+    from test_train import free_port
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), "predict.py", "--weights", str(released_file), str(image_folder)],
+                            cwd=REPO_ROOT / "OneShot", capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and "predict.py\", line" not in result.stderr
+    assert result.stderr.count("error: predict.py runs in one process: start it with python, not torchrun") == 2
+    assert ": " not in result.stdout
