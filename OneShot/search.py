@@ -37,7 +37,8 @@ from common.atomic_io import atomic_write  # noqa: E402
 from common.cli import DefaultsHelpFormatter, add_device_argument, prepare_output  # noqa: E402
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
-from common.distributed import all_gather_objects, init_distributed, shutdown_distributed  # noqa: E402
+from common.distributed import (all_gather_objects, init_distributed, launched_world_size,  # noqa: E402
+                                shutdown_distributed)
 from common.errors import UserError, exit_on_user_error  # noqa: E402
 from common.input_format import InputFormat, Preprocess  # noqa: E402
 from common.model_state import load_model_state, read_checkpoint_metadata  # noqa: E402
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if given:
         parser.error(f"--demo runs the three stages with settings of its own; leave out "
                      f"{', '.join('--' + name.replace('_', '-') for name in given)} or --demo")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         # Each rank would run every stage into the same folder, and the stages would inherit its rank.
         raise UserError("--demo starts its stages as processes of its own: run it with python, not torchrun")
     run_demo()

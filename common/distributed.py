@@ -43,9 +43,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun started this one among (its WORLD_SIZE); 1 when started without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_name: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), with NCCL on GPUs and gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)

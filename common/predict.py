@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.atomic_io import atomic_write_text
 from common.cli import prepare_output
 from common.data import EvalTransform, collate_skip_corrupt_with_indices
-from common.distributed import resolve_device
+from common.distributed import launched_world_size, resolve_device
 from common.errors import UserError, exit_on_user_error
 from common.evaluate import add_data_arguments, add_model_arguments, read_weights_for
 from common.imagenet import imagenet_wnids, output_names
@@ -153,7 +153,7 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
             raise UserError(f"{flag} {value}: must be at least 1")
     if args.image_size is not None and args.image_size < 32:
         raise UserError(f"--image-size {args.image_size}: must be at least 32")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         # Every rank would classify every image and print and write the same results.
         raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "
                         "torchrun for labelled folders)")
