@@ -123,10 +123,10 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
     return averaged
 
 
-def average_metadata(paths: Sequence[str | os.PathLike], use_ema: bool = False) -> dict:
+def average_metadata(paths: Sequence[str | os.PathLike]) -> dict:
     """What an average of `paths` says about itself: the newest input's shareable metadata, and each input with its
     iteration and metrics; no score of its own (nobody measured it; train.py --average-best adds "validation")."""
-    return _metadata_of([(Path(path), read_checkpoint_metadata(path)) for path in paths], use_ema)
+    return _metadata_of([(Path(path), read_checkpoint_metadata(path)) for path in paths], use_ema=False)
 
 
 def _metadata_of(sources: list[tuple[Path, dict]], use_ema: bool) -> dict:

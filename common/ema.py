@@ -11,11 +11,11 @@ from torch import nn
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def create_ema(model: nn.Module, decay: float = 0.9998, warmup: bool = True) -> ModelEmaV3:
+def create_ema(model: nn.Module, decay: float = 0.9998) -> ModelEmaV3:
     """An EMA copy of `model` (wrappers removed) on its device; call `ema.update(model, step=n)` after the n-th step.
-    With `warmup` the decay rises as 1 - n^(-2/3) up to `decay`, so early weights leave the average fast."""
+    The decay rises as 1 - n^(-2/3) up to `decay`, so early weights leave the average fast."""
     model = unwrap_model(model)
     low_precision = any(p.dtype in _LOW_PRECISION for p in model.parameters())
     # float16 cannot hold (1 - decay) * (model - ema) at all, and bfloat16 would need stochastic rounding whose
     # generator state a checkpoint does not keep: averaging in float32 keeps resume exact for both.
-    return ModelEmaV3(model, decay=decay, use_warmup=warmup, dtype=torch.float32 if low_precision else None)
+    return ModelEmaV3(model, decay=decay, use_warmup=True, dtype=torch.float32 if low_precision else None)

@@ -81,8 +81,7 @@ def unwrap_model(model: Any) -> nn.Module:
     return unwrap(model)
 
 
-def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *,
-                      map_location: Any = "cpu") -> Any:
+def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """The object stored in a weights file, read without running code from it unless `trust_pickle`: a
     SafetensorsWeights dict, else torch.load's (zip or the legacy pickles of 2019). Failures are WeightsFileErrors."""
     path = Path(path)
@@ -92,11 +91,11 @@ def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *,
     try:
         # mmap maps the zip's tensor records instead of reading them into fresh memory; copies are made only
         # where the tensors land (the model), and a private mapping keeps the file unchanged when they are written.
-        if kind == "zip" and os.name == "posix" and map_location in ("cpu", None):
+        if kind == "zip" and os.name == "posix":
             with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE):
-                obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle, mmap=True)
+                obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
         else:
-            obj = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as error:  # torch.load raises many types for damaged files; all are classified below
         raise _load_error(path, kind, size, error) from error
     return unpack_tensors(obj)
