@@ -463,10 +463,12 @@ class Trainer:
                 continue
             finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
             if any_rank(bool(meter.nonfinite) or not finite, info):
+                kept = (f"nothing after the checkpoint at iteration {last_saved} was saved, so it stays the latest"
+                        if last_saved else "no checkpoint was saved")
                 raise TrainingDiverged(
                     f"the loss or the weights became NaN or infinite after iteration {last_saved} (noticed at "
-                    f"{done}); nothing after the checkpoint at iteration {last_saved} was saved, so it stays the "
-                    "latest. Lower --learning-rate, or use --amp bf16 instead of fp16")
+                    f"{done}); {kept}. Lower --learning-rate"
+                    f"{', or use --amp bf16 instead of fp16' if args.amp == 'fp16' else ''}")
             if display:
                 self.display(meter, done)
             with meter.paused():

@@ -192,6 +192,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folde
                                   "--learning-rate", "1e30"))
     assert diverging.returncode == 2
     assert "NaN or infinite" in diverging.stderr and diverging.stderr.strip().count("\n") == 0
+    assert "checkpoint at iteration 2 was saved" in diverging.stderr and "fp16" not in diverging.stderr
     path, iterations = get_latest_model(tmp_path)
     assert iterations == 2 and path == before
     assert all(torch.isfinite(v).all() for v in weights(path).values() if v.is_floating_point())
+    fresh = run(train_command(tmp_path / "fresh", image_folder, "--total-iters", "2", "--learning-rate", "1e30"))
+    assert fresh.returncode == 2 and "no checkpoint was saved" in fresh.stderr, fresh.stderr
