@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search_space  # noqa: E402
@@ -26,6 +27,12 @@ from common.errors import UserError  # noqa: E402
 from common.model_state import unwrap_model  # noqa: E402
 from common.training import (DemoRecipe, NetworkHooks, Recipe, load_training_checkpoint,  # noqa: E402
                              run_training)
+
+
+# A sliced weight's gradient comes back in the standard layout. For 1x1 and depthwise kernels under channels_last that
+# is the same memory with other strides for a size-1 dimension, which DDP reports (once per rank) as a layout
+# mismatch; it copies the gradient into its bucket either way.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 class SupernetHooks(NetworkHooks):
