@@ -35,6 +35,13 @@ from common.model_state import read_checkpoint_metadata, read_weights_file
 from common.models import create_network_for
 
 TOP_K = 5
+
+
+class NothingEvaluated(UserError):
+    """Every image was skipped as undecodable: there is no figure to report."""
+
+    exit_status = 1
+
 # Batches between updates of the running accuracy in the progress bar (each update waits for the device).
 _POSTFIX_INTERVAL = 10
 
@@ -267,6 +274,9 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
         f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {how}"
         f"{', compiled' if args.compile else ''} on {on}", flush=True)
     results = evaluate(runner, None, loader, progress=info.is_main, keep_predictions=bool(args.predictions_csv))
+    if not results["images"]:
+        raise NothingEvaluated(f"--val-dir {args.val_dir}: none of its {results['skipped']} image(s) could be "
+                               "decoded, so nothing was evaluated and no results were written")
     if args.predictions_csv:
         every_rank = all_gather_objects(results.pop("predictions"), info)
         results["predictions"] = {name: torch.cat([part[name] for part in every_rank]) for name in every_rank[0]}

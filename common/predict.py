@@ -21,7 +21,7 @@ from common.cli import prepare_output
 from common.data import EvalTransform, collate_skip_corrupt_with_indices
 from common.distributed import launched_world_size, resolve_device
 from common.errors import UserError, exit_on_user_error
-from common.evaluate import add_data_arguments, add_model_arguments, read_weights_for
+from common.evaluate import NothingEvaluated, add_data_arguments, add_model_arguments, read_weights_for
 from common.imagenet import imagenet_wnids, output_names
 from common.inference import prepare_inference_model
 from common.input_format import InputFormat, Preprocess
@@ -182,6 +182,10 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
           f"{input_format.describe()}, on {device}", flush=True)
 
     records, skipped, seconds = _predict(runner, loader, files, names, min(args.top_k, num_classes))
+    if not records:
+        unread = "the image could not be read" if skipped == 1 else f"none of the {skipped} images could be read"
+        raise NothingEvaluated(f"{unread} (see above), so nothing was classified"
+                               + (" and --json was not written" if args.json else ""))
     if args.json:
         atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
     note = f", {skipped} unreadable skipped" if skipped else ""

@@ -530,6 +530,11 @@ class Trainer:
         self.recipe.hooks.prepare(model, None, self.args)
         results = evaluate(model, self.preprocess, self.val_loader, device=self.info.device, amp=self.args.amp,
                            progress=False)
+        if not results["images"]:
+            if self.info.is_main:
+                print(f"warning: {split} @ {iteration}: none of the {results['skipped']} --val-dir image(s) could be "
+                      "decoded, so nothing was validated and no metrics are recorded", file=sys.stderr, flush=True)
+            return None
         metrics = {key: results[key] for key in ("top1_error", "top5_error", "loss")}
         self.log.log(split, iteration, metrics)
         self.say(f"{split} @ {iteration}: top-1 error {metrics['top1_error']:.2f}%  top-5 error "

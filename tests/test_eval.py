@@ -450,6 +450,20 @@ def test_a_checkpoint_of_another_model_is_named(oneshot_eval, wnid_folder, tmp_p
     assert "ShuffleNetV2.Large/eval.py" in error
 
 
+def test_a_val_folder_of_undecodable_images_reports_and_writes_nothing(oneshot_eval, oneshot_file, tmp_path, capsys):
+    for wnid in WNIDS[:2]:
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        (tmp_path / "val" / wnid / "broken.jpg").write_bytes(b"not a JPEG")
+    results = tmp_path / "results.json"
+    with pytest.raises(SystemExit) as stop:
+        oneshot_eval.main(["--weights", str(oneshot_file), "--val-dir", str(tmp_path / "val"), "--workers", "0",
+                           "--results-json", str(results)])
+    assert stop.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --val-dir") and "none of its 2 image(s) could be decoded" in error
+    assert not results.exists()
+
+
 @pytest.mark.parametrize("case", ["missing_weights", "weights_folder", "missing_val_dir", "missing_mean_image",
                                   "bad_class_map_line", "class_map_index_out_of_range", "small_image_size",
                                   "bad_limit"])

@@ -118,6 +118,19 @@ def test_missing_path_is_one_line(released_file, capsys):
     assert capsys.readouterr().err.strip() == "error: /no/such/photo.jpg: no such file or folder"
 
 
+def test_nothing_readable_is_an_error_and_writes_no_json(released_file, tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"not a JPEG")
+    output = tmp_path / "predictions.json"
+    with pytest.raises(SystemExit) as stop:
+        run_predict(ONESHOT, ["--weights", str(released_file), str(tmp_path / "broken.jpg"), "--json", str(output),
+                              "--workers", "0", "--image-size", "64"])
+    assert stop.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == ("error: the image could not be read (see above), so nothing was classified and --json was not "
+                     "written")
+    assert not output.exists()
+
+
 def test_under_torchrun_every_rank_refuses_before_reading_anything(released_file, image_folder):
     from test_train import free_port
 

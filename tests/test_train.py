@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint_store import get_latest_model
+from common.checkpoint_store import get_latest_model, list_checkpoints
 from common.model_state import extract_model_state, load_model_state, read_checkpoint_metadata, read_weights_file
 from conftest import REPO_ROOT, network
 
@@ -182,6 +182,18 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, image_folder):
     assert result.returncode == 0, result.stderr
     assert "unreadable" in result.stdout
     assert get_latest_model(tmp_path / "save")[1] == 6
+
+
+def test_a_val_folder_of_undecodable_images_records_no_metrics(tmp_path, image_folder):
+    val = tmp_path / "val"
+    for folder in sorted(image_folder.iterdir())[:2]:
+        (val / folder.name).mkdir(parents=True)
+        (val / folder.name / "broken.jpg").write_bytes(b"not a JPEG")
+    result = run(train_command(tmp_path / "save", image_folder, "--val-dir", str(val), "--total-iters", "2",
+                               "--val-interval", "2", "--save-interval", "2"))
+    assert result.returncode == 0, result.stderr
+    assert "val @ 2: none of the 2 --val-dir image(s) could be decoded" in result.stderr
+    assert list_checkpoints(tmp_path / "save")[-1].metrics == {}
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):
