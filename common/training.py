@@ -174,6 +174,12 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
         raise UserError(f"--image-size {args.image_size}: use a multiple of 32")
     if args.warmup_iters < 0:
         raise UserError(f"--warmup-iters {args.warmup_iters}: must be 0 or more")
+    if args.average_best and not args.val_dir:
+        raise UserError(f"--average-best {args.average_best} picks checkpoints by their validation error: give "
+                        "--val-dir DIR")
+    if args.recompute_bn and not args.average_best:
+        raise UserError(f"--recompute-bn {args.recompute_bn} re-estimates the statistics of the --average-best K "
+                        "average: give --average-best K too (for the trained network itself, --bn-recalibrate N)")
     if args.freeze_backbone and not args.pretrained:
         raise UserError("--freeze-backbone trains only the classifier of loaded weights: give --pretrained FILE")
     if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):

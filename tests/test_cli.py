@@ -147,10 +147,19 @@ def test_best_zero_names_the_flag(tmp_path, capsys):
     assert line == "error: --best 0: average at least 1 checkpoint"
 
 
-def test_train_refuses_a_negative_average_best(tmp_path, capsys):
+@pytest.mark.parametrize("flags, expected", [
+    (["--average-best", "-1"], "error: --average-best -1: must be 0 (off) or more"),
+    # Found only after the whole schedule before: refused at start.
+    (["--average-best", "3"], "error: --average-best 3 picks checkpoints by their validation error: give --val-dir "
+                              "DIR"),
+    (["--recompute-bn", "200", "--val-dir", "VAL"], "error: --recompute-bn 200 re-estimates the statistics of the "
+                                                    "--average-best K average: give --average-best K too (for the "
+                                                    "trained network itself, --bn-recalibrate N)")])
+def test_train_refuses_after_schedule_flags_it_cannot_honour(flags, expected, tmp_path, capsys):
+    flags = [str(tmp_path) if flag == "VAL" else flag for flag in flags]
     line = user_error_line(capsys, script_module("OneShot", "train").main,
-                          ["--train-dir", str(tmp_path), "--save", str(tmp_path / "run"), "--average-best", "-1"])
-    assert line == "error: --average-best -1: must be 0 (off) or more"
+                          ["--train-dir", str(tmp_path), "--save", str(tmp_path / "run"), *flags])
+    assert line == expected
 
 
 def test_shared_tools_run_as_each_readme_says(tmp_path):
