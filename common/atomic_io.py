@@ -16,11 +16,15 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-# Writes at least this large are hashed in other threads while they are written, in parts of at most _PART bytes.
+# Maps a write's data to the buffers to write in its place, or None to write the data itself.
+Substitute = Callable[[memoryview], Iterable[memoryview] | None]
+# Writes at least this large are hashed in other threads while they are written, in parts of at most _PART bytes,
+# with at most _MAX_PENDING batches of parts waiting for a hasher (enough to keep every core busy).
 _PARALLEL_HASH_BYTES = 1 << 20
 _PART = 64 << 20
+_MAX_PENDING = 2 * (os.cpu_count() or 1)
 # After this many bytes are written, a third thread asks the disk to store them (fdatasync) while later ones are
 # hashed and written, so the final fsync waits only for the last ones (the kernel alone starts writing back late).
 _WRITEBACK_BYTES = 256 << 20
@@ -61,15 +65,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda file: file.write(text.encode()))
 
 
-def write_hashed(path: Path, write: Callable[[BinaryIO], object],
-                 piece_bytes: int | None = None) -> tuple[str, int]:
+def write_hashed(path: Path, write: Callable[[BinaryIO], object], piece_bytes: int | None = None,
+                 substitute: Substitute | None = None) -> tuple[str, int]:
     """Create `path` through `write(file)`, hashing the bytes as they pass, then fsync it; returns (digest, size):
     the SHA-256, or with `piece_bytes` the pieces' SHA-256 (see `pieces_sha256`), hashed on every core.
+    `substitute(data)`, if given, may return the buffers to write in place of a write's data (None: the data).
     The OSError of a failed write (e.g. ENOSPC) is raised as itself, even from writers that wrap it."""
     workers = 1 if piece_bytes is None else os.cpu_count() or 1
     with (open(path, "wb") as file, ThreadPoolExecutor(workers, thread_name_prefix="sha256") as hashers,
           ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeback") as flusher):
-        writer = _HashingWriter(file, hashers, flusher, piece_bytes)
+        writer = _HashingWriter(file, hashers, flusher, piece_bytes, substitute)
         try:
             write(writer)
             file.flush()
@@ -204,14 +209,16 @@ def remove_quietly(path: Path) -> None:
 
 class _HashingWriter:
     """A write-only file wrapper that hashes and counts the bytes passing through it. torch.save hands over each
-    tensor's storage as a memoryview (no copy); a large one is written in parts, each hashed in other threads while
-    the next is written (both release the GIL), and what is written is sent to the disk by a third thread meanwhile:
-    the time is that of the slowest of the three, not their sum. With pieces, a part never spans two, so parts are
-    hashed on as many cores as there are; without, in order by one thread."""
+    tensor's storage as a memoryview (no copy); a large one is written in parts, each piece's parts hashed in another
+    thread once the piece is written, while the next is written (both release the GIL), and what is written is sent
+    to the disk by a third thread meanwhile: the time is that of the slowest, not their sum. With pieces, a part
+    never spans two, so pieces are hashed on as many cores as there are; without, in order by one thread.
+    `substitute` may name other buffers to write in place of a write's data (tensors written where torch.save
+    writes a placeholder: no copy)."""
 
     def __init__(self, file: BinaryIO, hashers: ThreadPoolExecutor, flusher: ThreadPoolExecutor,
-                 piece_bytes: int | None) -> None:
-        self._file, self._hashers, self._flusher = file, hashers, flusher
+                 piece_bytes: int | None, substitute: Substitute | None) -> None:
+        self._file, self._hashers, self._flusher, self._substitute = file, hashers, flusher, substitute
         self._piece_bytes = piece_bytes
         self._hashes = [hashlib.sha256()]  # one per piece begun, or the one of the whole file
         self._writeback: Future | None = None
@@ -221,27 +228,45 @@ class _HashingWriter:
 
     def write(self, data: bytes) -> int:
         view = memoryview(data).cast("B")
-        total = len(view)
-        hashing = []
+        sources = self._substitute(view) if self._substitute is not None else None
+        hashing: list[Future] = []
+        piece, parts, batched = 0, [], 0
         try:
-            while len(view):
-                length = self._part_length(len(view))
-                part, view = view[:length], view[length:]
-                digest = self._hash_of_piece_at(self.size)
-                if total < _PARALLEL_HASH_BYTES:
-                    digest.update(part)
+            for source in [view] if sources is None else sources:
+                while len(source):
+                    length = self._part_length(len(source))
+                    part, source = source[:length], source[length:]
+                    at = self._piece_at(self.size)
+                    # A batch of parts goes to a hasher once its piece is written (or, with one hash and its one
+                    # thread, which takes batches in order, every _PART bytes).
+                    if parts and (at != piece or (self._piece_bytes is None and batched >= _PART)):
+                        hashing = self._hash_in_order(piece, parts, hashing)
+                        parts, batched = [], 0
+                    piece = at
+                    parts.append(part)
+                    batched += len(part)
                     self._write(part)
-                    continue
-                # Parts of one call lie in different pieces (or go in order to the one thread); all are hashed
-                # before the next call (below).
-                hashing.append(self._hashers.submit(digest.update, part))
-                self._write(part)
-                self._start_writeback(len(part))
+                    self._start_writeback(len(part))
+            if parts and not hashing and batched < _PARALLEL_HASH_BYTES:
+                for part in parts:  # a small write, with nothing else being hashed: here, in order
+                    self._hashes[piece].update(part)
+            elif parts:
+                hashing = self._hash_in_order(piece, parts, hashing)
         finally:
-            # The memoryview may point into memory torch frees once this call returns: finish hashing first.
+            # The memory may be torch's, freed once this call returns: finish hashing first.
             for future in hashing:
                 future.result()
-        return total
+        return len(view)
+
+    def _hash_in_order(self, piece: int, parts: list[memoryview], hashing: list[Future]) -> list[Future]:
+        """Hash `parts` into the piece's digest in another thread; the batches still being hashed. Waits while more
+        than _MAX_PENDING are, so substituted copies do not pile up in memory."""
+        digest = self._hashes[piece]
+        hashing = [future for future in hashing if not future.done()]
+        while len(hashing) >= _MAX_PENDING:
+            hashing.pop(0).result()
+        hashing.append(self._hashers.submit(lambda: [digest.update(part) for part in parts]))
+        return hashing
 
     def digest(self) -> str:
         """The digest of all that was written."""
@@ -250,17 +275,18 @@ class _HashingWriter:
         return pieces_sha256(digest.digest() for digest in self._hashes[:-(-self.size // self._piece_bytes)])
 
     def _part_length(self, remaining: int) -> int:
-        """How much of the next `remaining` bytes to write as one part: the rest of the piece (a piece has at most one
-        part in flight: two would race for its hash), else at most _PART."""
+        """How much of the next `remaining` bytes to write as one part: at most the rest of the piece (a part is hashed
+        into one piece's digest), else at most _PART."""
         step = _PART if self._piece_bytes is None else self._piece_bytes - self.size % self._piece_bytes
         return min(remaining, step)
 
-    def _hash_of_piece_at(self, offset: int) -> Any:
+    def _piece_at(self, offset: int) -> int:
+        """The index in `_hashes` of the piece that holds byte `offset` (0 without pieces)."""
         if self._piece_bytes is None:
-            return self._hashes[0]
+            return 0
         while len(self._hashes) <= offset // self._piece_bytes:
             self._hashes.append(hashlib.sha256())
-        return self._hashes[offset // self._piece_bytes]
+        return offset // self._piece_bytes
 
     def _write(self, data: memoryview) -> None:
         try:

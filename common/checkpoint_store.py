@@ -129,8 +129,9 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(save_dir)
-        digest, size = write_hashed(data_temp, lambda file: _save_without_crc(pack_tensors(state), file),
-                                    piece_bytes=PIECE_BYTES)
+        packed, tensor_bytes = pack_tensors(state)
+        digest, size = write_hashed(data_temp, lambda file: _save_without_crc(packed, file), piece_bytes=PIECE_BYTES,
+                                    substitute=tensor_bytes)
         sidecar = {"format": CHECKPOINT_FORMAT, "file": data_path.name, "iteration": int(iters),
                    "pieces_sha256": digest, "piece_bytes": PIECE_BYTES, "size": size,
                    "metrics": to_plain(state.get("metrics") or {}, json_only=True)}

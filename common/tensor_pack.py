@@ -1,25 +1,28 @@
 """Training checkpoints store their tensors packed, one flat tensor per dtype and an index of shapes, so loading does
 not pay torch.load's per-tensor cost (an unpickler step, a record lookup and a storage per tensor: seconds for
-ExLarge's 5,000 tensors, more than reading its 3 GB). Unpacking gives views of the flat tensors, without a copy."""
+ExLarge's 5,000 tensors, more than reading its 3 GB). Unpacking gives views of the flat tensors, without a copy.
+Packing copies nothing: torch.save writes placeholders, and the writer writes each tensor's own bytes in their place."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 # The key under which a packed object holds its tensors; each tensor's place holds {_REF: its number}.
 PACK_KEY = "tensor_pack"
 _REF = "tensor_pack_ref"
-# Per dtype, the flat tensor the last pack used (see _buffer).
-_BUFFERS: dict[torch.dtype, Tensor] = {}
 
 
-def pack_tensors(state: Mapping) -> dict:
-    """`state` with every tensor (at any depth of dicts, lists and tuples) replaced by a reference, and the tensors'
-    values copied into one flat CPU tensor per dtype under PACK_KEY."""
+def pack_tensors(state: Mapping) -> tuple[dict, Callable[[memoryview], Iterator[memoryview] | None]]:
+    """`state` with every tensor (at any depth of dicts, lists and tuples) replaced by a reference, and under PACK_KEY
+    one flat placeholder tensor per dtype, never filled; and `tensor_bytes(data)`, which maps torch.save's write of a
+    placeholder to the bytes of its tensors in order, as a flat tensor holding them would hold them (None for any
+    other write). Write the packed state with `write_hashed(..., substitute=tensor_bytes)` before the tensors
+    change."""
     tensors: list[Tensor] = []
 
     def strip(obj: Any) -> dict | None:
@@ -30,25 +33,30 @@ def pack_tensors(state: Mapping) -> dict:
 
     skeleton = _rebuild(state, strip)
     dtypes = list(dict.fromkeys(tensor.dtype for tensor in tensors))
-    flats = [_buffer(dtype, sum(t.numel() for t in tensors if t.dtype == dtype)) for dtype in dtypes]
-    offsets = [0] * len(dtypes)
-    groups, sizes = [dtypes.index(tensor.dtype) for tensor in tensors], []
-    for tensor, group in zip(tensors, groups):
-        flats[group][offsets[group]:offsets[group] + tensor.numel()].view(tensor.shape).copy_(tensor.detach())
-        offsets[group] += tensor.numel()
-        sizes += [tensor.dim(), *tensor.shape]
+    groups = [dtypes.index(tensor.dtype) for tensor in tensors]
+    # Untouched memory: the placeholders cost address space only, as torch.save never reads them.
+    flats = [torch.empty(sum(t.numel() for t in tensors if t.dtype == dtype), dtype=dtype) for dtype in dtypes]
+    members = [(flat.data_ptr(), flat.nbytes, [t for t, group in zip(tensors, groups) if group == index])
+               for index, flat in enumerate(flats)]
+    sizes = [number for tensor in tensors for number in (tensor.dim(), *tensor.shape)]
+
+    def tensor_bytes(data: memoryview) -> Iterator[memoryview] | None:
+        start = np.frombuffer(data, dtype=np.uint8).ctypes.data if len(data) else 0
+        for address, nbytes, flat in members:
+            if address <= start < address + nbytes:
+                if (start, len(data)) != (address, nbytes):
+                    raise RuntimeError("torch.save wrote part of a placeholder: each must be written whole")
+                # One at a time: a tensor that is not contiguous is copied just before it is written.
+                return (_bytes_of(tensor) for tensor in flat if tensor.numel())
+        return None
+
     return {**skeleton, PACK_KEY: {"storages": flats, "groups": torch.tensor(groups, dtype=torch.int64),
-                                   "sizes": torch.tensor(sizes, dtype=torch.int64)}}
+                                   "sizes": torch.tensor(sizes, dtype=torch.int64)}}, tensor_bytes
 
 
-def _buffer(dtype: torch.dtype, count: int) -> Tensor:
-    """A flat CPU tensor, the same one each time for the same dtype and size: a run saves states of one size again
-    and again, and fresh memory costs a page fault per 4 KB on first touch (seconds for ExLarge's 3.3 GB). The
-    packed state is written before the next save reuses it."""
-    buffer = _BUFFERS.get(dtype)
-    if buffer is None or buffer.numel() != count:
-        _BUFFERS[dtype] = buffer = torch.empty(count, dtype=dtype)
-    return buffer
+def _bytes_of(tensor: Tensor) -> memoryview:
+    """The tensor's values in row-major order on the CPU, without a copy where they already are."""
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def unpack_tensors(obj: Any) -> Any:

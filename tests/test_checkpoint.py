@@ -218,7 +218,7 @@ def test_tensors_are_stored_packed_and_unpacked_checkpoints_still_load(tmp_path,
     storages = raw[tensor_pack.PACK_KEY]["storages"]
     assert len({t.dtype for t in storages}) == len(storages) <= 3
     assert not any(isinstance(v, torch.Tensor) for v in raw["model"].values())
-    monkeypatch.setattr(checkpoint_store, "pack_tensors", lambda obj: obj)  # the layout of earlier versions
+    monkeypatch.setattr(checkpoint_store, "pack_tensors", lambda obj: (obj, None))  # the layout of earlier versions
     unpacked = save_checkpoint(state, 2, tmp_path / "unpacked")
     assert isinstance(torch.load(unpacked, weights_only=True)["model"]["fc.weight"], torch.Tensor)
     for path in (packed, unpacked):
@@ -559,6 +559,23 @@ def test_each_rank_takes_back_its_own_generators(tmp_path, monkeypatch):
         drawn = (random.random(), float(np.random.rand()), torch.rand(1).item())
         _seed_everything(seed)
         assert drawn == (random.random(), float(np.random.rand()), torch.rand(1).item()), (world_size, rank)
+
+
+def test_each_tensor_is_written_where_its_dtype_placeholder_goes_in_any_layout(tmp_path, monkeypatch):
+    """Packing copies nothing: torch.save writes one placeholder per dtype and the writer writes the tensors' own
+    bytes in its place, copying only tensors that are not contiguous. Pieces of 64 kB: tensors span several pieces
+    and pieces hold several tensors."""
+    monkeypatch.setattr(checkpoint_store, "PIECE_BYTES", 1 << 16)
+    generator = torch.Generator().manual_seed(0)
+    state = {"channels_last": torch.randn(4, 3, 5, 5, generator=generator).to(memory_format=torch.channels_last),
+             "transposed": torch.randn(6, 7, generator=generator).t(), "scalar": torch.tensor(3),
+             "empty": torch.empty(0, 4), "bf16": torch.randn(9, generator=generator).bfloat16(),
+             "large": torch.randn(300_000, generator=generator), "nested": [{"counts": torch.arange(5)}],
+             "after": torch.randn(20_000, generator=generator)}
+    path = save_checkpoint(state, 1, tmp_path)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["pieces_sha256"] == _pieces_sha256(path.read_bytes(), sidecar["piece_bytes"])
+    assert _equal(checkpoint_store.read_checkpoint(path), state)
 
 
 def test_large_writes_hash_in_pieces_and_a_failed_writeback_is_a_full_disk(tmp_path, monkeypatch):
