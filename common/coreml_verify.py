@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import signal
+import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,14 +35,23 @@ class UnsupportedProgramError(ExportVerificationError):
 
 
 def import_coremltools():
-    """coremltools, imported without its import-time notices that the macOS-only runtime is absent."""
+    """coremltools, imported without its import-time notices that the macOS-only runtime is absent. Its probes of
+    optional libraries catch every exception (a bare `except:` around `import sklearn`), which would swallow a
+    Ctrl-C during the import and let the export run on: a Ctrl-C is held until the import is done, then delivered."""
     logger = logging.getLogger("coremltools")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    held = threading.current_thread() is threading.main_thread() and "coremltools" not in sys.modules
+    signals = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: signals.append(signum)) if held else None
     try:
         import coremltools
     finally:
         logger.setLevel(level)
+        if held:
+            signal.signal(signal.SIGINT, previous)
+    if signals:
+        signal.raise_signal(signal.SIGINT)
     return coremltools
 
 

@@ -12,7 +12,9 @@ import hashlib
 import io
 import json
 import signal
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import onnx
@@ -28,7 +30,7 @@ from common.layers import SideHead
 from common.model_state import RELEASE_METADATA_KEY
 from common.random_weights import calibrated_random_network
 from common.verification import ExportVerificationError, judge, make_test_images
-from conftest import network
+from conftest import REPO_ROOT, network
 from test_train_stops import start
 
 SMALL = 64
@@ -283,6 +285,32 @@ def test_missing_weights_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_export(network("OneShot"), ["--weights", str(tmp_path / "absent.pkl")])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_during_the_coremltools_import_is_not_lost():
+    """coremltools' bare `except:` around its `import sklearn` swallowed a Ctrl-C that came then, and the export ran
+    on to exit 0 (the test below failed now and then). The signal is held until the import is done."""
+    code = textwrap.dedent("""
+        import signal, sys
+
+        class CtrlCOnSklearn:  # one Ctrl-C, as coremltools first imports sklearn
+            fired = False
+
+            def find_spec(self, name, path=None, target=None):
+                if name == "sklearn" and not self.fired:
+                    self.fired = True
+                    signal.raise_signal(signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, CtrlCOnSklearn())
+        from common.coreml_verify import import_coremltools
+        try:
+            import_coremltools()
+        except KeyboardInterrupt:
+            sys.exit(130)
+        """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130, result.stderr
 
 
 def test_ctrl_c_during_an_export_is_one_line_status_130_and_leaves_nothing(tmp_path):
