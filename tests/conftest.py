@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import signal
 import sys
 from pathlib import Path
 
@@ -14,6 +15,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from common.demo_data import make_image_folder  # noqa: E402
 from common.models import load_network_module  # noqa: E402
+
+# A suite started in the background by a shell without job control (`make test &`, some CI runners) inherits SIGINT
+# ignored, and so would every script the tests start and then interrupt: a handler here (reset to the default on
+# exec) gives them Ctrl-C as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = REPO_ROOT.parent / "shared"
