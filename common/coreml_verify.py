@@ -41,9 +41,12 @@ def import_coremltools():
     logger = logging.getLogger("coremltools")
     level = logger.level
     logger.setLevel(logging.ERROR)
-    held = threading.current_thread() is threading.main_thread() and "coremltools" not in sys.modules
+    previous = signal.getsignal(signal.SIGINT)  # None: a handler set outside Python, which cannot be put back
+    held = (threading.current_thread() is threading.main_thread() and "coremltools" not in sys.modules
+            and previous is not None)
     signals = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: signals.append(signum)) if held else None
+    if held:
+        signal.signal(signal.SIGINT, lambda signum, frame: signals.append(signum))
     try:
         import coremltools
     finally:
