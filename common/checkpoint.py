@@ -1,5 +1,6 @@
 """The training state: everything needed to continue a run exactly, captured into and restored from a checkpoint:
-model, optimizer, scheduler, AMP scaler, EMA and every rank's random generators. The files are checkpoint_store's."""
+model, optimizer, AMP scaler, EMA and every rank's random generators. The learning rate and the data position are
+functions of the iteration, so the iteration stands for both. The files are checkpoint_store's."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -20,13 +21,10 @@ from torch import nn
 from common.checkpoint_store import CheckpointError, CheckpointWarning, read_checkpoint, to_plain
 from common.model_state import CHECKPOINT_FORMAT, load_model_state, unwrap_model
 
-# Integer attributes that EMA helpers use to count their updates (e.g. `updates` in YOLO-style ModelEMA).
-_EMA_COUNTERS = ("updates", "num_updates")
 
-
-def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                       scaler: Any = None, ema: Any = None, *, iteration: int, best_metric: float | None = None,
-                       data_position: dict | None = None, metrics: dict | None = None,
+def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                       scaler: torch.amp.GradScaler | None = None, ema: nn.Module | None = None, *,
+                       iteration: int, best_metric: float | None = None, metrics: dict | None = None,
                        metadata: dict | None = None, rng: list[dict] | None = None) -> dict:
     """Everything needed to continue a run exactly, as tensors and plain values, sharing the live objects' tensors
     (save it right away). `rng` is every rank's `rng_state()` in rank order; by default this process's."""
@@ -36,10 +34,8 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
         "best_metric": None if best_metric is None else float(best_metric),
         "model": unwrap_model(model).state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
-        "ema": None if ema is None else _ema_state(ema),
-        "data_position": to_plain(data_position or {}),
+        "ema": None if ema is None else {"module": unwrap_model(ema).state_dict()},
         "metrics": to_plain(metrics or {}, json_only=True),
         "rng": rng if rng is not None else [rng_state()],
         "metadata": {**to_plain(metadata or {}), "versions": library_versions(),
@@ -48,8 +44,8 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any = None, scaler: Any = None, ema: Any = None, *, restore_rng: bool = True,
-                    verify: bool = True) -> dict:
+                    scaler: torch.amp.GradScaler | None = None, ema: nn.Module | None = None, *,
+                    restore_rng: bool = True, verify: bool = True) -> dict:
     """Restore a checkpoint, its SHA-256 checked first (unless `verify=False`), into the given live objects; returns
     the whole state. Each rank takes back its own random generators when the number of ranks is unchanged, else rank
     0's. A part the checkpoint lacks leaves its object as it is, with a warning."""
@@ -60,7 +56,6 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                               "from it; move it out of the --save folder (eval.py and export.py read it as it is)")
     load_model_state(model, state["model"], strict=True, source_name=str(path))
     _restore(path, "optimizer", optimizer, state.get("optimizer"))
-    _restore(path, "scheduler", scheduler, state.get("scheduler"))
     _restore(path, "scaler", scaler, state.get("scaler"))
     if ema is not None:
         _restore_ema(path, ema, state.get("ema"))
@@ -114,17 +109,6 @@ def _this_ranks(saved: list[dict] | dict) -> dict:
     return per_rank[rank] if len(per_rank) == world_size else per_rank[0]
 
 
-def _ema_state(ema: Any) -> dict:
-    averaged = unwrap_model(ema)
-    # Wrapper buffers such as AveragedModel.n_averaged live outside the averaged network.
-    wrapper = {}
-    if isinstance(ema, nn.Module) and ema is not averaged:
-        wrapper = {key: value for key, value in ema.state_dict().items() if not key.startswith("module.")}
-    counters = {name: getattr(ema, name) for name in _EMA_COUNTERS
-                if isinstance(getattr(ema, name, None), int) and not isinstance(getattr(ema, name), bool)}
-    return {"module": averaged.state_dict(), "wrapper": wrapper, "counters": counters}
-
-
 def _restore(path: Path, part: str, target: Any, saved: Any) -> None:
     # A disabled GradScaler saves {} and restores nothing: that pair needs no warning.
     if target is None or (not saved and not target.state_dict()):
@@ -141,15 +125,9 @@ def _restore(path: Path, part: str, target: Any, saved: Any) -> None:
                               "settings the run was started with") from error
 
 
-def _restore_ema(path: Path, ema: Any, saved: dict | None) -> None:
+def _restore_ema(path: Path, ema: nn.Module, saved: dict | None) -> None:
     if saved is None:
         warnings.warn(f"{path} has no EMA weights; the EMA keeps its current weights", CheckpointWarning,
                       stacklevel=3)
         return
     load_model_state(ema, saved["module"], strict=True, source_name=f"{path} (EMA)")
-    if isinstance(ema, nn.Module):
-        with torch.no_grad():
-            for key, value in saved["wrapper"].items():
-                ema.get_buffer(key).copy_(value)
-    for name, value in saved["counters"].items():
-        setattr(ema, name, value)

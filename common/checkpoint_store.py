@@ -110,11 +110,12 @@ def claim_folder(save_dir: str | os.PathLike) -> None:
 
 
 def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, keep: int = 5,
-                    best_metric_name: str | None = None, lower_is_better: bool = True) -> Path | None:
-    """Write `state` as checkpoint `iters` in `save_dir` atomically, then keep the newest `keep` plus the best; the
-    new path, or None on ranks other than 0 (which write nothing). Every step is safe to interrupt: the state goes to a
-    hashed, fsynced temporary file; the sidecar is renamed into place first (without its data file it is an unfinished
-    save), then the data file, each rename made durable; old checkpoints are removed only after that."""
+                    best_metric_name: str | None = None) -> Path | None:
+    """Write `state` as checkpoint `iters` in `save_dir` atomically, then keep the newest `keep` plus the best by
+    `best_metric_name` (lower is better unless it is an accuracy); the new path, or None on ranks other than 0 (which
+    write nothing). Every step is safe to interrupt: the state goes to a hashed, fsynced temporary file; the sidecar
+    is renamed into place first (without its data file it is an unfinished save), then the data file, each rename
+    made durable; old checkpoints are removed only after that."""
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
     if keep < 1:
@@ -150,7 +151,7 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
         if isinstance(error, OSError):
             raise CheckpointWriteError(_write_error_text(save_dir, data_path.name, error)) from error
         raise
-    _apply_retention(save_dir, keep, int(iters), best_metric_name, lower_is_better)
+    _apply_retention(save_dir, keep, int(iters), best_metric_name)
     return data_path
 
 
@@ -377,11 +378,12 @@ def _remove_stale_temps(save_dir: Path) -> None:
             remove_quietly(Path(entry.path))
 
 
-def _apply_retention(save_dir: Path, keep: int, newest: int, metric: str | None, lower_is_better: bool) -> None:
+def _apply_retention(save_dir: Path, keep: int, newest: int, metric: str | None) -> None:
     complete, _ = _scan(save_dir)
     kept = {info.iteration for info in complete[-keep:]} | {newest}
     if metric is not None:
-        kept |= {info.iteration for info in best_checkpoints(complete, 1, metric, lower_is_better)}
+        kept |= {info.iteration for info in best_checkpoints(complete, 1, metric,
+                                                             default_lower_is_better(metric) is not False)}
     for info in complete:
         if info.iteration not in kept:
             for path in (info.path, info.path.with_suffix(".json")):

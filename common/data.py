@@ -7,6 +7,7 @@ global batch t. So iteration t's data depends only on (seed, t, B, N), not on ra
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -250,12 +251,11 @@ def _permutation(n: int, key: int) -> np.ndarray:
 
 
 class StreamSampler:
-    """Batch sampler of the training stream (module docstring): per iteration, this rank's (sample index, seed)
-    pairs, from `start_iteration` to `total_iterations` (None: forever); `shuffle=False` reads epochs sorted."""
+    """Endless batch sampler of the training stream (module docstring): per iteration from `start_iteration` on,
+    this rank's (sample index, seed) pairs."""
 
     def __init__(self, num_samples: int, global_batch_size: int, seed: int, start_iteration: int = 0,
-                 rank: int = 0, world_size: int = 1, total_iterations: int | None = None,
-                 shuffle: bool = True) -> None:
+                 rank: int = 0, world_size: int = 1) -> None:
         if num_samples < 1:
             raise ValueError("num_samples must be at least 1")
         if global_batch_size < 1:
@@ -274,23 +274,14 @@ class StreamSampler:
         self.start_iteration = start_iteration
         self.rank = rank
         self.world_size = world_size
-        self.total_iterations = total_iterations
-        self.shuffle = shuffle
         self._sample_key = _key(seed, _TAG_SAMPLE)
         self._orders: dict[int, np.ndarray] = {}
-
-    def position_at(self, iteration: int) -> int:
-        """Stream position of the first sample of global batch `iteration`."""
-        return iteration * self.global_batch_size
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The sample indices of `epoch`, in reading order."""
         order = self._orders.get(epoch)
         if order is None:
-            if self.shuffle:
-                order = _permutation(self.num_samples, _key(self.seed, _TAG_ORDER, epoch))
-            else:
-                order = np.arange(self.num_samples, dtype=np.int64)
+            order = _permutation(self.num_samples, _key(self.seed, _TAG_ORDER, epoch))
             # A batch spans at most a couple of epochs unless the dataset is tiny; keep memory to a few orders.
             if len(self._orders) >= 4:
                 self._orders.pop(min(self._orders))
@@ -299,7 +290,7 @@ class StreamSampler:
 
     def batch_at(self, iteration: int) -> list[tuple[int, int]]:
         """This rank's (sample index, sample seed) pairs of global batch `iteration`."""
-        first = self.position_at(iteration) + self.rank * self.local_batch_size
+        first = iteration * self.global_batch_size + self.rank * self.local_batch_size
         positions = np.arange(first, first + self.local_batch_size, dtype=np.int64)
         epochs, offsets = np.divmod(positions, self.num_samples)
         indices = np.empty_like(positions)
@@ -310,15 +301,7 @@ class StreamSampler:
         return list(zip(indices.tolist(), seeds.tolist()))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        iteration = self.start_iteration
-        while self.total_iterations is None or iteration < self.total_iterations:
-            yield self.batch_at(iteration)
-            iteration += 1
-
-    def __len__(self) -> int:
-        if self.total_iterations is None:
-            raise TypeError("an endless StreamSampler has no length")
-        return max(0, self.total_iterations - self.start_iteration)
+        return map(self.batch_at, itertools.count(self.start_iteration))
 
 
 def evaluation_order(labels: Sequence[int]) -> np.ndarray:
@@ -520,17 +503,16 @@ def _loader(dataset: Dataset, batch_sampler, collate_fn, workers: int, pin_memor
 
 def build_train_loader(train_dir: str | Path, *, crop_size: int, global_batch_size: int, seed: int,
                        start_iteration: int = 0, rank: int = 0, world_size: int = 1, workers: int = 4,
-                       pin_memory: bool = False, total_iterations: int | None = None,
-                       flag: str = "--train-dir", samples_filter: Callable[[list], list] | None = None
+                       pin_memory: bool = False, samples_filter: Callable[[list], list] | None = None
                        ) -> tuple[DataLoader, list[str]]:
-    """(loader, classes): the loader yields (uint8 images, int64 labels, skipped count) for this rank, endless
-    unless `total_iterations` is given; `samples_filter` picks the (path, label) samples to train on.
+    """(loader, classes): the endless loader yields (uint8 images, int64 labels, skipped count) for this rank;
+    `samples_filter` picks the (path, label) samples to train on.
     `loader.batch_sampler` is the `StreamSampler`: set its `start_iteration` and iter(loader) again to resume."""
-    samples, classes = scan_image_folder(train_dir, flag)
+    samples, classes = scan_image_folder(train_dir, "--train-dir")
     if samples_filter is not None:
         samples = samples_filter(samples)
     sampler = StreamSampler(len(samples), global_batch_size, seed, start_iteration=start_iteration, rank=rank,
-                            world_size=world_size, total_iterations=total_iterations)
+                            world_size=world_size)
     dataset = ImageDataset(samples, TrainTransform(crop_size))
     collate = functools.partial(collate_skip_corrupt, image_shape=(3, crop_size, crop_size))
     return _loader(dataset, sampler, collate, workers, pin_memory), classes

@@ -133,9 +133,6 @@ def test_stream_reads_each_sample_once_per_epoch_and_depends_on_the_seed():
     assert other != indices
     seeds = [seed for batch in batches(sampler, 5) for _, seed in batch]
     assert len(set(seeds)) == 20
-    plain = [index for batch in batches(StreamSampler(10, 5, seed=1, shuffle=False), 4) for index, _ in batch]
-    assert plain == list(range(10)) * 2
-    assert len(StreamSampler(10, 4, seed=1, start_iteration=2, total_iterations=7)) == 5
 
 
 def test_stream_is_the_same_when_resumed_and_whatever_the_world_size():
