@@ -5,7 +5,7 @@ simplejpeg's libjpeg-turbo at full size, the decoder the pipeline uses) and agai
 float tensor conversion), all in the same run on the same ImageNet-sized JPEG files (500 x 375, quality 90) written
 for it.
 
-    python bench/data_speed.py [--images 64] [--json FILE]
+    python bench/data_speed.py [--images 96] [--json FILE]
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def original_train_pipeline(crop_size: int = 224):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=64, help="JPEG files per measurement")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--images", type=int, default=96, help="JPEG files per measurement")
+    parser.add_argument("--repeats", type=int, default=5,
                         help="measured passes over the files, every case once per round")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()

@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 SECTIONS = {
     "eval": ("eval_speed.py", [], ["--quick"]),
     "train": ("train_speed.py", [], ["--quick"]),
-    "data": ("data_speed.py", [], ["--images", "32", "--repeats", "2"]),
+    "data": ("data_speed.py", [], []),
     "checkpoint": ("checkpoint_speed.py", [], []),
     "average": ("average_memory.py", [], ["--quick"]),
     "export": ("export_speed.py", [], ["--quick"]),
