@@ -132,8 +132,9 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True, metavar="FILE",
                         help="a released file of any layout, a .safetensors release or a checkpoint of this project")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown per image (default 5)")
-    parser.add_argument("--json", metavar="FILE",
-                        help='write [{"path", "predictions": [{"index", "name", "probability"}]}] to FILE')
+    parser.add_argument("--predictions-json", "--json", dest="predictions_json", metavar="FILE",
+                        help='write [{"path", "predictions": [{"index", "name", "probability"}]}] to FILE (eval.py '
+                             "--predictions-csv is its counterpart for a labelled folder; --json is the older name)")
     parser.add_argument("--class-names", metavar="FILE",
                         help="class names, one per line in output order (default: ImageNet's for released files, "
                              "the training class folders for checkpoints of this project)")
@@ -145,7 +146,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
 @exit_on_user_error
 def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict]:
     """The predict.py command line of a model folder (`network`: its network.py); returns the records written
-    to --json. Bad input ends with a one-line error before any image is read."""
+    to --predictions-json. Bad input ends with a one-line error before any image is read."""
     model_name = Path(network.__file__).resolve().parent.name
     args = build_parser(model_name).parse_args(argv)
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
@@ -157,8 +158,8 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
         # Every rank would classify every image and print and write the same results.
         raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "
                         "torchrun for labelled folders)")
-    if args.json:
-        prepare_output("--json", args.json)
+    if args.predictions_json:
+        prepare_output("--predictions-json", args.predictions_json)
     device = resolve_device(args.device)
     files, others = find_images(args.paths)
     if others:
@@ -185,10 +186,12 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     if not records:
         unread = "the image could not be read" if skipped == 1 else f"none of the {skipped} images could be read"
         raise NothingEvaluated(f"{unread} (see above), so nothing was classified"
-                               + (" and --json was not written" if args.json else ""))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(records, indent=2) + "\n")
+                               + (" and --predictions-json was not written" if args.predictions_json else ""))
+    if args.predictions_json:
+        atomic_write_text(args.predictions_json, json.dumps(records, indent=2) + "\n")
     note = f", {skipped} unreadable skipped" if skipped else ""
     rate = len(records) / max(seconds, 1e-9)
     print(f"{len(records)} image{'s' * (len(records) != 1)} in {seconds:.2f} s: {rate:.1f} images/s{note}")
+    if args.predictions_json:
+        print(f"wrote {args.predictions_json}")
     return records

@@ -125,7 +125,7 @@ def test_release_refuses_an_unwritable_output_and_creates_missing_folders(tmp_pa
 
 def test_predict_refuses_an_unwritable_json_before_reading_images(blocked, imagenet_weights, wnid_val, capsys):
     predict = script_module("OneShot", "predict").main
-    line = user_error_line(capsys, predict, ["--weights", str(imagenet_weights), str(wnid_val), "--json",
+    line = user_error_line(capsys, predict, ["--weights", str(imagenet_weights), str(wnid_val), "--predictions-json",
                                              str(blocked / "predictions.json")])
-    assert line.startswith(f"error: --json {blocked / 'predictions.json'}: cannot write there")
+    assert line.startswith(f"error: --predictions-json {blocked / 'predictions.json'}: cannot write there")
     assert "images in" not in capsys.readouterr().out

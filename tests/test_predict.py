@@ -48,7 +48,7 @@ def test_released_file_through_the_script_json_and_bad_files(tmp_path, released_
     output = tmp_path / "predictions.json"
     result = subprocess.run(
         [sys.executable, "predict.py", "--weights", str(released_file), str(folder), "--top-k", "1000",
-         "--json", str(output), "--batch-size", "10", "--workers", "2", "--image-size", "64"],
+         "--predictions-json", str(output), "--batch-size", "10", "--workers", "2", "--image-size", "64"],
         cwd=REPO_ROOT / "OneShot", capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
@@ -56,7 +56,8 @@ def test_released_file_through_the_script_json_and_bad_files(tmp_path, released_
     skipped = [line for line in result.stderr.splitlines() if "broken.jpg" in line]
     assert len(skipped) == 1 and skipped[0].startswith("skipped")
     assert "ignored 1 file" in result.stderr
-    assert "images/s" in result.stdout.splitlines()[-1] and "24 images" in result.stdout.splitlines()[-1]
+    *_, summary, wrote = result.stdout.splitlines()
+    assert "images/s" in summary and "24 images" in summary and wrote == f"wrote {output}"
 
     records = json.loads(output.read_text())
     images = sorted(str(p) for p in folder.rglob("*.jpg") if p.name != "broken.jpg")
@@ -126,8 +127,9 @@ def test_nothing_readable_is_an_error_and_writes_no_json(released_file, tmp_path
                               "--workers", "0", "--image-size", "64"])
     assert stop.value.code == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error == ("error: the image could not be read (see above), so nothing was classified and --json was not "
-                     "written")
+    # --json, the flag's older name, still works.
+    assert error == ("error: the image could not be read (see above), so nothing was classified and "
+                     "--predictions-json was not written")
     assert not output.exists()
 
 
