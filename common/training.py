@@ -146,10 +146,8 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
 
 
 def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace:
-    """Fill recipe defaults (demo ones with --demo) and check the values before any work starts."""
-    # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
-    prepare_output("--save", args.save, folder=True)
-    prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
+    """Fill recipe defaults (demo ones with --demo) and check the values before any work starts (and before --save
+    is made, so that a mistyped command leaves no folder behind)."""
     source = recipe.demo if args.demo else recipe.finetune if args.pretrained else recipe
     for name in ("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval",
                  "warmup_iters"):
@@ -659,6 +657,10 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
         raise UserError(f"--batch-size {args.batch_size} must divide by the {info.world_size} processes")
     seed_everything(args.seed, args.deterministic)
     say = print if info.is_main else (lambda *a, **k: None)
+    classes = scan_classes(args, say)
+    # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
+    prepare_output("--save", args.save, folder=True)
+    prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
     # Rank 0 writes the checkpoints, so it claims the folder; every rank learns whether it could.
     refusal = None
     if info.is_main:
@@ -669,7 +671,6 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
     refusal = all_gather_objects(refusal, info)[0]
     if refusal:
         raise UserError(refusal)
-    classes = scan_classes(args, say)
     input_format: InputFormat = network.INPUT_FORMAT
     metadata = {"arch": recipe.model_name, "classes": classes, "num_classes": args.num_classes or len(classes),
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),

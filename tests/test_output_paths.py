@@ -86,14 +86,25 @@ def test_an_existing_folder_is_no_output_file(tmp_path, oneshot, imagenet_weight
     assert line == f"error: --results-json {tmp_path}: is a folder; give a file name"
 
 
-def test_train_refuses_an_unwritable_save_folder_and_tensorboard_folder(tmp_path, oneshot, blocked, capsys):
+def test_train_refuses_an_unwritable_save_folder_and_tensorboard_folder(tmp_path, oneshot, blocked, image_folder,
+                                                                        capsys):
     train = oneshot["train"].main
-    line = user_error_line(capsys, train, ["--train-dir", str(tmp_path), "--save", str(blocked / "run")])
+    line = user_error_line(capsys, train, ["--train-dir", str(image_folder), "--save", str(blocked / "run")])
     assert line.startswith(f"error: --save {blocked / 'run'}: cannot write there")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "tensorboard").write_text("a file where TensorBoard's folder goes\n")
-    line = user_error_line(capsys, train, ["--train-dir", str(tmp_path), "--save", str(tmp_path / "run")])
+    line = user_error_line(capsys, train, ["--train-dir", str(image_folder), "--save", str(tmp_path / "run")])
     assert line.startswith(f"error: --save {tmp_path / 'run' / 'tensorboard'}: cannot write there")
+
+
+def test_a_refused_train_command_leaves_no_save_folder(tmp_path, oneshot, image_folder, capsys):
+    train = oneshot["train"].main
+    for argv, error in ((["--train-dir", str(tmp_path / "typo")], "--train-dir"),
+                        (["--train-dir", str(image_folder), "--total-iters", "0"], "--total-iters"),
+                        (["--train-dir", str(image_folder), "--val-dir", str(tmp_path / "typo")], "--val-dir")):
+        line = user_error_line(capsys, train, [*argv, "--save", str(tmp_path / "run")])
+        assert line.startswith(f"error: {error} ")
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("kind", ["onnx", "coreml"])
