@@ -279,7 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    prepare_output("--output", args.output)
     started = time.perf_counter()
     if args.save_dir is not None:
         if args.best is None:
@@ -292,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.best is not None:
             parser.error("--best goes with --save-dir; --inputs averages every file given")
         paths = [Path(name) for name in args.inputs]
+        missing = [str(path) for path in paths if not path.is_file()]
+        if missing:
+            raise UserError(f"--inputs: no such file: {listed(missing)}; check the paths")
         metrics = [_recorded_metrics(path) for path in paths]
+    # After the inputs are known, so that a mistyped command leaves no output folder behind.
+    prepare_output("--output", args.output)
     averaged = average_checkpoints(paths, args.output, use_ema=args.ema, trust_pickle=args.trust_pickle,
                                    progress=not args.no_progress)
     chosen_text = ", ".join(_describe(path, recorded, args.metric) for path, recorded in zip(paths, metrics))

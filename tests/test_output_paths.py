@@ -123,6 +123,12 @@ def test_average_refuses_an_unwritable_output_and_creates_missing_folders(tmp_pa
     assert average.main(["--save-dir", str(checkpoints), "--best", "2", "--output", str(output),
                          "--no-progress"]) == 0
     assert output.is_file()
+    # Missing inputs are named before the output's folder is made.
+    capsys.readouterr()
+    line = user_error_line(capsys, average.main, ["--inputs", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"),
+                                                 "--output", str(tmp_path / "other" / "avg.safetensors")])
+    assert line == f"error: --inputs: no such file: {tmp_path / 'a.pth'}, {tmp_path / 'b.pth'}; check the paths"
+    assert not (tmp_path / "other").exists()
 
 
 def test_release_refuses_an_unwritable_output_and_creates_missing_folders(tmp_path, blocked, checkpoints, capsys):
