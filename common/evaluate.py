@@ -234,9 +234,6 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
     # What the data and model code would only find after the weights are read.
     check_image_size(args.image_size)
     input_format_from_args(args, InputFormat())
-    for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
-        if path:
-            prepare_output(flag, path)
     joined = dist.is_available() and dist.is_initialized()  # called from a distributed run: its group stays
     info = init_distributed(args.device)
     try:
@@ -259,6 +256,10 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
     loader, _, paths = build_eval_loader(args.val_dir, crop_size=image_size, batch_size=args.batch_size,
                                          workers=args.workers, limit=args.limit, class_to_index=class_to_index,
                                          rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda")
+    # Once the weights and the data are known good, so that a mistyped command leaves no folder behind.
+    for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
+        if path:
+            prepare_output(flag, path)
     model = create_network_for(network, num_classes, metadata)
     report = load_checkpoint(model, weights, source_name=str(args.weights), use_ema=args.use_ema)
     del weights

@@ -158,8 +158,6 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
         # Every rank would classify every image and print and write the same results.
         raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "
                         "torchrun for labelled folders)")
-    if args.predictions_json:
-        prepare_output("--predictions-json", args.predictions_json)
     device = resolve_device(args.device)
     files, others = find_images(args.paths)
     if others:
@@ -171,6 +169,8 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     num_classes = metadata.get("num_classes") or classifier_rows(network, weights)
     classes = metadata.get("classes") or (imagenet_wnids() if num_classes == 1000 else [])
     names = read_class_names(args.class_names, num_classes) if args.class_names else output_names(classes, num_classes)
+    if args.predictions_json:  # once the inputs are known good, so that a mistyped command leaves no folder behind
+        prepare_output("--predictions-json", args.predictions_json)
     model = create_network_for(network, num_classes, metadata)
     load_model_state(model, weights, for_inference=True, use_ema=args.use_ema, source_name=str(args.weights))
     del weights

@@ -80,6 +80,21 @@ def test_eval_creates_missing_output_folders(tmp_path, oneshot, imagenet_weights
     assert len(predictions.read_text().splitlines()) == 7
 
 
+def test_a_refused_eval_or_predict_command_leaves_no_output_folder(tmp_path, oneshot, imagenet_weights, wnid_val,
+                                                                   capsys):
+    predict = script_module("OneShot", "predict").main
+    for main, argv, error in (
+            (oneshot["eval"].main, ["--weights", str(imagenet_weights), "--val-dir", str(tmp_path / "typo"),
+                                    "--results-json", str(tmp_path / "out" / "r.json"), "--predictions-csv",
+                                    str(tmp_path / "out" / "p.csv")], "--val-dir"),
+            (oneshot["eval"].main, ["--weights", str(tmp_path / "typo.pth"), "--val-dir", str(wnid_val),
+                                    "--results-json", str(tmp_path / "out" / "r.json")], str(tmp_path / "typo.pth")),
+            (predict, ["--weights", str(imagenet_weights), str(tmp_path / "typo.jpg"), "--predictions-json",
+                       str(tmp_path / "out" / "p.json")], str(tmp_path / "typo.jpg"))):
+        assert user_error_line(capsys, main, argv).startswith(f"error: {error}")
+        assert not (tmp_path / "out").exists()
+
+
 def test_an_existing_folder_is_no_output_file(tmp_path, oneshot, imagenet_weights, wnid_val, capsys):
     line = user_error_line(capsys, oneshot["eval"].main, ["--weights", str(imagenet_weights), "--val-dir",
                                                          str(wnid_val), "--results-json", str(tmp_path)])
