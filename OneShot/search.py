@@ -243,8 +243,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--supernet CHECKPOINT is required (a checkpoint of train_supernet.py), or --demo")
     if not Path(args.supernet).is_file():
         raise UserError(f"--supernet {args.supernet}: no such file")
-    # The state is written after the first generation: a folder that cannot take it must fail now.
-    prepare_output("--output", args.output)
 
 
 def search(args: argparse.Namespace) -> dict:
@@ -274,7 +272,9 @@ def search(args: argparse.Namespace) -> dict:
         "bn_images_used": len(bn_indices), "score_images_used": len(score_indices)}
     method = "random" if args.random else "evolution"
 
-    output = Path(args.output)
+    # The state is written after the first generation: a folder that cannot take it must fail now (and only now
+    # that the inputs are known good, so that a mistyped command leaves no folder behind).
+    output = prepare_output("--output", args.output)
     state_path = output.with_name(output.name + ".state.json")
     state = {"method": method, "settings": settings, "held_out": held, "generation": 0, "scores": {},
              "populations": [], "seconds": 0.0}

@@ -9,4 +9,4 @@ import network  # noqa: E402
 from common.export import run_export  # noqa: E402
 
 if __name__ == "__main__":
-    run_export(network)
+    sys.exit(run_export(network))

@@ -468,6 +468,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
         return _run_sweep(network_module, model_name, args, argv if argv is not None else sys.argv[1:])
     job = _plan(network_module, model_name, args)
     val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
+    prepare_output("--output", job.output)  # after the inputs: a mistyped command leaves no folder behind
     model = _load_model(network_module, job, args)
     print(f"{model_name}: exporting {job.weights.name} to {args.format} ({job.variant}, {job.image_size}x"
           f"{job.image_size}, input {job.input_format.describe()})", flush=True)
@@ -521,7 +522,6 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
     if output.suffix != suffix:
         raise UserError(f"--output {output} must end in {suffix} for --format {args.format}")
     _check_replaceable(output, args.format)
-    prepare_output("--output", output)
     return _Job(model_name, weights, stored, imagenet_short_names() if imagenet else list(stored["classes"]),
                 imagenet, input_format, image_size, output, variant, bool(args.compress or args.quantize),
                 network_module.PUBLISHED if imagenet and not stored.get("architecture") else None)
@@ -633,7 +633,14 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
     import subprocess
 
     weights = Path(args.weights)
-    folder = prepare_output("--output", args.output or weights.parent / f"{model_name}-sweep", folder=True)
+    folder = Path(args.output or weights.parent / f"{model_name}-sweep")
+    # What every entry reads, checked once here: a mistyped path is one line, not ten failed exports.
+    _plan(network_module, model_name, argparse.Namespace(**{**vars(args), "format": "onnx", "quantize": "int8",
+                                                            "output": str(folder / f"{model_name}-probe.onnx")}))
+    for flag, path in (("--val-dir", args.val_dir), ("--calibration-dir", args.calibration_dir)):
+        if path and not Path(path).is_dir():
+            raise UserError(f"{flag} {path}: no such folder")
+    prepare_output("--output", folder, folder=True)
     script = Path(network_module.__file__).resolve().parent / "export.py"
     passed = _forwarded_flags(argv)
     rows = []

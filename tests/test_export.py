@@ -281,6 +281,35 @@ def test_sweep_into_a_file_is_a_one_line_error_before_any_export(tmp_path, capsy
     assert exit_info.value.code == 2 and f"--output {blocker}: cannot write there" in err and "===" not in out
 
 
+def test_a_mistyped_sweep_is_one_line_before_any_export_and_leaves_no_folder(tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    torch.save({}, weights)
+    for flags, error in ((["--val-dir", str(tmp_path / "typo")], f"--val-dir {tmp_path / 'typo'}: no such folder"),
+                         (["--calibration-dir", str(tmp_path / "typo")],
+                          f"--calibration-dir {tmp_path / 'typo'}: no such folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_export(network("OneShot"), ["--weights", str(weights), "--sweep", *flags,
+                                            "--output", str(tmp_path / "sweep")])
+        out, err = capsys.readouterr()
+        assert exit_info.value.code == 2 and err == f"error: {error}\n" and "===" not in out
+        assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_exports_fail_exits_1_with_its_table(tmp_path, image_folder):
+    """Each entry runs on: one that fails is a row of the table, and the sweep's exit status says so."""
+    weights = tmp_path / "OneShot.pth"
+    torch.save(network("OneShot").create_network().state_dict(), weights)
+    # ImageNet weights and a folder of other classes: every entry refuses its --val-dir, after the sweep's checks.
+    result = subprocess.run([sys.executable, "export.py", "--weights", str(weights), "--sweep", "--val-dir",
+                             str(image_folder), "--image-size", "32", "--output", str(tmp_path / "sweep")],
+                            cwd=REPO_ROOT / "OneShot", capture_output=True, text=True, timeout=900)
+    assert result.returncode == 1, result.stderr
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(rows) == 10 and all(row["error"] == "exit status 2" for row in rows)
+    assert "failed: exit status 2" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
 def test_missing_weights_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_export(network("OneShot"), ["--weights", str(tmp_path / "absent.pkl")])

@@ -257,6 +257,11 @@ def test_search_into_a_new_folder_creates_it_and_an_unwritable_output_fails_befo
     result = run(["search.py", "--supernet", checkpoint, "--output", str(output), *SEARCH, "--generations", "1"])
     assert result.returncode == 0, result.stderr
     assert json.loads(output.read_text())["architectures"]
+    # A checkpoint of another kind is refused before the output's folder is made.
+    other = tmp_path / "other" / "search.json"
+    result = run(["search.py", "--supernet", str(get_latest_model(supernet_run)[0].with_suffix(".json")), "--output",
+                  str(other), *SEARCH])
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not other.parent.exists()
 
 
 def test_demo_with_other_flags_is_refused_before_any_work():
