@@ -25,8 +25,8 @@ import search_space  # noqa: E402
 import supernet  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.model_state import unwrap_model  # noqa: E402
-from common.training import (DemoRecipe, NetworkHooks, Recipe, load_training_checkpoint,  # noqa: E402
-                             run_training)
+from common.training import (DemoRecipe, NetworkHooks, Recipe, exit_status,  # noqa: E402
+                             load_training_checkpoint, run_training)
 
 
 # A sliced weight's gradient comes back in the standard layout. For 1x1 and depthwise kernels under channels_last that
@@ -87,4 +87,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

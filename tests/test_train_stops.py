@@ -51,6 +51,14 @@ def test_a_stopped_run_saves_and_exits_non_zero(tmp_path, image_folder, signum, 
     assert 2 <= iterations < 400 and f"stopped at iteration {iterations}" in out
 
 
+def test_a_stopped_supernet_run_exits_non_zero_too(tmp_path, image_folder):
+    command = train_command(tmp_path, image_folder, "--total-iters", "400", "--save-interval", "1000")
+    process = start([command[0], "train_supernet.py", *command[2:], "--held-out-per-class", "2"])
+    out, err = signal_after(process, "iter 2/400", signal.SIGINT)
+    assert process.returncode == 130, err
+    assert 2 <= get_latest_model(tmp_path)[1] < 400 and "stopped at iteration" in out
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR2, 140)])
 def test_a_signal_to_every_process_still_saves_and_exits_non_zero(tmp_path, image_folder, signum, status):
     """Ctrl-C reaches the terminal's whole process group, and SLURM sends its SIGTERM (time limit) and SIGUSR2
