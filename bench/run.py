@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 
 from timing import matmul_gflops
+from common.atomic_io import atomic_write_text
+from common.cli import prepare_output
+from common.errors import exit_on_user_error
 from common.hardware import cpu_capabilities, describe_cpu
 
 BENCH = Path(__file__).resolve().parent
@@ -128,7 +131,8 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
+@exit_on_user_error
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     parser.add_argument("--quick", action="store_true", help="the quick variant of every section")
@@ -138,7 +142,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.summary:
         print("\n".join(summary(json.loads(Path(args.summary).read_text()))))
-        return
+        return 0
+    prepare_output("--output", args.output)  # before the hour of work whose results go there
     started = time.perf_counter()
     gflops = matmul_gflops()
     cpu = cpu_capabilities()
@@ -152,13 +157,15 @@ def main() -> None:
     for name in args.only or SECTIONS:
         results["sections"][name], results["seconds"][name] = run_section(name, args.quick)
     results["total_seconds"] = time.perf_counter() - started
-    Path(args.output).write_text(json.dumps(results, indent=2))
+    atomic_write_text(args.output, json.dumps(results, indent=2))
     print(f"\nbenchmarks done in {results['total_seconds'] / 60:.1f} min; results in {args.output}")
     for name, seconds in results["seconds"].items():
         status = results["sections"][name].get("error", "ok") if isinstance(results["sections"][name], dict) else "ok"
         print(f"  {name:12s} {seconds:7.1f} s  {status}")
     print("\n" + "\n".join(summary(results)))
+    failed = [name for name, section in results["sections"].items() if isinstance(section, dict) and "error" in section]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
