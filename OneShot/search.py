@@ -214,7 +214,7 @@ def plot(state: dict, path: Path, num_classes: int) -> None:
         axes.scatter(macs, [state["scores"][k] for k in keys], s=10, color=colour, label=f"gen {generation}")
     axes.axvline(state["settings"]["flops_max"] / 1e6, color="grey", linestyle="--", linewidth=1)
     axes.set_xlabel("MFLOPs (multiply-accumulates at 224x224)")
-    axes.set_ylabel("held-out top-1 (%)")
+    axes.set_ylabel("held-out top-1 accuracy (%)")
     axes.set_title(f"OneShot {state['method']} search: population per generation")
     if len(state["populations"]) <= 20:
         axes.legend(fontsize=6, ncol=2)
@@ -300,8 +300,8 @@ def search(args: argparse.Namespace) -> dict:
         write_json(output, final)
         plot(state, output.with_suffix(".png"), num_classes)
         best = final["architectures"][0]
-        print(f"best of {len(state['scores'])} candidates ({method}): held-out top-1 {best['held_out_top1']:.2f}% "
-              f"at {best['macs'] / 1e6:.1f}M FLOPs, {best['params'] / 1e6:.2f}M params\n  "
+        print(f"best of {len(state['scores'])} candidates ({method}): held-out top-1 accuracy "
+              f"{best['held_out_top1']:.2f}% at {best['macs'] / 1e6:.1f}M FLOPs, {best['params'] / 1e6:.2f}M params\n  "
               f"{search_space.describe(from_key(key_of(search_space.from_json(best))))}\n"
               f"wrote {output} and {output.with_suffix('.png')}")
     return final
@@ -349,7 +349,7 @@ def _evolve(args, state, state_path, info, say, samples, bn_indices, score_indic
         per_generation = (time.perf_counter() - run_start) / done_here
         best = keys[0]
         say(f"[search] generation {generation + 1}/{args.generations} | {len(candidates)} candidates, "
-            f"{len(candidates) / max(elapsed, 1e-9):.2f} candidates/s | best held-out top-1 "
+            f"{len(candidates) / max(elapsed, 1e-9):.2f} candidates/s | best held-out top-1 accuracy "
             f"{state['scores'][best]:.2f}% at {search_space.costs(from_key(best), num_classes)[0] / 1e6:.1f}M "
             f"FLOPs | {len(state['scores'])} evaluated | ETA "
             f"{format_duration(per_generation * (args.generations - generation - 1))}", flush=True)
@@ -396,7 +396,7 @@ def run_demo() -> None:
     print(f"\nSearch demo finished in {sum(times.values()):.0f} s "
           f"({', '.join(f'{t}: {s:.0f} s' for t, s in times.items())}).")
     for name, arch in (("evolution", found), ("random", random_best)):
-        print(f"  best of {name:9s}: held-out top-1 {arch['held_out_top1']:6.2f}%  {arch['macs'] / 1e6:6.1f}M "
+        print(f"  best of {name:9s}: held-out top-1 accuracy {arch['held_out_top1']:6.2f}%  {arch['macs'] / 1e6:6.1f}M "
               f"FLOPs  {arch['params'] / 1e6:.2f}M params  {search_space.describe(search_space.from_json(arch))}")
     retrained, iterations = get_latest_model(run / "retrain")
     metrics = read_checkpoint_metadata(retrained).get("metrics") or {}
