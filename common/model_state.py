@@ -6,6 +6,7 @@ names; all of these load strictly into this project's networks.
 """
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -20,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from common.errors import UserError, listed
+from common.models import MODEL_FOLDERS, load_network_module
 from common.tensor_pack import unpack_tensors
 
 # Tag stored in the checkpoints written by common.checkpoint: extract_model_state recognises them by it.
@@ -160,19 +162,34 @@ def read_checkpoint_metadata(path_or_obj: Any) -> dict:
 
 
 def describe_weights(state: Mapping[str, torch.Tensor]) -> str:
-    """A guess of what a clean state dict holds, e.g. "a ShuffleNetV2.Large state dict with 1000 classes"."""
-    if "classifier.0.weight" in state:
-        arch, classifier = "OneShot", "classifier.0.weight"
-    elif "fc.fc.weight" in state:
-        arch, classifier = "ShuffleNetV2.ExLarge", "fc.fc.weight"
-    elif "conv_last.conv.weight" in state or any(key.startswith("features.0.2a.") for key in state):
-        arch, classifier = "ShuffleNetV2.Large", "fc.weight"
-    else:
-        return f"{len(state)} tensors that fit none of OneShot, ShuffleNetV2.Large, ShuffleNetV2.ExLarge " \
-               f"(first keys: {listed(list(state))})"
-    rows = state.get(classifier)
-    classes = f"{rows.shape[0]} classes" if rows is not None and rows.dim() == 2 else "an unknown number of classes"
-    return f"a {arch} state dict with {classes}"
+    """A guess of what a clean state dict holds, e.g. "a ShuffleNetV2.Large state dict with 1000 classes": the model
+    with the most of its tensor names (then the one it covers most of), with the classes of its classifier."""
+    fits = {model: (len(state.keys() & _tensor_names(model)) / max(1, len(state)),
+                    len(state.keys() & _tensor_names(model)) / len(_tensor_names(model))) for model in MODEL_FOLDERS}
+    model = max(fits, key=fits.get)
+    if fits[model][0] < 0.5:
+        return f"{len(state)} tensors that fit none of {', '.join(MODEL_FOLDERS)} (first keys: {listed(list(state))})"
+    rows = _classifier_rows(state, load_network_module(model).CLASSIFIER)
+    return f"a {model} state dict with {'an unknown number of' if rows is None else rows} classes"
+
+
+def classifier_rows(network: Any, weights: Any) -> int:
+    """The number of classes of a weights object (`network`: a folder's network.py), read from the last weight
+    matrix under its CLASSIFIER; 1000 where there is none."""
+    rows = _classifier_rows(extract_model_state(weights), network.CLASSIFIER)
+    return 1000 if rows is None else rows
+
+
+def _classifier_rows(state: Mapping[str, torch.Tensor], classifier: str) -> int | None:
+    rows = [value.shape[0] for key, value in state.items()
+            if (key == classifier or key.startswith(classifier + ".")) and value.dim() == 2]
+    return rows[-1] if rows else None
+
+
+@functools.cache
+def _tensor_names(model: str) -> frozenset[str]:
+    with torch.device("meta"):  # names only: no memory, no initialisation
+        return frozenset(load_network_module(model).create_network().state_dict())
 
 
 def _sniff(path: Path) -> tuple[str, int]:

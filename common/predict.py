@@ -25,9 +25,8 @@ from common.evaluate import NothingEvaluated, add_data_arguments, add_model_argu
 from common.imagenet import imagenet_wnids, output_names
 from common.inference import prepare_inference_model
 from common.input_format import InputFormat, Preprocess
-from common.model_state import load_model_state
+from common.model_state import classifier_rows, load_model_state
 from common.models import create_network_for
-from common.pretrained import classifier_rows
 
 
 def read_image(path: str | Path) -> Image.Image:

@@ -14,8 +14,9 @@ from common.backbone import ClassifierNetwork, _under
 from common.errors import UserError
 from common.input_format import InputFormat
 from common.layers import init_weights
-from common.model_state import (LoadReport, WeightsMismatchError, describe_weights, extract_model_state,
-                                mismatch_parts, read_checkpoint_metadata, read_weights_file, unwrap_model)
+from common.model_state import (LoadReport, WeightsMismatchError, classifier_rows, describe_weights,
+                                extract_model_state, mismatch_parts, read_checkpoint_metadata, read_weights_file,
+                                unwrap_model)
 from common.models import load_network_module
 
 
@@ -111,10 +112,3 @@ def create_model(model: str, weights: str | os.PathLike | None = None, num_class
         if report.reinitialised:
             print(f"{folder}: {report.summary()}")
     return net.eval()
-
-
-def classifier_rows(network, weights: Any) -> int:
-    """The number of classes of a weights object, read from its classifier's last weight matrix."""
-    state = extract_model_state(weights)
-    rows = [v.shape[0] for k, v in state.items() if _under(k, network.CLASSIFIER) and v.dim() == 2]
-    return rows[-1] if rows else 1000

@@ -17,10 +17,9 @@ from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint_store import to_plain
 from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error
-from common.model_state import (RELEASE_METADATA_KEY, describe_weights, extract_model_state, is_side_head,
-                                load_model_state, read_checkpoint_metadata, read_weights_file)
+from common.model_state import (RELEASE_METADATA_KEY, classifier_rows, describe_weights, extract_model_state,
+                                is_side_head, load_model_state, read_checkpoint_metadata, read_weights_file)
 from common.models import MODEL_FOLDERS, load_network_module
-from common.pretrained import classifier_rows
 
 # Training arguments are left out of a release: they name local paths and say nothing about using the weights.
 _PRIVATE_METADATA = ("args",)
