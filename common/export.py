@@ -637,9 +637,13 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
     # What every entry reads, checked once here: a mistyped path is one line, not ten failed exports.
     _plan(network_module, model_name, argparse.Namespace(**{**vars(args), "format": "onnx", "quantize": "int8",
                                                             "output": str(folder / f"{model_name}-probe.onnx")}))
-    for flag, path in (("--val-dir", args.val_dir), ("--calibration-dir", args.calibration_dir)):
-        if path and not Path(path).is_dir():
-            raise UserError(f"{flag} {path}: no such folder")
+    from common.data import scan_image_folder
+    from common.quantize import calibration_files
+
+    if args.val_dir:
+        scan_image_folder(args.val_dir, "--val-dir")
+    calibration_files(*((args.calibration_dir, "--calibration-dir") if args.calibration_dir else
+                        (args.val_dir, "--val-dir")))
     prepare_output("--output", folder, folder=True)
     script = Path(network_module.__file__).resolve().parent / "export.py"
     passed = _forwarded_flags(argv)

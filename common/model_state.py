@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from common.backbone import _under
 from common.errors import UserError, listed
 from common.models import MODEL_FOLDERS, load_network_module
 from common.tensor_pack import unpack_tensors
@@ -164,10 +165,9 @@ def read_checkpoint_metadata(path_or_obj: Any) -> dict:
 def describe_weights(state: Mapping[str, torch.Tensor]) -> str:
     """A guess of what a clean state dict holds, e.g. "a ShuffleNetV2.Large state dict with 1000 classes": the model
     with the most of its tensor names (then the one it covers most of), with the classes of its classifier."""
-    fits = {model: (len(state.keys() & _tensor_names(model)) / max(1, len(state)),
-                    len(state.keys() & _tensor_names(model)) / len(_tensor_names(model))) for model in MODEL_FOLDERS}
-    model = max(fits, key=fits.get)
-    if fits[model][0] < 0.5:
+    shared = {model: len(state.keys() & _tensor_names(model)) for model in MODEL_FOLDERS}
+    model = max(shared, key=lambda name: (shared[name], shared[name] / len(_tensor_names(name))))
+    if shared[model] < 0.5 * len(state):
         return f"{len(state)} tensors that fit none of {', '.join(MODEL_FOLDERS)} (first keys: {listed(list(state))})"
     rows = _classifier_rows(state, load_network_module(model).CLASSIFIER)
     return f"a {model} state dict with {'an unknown number of' if rows is None else rows} classes"
@@ -181,8 +181,7 @@ def classifier_rows(network: Any, weights: Any) -> int:
 
 
 def _classifier_rows(state: Mapping[str, torch.Tensor], classifier: str) -> int | None:
-    rows = [value.shape[0] for key, value in state.items()
-            if (key == classifier or key.startswith(classifier + ".")) and value.dim() == 2]
+    rows = [value.shape[0] for key, value in state.items() if _under(key, classifier) and value.dim() == 2]
     return rows[-1] if rows else None
 
 

@@ -20,14 +20,7 @@ def load_calibration_images(folder: str | Path, image_size: int, limit: int = DE
                             flag: str = "--calibration-dir") -> np.ndarray:
     """Up to `limit` images spread evenly over `folder` (an ImageFolder tree or flat), as RGB uint8
     N x image_size x image_size x 3 after the evaluation transform. Unreadable images are skipped with a line each."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"{flag} {folder}: no such folder")
-    files = sorted(Path(root) / name for root, dirs, names in os.walk(folder)
-                   for name in names if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."))
-    if not files:
-        raise UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its sub-folders")
-    files = _spread(files, limit)
+    files = _spread(calibration_files(folder, flag), limit)
     images = [image for _, image in _eval_images(files, image_size)]
     if not images:
         raise UserError(f"{flag} {folder}: none of its {len(files)} images could be read")
@@ -35,6 +28,18 @@ def load_calibration_images(folder: str | Path, image_size: int, limit: int = DE
         print(f"calibration: {len(files) - len(images)} of {len(files)} images could not be read and were skipped",
               flush=True)
     return np.stack(images)
+
+
+def calibration_files(folder: str | Path, flag: str = "--calibration-dir") -> list[Path]:
+    """The image files of `folder` and its sub-folders, sorted; a one-line UserError when there are none."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder}: no such folder")
+    files = sorted(Path(root) / name for root, dirs, names in os.walk(folder)
+                   for name in names if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."))
+    if not files:
+        raise UserError(f"{flag} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or its sub-folders")
+    return files
 
 
 def quantize_onnx(fp32_path: str | Path, output: str | Path, calibration: np.ndarray) -> Path:

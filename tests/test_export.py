@@ -270,12 +270,12 @@ def test_command_line_errors(tmp_path, capsys, flags, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_sweep_into_a_file_is_a_one_line_error_before_any_export(tmp_path, capsys):
+def test_sweep_into_a_file_is_a_one_line_error_before_any_export(tmp_path, image_folder, capsys):
     weights, blocker = tmp_path / "w.pth", tmp_path / "a-file"
     torch.save({}, weights)
     blocker.write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        run_export(network("OneShot"), ["--weights", str(weights), "--sweep", "--val-dir", str(tmp_path),
+        run_export(network("OneShot"), ["--weights", str(weights), "--sweep", "--val-dir", str(image_folder),
                                         "--output", str(blocker)])
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and f"--output {blocker}: cannot write there" in err and "===" not in out
