@@ -9,9 +9,9 @@ hits both alike. Goal (issue 15): save at most 1.3x, load at most 1.2x.
   a 1.7 GB write measured on one, which would otherwise land on whichever of the two writes second).
 - load: load_checkpoint into the live model and EMA and a new optimizer (as a resumed run does), including the
   SHA-256 check of the whole file; load_unchecked: the same without the check (verify=False), which tells what
-  the check costs on this machine (on few cores the hash competes with the unpickling for the CPU);
+  the check costs on this machine (the check reads and hashes every byte, the copies come after it);
   raw read: read() of a file of the same size. Both start from the disk: the file's pages are dropped from the
-  page cache first.
+  page cache first. The reads follow the writes, each first in turn (whichever read came first ran slower).
 - sha256: as many bytes from memory hashed as checkpoints are (SHA-256 of 64 MB pieces on every core): a save or
   load that hashes every byte takes at least as long as the slower of this and the raw write or read, so both are
   also given as ratios to that floor.
@@ -102,11 +102,19 @@ def bench_model(model_name: str, folder: Path, repeats: int) -> dict:
         load_checkpoint(saved[-1], model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), ema=ema,
                         restore_rng=False, verify=verify)
 
+    reads = ["load", "load_unchecked", "raw_read"]
+
+    def order(round_index: int) -> list[str]:
+        # The first read after the two writes ran up to 2x slower than the same read later in the round, whatever
+        # it read (measured on a VM, 2026-12-06): each read comes first in turn, one round in three.
+        shift = round_index % len(reads)
+        return ["save", "raw_write", *reads[shift:], *reads[:shift], "sha256"]
+
     seconds = interleaved({"save": lambda: save(state, next(iterations), folder, saved),
                            "raw_write": lambda: raw_write(raw, size, block),
                            "load": load, "load_unchecked": lambda: load(verify=False),
                            "raw_read": lambda: raw_read(raw),
-                           "sha256": lambda: sha256_of(size, block)}, repeats=repeats, warmup=1)
+                           "sha256": lambda: sha256_of(size, block)}, repeats=repeats, warmup=1, order=order)
     raw.unlink()
     for file in folder.glob("checkpoint-*"):
         file.unlink()
@@ -131,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS)
     parser.add_argument("--dir", help="folder on the disk to measure (default: a temporary folder)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of all four, after one warm-up round")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed rounds of all six, after one warm-up round (a multiple of 3 puts each read "
+                             "first equally often)")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))

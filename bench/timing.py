@@ -23,16 +23,18 @@ def measure(run: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dic
     return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Seconds per call of each run (median, min, max), calling every run once per round."""
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                order: Callable[[int], list[str]] | None = None) -> dict[str, dict[str, float]]:
+    """Seconds per call of each run (median, min, max), calling every run once per round, in the order
+    `order(round)` names them (default: as given)."""
     for _ in range(warmup):
         for run in runs.values():
             run()
     seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
+    for round_index in range(repeats):
+        for name in order(round_index) if order is not None else runs:
             started = time.perf_counter()
-            run()
+            runs[name]()
             seconds[name].append(time.perf_counter() - started)
     return {name: {"median": statistics.median(values), "min": min(values), "max": max(values)}
             for name, values in seconds.items()}

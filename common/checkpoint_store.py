@@ -14,7 +14,6 @@ import platform
 import re
 import warnings
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -208,20 +207,12 @@ def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
 def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Any:
     """The object stored in checkpoint `path`, its size and SHA-256 checked against the sidecar first (not again for
     a file get_latest_model checked in this process; not at all with `verify=False`, for a file without its sidecar).
-    The file is mapped and unpickled while a second thread hashes it (both read the same pages, which the disk delivers
-    once); the result is returned only once the check has passed."""
+    The check reads the file into the page cache, so the read after it comes from memory (unpickling while another
+    thread hashed saved nothing once the tensors were packed: README Performance)."""
     path = Path(path)
-    info = verify_checkpoint(path, check_hash=False) if verify else None
-    if info is None or _identity(path) in _VERIFIED:
-        return read_weights_file(path)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
-        hashing = hasher.submit(_hash_matches, info)
-        try:
-            return read_weights_file(path)
-        finally:
-            # A damaged file may already fail to unpickle: the hash tells which error is the right one.
-            if not hashing.result():
-                raise CheckpointCorruptError(_hash_mismatch_text(path)) from None
+    if verify:
+        verify_checkpoint(path, check_hash=_identity(path) not in _VERIFIED)
+    return read_weights_file(path)
 
 
 # -- best K ---------------------------------------------------------------------------------------------------
