@@ -251,11 +251,7 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
     classes = metadata.get("classes") or imagenet_wnids()
     num_classes = metadata.get("num_classes") or len(classes)
     # The val folder is checked before the network is built: large models take seconds to build and load.
-    folders = scan_image_folder(args.val_dir, "--val-dir")[1]
-    class_to_index = class_to_index_for(folders, classes, args.class_map)
-    loader, _, paths = build_eval_loader(args.val_dir, crop_size=image_size, batch_size=args.batch_size,
-                                         workers=args.workers, limit=args.limit, class_to_index=class_to_index,
-                                         rank=info.rank, world_size=info.world_size, pin_memory=device.type == "cuda")
+    folders, loader, paths = _val_data(args, classes, image_size, info)
     # Once the weights and the data are known good, so that a mistyped command leaves no folder behind.
     for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
         if path:
@@ -283,9 +279,7 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
         results["predictions"] = {name: torch.cat([part[name] for part in every_rank]) for name in every_rank[0]}
     if not info.is_main:
         return results
-    # The published errors are of the 1000 ImageNet classes and the released architecture: elsewhere they mislead.
-    comparable = list(classes) == imagenet_wnids() and len(folders) == len(classes) and not metadata.get("architecture")
-    published = {key: network.PUBLISHED[key] for key in ("top1_error", "top5_error")} if comparable else None
+    published = _comparable_published(network, classes, folders, metadata)
     print(_summary_line(results, published), flush=True)
     if args.results_json:
         atomic_write_text(args.results_json, json.dumps(_results_record(
@@ -297,6 +291,26 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
         write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths,
                               output_names(classes, num_classes))
     return results
+
+
+def _val_data(args: argparse.Namespace, classes: list[str], image_size: int,
+              info: DistInfo) -> tuple[list[str], torch.utils.data.DataLoader, list[str]]:
+    """(class folders, loader, image paths) of --val-dir for this rank, labelled as `classes` (or --class-map)."""
+    folders = scan_image_folder(args.val_dir, "--val-dir")[1]
+    class_to_index = class_to_index_for(folders, classes, args.class_map)
+    loader, _, paths = build_eval_loader(args.val_dir, crop_size=image_size, batch_size=args.batch_size,
+                                         workers=args.workers, limit=args.limit, class_to_index=class_to_index,
+                                         rank=info.rank, world_size=info.world_size,
+                                         pin_memory=info.device.type == "cuda")
+    return folders, loader, paths
+
+
+def _comparable_published(network: ModuleType, classes: list[str], folders: list[str], metadata: dict) -> dict | None:
+    """The published errors, where they compare: the 1000 ImageNet classes, all present, and the released
+    architecture; elsewhere they mislead."""
+    if list(classes) == imagenet_wnids() and len(folders) == len(classes) and not metadata.get("architecture"):
+        return {key: network.PUBLISHED[key] for key in ("top1_error", "top5_error")}
+    return None
 
 
 def _count_macs(network: ModuleType, num_classes: int, image_size: int, metadata: dict) -> int:

@@ -142,12 +142,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     return parser
 
 
-@exit_on_user_error
-def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict]:
-    """The predict.py command line of a model folder (`network`: its network.py); returns the records written
-    to --predictions-json. Bad input ends with a one-line error before any image is read."""
-    model_name = Path(network.__file__).resolve().parent.name
-    args = build_parser(model_name).parse_args(argv)
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
@@ -157,6 +152,15 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
         # Every rank would classify every image and print and write the same results.
         raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "
                         "torchrun for labelled folders)")
+    return args
+
+
+@exit_on_user_error
+def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict]:
+    """The predict.py command line of a model folder (`network`: its network.py); returns the records written
+    to --predictions-json. Bad input ends with a one-line error before any image is read."""
+    model_name = Path(network.__file__).resolve().parent.name
+    args = _checked(build_parser(model_name).parse_args(argv))
     device = resolve_device(args.device)
     files, others = find_images(args.paths)
     if others:

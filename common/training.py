@@ -661,16 +661,7 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
     # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
     prepare_output("--save", args.save, folder=True)
     prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
-    # Rank 0 writes the checkpoints, so it claims the folder; every rank learns whether it could.
-    refusal = None
-    if info.is_main:
-        try:
-            claim_folder(args.save)
-        except CheckpointError as error:
-            refusal = str(error)
-    refusal = all_gather_objects(refusal, info)[0]
-    if refusal:
-        raise UserError(refusal)
+    _claim_save_folder(args.save, info)
     input_format: InputFormat = network.INPUT_FORMAT
     metadata = {"arch": recipe.model_name, "classes": classes, "num_classes": args.num_classes or len(classes),
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),
@@ -702,6 +693,19 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
                    preprocess=Preprocess(input_format).to(info.device), metadata=metadata,
                    log=RunLog(args.save, enabled=info.is_main), val_loader=val_loader,
                    start_iteration=state.get("iteration", 0), best_error=state.get("best_metric"))
+
+
+def _claim_save_folder(save: str, info: DistInfo) -> None:
+    """Rank 0 writes the checkpoints, so it claims the folder; every rank learns whether it could."""
+    refusal = None
+    if info.is_main:
+        try:
+            claim_folder(save)
+        except CheckpointError as error:
+            refusal = str(error)
+    refusal = all_gather_objects(refusal, info)[0]
+    if refusal:
+        raise UserError(refusal)
 
 
 def _create_model(network: ModuleType, metadata: dict, args: argparse.Namespace, resume_path: Path | None,
