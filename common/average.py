@@ -1,6 +1,6 @@
 """Average the weights of several checkpoints, e.g. the best K of a training run by a validation metric.
 
-    python -m common.average --save-dir models --best 5 --metric top1 --output avg.safetensors
+    python -m common.average --save models --best 5 --metric top1 --output avg.safetensors
     python -m common.average --inputs a.pth b.pth c.pth --ema --output avg.pth
 
 The selection is rebuilt from the sidecars on disk, so it survives restarts. Averaging streams (memory-mapped
@@ -251,11 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Average the weights of checkpoints: the best K of a training run by a recorded metric, or an "
                     "explicit list of files. Streams: memory stays near the size of one output file.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--save-dir", metavar="DIR",
-                        help="a training run's checkpoint folder: average its best --best K checkpoints by --metric")
+    source.add_argument("--save", "--save-dir", dest="save", metavar="DIR",
+                        help="a training run's checkpoint folder (train.py's --save): average its best --best K "
+                             "checkpoints by --metric (--save-dir is the old name)")
     source.add_argument("--inputs", nargs="+", metavar="FILE",
                         help="average exactly these weights files (.pth checkpoints, .safetensors, ...)")
-    parser.add_argument("--best", type=int, metavar="K", help="with --save-dir: how many of the best to average")
+    parser.add_argument("--best", type=int, metavar="K", help="with --save: how many of the best to average")
     parser.add_argument("--metric", default="top1_error",
                         help="validation metric recorded with each checkpoint: top1_error, top5_error, loss, or "
                              "top1/top5 for accuracy (100 - error) (default: top1_error)")
@@ -280,16 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    if args.save_dir is not None:
+    if args.save is not None:
         if args.best is None:
-            parser.error("--save-dir needs --best K")
+            parser.error("--save needs --best K")
         if args.best < 1:
             raise UserError(f"--best {args.best}: average at least 1 checkpoint")
-        chosen = select_best_checkpoints(args.save_dir, args.best, args.metric, args.lower_is_better)
+        chosen = select_best_checkpoints(args.save, args.best, args.metric, args.lower_is_better)
         paths, metrics = [info.path for info in chosen], [info.metrics for info in chosen]
     else:
         if args.best is not None:
-            parser.error("--best goes with --save-dir; --inputs averages every file given")
+            parser.error("--best goes with --save; --inputs averages every file given")
         paths = [Path(name) for name in args.inputs]
         missing = [str(path) for path in paths if not path.is_file()]
         if missing:

@@ -237,14 +237,14 @@ def test_selection_errors(tmp_path):
 def test_command_line_best_k(tmp_path, capsys):
     _save_run(tmp_path, RUN)
     output = tmp_path / "avg.safetensors"
-    assert main(["--save-dir", str(tmp_path), "--best", "2", "--metric", "top1", "--output", str(output),
+    assert main(["--save", str(tmp_path), "--best", "2", "--metric", "top1", "--output", str(output),
                  "--no-progress"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("averaged 2 checkpoint(s) (model weights): checkpoint-0000000040.pth (top1 70.000), "
                            "checkpoint-0000000020.pth (top1 70.000)")
     assert f"sha256 {file_sha256(output)}" in line
     with pytest.raises(SystemExit) as exit_info:
-        main(["--save-dir", str(tmp_path), "--best", "2", "--metric", "f1", "--output", str(output)])
+        main(["--save", str(tmp_path), "--best", "2", "--metric", "f1", "--output", str(output)])
     assert exit_info.value.code == 2
 
 

@@ -131,11 +131,11 @@ def test_export_refuses_an_unwritable_output(kind, oneshot, blocked, imagenet_we
 
 
 def test_average_refuses_an_unwritable_output_and_creates_missing_folders(tmp_path, blocked, checkpoints, capsys):
-    line = user_error_line(capsys, average.main, ["--save-dir", str(checkpoints), "--best", "2", "--output",
+    line = user_error_line(capsys, average.main, ["--save", str(checkpoints), "--best", "2", "--output",
                                                  str(blocked / "avg.safetensors")])
     assert line.startswith(f"error: --output {blocked / 'avg.safetensors'}: cannot write there")
     output = tmp_path / "new" / "avg.safetensors"
-    assert average.main(["--save-dir", str(checkpoints), "--best", "2", "--output", str(output),
+    assert average.main(["--save", str(checkpoints), "--best", "2", "--output", str(output),
                          "--no-progress"]) == 0
     assert output.is_file()
     # Missing inputs are named before the output's folder is made.
