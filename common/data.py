@@ -172,9 +172,11 @@ class TrainTransform:
         factor = pixels.shape[1] / full_width
         window = pixels[round(top * factor):round((top + height) * factor),
                         round(left * factor):round((left + width) * factor)]
-        if self.antialias:  # torch's kernel gives planar pixels; OpenCV's colour pass wants them interleaved
-            crop = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)
-            window = cv2.merge(list(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0].numpy()))
+        if self.antialias:
+            # torch's uint8 kernel works on interleaved pixels: given them contiguous, it returns them interleaved,
+            # as OpenCV's colour pass wants them (a planar input is converted there and back: 0.2 ms against 0.11).
+            crop = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+            window = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
         else:
             window = cv2.resize(window, (size, size), interpolation=cv2.INTER_LINEAR)
         out = _color_jitter(window, steps, factors)
