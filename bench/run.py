@@ -159,12 +159,12 @@ def main() -> int:
     results["total_seconds"] = time.perf_counter() - started
     atomic_write_text(args.output, json.dumps(results, indent=2))
     print(f"\nbenchmarks done in {results['total_seconds'] / 60:.1f} min; results in {args.output}")
+    errors = {name: section["error"] for name, section in results["sections"].items()
+              if isinstance(section, dict) and "error" in section}
     for name, seconds in results["seconds"].items():
-        status = results["sections"][name].get("error", "ok") if isinstance(results["sections"][name], dict) else "ok"
-        print(f"  {name:12s} {seconds:7.1f} s  {status}")
+        print(f"  {name:12s} {seconds:7.1f} s  {errors.get(name, 'ok')}")
     print("\n" + "\n".join(summary(results)))
-    failed = [name for name, section in results["sections"].items() if isinstance(section, dict) and "error" in section]
-    return 1 if failed else 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
