@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(scoring)
     parser.add_argument("--demo", action="store_true",
                         help="run the three stages on the built-in data at small size: train a supernet, search "
-                             "it (evolution and random), retrain the found architecture")
+                             "it (evolution and random), retrain the found architecture; results in runs/search-demo, "
+                             "and run again, it resumes where it stopped")
     return parser
 
 
@@ -357,12 +358,14 @@ def _evolve(args, state, state_path, info, say, samples, bn_indices, score_indic
 
 def run_demo() -> None:
     """The three stages on the built-in data, as a user would run them, with the found architecture against the
-    best random one of as many candidates."""
+    best random one of as many candidates. Each stage resumes its own results in runs/search-demo, so a stopped
+    demo run again goes on where it stopped."""
     from common.models import REPO_ROOT
     folder = Path(__file__).resolve().parent
     run = REPO_ROOT / "runs" / "search-demo"
-    import shutil
-    shutil.rmtree(run, ignore_errors=True)
+    if run.exists():
+        print(f"{run} holds an earlier demo's results: each stage goes on from them (delete the folder to start "
+              "afresh)", flush=True)
     times = {}
 
     def step(title: str, command: list[str]) -> None:
