@@ -31,7 +31,7 @@ from common.hardware import AMP_CHOICES
 from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_wnids, output_names
 from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
 from common.input_format import InputFormat, add_input_format_arguments, input_format_from_args
-from common.model_state import read_checkpoint_metadata, read_weights_file
+from common.model_state import check_model_folder, read_checkpoint_metadata, read_weights_file
 from common.models import create_network_for
 
 TOP_K = 5
@@ -192,8 +192,7 @@ def read_weights_for(network: ModuleType, args: argparse.Namespace, script: str)
     model_name = Path(network.__file__).resolve().parent.name
     weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
     metadata = read_checkpoint_metadata(weights)
-    if metadata.get("arch") not in (None, model_name):
-        raise UserError(f"--weights {args.weights}: a {metadata['arch']} checkpoint; use {metadata['arch']}/{script}")
+    check_model_folder(args.weights, metadata, model_name, script)
     stored = metadata.get("input_format")
     input_format = input_format_from_args(args, InputFormat.from_dict(stored) if stored else network.INPUT_FORMAT)
     return weights, metadata, args.image_size or metadata.get("image_size") or 224, input_format

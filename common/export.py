@@ -504,10 +504,11 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
 
 def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace) -> _Job:
     """What to export and where, from the flags and the weights' metadata; one-line errors for what cannot be."""
-    from common.model_state import read_checkpoint_metadata
+    from common.model_state import check_model_folder, read_checkpoint_metadata
 
     weights = Path(args.weights)
     stored = read_checkpoint_metadata(weights)
+    check_model_folder(weights, stored, model_name, "export.py")
     imagenet = not stored.get("classes")
     stored_format = stored.get("input_format")
     input_format = input_format_from_args(args, InputFormat.from_dict(stored_format) if stored_format

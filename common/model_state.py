@@ -162,6 +162,14 @@ def read_checkpoint_metadata(path_or_obj: Any) -> dict:
     return {}
 
 
+def check_model_folder(weights: str | os.PathLike, metadata: Mapping, model_name: str, script: str) -> None:
+    """A one-line error when `metadata` says the weights are another model folder's: it names that folder's
+    `script` to use instead."""
+    arch = metadata.get("arch")
+    if arch not in (None, model_name):
+        raise UserError(f"--weights {weights}: a {arch} checkpoint; use {arch}/{script}")
+
+
 def describe_weights(state: Mapping[str, torch.Tensor]) -> str:
     """A guess of what a clean state dict holds, e.g. "a ShuffleNetV2.Large state dict with 1000 classes": the model
     with the most of its tensor names (then the one it covers most of), with the classes of its classifier."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from common import average, export, release, training
 from common.demo_data import make_image_folder
@@ -138,6 +139,22 @@ def test_image_size_not_a_multiple_of_32_is_refused(script, imagenet_weights, tm
     line = user_error_line(capsys, main, argv)
     assert line.startswith("error: --image-size 200: use a multiple of 32")
 
+
+
+@pytest.mark.parametrize("script", ["eval", "export", "predict"])
+def test_a_checkpoint_of_another_model_folder_names_that_folders_script(script, tmp_path, capsys):
+    """eval.py, export.py and predict.py send a file of another model folder to that folder's script (export.py
+    before it checks its --output, here one it cannot write)."""
+    path = tmp_path / "oneshot.pth"
+    Image.new("RGB", (40, 30)).save(tmp_path / "photo.jpg")
+    torch.save({"format": "shufflenet-series/training-checkpoint/1", "iteration": 1, "model": {},
+                "metadata": {"arch": "OneShot"}}, path)
+    module = script_module("ShuffleNetV2.Large", script)
+    main = (lambda argv: module.run_export(network("ShuffleNetV2.Large"), argv)) if script == "export" else module.main
+    argv = {"eval": ["--val-dir", str(tmp_path)], "export": ["--output", str(tmp_path / "no" / "x.mlpackage")],
+            "predict": [str(tmp_path / "photo.jpg")]}[script]
+    line = user_error_line(capsys, main, ["--weights", str(path), *argv])
+    assert line == f"error: --weights {path}: a OneShot checkpoint; use OneShot/{script}.py"
 
 # -- common.average ---------------------------------------------------------------------------------------------
 
