@@ -62,6 +62,30 @@ def test_auto_on_a_cpu_with_native_bf16_also_measures_bf16(native_bf16):
     assert (choice.channels_last, choice.amp) == (False, None)
 
 
+
+def scripted(channels_last_delays: dict[int, float]):
+    """A `prepare` in which NCHW takes 30 ms a call and channels_last none, except its calls named in
+    `channels_last_delays` (0 is the warm-up), which take that many seconds."""
+    calls = {True: 0, False: 0}
+
+    def prepare(channels_last, amp):
+        def call():
+            index = calls[channels_last]
+            calls[channels_last] += 1
+            time.sleep(channels_last_delays.get(index, 0.0) if channels_last else 0.03)
+        return call
+    return prepare
+
+
+def test_one_slow_round_does_not_hide_a_faster_layout_nor_one_fast_round_pick_a_slower_one(native_bf16):
+    native_bf16(False)
+    # Slower than NCHW in one timed round only (something else ran then): still the faster layout.
+    choice = resolve_speed(None, "auto", "cpu", scripted({2: 0.06}))
+    assert (choice.channels_last, choice.amp) == (True, None), choice.reason
+    # Faster in one timed round only: NCHW stays.
+    choice = resolve_speed(None, "auto", "cpu", scripted({index: 0.06 for index in range(11) if index != 2}))
+    assert (choice.channels_last, choice.amp) == (False, None), choice.reason
+
 def test_plain_float32_nchw_is_the_answer_without_measuring(native_bf16):
     native_bf16(True)
     assert resolve_speed(None, "auto", "cpu", None) == SpeedChoice(False, None,
