@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import DefaultsHelpFormatter
 from common.errors import UserError, exit_on_user_error
 from common.models import MODEL_FOLDERS, REPO_ROOT, load_module
 
@@ -40,8 +41,13 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(TrainJob(self.model, self.train_args))
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """The module docstring as written, and each flag's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m common.submit", description=__doc__,
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--model", required=True, choices=MODEL_FOLDERS, help="the model folder whose train.py runs")
     parser.add_argument("--nodes", type=int, default=1, help="machines")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine (one rank each)")

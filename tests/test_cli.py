@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import average, export, release, training
+from common import average, export, release, submit, training
 from common.demo_data import make_image_folder
 from common.evaluate import build_parser as eval_parser
 from common.imagenet import imagenet_wnids
@@ -26,7 +26,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
     built = {"eval": eval_parser("OneShot"), "export": export._parser("OneShot", network("OneShot").INPUT_FORMAT),
-             "average": average.build_parser(), "release": release.build_parser()}
+             "average": average.build_parser(), "release": release.build_parser(), "submit": submit.build_parser()}
     for model in MODELS:
         built[f"train {model}"] = training.build_parser(script_module(model, "train").RECIPE)
     return built
@@ -38,7 +38,8 @@ def flags(parser: argparse.ArgumentParser) -> set[str]:
 
 # -- help texts -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["eval", "export", "average", "release", *(f"train {m}" for m in MODELS)])
+@pytest.mark.parametrize("name", ["eval", "export", "average", "release", "submit",
+                                  *(f"train {m}" for m in MODELS)])
 def test_help_states_each_default_once_and_never_none(name):
     parser = parsers()[name]
     assert "(default: None)" not in parser.format_help()
@@ -47,6 +48,9 @@ def test_help_states_each_default_once_and_never_none(name):
         if action.help:
             text = formatter._expand_help(action)
             assert text.count("default") <= 1, f"{action.option_strings}: {text}"
+            # A value the flag takes when not given is stated (an unset option or an off switch needs no word).
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in text, f"{action.option_strings} does not state its default: {text}"
 
 
 # -- flags named in messages exist ------------------------------------------------------------------------------
