@@ -42,6 +42,7 @@ class NothingEvaluated(UserError):
 
     exit_status = 1
 
+
 # Batches between updates of the running accuracy in the progress bar (each update waits for the device).
 _POSTFIX_INTERVAL = 10
 

@@ -144,7 +144,6 @@ def test_image_size_not_a_multiple_of_32_is_refused(script, imagenet_weights, tm
     assert line.startswith("error: --image-size 200: use a multiple of 32")
 
 
-
 @pytest.mark.parametrize("script", ["eval", "export", "predict"])
 def test_a_checkpoint_of_another_model_folder_names_that_folders_script(script, tmp_path, capsys):
     """eval.py, export.py and predict.py send a file of another model folder to that folder's script (export.py
@@ -159,6 +158,7 @@ def test_a_checkpoint_of_another_model_folder_names_that_folders_script(script, 
             "predict": [str(tmp_path / "photo.jpg")]}[script]
     line = user_error_line(capsys, main, ["--weights", str(path), *argv])
     assert line == f"error: --weights {path}: a OneShot checkpoint; use OneShot/{script}.py"
+
 
 # -- common.average ---------------------------------------------------------------------------------------------
 

@@ -62,7 +62,6 @@ def test_auto_on_a_cpu_with_native_bf16_also_measures_bf16(native_bf16):
     assert (choice.channels_last, choice.amp) == (False, None)
 
 
-
 def scripted(channels_last_delays: dict[int, float]):
     """A `prepare` in which NCHW takes 30 ms a call and channels_last none, except its calls named in
     `channels_last_delays` (0 is the warm-up), which take that many seconds."""
@@ -85,6 +84,7 @@ def test_one_slow_round_does_not_hide_a_faster_layout_nor_one_fast_round_pick_a_
     # Faster in one timed round only: NCHW stays.
     choice = resolve_speed(None, "auto", "cpu", scripted({index: 0.06 for index in range(11) if index != 2}))
     assert (choice.channels_last, choice.amp) == (False, None), choice.reason
+
 
 def test_plain_float32_nchw_is_the_answer_without_measuring(native_bf16):
     native_bf16(True)
