@@ -132,14 +132,18 @@ def resolve_speed(channels_last: bool | None, amp: str | None, device: str | tor
             if rounds:  # round 0 warms up (oneDNN builds its kernels on the first call)
                 times.append(time.perf_counter() - started)
         rounds += 1
-    speedups = [sorted(reference / own for reference, own in zip(seconds[0], times))[(rounds - 1) // 4]
-                for times in seconds]
+    speedups = [_lower_quartile([reference / own for reference, own in zip(seconds[0], times)]) for times in seconds]
     # Another candidate must beat the reference by more than timing noise to replace it.
     fastest = max(range(len(speedups)), key=lambda index: speedups[index] / (1.0 if index == 0 else _MARGIN))
     others = ", ".join(f"{_name(*candidates[index])} {speedups[index]:.2f}x" for index in range(1, len(speedups)))
     reason = (f"auto, timed{f' {what}' if what else ''}: {others} the speed of {_name(*candidates[0])} "
               f"(the lower quartile of {rounds - 1} paired rounds)")
     return SpeedChoice(*candidates[fastest], reason)
+
+
+def _lower_quartile(values: list[float]) -> float:
+    """The value a quarter of `values` lie below (the smallest of fewer than four)."""
+    return sorted(values)[len(values) // 4]
 
 
 def _name(channels_last: bool, amp: str | None) -> str:

@@ -17,7 +17,7 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from common.atomic_io import atomic_write_text
-from common.cli import prepare_output
+from common.cli import check_image_size, prepare_output
 from common.data import EvalTransform, collate_skip_corrupt_with_indices
 from common.distributed import launched_world_size, resolve_device
 from common.errors import UserError, exit_on_user_error
@@ -142,17 +142,16 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _checked(args: argparse.Namespace) -> argparse.Namespace:
+def _check_flags(args: argparse.Namespace) -> None:
+    """One-line errors for flag values predict.py cannot run with, before any image is read."""
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
-    if args.image_size is not None and args.image_size < 32:
-        raise UserError(f"--image-size {args.image_size}: must be at least 32")
+    check_image_size(args.image_size)
     if launched_world_size() > 1:
         # Every rank would classify every image and print and write the same results.
         raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "
                         "torchrun for labelled folders)")
-    return args
 
 
 @exit_on_user_error
@@ -160,7 +159,8 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     """The predict.py command line of a model folder (`network`: its network.py); returns the records written
     to --predictions-json. Bad input ends with a one-line error before any image is read."""
     model_name = Path(network.__file__).resolve().parent.name
-    args = _checked(build_parser(model_name).parse_args(argv))
+    args = build_parser(model_name).parse_args(argv)
+    _check_flags(args)
     device = resolve_device(args.device)
     files, others = find_images(args.paths)
     if others:

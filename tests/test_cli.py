@@ -133,13 +133,15 @@ def test_published_errors_only_beside_a_score_on_all_imagenet_classes(tmp_path, 
     assert "[published error: top-1 25.1, top-5 8.0]" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script", ["eval", "export"])
+@pytest.mark.parametrize("script", ["eval", "export", "predict"])
 def test_image_size_not_a_multiple_of_32_is_refused(script, imagenet_weights, tmp_path, capsys):
     module = script_module("OneShot", script)
-    main = module.main if script == "eval" else (lambda argv: module.run_export(network("OneShot"), argv))
+    main = (lambda argv: module.run_export(network("OneShot"), argv)) if script == "export" else module.main
     argv = ["--weights", str(imagenet_weights), "--image-size", "200"]
     if script == "eval":
         argv += ["--val-dir", str(tmp_path)]
+    if script == "predict":
+        argv += [str(tmp_path)]
     line = user_error_line(capsys, main, argv)
     assert line.startswith("error: --image-size 200: use a multiple of 32")
 
