@@ -99,9 +99,9 @@ def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False) -> An
                 obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        return unpack_tensors(obj)
     except Exception as error:  # torch.load raises many types for damaged files; all are classified below
         raise _load_error(path, kind, size, error) from error
-    return unpack_tensors(obj)
 
 
 def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the weights") -> dict[str, torch.Tensor]:

@@ -26,7 +26,8 @@ from common import atomic_io, checkpoint, checkpoint_store, tensor_pack
 from common.checkpoint import get_training_state, load_checkpoint
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointError, CheckpointWarning, CheckpointWriteError,
                                      get_latest_model, list_checkpoints, save_checkpoint, verify_checkpoint)
-from common.model_state import WeightsMismatchError, load_model_state, read_checkpoint_metadata, read_weights_file
+from common.model_state import (WeightsFileError, WeightsMismatchError, load_model_state, read_checkpoint_metadata,
+                                read_weights_file)
 from common.release import main as release_main
 
 SAMPLES, BATCH = 20, 4
@@ -188,9 +189,11 @@ def test_tensors_are_stored_packed_and_unpacked_checkpoints_still_load(tmp_path,
     packed = save_checkpoint(state, 2, tmp_path / "packed")
     # One storage per dtype in the file, not one per tensor: torch.load's per-tensor cost is what packing removes.
     raw = torch.load(packed, weights_only=True)
-    storages = raw[tensor_pack.PACK_KEY]["storages"]
-    assert len({t.dtype for t in storages}) == len(storages) <= 3
-    assert not any(isinstance(v, torch.Tensor) for v in raw["model"].values())
+    pack = raw.pop(tensor_pack.PACK_KEY)
+    assert len({t.dtype for t in pack["storages"]}) == len(pack["storages"]) <= 3
+    assert pack.keys() == {"storages", "groups", "sizes", "skeleton"}
+    # What holds tensors is in the pack; the rest stays readable with plain torch.load.
+    assert raw.keys() == {"format", "iteration", "best_metric", "scaler", "metrics", "metadata"}
     monkeypatch.setattr(checkpoint_store, "pack_tensors", lambda obj: (obj, None))  # the layout of earlier versions
     unpacked = save_checkpoint(state, 2, tmp_path / "unpacked")
     assert isinstance(torch.load(unpacked, weights_only=True)["model"]["fc.weight"], torch.Tensor)
@@ -204,6 +207,33 @@ def test_tensors_are_stored_packed_and_unpacked_checkpoints_still_load(tmp_path,
         load_checkpoint(path, fresh.model, **fresh.objects())
         assert _equal(fresh.model.state_dict(), run.model.state_dict())
         assert _equal(fresh.optimizer.state_dict(), run.optimizer.state_dict())
+
+
+def test_checkpoints_of_the_first_packed_layout_still_load(tmp_path):
+    """From 2026-11-30 to 2026-12-06 the pack held no skeleton: each tensor's place in the file's own pickle held a
+    reference {"tensor_pack_ref": number}."""
+    weights = {"a": torch.arange(6.0).view(2, 3), "b": torch.tensor([7, 8])}
+    first_layout = {"format": checkpoint.CHECKPOINT_FORMAT, "iteration": 3,
+                    "model": {"a": {"tensor_pack_ref": 0}, "b": {"tensor_pack_ref": 1}},
+                    tensor_pack.PACK_KEY: {"storages": [weights["a"].flatten(), weights["b"]],
+                                           "groups": torch.tensor([0, 1]), "sizes": torch.tensor([2, 2, 3, 1, 2])}}
+    torch.save(first_layout, tmp_path / "first.pth")
+    read = read_weights_file(tmp_path / "first.pth")
+    assert read["iteration"] == 3 and _equal(read["model"], weights)
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_values(tmp_path):
+    """Its skeleton is read by an unpickler that allows no class but OrderedDict: saving refuses anything else at
+    once (not at the resume), and a skeleton that names another class, as a tampered file could, is refused."""
+    with pytest.raises(TypeError, match=r"plain values only, not \w*Path"):
+        save_checkpoint({"model": {"w": torch.ones(2), "where": Path("x")}}, 1, tmp_path)
+    assert list(tmp_path.glob("*checkpoint*")) == []
+    pack, _ = tensor_pack.pack_tensors({"model": {"w": torch.ones(2)}})
+    pack[tensor_pack.PACK_KEY]["skeleton"] = torch.frombuffer(bytearray(
+        b"\x80\x04cos\nsystem\n\x8c\x04true\x85R."), dtype=torch.uint8)  # os.system("true")
+    torch.save(pack, tmp_path / "tampered.pth")
+    with pytest.raises(WeightsFileError, match="names os.system, which a checkpoint never holds"):
+        read_weights_file(tmp_path / "tampered.pth")
 
 
 def _save(folder: Path, iteration: int, **kwargs) -> Path:
