@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from timing import interleaved, write_json
+from timing import interleaved, paired_ratio, write_json
 from common.atomic_io import pieces_sha256
 from common.checkpoint import get_training_state, load_checkpoint
 from common.checkpoint_store import PIECE_BYTES, save_checkpoint
@@ -118,14 +118,15 @@ def bench_model(model_name: str, folder: Path, repeats: int) -> dict:
     raw.unlink()
     for file in folder.glob("checkpoint-*"):
         file.unlink()
+    # The floor of a save or load that hashes every byte: the slower of the disk and the hash, round by round.
+    floors = {f"{kind}_floor": {"rounds": [max(disk, hashing) for disk, hashing in
+                                           zip(seconds[f"raw_{kind}"]["rounds"], seconds["sha256"]["rounds"])]}
+              for kind in ("write", "read")}
+    ratios = {"save_ratio": ("save", "raw_write"), "save_to_floor": ("save", "write_floor"),
+              "load_ratio": ("load", "raw_read"), "load_unchecked_ratio": ("load_unchecked", "raw_read"),
+              "load_to_floor": ("load", "read_floor")}
     return {"model": model_name, "bytes": size, "seconds": seconds,
-            "save_ratio": seconds["save"]["median"] / seconds["raw_write"]["median"],
-            "save_to_floor": seconds["save"]["median"] / max(seconds["raw_write"]["median"],
-                                                             seconds["sha256"]["median"]),
-            "load_ratio": seconds["load"]["median"] / seconds["raw_read"]["median"],
-            "load_unchecked_ratio": seconds["load_unchecked"]["median"] / seconds["raw_read"]["median"],
-            "load_to_floor": seconds["load"]["median"] / max(seconds["raw_read"]["median"],
-                                                             seconds["sha256"]["median"])}
+            **{name: paired_ratio({**seconds, **floors}, top, bottom) for name, (top, bottom) in ratios.items()}}
 
 
 def save(state: dict, iteration: int, folder: Path, saved: list[Path]) -> None:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from timing import interleaved, rate, write_json
+from timing import interleaved, paired_ratio, rate, write_json
 from common.data import EvalTransform, ImageDataset, TrainTransform
 
 
@@ -85,14 +85,14 @@ def main() -> None:
                  "decode_train_augment": lambda: [train[(i, 1000 + i)] for i in range(len(samples))],
                  "decode_train_no_antialias": lambda: [train_plain_resize[(i, 1000 + i)] for i in range(len(samples))],
                  "decode_eval_transform": lambda: [evaluation[i] for i in range(len(samples))]}
-        results = {name: rate(seconds, len(samples))
-                   for name, seconds in interleaved(cases, repeats=args.repeats, warmup=1).items()}
+        seconds = interleaved(cases, repeats=args.repeats, warmup=1)
+    results = {name: {**rate(seconds[name], len(samples)), "x_pil_decode": paired_ratio(seconds, "pil_decode", name),
+                      "x_original": paired_ratio(seconds, "original_train_augment", name)} for name in cases}
     for name, value in results.items():
-        ratio = value["median"] / results["pil_decode"]["median"]
-        turbo = value["median"] / results["simplejpeg_decode"]["median"]
-        versus = value["median"] / results["original_train_augment"]["median"]
-        print(f"data {name:24s} {value['median']:8.1f} img/s per worker  ({ratio:.2f} x PIL decode alone, "
-              f"{turbo:.2f} x simplejpeg decode alone, {versus:.2f} x the original training pipeline)")
+        turbo = paired_ratio(seconds, "simplejpeg_decode", name)
+        print(f"data {name:24s} {value['median']:8.1f} img/s per worker  ({value['x_pil_decode']:.2f} x PIL decode "
+              f"alone, {turbo:.2f} x simplejpeg decode alone, {value['x_original']:.2f} x the original training "
+              "pipeline)")
     write_json(args.json, results)
 
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from timing import interleaved, matmul_gflops, rate, write_json
+from timing import interleaved, matmul_gflops, paired_ratio, rate, write_json
 from common.hardware import cpu_supports_bf16
 from common.inference import prepare_inference_model
 from common.models import MODEL_FOLDERS, load_network_module
@@ -63,7 +63,7 @@ def bench_model(model_name: str, variants: list[str], batch: int, repeats: int, 
         speed["gflops"] = 2 * network.PUBLISHED["macs"] * speed["median"] / 1e9
         speed["fraction_of_matmul"] = speed["gflops"] / peak["bfloat16" if "bf16" in variant else "float32"]
         if "plain" in results:
-            speed["ratio"] = speed["median"] / results["plain"]["median"]
+            speed["ratio"] = paired_ratio(seconds, "plain", variant)
     return {"batch": batch, "macs": network.PUBLISHED["macs"], "images_per_second": results}
 
 
@@ -90,8 +90,8 @@ def main() -> None:
     repeats, warmup = (3, 1) if args.quick else (args.repeats, 2)
     peak = {dtype: matmul_gflops(dtype=dtype) for dtype in ("float32", "bfloat16")}
     print(f"eval images/s at {IMAGE_SIZE}px on {torch.get_num_threads()} threads; median of {repeats} rounds "
-          f"after {warmup} warm-up round(s), [min, max]; ratio = median / plain median; dense matmul "
-          f"{peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} GFLOP/s bf16 "
+          f"after {warmup} warm-up round(s), [min, max]; ratio: the median of plain's time / the variant's in each "
+          f"round; dense matmul {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} GFLOP/s bf16 "
           f"(bf16 {'native' if cpu_supports_bf16() else 'emulated'})", flush=True)
     results = {}
     for model_name in args.models:

@@ -100,12 +100,12 @@ def summary(results: dict) -> list[str]:
             [model, f"{size}px", str(batch)] + [_training_cell(speeds[v]) if v in speeds else "-" for v in variants]
             for (model, size, batch), speeds in cells.items()])
     if "data" in ok:
-        pil = ok["data"]["pil_decode"]["median"]
-        original = ok["data"].get("original_train_augment", {}).get("median")
+        # Results files written before 2026-12-06 hold no paired ratios: there, ratios of the medians.
+        bases = {"x_pil_decode": ok["data"]["pil_decode"], "x_original": ok["data"]["original_train_augment"]}
         lines += ["", "Data pipeline, images/s per worker process (JPEGs of 500x375):", ""]
         lines += _table(["case", "images/s", "x PIL decode", "x original training pipeline"],
-                        [[name, _speed(v), f"{v['median'] / pil:.2f}",
-                          f"{v['median'] / original:.2f}" if original else "-"] for name, v in ok["data"].items()])
+                        [[name, _speed(v)] + [f"{v.get(key, v['median'] / base['median']):.2f}"
+                                              for key, base in bases.items()] for name, v in ok["data"].items()])
     if "checkpoint" in ok:
         lines += ["", "Checkpoint of a full training state (weights, momentum, EMA) against raw disk speed:", ""]
         lines += _table(["model", "size", "save s", "x raw write+fsync", "save x max(raw write, SHA-256)", "load s",

@@ -24,9 +24,9 @@ def measure(run: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dic
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                order: Callable[[int], list[str]] | None = None) -> dict[str, dict[str, float]]:
-    """Seconds per call of each run (median, min, max), calling every run once per round, in the order
-    `order(round)` names them (default: as given)."""
+                order: Callable[[int], list[str]] | None = None) -> dict[str, dict]:
+    """Seconds per call of each run (median, min, max, and each round's under "rounds"), calling every run once per
+    round, in the order `order(round)` names them (default: as given)."""
     for _ in range(warmup):
         for run in runs.values():
             run()
@@ -36,8 +36,14 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int
             started = time.perf_counter()
             runs[name]()
             seconds[name].append(time.perf_counter() - started)
-    return {name: {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {name: {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
             for name, values in seconds.items()}
+
+
+def paired_ratio(seconds: dict[str, dict], top: str, bottom: str) -> float:
+    """The median over rounds of `top`'s seconds / `bottom`'s within each round (with `top` a baseline, `bottom`'s
+    speed-up over it), so that the machine's drift between rounds (30% within minutes on the VMs here) cancels out."""
+    return statistics.median(a / b for a, b in zip(seconds[top]["rounds"], seconds[bottom]["rounds"]))
 
 
 def rate(seconds: dict[str, float], items: float) -> dict[str, float]:

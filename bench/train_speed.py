@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from timing import interleaved, rate, write_json
+from timing import interleaved, paired_ratio, rate, write_json
 from common.hardware import (SpeedChoice, cpu_supports_bf16, probe_batch_size, resolve_speed,
                              training_step_timer)
 from common.models import MODEL_FOLDERS, load_network_module
@@ -82,7 +82,7 @@ def bench_against_eager(model_name: str, variants: list[str], size: int, batch: 
         if not results:
             results.append({"variant": "eager", "images_per_second": rate(seconds["eager"], batch)})
         result = {"variant": variant, "images_per_second": rate(seconds[variant], batch),
-                  "ratio": seconds["eager"]["median"] / seconds[variant]["median"]}
+                  "ratio": paired_ratio(seconds, "eager", variant)}
         results.append(result if choice is None else {**result, "choice": choice.describe()})
         del step
         gc.collect()
