@@ -1,7 +1,7 @@
 """All benchmarks in one run, as measured ratios: prints a table and writes bench/results.json.
 
     python bench/run.py            # everything, full sizes (an hour or more on 2 cores)
-    python bench/run.py --quick    # smaller repeats and cases, under 15 minutes on 2 cores
+    python bench/run.py --quick    # fewer repeats and cases (README Performance: its time per machine)
     python bench/run.py --only eval train
 
 Each section runs in its own process (so peak memory and timings do not leak between sections) and is also a
