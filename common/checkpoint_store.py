@@ -41,7 +41,7 @@ _VERIFIED: set[tuple[str, int, int, int]] = set()
 _CLAIMED: dict[Path, Any] = {}
 # Checkpoints are hashed in pieces of this size, on every core (see atomic_io.pieces_sha256); the sidecar records it.
 PIECE_BYTES = 64 << 20
-_ADVICE = "resume from an earlier checkpoint (get_latest_model picks the newest good one)"
+_ADVICE = "use an earlier checkpoint (a resumed run picks the newest good one by itself)"
 
 
 class CheckpointError(UserError):
@@ -345,6 +345,15 @@ def verify_checkpoint(path: str | os.PathLike, check_hash: bool = True) -> Check
     if check_hash and not _hash_matches(info):
         raise CheckpointCorruptError(_hash_mismatch_text(path))
     return info
+
+
+def verify_if_checkpoint(path: str | os.PathLike) -> None:
+    """Check a checkpoint of this project (named checkpoint-<iteration>.pth, its sidecar beside it) against its
+    sidecar before a script reads it as weights, so that a damaged one is not evaluated, exported or fine-tuned
+    from without a word (CheckpointCorruptError); any other file is left to its reader."""
+    path = Path(path)
+    if _DATA_RE.match(path.name) and path.with_suffix(".json").is_file() and _identity(path) not in _VERIFIED:
+        verify_checkpoint(path)
 
 
 def _hash_matches(info: CheckpointInfo) -> bool:

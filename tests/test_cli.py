@@ -162,6 +162,39 @@ def test_a_checkpoint_of_another_model_folder_names_that_folders_script(script, 
     assert line == f"error: --weights {path}: a OneShot checkpoint; use OneShot/{script}.py"
 
 
+@pytest.fixture(scope="module")
+def damaged_checkpoint(tmp_path_factory) -> Path:
+    """A OneShot training checkpoint with one byte of its weights flipped after saving."""
+    from common.checkpoint import get_training_state
+    from common.checkpoint_store import save_checkpoint
+    model = network("OneShot").create_network()
+    metadata = {"arch": "OneShot", "num_classes": 1000, "image_size": 224}
+    path = save_checkpoint(get_training_state(model, iteration=2, metadata=metadata), 2,
+                           tmp_path_factory.mktemp("damaged"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("script", ["eval", "export", "predict", "train"])
+def test_a_damaged_checkpoint_is_refused_before_any_work(script, damaged_checkpoint, tmp_path, capsys):
+    """A checkpoint whose bytes no longer match its sidecar's SHA-256 would otherwise be evaluated, exported or
+    fine-tuned from without a word (the flipped byte is in the middle of the weights)."""
+    make_image_folder(tmp_path / "images", num_classes=2, images_per_class=1, size=32)
+    module = script_module("OneShot", script)
+    main = (lambda argv: module.run_export(network("OneShot"), argv)) if script == "export" else module.main
+    argv = {"eval": ["--weights", str(damaged_checkpoint), "--val-dir", str(tmp_path / "images")],
+            "export": ["--weights", str(damaged_checkpoint), "--output", str(tmp_path / "x.onnx")],
+            "predict": ["--weights", str(damaged_checkpoint), str(tmp_path / "images")],
+            "train": ["--pretrained", str(damaged_checkpoint), "--train-dir", str(tmp_path / "images"),
+                      "--save", str(tmp_path / "run"), "--total-iters", "1"]}[script]
+    line = user_error_line(capsys, main, argv)
+    assert line == (f"error: {damaged_checkpoint}: its SHA-256 does not match its sidecar, the file is damaged; "
+                    "use an earlier checkpoint (a resumed run picks the newest good one by itself)")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 # -- common.average ---------------------------------------------------------------------------------------------
 
 def test_best_zero_names_the_flag(tmp_path, capsys):
