@@ -34,8 +34,8 @@ _TEMP_RE = re.compile(r"^\.checkpoint-(\d+)\.(?:pth|json)\.\d+\.tmp$")
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".pkl", ".tar", ".ckpt", ".bin")
 # Accuracy aliases: checkpoints record errors; "top1" means 100 - top1_error, where higher is better.
 _ACCURACY_ALIASES = {"top1": "top1_error", "top5": "top5_error"}
-# Checkpoints get_latest_model has checked in this process, by (path, inode, size, mtime): a resume that picks the
-# newest good checkpoint (one full hash) and then loads it does not hash the same unchanged file twice.
+# Checkpoints whose SHA-256 this process has checked, by (path, inode, size, mtime): a resume that picks the newest
+# good checkpoint (one full hash) and then loads it, or a script that reads a file twice, hashes it once.
 _VERIFIED: set[tuple[str, int, int, int]] = set()
 # The folders this process writes to, each with its open, locked .lock file (see claim_folder).
 _CLAIMED: dict[Path, Any] = {}
@@ -190,11 +190,9 @@ def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
     complete, problems = _scan(Path(save_dir))
     chosen = None
     for info in reversed(complete):
-        identity = _identity(info.path)
         if _hash_matches(info):
             chosen = info
-            if identity is not None:
-                _VERIFIED.add(identity)
+            _mark_verified(info.path)
             break
         problems.append((info.iteration, info.path, "its SHA-256 does not match its sidecar: the file is damaged"))
     floor = chosen.iteration if chosen else -1
@@ -212,7 +210,7 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Any:
     path = Path(path)
     if verify:
         verify_checkpoint(path, check_hash=_identity(path) not in _VERIFIED)
-    return read_weights_file(path)
+    return read_weights_file(path, verify=False)
 
 
 # -- best K ---------------------------------------------------------------------------------------------------
@@ -342,15 +340,17 @@ def verify_checkpoint(path: str | os.PathLike, check_hash: bool = True) -> Check
         info = _parse_sidecar(path, sidecar_path, int(match.group(1)))
     except CheckpointCorruptError as error:
         raise CheckpointCorruptError(f"{path}: {error}; {_ADVICE}") from None
-    if check_hash and not _hash_matches(info):
-        raise CheckpointCorruptError(_hash_mismatch_text(path))
+    if check_hash:
+        if not _hash_matches(info):
+            raise CheckpointCorruptError(_hash_mismatch_text(path))
+        _mark_verified(path)
     return info
 
 
 def verify_if_checkpoint(path: str | os.PathLike) -> None:
     """Check a checkpoint of this project (named checkpoint-<iteration>.pth, its sidecar beside it) against its
-    sidecar before a script reads it as weights, so that a damaged one is not evaluated, exported or fine-tuned
-    from without a word (CheckpointCorruptError); any other file is left to its reader."""
+    sidecar, once per process (CheckpointCorruptError): `read_weights_file` does, so that a damaged one is not
+    evaluated, exported, averaged, released or fine-tuned from without a word. Any other file is left as it is."""
     path = Path(path)
     if _DATA_RE.match(path.name) and path.with_suffix(".json").is_file() and _identity(path) not in _VERIFIED:
         verify_checkpoint(path)
@@ -361,6 +361,12 @@ def _hash_matches(info: CheckpointInfo) -> bool:
         return file_sha256(info.path, info.piece_bytes) == info.sha256
     except OSError:
         return False
+
+
+def _mark_verified(path: Path) -> None:
+    identity = _identity(path)
+    if identity is not None:
+        _VERIFIED.add(identity)
 
 
 def _identity(path: Path) -> tuple[str, int, int, int] | None:

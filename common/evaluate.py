@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint import library_versions
-from common.checkpoint_store import verify_if_checkpoint
 from common.cli import add_device_argument, check_image_size, prepare_output
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
@@ -192,7 +191,6 @@ def read_weights_for(network: ModuleType, args: argparse.Namespace, script: str)
     """(weights, metadata, crop size, input format) of --weights for the model folder of `network`, whose `script`
     a file made for another folder is sent to; the flags win over the file, the file over the network's defaults."""
     model_name = Path(network.__file__).resolve().parent.name
-    verify_if_checkpoint(args.weights)
     weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
     metadata = read_checkpoint_metadata(weights)
     check_model_folder(args.weights, metadata, model_name, script)

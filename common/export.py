@@ -504,11 +504,9 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
 
 def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace) -> _Job:
     """What to export and where, from the flags and the weights' metadata; one-line errors for what cannot be."""
-    from common.checkpoint_store import verify_if_checkpoint
     from common.model_state import check_model_folder, read_checkpoint_metadata
 
     weights = Path(args.weights)
-    verify_if_checkpoint(weights)
     stored = read_checkpoint_metadata(weights)
     check_model_folder(weights, stored, model_name, "export.py")
     imagenet = not stored.get("classes")

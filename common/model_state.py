@@ -84,10 +84,15 @@ def unwrap_model(model: Any) -> nn.Module:
     return unwrap(model)
 
 
-def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *, verify: bool = True) -> Any:
     """The object stored in a weights file, read without running code from it unless `trust_pickle`: a
-    SafetensorsWeights dict, else torch.load's (zip or the legacy pickles of 2019). Failures are WeightsFileErrors."""
+    SafetensorsWeights dict, else torch.load's (zip or the legacy pickles of 2019). Failures are WeightsFileErrors.
+    A training checkpoint of this project (its sidecar beside it) is first checked against the sidecar's SHA-256
+    (CheckpointCorruptError), unless `verify=False`."""
     path = Path(path)
+    if verify:
+        from common.checkpoint_store import verify_if_checkpoint  # here: checkpoint_store reads files through this
+        verify_if_checkpoint(path)
     kind, size = _sniff(path)
     if kind == "safetensors":
         return _read_safetensors(path, size)

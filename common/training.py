@@ -23,7 +23,7 @@ from torch import nn
 
 from common.checkpoint import get_training_state, load_checkpoint, rng_state
 from common.checkpoint_store import (CheckpointError, claim_folder, get_latest_model, list_checkpoints,
-                                     save_checkpoint, verify_if_checkpoint)
+                                     save_checkpoint)
 from common.cli import DefaultsHelpFormatter, add_device_argument, prepare_output
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
@@ -717,7 +717,6 @@ def _create_model(network: ModuleType, metadata: dict, args: argparse.Namespace,
         from common.pretrained import load_pretrained
         if not Path(args.pretrained).is_file():
             raise UserError(f"--pretrained {args.pretrained}: no such file")
-        verify_if_checkpoint(args.pretrained)
         say(f"--pretrained: {load_pretrained(model, args.pretrained).summary()}")
     if args.freeze_backbone:
         model.freeze_backbone()

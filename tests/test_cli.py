@@ -177,14 +177,19 @@ def damaged_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("script", ["eval", "export", "predict", "train"])
+@pytest.mark.parametrize("script", ["eval", "export", "predict", "train", "average", "release"])
 def test_a_damaged_checkpoint_is_refused_before_any_work(script, damaged_checkpoint, tmp_path, capsys):
-    """A checkpoint whose bytes no longer match its sidecar's SHA-256 would otherwise be evaluated, exported or
-    fine-tuned from without a word (the flipped byte is in the middle of the weights)."""
+    """A checkpoint whose bytes no longer match its sidecar's SHA-256 would otherwise be evaluated, exported,
+    fine-tuned from, averaged or released without a word (the flipped byte is in the middle of the weights)."""
     make_image_folder(tmp_path / "images", num_classes=2, images_per_class=1, size=32)
-    module = script_module("OneShot", script)
-    main = (lambda argv: module.run_export(network("OneShot"), argv)) if script == "export" else module.main
-    argv = {"eval": ["--weights", str(damaged_checkpoint), "--val-dir", str(tmp_path / "images")],
+    if script in ("average", "release"):
+        main = {"average": average.main, "release": release.main}[script]
+    else:
+        module = script_module("OneShot", script)
+        main = (lambda argv: module.run_export(network("OneShot"), argv)) if script == "export" else module.main
+    argv = {"average": ["--inputs", str(damaged_checkpoint), "--output", str(tmp_path / "x.safetensors")],
+            "release": [str(damaged_checkpoint), "--output", str(tmp_path / "x.safetensors")],
+            "eval": ["--weights", str(damaged_checkpoint), "--val-dir", str(tmp_path / "images")],
             "export": ["--weights", str(damaged_checkpoint), "--output", str(tmp_path / "x.onnx")],
             "predict": ["--weights", str(damaged_checkpoint), str(tmp_path / "images")],
             "train": ["--pretrained", str(damaged_checkpoint), "--train-dir", str(tmp_path / "images"),
@@ -192,7 +197,7 @@ def test_a_damaged_checkpoint_is_refused_before_any_work(script, damaged_checkpo
     line = user_error_line(capsys, main, argv)
     assert line == (f"error: {damaged_checkpoint}: its SHA-256 does not match its sidecar, the file is damaged; "
                     "use an earlier checkpoint (a resumed run picks the newest good one by itself)")
-    assert not (tmp_path / "x.onnx").exists()
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.safetensors").exists()
 
 
 # -- common.average ---------------------------------------------------------------------------------------------
