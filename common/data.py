@@ -98,20 +98,6 @@ def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]
     return short_side, short_side
 
 
-def opencv_resize_short_side(image: Tensor, short_side: int) -> Tensor:
-    """Resize a uint8 3 x H x W image so its short side is `short_side`, as cv2.resize with INTER_LINEAR does.
-
-    Both map destination pixel centres to the source with half-pixel offsets, clamp at the borders and do not
-    antialias; torch's uint8 kernel and OpenCV's fixed-point one each round in their own way, so the two agree to
-    within one grey level.
-    """
-    height, width = image.shape[-2:]
-    size = short_side_size(height, width, short_side)
-    if size == (height, width):
-        return image
-    return F.interpolate(image.unsqueeze(0), size=size, mode="bilinear", align_corners=False, antialias=False)[0]
-
-
 def center_crop(image: Tensor, size: int | tuple[int, int]) -> Tensor:
     """The central size x size (or height x width) window of a ... x H x W image, placed as CenterCrop places it."""
     crop_height, crop_width = (size, size) if isinstance(size, int) else size
@@ -124,16 +110,21 @@ def center_crop(image: Tensor, size: int | tuple[int, int]) -> Tensor:
 
 
 class EvalTransform:
-    """The released weights' eval transform: OpenCV-style short-side resize (256 for a 224 crop), center crop."""
+    """The released weights' eval transform, as the original scripts ran it: cv2.resize's bilinear resize of the
+    short side (256 for a 224 crop), center crop; an image from `open_image` (or a PIL image or tensor) in, a uint8
+    RGB 3 x H x W tensor out."""
 
     def __init__(self, crop_size: int = 224) -> None:
         self.crop_size = crop_size
         self.resize_size = round(crop_size * EVAL_RESIZE_FOR_224 / 224)
 
     def __call__(self, image: EncodedJpeg | Image.Image | Tensor) -> Tensor:
-        if not isinstance(image, Tensor):
-            image = torch.from_numpy(decode_rgb_array(image)).permute(2, 0, 1)
-        return center_crop(opencv_resize_short_side(image, self.resize_size), self.crop_size)
+        import cv2
+        pixels = decode_rgb_array(image)
+        height, width = short_side_size(*pixels.shape[:2], self.resize_size)
+        if (height, width) != pixels.shape[:2]:
+            pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR)
+        return center_crop(torch.from_numpy(pixels).permute(2, 0, 1), self.crop_size)
 
     def __repr__(self) -> str:
         return f"EvalTransform(resize {self.resize_size} OpenCV bilinear, center crop {self.crop_size})"

@@ -13,8 +13,7 @@ from PIL import Image, ImageFile
 
 from common.data import (DataError, EvalTransform, ImageDataset, StreamSampler, TrainTransform,
                          build_eval_loader, build_train_loader, center_crop, collate_skip_corrupt,
-                         evaluation_order, opencv_resize_short_side, scan_image_folder,
-                         short_side_size)
+                         evaluation_order, scan_image_folder, short_side_size)
 from common.demo_data import make_image_folder
 from common.errors import UserError
 
@@ -182,18 +181,19 @@ def test_train_transform_output_and_determinism():
 
 @pytest.mark.parametrize("width, height", [(500, 375), (375, 500), (97, 61), (61, 97), (333, 257), (301, 301),
                                            (160, 120), (1001, 667), (513, 512)])
-def test_opencv_style_resize_matches_cv2_within_one_grey_level(width, height):
+def test_eval_transform_is_the_original_opencv_resize_and_center_crop(width, height):
     cv2 = pytest.importorskip("cv2")
     pixels = photo(width, height, seed=width)
+    # The original scripts' OpencvResize(256): the long side int(256 * long / short + 0.5), cv2's default bilinear.
     short, long = min(width, height), max(width, height)
     new_long = int(256 * long / short + 0.5)
     expected_size = (256, new_long) if height < width else (new_long, 256)
     assert short_side_size(height, width, 256) == expected_size
-    reference = cv2.resize(pixels, expected_size[::-1], interpolation=cv2.INTER_LINEAR)
-    resized = opencv_resize_short_side(torch.from_numpy(pixels).permute(2, 0, 1), 256)
-    assert resized.dtype == torch.uint8 and tuple(resized.shape) == (3, *expected_size)
-    difference = resized.permute(1, 2, 0).numpy().astype(int) - reference.astype(int)
-    assert np.abs(difference).max() <= 1
+    resized = torch.from_numpy(cv2.resize(pixels, expected_size[::-1])).permute(2, 0, 1)
+    reference = torchvision.transforms.functional.center_crop(resized, [224, 224])
+    for image in (Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1)):
+        out = EvalTransform(224)(image)
+        assert out.dtype == torch.uint8 and torch.equal(out, reference)
 
 
 def test_long_side_rounds_half_up_as_the_original():
