@@ -132,8 +132,8 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
     run.add_argument("--keep", type=int, default=5, help="newest checkpoints to keep (the best one is kept too)")
     run.add_argument("--auto-continue", action=argparse.BooleanOptionalAction, default=True,
                      help="resume from the newest good checkpoint in --save")
-    run.add_argument("--display-interval", type=int, help=f"iterations between progress lines "
-                                                          f"(default {d.display_interval})")
+    run.add_argument("--display-interval", type=int, help=f"iterations between progress lines, the first "
+                                                          f"iteration shown too (default {d.display_interval})")
     run.add_argument("--val-interval", type=int, help=f"iterations between validations (default {d.val_interval})")
     run.add_argument("--save-interval", type=int,
                      help=f"iterations between checkpoints (default {d.save_interval})")
@@ -459,6 +459,8 @@ class Trainer:
             done = iteration + 1
             display, validate, save = (done % interval == 0 or done == args.total_iters for interval in
                                        (args.display_interval, args.val_interval, args.save_interval))
+            # The first iteration of a start is shown too, so a slow machine answers at once, not an interval later.
+            display = display or done == self.start_iteration + 1
             # Asking the other ranks is a collective and a wait for the device: only when work is due, so a signal
             # waits at most one display interval. Alone, a process stops at once.
             due = display or validate or save

@@ -58,6 +58,8 @@ def test_demo_flag_trains_validates_and_averages(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {r["split"] for r in records} == {"train", "val", "val_average_best_2",
                                              "val_average_best_2_recomputed_bn"}
+    # Every --display-interval iterations, and the first, so that a slow start is seen at once.
+    assert [r["iteration"] for r in records if r["split"] == "train"] == [1, 2, 4]
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert any((tmp_path / "tensorboard").iterdir())
     # An average claims no checkpoint's metrics: it lists its inputs with theirs, and stores what was measured
