@@ -138,7 +138,8 @@ def save(state: dict, iteration: int, folder: Path, saved: list[Path]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
+                        help="model folders to measure (default: all)")
     parser.add_argument("--dir", help="folder on the disk to measure (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed rounds of all six, after one warm-up round (a multiple of 3 puts each read "

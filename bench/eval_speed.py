@@ -69,7 +69,8 @@ def bench_model(model_name: str, variants: list[str], batch: int, repeats: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
+                        help="model folders to measure (default: all)")
     parser.add_argument("--batch-size", type=int,
                         help="images per call (default: " + ", ".join(f"{m} {b}" for m, b in BATCH.items()) + ")")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),

@@ -48,8 +48,9 @@ def sweep_model(model_name: str, image_size: int, folder: Path, calibration: Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
+                        help="model folders to measure (default: all)")
+    parser.add_argument("--image-size", type=int, default=224, help="input size of the exports")
     parser.add_argument("--quick", action="store_true", help="OneShot only")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()

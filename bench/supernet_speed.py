@@ -28,9 +28,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48, help="batch size")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per model per round")
-    parser.add_argument("--flops-min", type=float, default=290e6)
-    parser.add_argument("--flops-max", type=float, default=360e6)
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--flops-min", type=float, default=290e6,
+                        help="smallest multiply-accumulates of a supernet path, counted at 224x224")
+    parser.add_argument("--flops-max", type=float, default=360e6,
+                        help="largest multiply-accumulates of a supernet path")
+    parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
 
     torch.manual_seed(0)

@@ -91,12 +91,14 @@ def bench_against_eager(model_name: str, variants: list[str], size: int, batch: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS)
+    parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
+                        help="model folders to measure (default: all)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[64, 224], help="image sizes (multiples of 32)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="training configurations to time against eager NCHW float32 (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats and no torch.compile (compiling a training step takes 1 to 4 minutes "
-                             "per model and size on 2 cores)")
+                        help="fewer repeats and no torch.compile (compiling a training step takes minutes per model "
+                             "and size on a CPU)")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     results = []
