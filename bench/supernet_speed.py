@@ -3,7 +3,7 @@
 One SGD step of the label-smoothed loss on random images, channels_last, both models at the same batch and size,
 timed in alternating rounds so that machine noise falls on both alike. The supernet's paths are those
 train_supernet.py draws (290M-360M FLOPs by default).
-    python bench/supernet_speed.py [--size 64] [--batch 48] [--rounds 3] [--steps 3] [--json FILE]
+    python bench/supernet_speed.py [--image-size 64] [--batch-size 48] [--rounds 3] [--steps 3] [--json FILE]
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import supernet  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=64, help="image size")
-    parser.add_argument("--batch", type=int, default=48, help="batch size")
+    parser.add_argument("--image-size", type=int, default=64, help="image size")
+    parser.add_argument("--batch-size", type=int, default=48, help="batch size")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--steps", type=int, default=3, help="steps per model per round")
     parser.add_argument("--flops-min", type=float, default=290e6,
@@ -37,8 +37,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     models = {"supernet": supernet.create_network(), "OneShot": load_network_module("OneShot").create_network()}
-    images = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 1000, (args.batch,))
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (args.batch_size,))
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     optimizers, seconds, iteration = {}, {name: 0.0 for name in models}, 0
     for name, model in models.items():
@@ -65,12 +66,12 @@ def main() -> None:
                 step(name)
             seconds[name] += time.perf_counter() - started
     steps = args.rounds * args.steps
-    results = {name: args.batch * steps / seconds[name] for name in models}
-    print(f"training images/s at batch {args.batch}, {args.size}px, {torch.get_num_threads()} threads:")
+    results = {name: args.batch_size * steps / seconds[name] for name in models}
+    print(f"training images/s at batch {args.batch_size}, {args.image_size}px, {torch.get_num_threads()} threads:")
     for name, value in results.items():
         print(f"  {name:9s} {value:8.1f}")
     print(f"  supernet / OneShot: {results['supernet'] / results['OneShot']:.2f}x")
-    write_json(args.json, {"batch": args.batch, "size": args.size, "images_per_second": results})
+    write_json(args.json, {"batch": args.batch_size, "size": args.image_size, "images_per_second": results})
 
 
 if __name__ == "__main__":
