@@ -268,6 +268,8 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
                         help="skip the comparison of the export with PyTorch (on by default)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow weights files that run code when loaded; only for files you made yourself")
+    parser.add_argument("--ema", "--use-ema", dest="use_ema", action="store_true",
+                        help="export the EMA weights of a training checkpoint")
     parser.add_argument("--num-verify-images", type=int, metavar="N",
                         help=f"number of synthetic test images the verification compares (default "
                              f"{DEFAULT_VERIFY_IMAGES}, {DEFAULT_VERIFY_IMAGES_COMPRESSED} for compressed or int8 "
@@ -553,13 +555,13 @@ def _load_model(network_module: ModuleType, job: _Job, args: argparse.Namespace)
     from common.models import create_network_for
 
     model = create_network_for(network_module, len(job.class_names), job.stored)
-    load_model_state(model, job.weights, for_inference=True, trust_pickle=args.trust_pickle)
+    load_model_state(model, job.weights, for_inference=True, trust_pickle=args.trust_pickle, use_ema=args.use_ema)
     return model.eval()
 
 
-def _metadata(job: _Job) -> dict:
+def _metadata(job: _Job, use_ema: bool) -> dict:
     metadata = {"model": job.model_name, "source_weights": job.weights.name,
-                "source_weights_sha256": file_sha256(job.weights),
+                "source_weights_sha256": file_sha256(job.weights), "weights": "ema" if use_ema else "model",
                 "description": f"{job.model_name} image classifier (ShuffleNet-Series), {job.image_size}x"
                                f"{job.image_size} input, {len(job.class_names)} classes"}
     if job.published:
@@ -571,7 +573,7 @@ def _metadata(job: _Job) -> dict:
 def _export(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path,
             calibration: np.ndarray | None) -> dict:
     """Write the export at `staging`; its time and size."""
-    metadata = _metadata(job)
+    metadata = _metadata(job, args.use_ema)
     started = time.perf_counter()
     result = {}
     if args.format == "coreml":

@@ -101,7 +101,7 @@ def test_every_flag_a_message_names_exists_in_the_script_that_shows_it():
 
 def test_ema_is_spelled_the_same_in_every_script_that_reads_ema_weights():
     built = parsers()
-    for name in ("eval", "average", "release"):
+    for name in ("eval", "export", "average", "release"):
         assert "--ema" in flags(built[name]), name
 
 

@@ -10,6 +10,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,37 @@ def test_ema_is_saved_validated_and_what_eval_ema_scores(ema_run, image_folder, 
     # Relative too: four iterations at this rate can leave the EMA network with enormous losses.
     assert evaluated_loss("--ema") == pytest.approx(scores["val_ema"], rel=1e-4, abs=2e-3)
     assert evaluated_loss() == pytest.approx(scores["val_bn_recalibrated"], rel=1e-4, abs=2e-3)
+
+
+def test_export_ema_writes_the_ema_weights(ema_run, tmp_path):
+    """export.py --ema exports the checkpoint's EMA network, as eval.py --ema scores it; without it the raw one."""
+    import onnx
+    import onnxruntime
+
+    from common.export import run_export
+    from common.input_format import Preprocess
+    from common.model_state import load_model_state
+    save, _ = ema_run
+    checkpoint = get_latest_model(save)[0]
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for use_ema in (False, True):
+        output = tmp_path / f"ema-{use_ema}.onnx"
+        argv = ["--weights", str(checkpoint), "--format", "onnx", "--output", str(output), "--num-verify-images", "2"]
+        assert run_export(network("OneShot"), argv + ["--ema"] * use_ema) == 0
+        session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        logits = session.run(None, {"image": images.float().numpy()})[0]
+        model = network("OneShot").create_network(num_classes=logits.shape[1]).eval()
+        load_model_state(model, checkpoint, use_ema=use_ema)
+        other = network("OneShot").create_network(num_classes=logits.shape[1]).eval()
+        load_model_state(other, checkpoint, use_ema=not use_ema)
+        with torch.no_grad():
+            inputs = Preprocess(network("OneShot").INPUT_FORMAT)(images)
+            expected, unexpected = model(inputs).numpy(), other(inputs).numpy()
+        scale = np.abs(expected).max()
+        assert np.abs(logits - expected).max() <= 1e-4 * scale
+        assert np.abs(logits - unexpected).max() > 1e-2 * scale
+        metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+        assert metadata["weights"] == ("ema" if use_ema else "model")
 
 
 def test_bn_recalibrate_reestimates_the_saved_statistics_over_n_batches(ema_run):
