@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 
 
 def listed(names: Sequence[str], shown: int = 3) -> str:
-    """The first `shown` of `names` for a message, with ", ..." when there are more."""
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+    """The first `shown` of `names` for a message, and how many more there are."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 # Failures of the disk or the file system rather than of this code: a full disk, a quota, a read-only or vanished

@@ -29,7 +29,7 @@ from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
 from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, average_buffers, barrier,
                                 init_distributed, shutdown_distributed)
-from common.errors import UserError, exit_on_user_error
+from common.errors import UserError, exit_on_user_error, listed
 from common.evaluate import evaluate
 from common.hardware import (AMP_CHOICES, AMP_DTYPES, SpeedChoice, probe_batch_size, resolve_speed,
                              training_step_timer)
@@ -201,16 +201,12 @@ def scan_classes(args: argparse.Namespace, say: Callable[..., None]) -> list[str
     stray = [name for name in val_classes if name not in classes]
     if stray:
         raise UserError(f"--val-dir {args.val_dir}: {len(stray)} class folder(s) not in --train-dir: "
-                        f"{_listed(stray)}; validation needs the training classes' folder names")
+                        f"{listed(stray, 5)}; validation needs the training classes' folder names")
     missing = [name for name in classes if name not in val_classes]
     if missing:
         say(f"note: --val-dir has no folder for {len(missing)} of the {len(classes)} training classes "
-            f"({_listed(missing)}); validation scores the others")
+            f"({listed(missing, 5)}); validation scores the others")
     return classes
-
-
-def _listed(names: list[str], shown: int = 5) -> str:
-    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------------------
