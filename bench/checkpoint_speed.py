@@ -1,12 +1,12 @@
 """Checkpoint save and load of a full training state (weights, SGD momentum, EMA) per model, as ratios to the raw
 speed of the same disk measured in the same run, interleaved round by round so that drift in the machine's load
-hits both alike. Goal (issue 15): save at most 1.3x, load at most 1.2x.
+hits both alike. The targets: save at most 1.3x, load at most 1.2x.
 
 - save: save_checkpoint of the state into a fresh file (hashed while written, fsynced, renamed, sidecar written);
   raw write: the same number of bytes written with write() into a fresh file, then fsync, as `dd conv=fsync`.
   Each removes its previous file first, so both write into the memory that freed (on a VM that hands freed memory
-  back to its host, filling memory nothing freed just before costs several times more: 5.3 s against 1.2 s for
-  a 1.7 GB write measured on one, which would otherwise land on whichever of the two writes second).
+  back to its host, filling memory nothing freed just before costs several times more, which would otherwise
+  land on whichever of the two writes second).
 - load: load_checkpoint into the live model and EMA and a new optimizer (as a resumed run does), including the
   SHA-256 check of the whole file; load_unchecked: the same without the check (verify=False), which tells what
   the check costs on this machine (the check reads and hashes every byte, the copies come after it);

@@ -383,7 +383,7 @@ def test_recalibration_with_a_forward_function_and_too_little_data():
 # -- what an average says about itself -------------------------------------------------------------------------
 
 def test_an_average_claims_no_metrics_of_its_own_and_strips_local_paths(tmp_path):
-    """Item 8 and 10 of issue 12: through the real commands, python -m common.average then common.release."""
+    """Through the real commands: python -m common.average, then common.release of its output."""
     for iteration, error in ((10, 40.0), (20, 30.0), (30, 35.0)):
         metadata = {"arch": "Tiny", "classes": ["a", "b"], "args": {"train_dir": "/home/someone/data"}}
         save_checkpoint(get_training_state(_randomised(iteration), iteration=iteration, metadata=metadata,

@@ -1,5 +1,5 @@
-"""What the scripts say (issue 12, items 12 and 15, and startup): help texts, the flags their messages name, the
-published figures, --image-size, --best, where the shared tools run from, MODELS.md citations and --help imports."""
+"""What the scripts say: help texts, the flags their messages name, the published figures, --image-size, --best,
+where the shared tools run from, MODELS.md citations and --help imports."""
 from __future__ import annotations
 
 import argparse

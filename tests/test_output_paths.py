@@ -1,4 +1,4 @@
-"""Every output path of every script is checked before the work starts (issue 12, item 1), through the scripts.
+"""Every output path of every script is checked before the work starts, through the scripts.
 
 A folder that cannot be written is a one-line error naming the flag and the path; missing parent folders are
 created. Tests run as root, for whom permission bits block nothing, so the unwritable folder is a path through a
