@@ -656,16 +656,17 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
     seed_everything(args.seed, args.deterministic)
     say = print if info.is_main else (lambda *a, **k: None)
     classes = scan_classes(args, say)
-    # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
-    prepare_output("--save", args.save, folder=True)
-    prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
-    _claim_save_folder(args.save, info)
+    # The input files (--architecture, --pretrained) are read before --save is made, so a bad one leaves no folder.
     input_format: InputFormat = network.INPUT_FORMAT
     metadata = {"arch": recipe.model_name, "classes": classes, "num_classes": args.num_classes or len(classes),
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),
                 "class_to_index": {name: i for i, name in enumerate(classes)}, **recipe.hooks.metadata(args)}
-    resume_path = get_latest_model(args.save)[0] if args.auto_continue else None
+    resume_path = _resume_path(args)
     model = _create_model(network, metadata, args, resume_path, say).to(info.device)
+    # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
+    prepare_output("--save", args.save, folder=True)
+    prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
+    _claim_save_folder(args.save, info)
     if args.freeze_backbone:
         recipe = dataclasses.replace(recipe, loss_weights=(1.0,) + (0.0,) * (len(recipe.loss_weights) - 1))
     speed = resolve_training_speed(args, model, info)
@@ -691,6 +692,16 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
                    preprocess=Preprocess(input_format).to(info.device), metadata=metadata,
                    log=RunLog(args.save, enabled=info.is_main), val_loader=val_loader,
                    start_iteration=state.get("iteration", 0), best_error=state.get("best_metric"))
+
+
+def _resume_path(args: argparse.Namespace) -> Path | None:
+    """The newest good checkpoint in --save to resume from, if resuming and there is one."""
+    if not args.auto_continue:
+        return None
+    try:
+        return get_latest_model(args.save)[0]
+    except OSError:  # a --save that cannot be read: prepare_output names it next
+        return None
 
 
 def _claim_save_folder(save: str, info: DistInfo) -> None:

@@ -114,12 +114,20 @@ def test_train_refuses_an_unwritable_save_folder_and_tensorboard_folder(tmp_path
 
 def test_a_refused_train_command_leaves_no_save_folder(tmp_path, oneshot, image_folder, capsys):
     train = oneshot["train"].main
-    for argv, error in ((["--train-dir", str(tmp_path / "typo")], "--train-dir"),
-                        (["--train-dir", str(image_folder), "--total-iters", "0"], "--total-iters"),
-                        (["--train-dir", str(image_folder), "--val-dir", str(tmp_path / "typo")], "--val-dir")):
+    (tmp_path / "garbage.pth").write_text("not weights\n")
+    (tmp_path / "architecture.json").write_text('{"blocks": [0]}\n')
+    for argv, error in ((["--train-dir", str(tmp_path / "typo")], "--train-dir "),
+                        (["--train-dir", str(image_folder), "--total-iters", "0"], "--total-iters "),
+                        (["--train-dir", str(image_folder), "--val-dir", str(tmp_path / "typo")], "--val-dir "),
+                        (["--train-dir", str(image_folder), "--pretrained", str(tmp_path / "typo.pth")],
+                         "--pretrained "),
+                        (["--train-dir", str(image_folder), "--pretrained", str(tmp_path / "garbage.pth")],
+                         f"{tmp_path / 'garbage.pth'} is not a PyTorch or safetensors weights file"),
+                        (["--train-dir", str(image_folder), "--architecture", str(tmp_path / "architecture.json")],
+                         "--architecture ")):
         line = user_error_line(capsys, train, [*argv, "--save", str(tmp_path / "run")])
-        assert line.startswith(f"error: {error} ")
-        assert not (tmp_path / "run").exists()
+        assert line.startswith(f"error: {error}")
+        assert not (tmp_path / "run").exists(), argv
 
 
 @pytest.mark.parametrize("kind", ["onnx", "coreml"])
