@@ -8,6 +8,7 @@ block alone, so a path's count equals the counter's count of the standalone netw
 """
 from __future__ import annotations
 
+import os
 from functools import cache
 from typing import Mapping
 
@@ -170,7 +171,8 @@ def held_out_split(samples: list[tuple[str, int]], per_class: int, seed: int) ->
     held_out = []
     for label, indices in sorted(by_class.items()):
         if len(indices) <= per_class:
-            raise UserError(f"--held-out-per-class {per_class}: class {label} has only {len(indices)} training "
+            folder = os.path.basename(os.path.dirname(samples[indices[0]][0]))
+            raise UserError(f"--held-out-per-class {per_class}: class {folder} has only {len(indices)} training "
                             f"images; hold out fewer")
         order = np.random.default_rng([seed, label, 0x4E1D]).permutation(len(indices))
         held_out.extend(indices[i] for i in sorted(order[:per_class]))

@@ -185,10 +185,10 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
     return args
 
 
-def scan_classes(args: argparse.Namespace, say: Callable[..., None]) -> list[str]:
-    """The training classes. A val folder that is not one of them is an error at start, not after --val-interval
-    iterations; training classes without a val folder are only noted."""
-    classes = scan_image_folder(args.train_dir, "--train-dir")[1]
+def scan_classes(args: argparse.Namespace, say: Callable[..., None]) -> tuple[list[tuple[str, int]], list[str]]:
+    """(samples, classes) of the training folder. A val folder that is not one of its classes is an error at start,
+    not after --val-interval iterations; training classes without a val folder are only noted."""
+    samples, classes = scan_image_folder(args.train_dir, "--train-dir")
     if len(classes) < 2:
         raise UserError(f"--train-dir {args.train_dir}: only one class folder ({classes[0]}); a classifier needs "
                         f"two or more, one sub-folder per class")
@@ -196,7 +196,7 @@ def scan_classes(args: argparse.Namespace, say: Callable[..., None]) -> list[str
         raise UserError(f"--num-classes {args.num_classes} is smaller than the {len(classes)} class folders "
                         f"of --train-dir")
     if not args.val_dir:
-        return classes
+        return samples, classes
     val_classes = scan_image_folder(args.val_dir, "--val-dir")[1]
     stray = [name for name in val_classes if name not in classes]
     if stray:
@@ -206,7 +206,7 @@ def scan_classes(args: argparse.Namespace, say: Callable[..., None]) -> list[str
     if missing:
         say(f"note: --val-dir has no folder for {len(missing)} of the {len(classes)} training classes "
             f"({listed(missing, 5)}); validation scores the others")
-    return classes
+    return samples, classes
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------------------
@@ -655,8 +655,11 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
         raise UserError(f"--batch-size {args.batch_size} must divide by the {info.world_size} processes")
     seed_everything(args.seed, args.deterministic)
     say = print if info.is_main else (lambda *a, **k: None)
-    classes = scan_classes(args, say)
-    # The input files (--architecture, --pretrained) are read before --save is made, so a bad one leaves no folder.
+    samples, classes = scan_classes(args, say)
+    # The inputs (the samples to train on, --architecture, --pretrained) are checked before --save is made, so a
+    # refused command leaves no folder.
+    recipe.hooks.train_samples(samples, args)
+    del samples
     input_format: InputFormat = network.INPUT_FORMAT
     metadata = {"arch": recipe.model_name, "classes": classes, "num_classes": args.num_classes or len(classes),
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),

@@ -242,6 +242,18 @@ def test_bad_architecture_file_is_a_one_line_error(tmp_path, image_folder):
     result = run(["train.py", "--train-dir", str(image_folder), "--architecture", str(bad), "--save",
                   str(tmp_path / "x")])
     assert result.returncode != 0 and "Traceback" not in result.stderr and "--architecture" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_holding_out_more_than_a_class_has_is_one_line_before_any_work(tmp_path, image_folder):
+    samples, classes = scan_image_folder(image_folder)
+    smallest = min(classes, key=lambda name: sum(classes[label] == name for _, label in samples))
+    count = sum(classes[label] == smallest for _, label in samples)
+    result = run(["train_supernet.py", "--train-dir", str(image_folder), "--save", str(tmp_path / "x"), *SUPERNET,
+                  "--held-out-per-class", str(count)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: --held-out-per-class {count}: class {smallest} has only {count} training images" in result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_search_into_a_new_folder_creates_it_and_an_unwritable_output_fails_before_any_work(
