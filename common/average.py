@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from common.atomic_io import file_sha256
-from common.checkpoint_store import (CheckpointInfo, best_checkpoints, default_lower_is_better, list_checkpoints,
-                                     metric_value)
+from common.checkpoint_store import (CheckpointCorruptError, CheckpointInfo, best_checkpoints,
+                                     default_lower_is_better, list_checkpoints, metric_value, verify_checkpoint,
+                                     verify_if_checkpoint)
 from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error, listed
 from common.release import shareable_metadata, write_release
@@ -67,8 +68,8 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
     checkpoints = list_checkpoints(save_dir)
     if not checkpoints:
         raise UserError(f"{save_dir} holds no checkpoints (checkpoint-*.pth with their .json sidecars)")
-    chosen = best_checkpoints(checkpoints, k, metric, lower_is_better)
-    if not chosen:
+    ranked = best_checkpoints(checkpoints, len(checkpoints), metric, lower_is_better)
+    if not ranked:
         recorded = sorted({name for info in checkpoints for name in info.metrics})
         raise UserError(f"none of the {len(checkpoints)} checkpoints in {save_dir} records {metric!r}; "
                         f"they record: {', '.join(recorded) or 'no metrics at all'}")
@@ -76,8 +77,23 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
     if unscored:
         _note(f"{len(unscored)} checkpoint(s) in {save_dir} record no {metric!r} and are left out "
               f"({listed(unscored)})")
+    # A damaged checkpoint is passed over as a resumed run passes it over; the next best takes its place. Each
+    # file is hashed once per process, so reading the chosen ones later does not hash them again.
+    chosen = []
+    for info in ranked:
+        if len(chosen) == k:
+            break
+        try:
+            verify_checkpoint(info.path)
+            chosen.append(info)
+        except CheckpointCorruptError:
+            _note(f"{info.path.name} does not match the SHA-256 of its sidecar (the file is damaged) and is left out")
+    if not chosen:
+        raise UserError(f"every checkpoint in {save_dir} that records {metric!r} is damaged (none matches the "
+                        "SHA-256 of its sidecar)")
     if len(chosen) < k:
-        _note(f"asked for the best {k} by {metric!r} but only {len(chosen)} checkpoint(s) record it; using those")
+        _note(f"asked for the best {k} by {metric!r} but only {len(chosen)} good checkpoint(s) record it; "
+              "using those")
     return chosen
 
 
@@ -296,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise UserError(f"--inputs: no such file: {listed(missing)}; check the paths")
         metrics = [_recorded_metrics(path) for path in paths]
-    # After the inputs are known, so that a mistyped command leaves no output folder behind.
+        for path in paths:
+            verify_if_checkpoint(path)
+    # After the inputs are known and checked, so that a refused command leaves no output folder behind.
     prepare_output("--output", args.output)
     averaged = average_checkpoints(paths, args.output, use_ema=args.ema, trust_pickle=args.trust_pickle,
                                    progress=not args.no_progress)

@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--output {output}: the release file name must end in .safetensors")
     if output.resolve() == source.resolve():
         raise UserError(f"--output {output} is the input file; choose another name")
-    prepare_output("--output", output)
     obj = read_weights_file(source, trust_pickle=args.trust_pickle)
     weights = release_weights(extract_model_state(obj, use_ema=args.ema, source=str(source)), args.keep_side_heads)
     if args.model:
@@ -117,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         network = network_module.create_network(num_classes=classifier_rows(network_module, weights))
         load_model_state(network, weights, strict=True, for_inference=not args.keep_side_heads,
                          source_name=str(source))
+    # After the input is read and checked, so that a refused one leaves no output folder behind.
+    prepare_output("--output", output)
     digest = write_release(output, weights, release_metadata(obj, weights, args.ema))
     size = output.stat().st_size
     print(f"wrote {output}: {len(weights)} tensors, {size / 1e6:.1f} MB, {describe_weights(weights)}")

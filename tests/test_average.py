@@ -199,6 +199,20 @@ RUN = [(10, {"top1_error": 40.0, "loss": 2.0}), (20, {"top1_error": 30.0, "loss"
        (50, {"loss": 1.4}), (60, {"top1_error": float("nan"), "loss": 1.6})]
 
 
+def test_a_damaged_checkpoint_is_passed_over_for_the_next_best(tmp_path, capsys):
+    _save_run(tmp_path, RUN[:4])
+    damaged = _checkpoint(tmp_path, 40)  # ties with 20 for the best top1_error, and is newer
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert [c.iteration for c in select_best_checkpoints(tmp_path, 2, "top1_error")] == [20, 30]
+    assert f"{damaged.name} does not match the SHA-256 of its sidecar" in capsys.readouterr().err
+    # --save --best through the command: the average of the good ones, the output folder made only then.
+    assert main(["--save", str(tmp_path), "--best", "2", "--output", str(tmp_path / "out" / "avg.safetensors"),
+                 "--no-progress"]) == 0
+    assert "checkpoint-0000000020.pth" in capsys.readouterr().out
+
+
 def test_top_k_is_rebuilt_from_disk_after_a_restart(tmp_path, capsys):
     _save_run(tmp_path, RUN[:3])
     assert [c.iteration for c in select_best_checkpoints(tmp_path, 2, "top1_error")] == [20, 30]

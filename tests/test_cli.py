@@ -187,17 +187,20 @@ def test_a_damaged_checkpoint_is_refused_before_any_work(script, damaged_checkpo
     else:
         module = script_module("OneShot", script)
         main = (lambda argv: module.run_export(network("OneShot"), argv)) if script == "export" else module.main
-    argv = {"average": ["--inputs", str(damaged_checkpoint), "--output", str(tmp_path / "x.safetensors")],
-            "release": [str(damaged_checkpoint), "--output", str(tmp_path / "x.safetensors")],
-            "eval": ["--weights", str(damaged_checkpoint), "--val-dir", str(tmp_path / "images")],
-            "export": ["--weights", str(damaged_checkpoint), "--output", str(tmp_path / "x.onnx")],
-            "predict": ["--weights", str(damaged_checkpoint), str(tmp_path / "images")],
+    out = tmp_path / "out"  # every output goes into this folder, which a refused command must not make
+    argv = {"average": ["--inputs", str(damaged_checkpoint), "--output", str(out / "x.safetensors")],
+            "release": [str(damaged_checkpoint), "--output", str(out / "x.safetensors")],
+            "eval": ["--weights", str(damaged_checkpoint), "--val-dir", str(tmp_path / "images"), "--results-json",
+                     str(out / "x.json")],
+            "export": ["--weights", str(damaged_checkpoint), "--output", str(out / "x.onnx")],
+            "predict": ["--weights", str(damaged_checkpoint), str(tmp_path / "images"), "--predictions-json",
+                        str(out / "x.json")],
             "train": ["--pretrained", str(damaged_checkpoint), "--train-dir", str(tmp_path / "images"),
-                      "--save", str(tmp_path / "run"), "--total-iters", "1"]}[script]
+                      "--save", str(out), "--total-iters", "1"]}[script]
     line = user_error_line(capsys, main, argv)
     assert line == (f"error: {damaged_checkpoint}: its SHA-256 does not match its sidecar, the file is damaged; "
                     "use an earlier checkpoint (a resumed run picks the newest good one by itself)")
-    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.safetensors").exists()
+    assert not out.exists()
 
 
 # -- common.average ---------------------------------------------------------------------------------------------
