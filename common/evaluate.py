@@ -30,7 +30,7 @@ from common.errors import UserError, exit_on_user_error
 from common.hardware import AMP_CHOICES
 from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_wnids, output_names
 from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
-from common.input_format import InputFormat, add_input_format_arguments, input_format_from_args
+from common.input_format import InputFormat, Preprocess, add_input_format_arguments, input_format_from_args
 from common.model_state import check_model_folder, read_checkpoint_metadata, read_weights_file
 from common.models import create_network_for
 
@@ -196,6 +196,7 @@ def read_weights_for(network: ModuleType, args: argparse.Namespace, script: str)
     check_model_folder(args.weights, metadata, model_name, script)
     stored = metadata.get("input_format")
     input_format = input_format_from_args(args, InputFormat.from_dict(stored) if stored else network.INPUT_FORMAT)
+    Preprocess(input_format)  # reads a --mean-image now, so a bad file is refused before any output folder is made
     return weights, metadata, args.image_size or metadata.get("image_size") or 224, input_format
 
 

@@ -467,12 +467,15 @@ def test_a_val_folder_of_undecodable_images_reports_and_writes_nothing(oneshot_e
 
 
 @pytest.mark.parametrize("case", ["missing_weights", "weights_folder", "missing_val_dir", "missing_mean_image",
-                                  "bad_class_map_line", "class_map_index_out_of_range", "small_image_size",
-                                  "bad_limit"])
+                                  "garbage_mean_image", "bad_class_map_line", "class_map_index_out_of_range",
+                                  "small_image_size", "bad_limit"])
 def test_bad_inputs_give_one_line_errors(case, oneshot_eval, oneshot_file, wnid_folder, tmp_path, capsys):
-    argv = {"--weights": str(oneshot_file), "--val-dir": str(wnid_folder), "--workers": "0"}
+    """One line, and no folder for --results-json made: a refused command leaves nothing behind."""
+    argv = {"--weights": str(oneshot_file), "--val-dir": str(wnid_folder), "--workers": "0",
+            "--results-json": str(tmp_path / "out" / "results.json")}
     expected = {"missing_weights": "no such file", "weights_folder": "is a folder",
                 "missing_val_dir": "--val-dir", "missing_mean_image": "--mean-image",
+                "garbage_mean_image": "cannot read it as an OpenCV XML mean image",
                 "bad_class_map_line": "line 2", "class_map_index_out_of_range": "index 1000 is out of range",
                 "small_image_size": "--image-size 16", "bad_limit": "--limit 0"}[case]
     class_map = tmp_path / "classes.txt"
@@ -483,6 +486,9 @@ def test_bad_inputs_give_one_line_errors(case, oneshot_eval, oneshot_file, wnid_
     elif case == "missing_val_dir":
         argv["--val-dir"] = str(tmp_path / "no_val")
     elif case == "missing_mean_image":
+        argv["--mean-image"] = str(tmp_path / "mean.xml")
+    elif case == "garbage_mean_image":
+        (tmp_path / "mean.xml").write_text("not XML\n")
         argv["--mean-image"] = str(tmp_path / "mean.xml")
     elif case == "bad_class_map_line":
         class_map.write_text(f"{WNIDS[0]} 0\njust_a_folder\n")
@@ -496,6 +502,7 @@ def test_bad_inputs_give_one_line_errors(case, oneshot_eval, oneshot_file, wnid_
         argv["--limit"] = "0"
     error = expect_user_error(capsys, oneshot_eval.main, [item for pair in argv.items() for item in pair])
     assert expected in error
+    assert not (tmp_path / "out").exists()
 
 
 # -- ImageNet classes -----------------------------------------------------------------------------------------------

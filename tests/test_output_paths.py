@@ -163,6 +163,16 @@ def test_release_refuses_an_unwritable_output_and_creates_missing_folders(tmp_pa
     assert output.is_file() and output.with_name("r.safetensors.sha256").is_file()
 
 
+def test_predict_refuses_a_bad_mean_image_before_making_the_json_folder(tmp_path, imagenet_weights, wnid_val,
+                                                                         capsys):
+    predict = script_module("OneShot", "predict").main
+    (tmp_path / "mean.xml").write_text("not XML\n")
+    line = user_error_line(capsys, predict, ["--weights", str(imagenet_weights), str(wnid_val), "--mean-image",
+                                             str(tmp_path / "mean.xml"), "--predictions-json",
+                                             str(tmp_path / "out" / "predictions.json")])
+    assert "cannot read it as an OpenCV XML mean image" in line and not (tmp_path / "out").exists()
+
+
 def test_predict_refuses_an_unwritable_json_before_reading_images(blocked, imagenet_weights, wnid_val, capsys):
     predict = script_module("OneShot", "predict").main
     line = user_error_line(capsys, predict, ["--weights", str(imagenet_weights), str(wnid_val), "--predictions-json",
