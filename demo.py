@@ -7,6 +7,7 @@ command-line script; the demo's run folder runs/demo is started afresh.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -43,7 +44,9 @@ def averaging_verdict(last_error: float, average_error: float, iterations: int) 
             "keep.")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    # No options: --help describes the demo, and anything else is refused before runs/demo is cleared.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     from common.checkpoint_store import get_latest_model
 
     shutil.rmtree(RUN, ignore_errors=True)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 
+import pytest
 import torch
 
 from common.checkpoint_store import get_latest_model, save_checkpoint
@@ -142,3 +143,16 @@ def test_curves_loss_panel_shows_the_curve_under_a_huge_early_val_loss():
 def test_demo_says_plainly_when_the_average_loses():
     assert "worse than the last checkpoint" in averaging_verdict(18.3, 21.1, 200)
     assert "beats the last checkpoint by 1.0 points" in averaging_verdict(10.0, 9.0, 200)
+
+
+def test_demo_help_describes_it_and_runs_nothing(capsys, monkeypatch):
+    """`python demo.py --help` ran the whole demo (clearing runs/demo first); now it prints the description, and
+    an unknown argument is refused, both before anything is touched."""
+    import demo
+    cleared = []
+    monkeypatch.setattr(demo.shutil, "rmtree", lambda *args, **kwargs: cleared.append(args))
+    for argv, status in ((["--help"], 0), (["--bogus"], 2)):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(argv)
+        assert exit_info.value.code == status
+    assert "make demo" in capsys.readouterr().out and not cleared
