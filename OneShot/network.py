@@ -184,5 +184,7 @@ def architecture_choices(architecture: Mapping | None) -> tuple[list[int], list[
 
 
 if __name__ == "__main__":
-    from common.counting import print_figures
-    print_figures("OneShot", create_network(), PUBLISHED["params"], PUBLISHED["macs"])
+    import sys
+
+    from common.counting import figures_main
+    sys.exit(figures_main("OneShot", create_network, PUBLISHED))

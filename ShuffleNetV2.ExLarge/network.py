@@ -126,5 +126,7 @@ def create_network(num_classes: int = 1000, *, features_only: bool = False,
 
 
 if __name__ == "__main__":
-    from common.counting import print_figures
-    print_figures("ShuffleNetV2.ExLarge", create_network(), PUBLISHED["params"], PUBLISHED["macs"])
+    import sys
+
+    from common.counting import figures_main
+    sys.exit(figures_main("ShuffleNetV2.ExLarge", create_network, PUBLISHED))

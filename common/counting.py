@@ -2,6 +2,9 @@
 the count is exactly theirs: Conv2d and Linear multiply-accumulates, nothing else)."""
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -37,8 +40,15 @@ def count_macs(model: nn.Module, image_size: int = 224) -> int:
     return total
 
 
-def print_figures(name: str, model: nn.Module, params: int, macs: int) -> None:
-    """Print a network's parameter and MAC counts beside the published figures."""
+def figures_main(name: str, create_network: Callable[[], nn.Module], published: dict) -> int:
+    """A folder's `python network.py`: its counts beside the published figures; status 1 when one differs."""
+    argparse.ArgumentParser(description=f"Count {name}'s parameters and multiply-accumulates (at 1x3x224x224) and "
+                                        "compare them with the published figures.").parse_args()
+    return 0 if print_figures(name, create_network(), published["params"], published["macs"]) else 1
+
+
+def print_figures(name: str, model: nn.Module, params: int, macs: int) -> bool:
+    """Print a network's parameter and MAC counts beside the published figures; whether both agree."""
     counted_params, counted_macs = count_parameters(model), count_macs(model)
     without_heads = count_parameters(model, include_side_heads=False)
     print(f"{name}")
@@ -48,3 +58,4 @@ def print_figures(name: str, model: nn.Module, params: int, macs: int) -> None:
         print(f"  without the side heads:{without_heads:>17,}")
     print(f"  MACs (1x3x224x224):    {counted_macs:>17,}   expected {macs:>17,}   "
           f"{'ok' if counted_macs == macs else 'MISMATCH'}")
+    return counted_params == params and counted_macs == macs
