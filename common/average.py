@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 from common.atomic_io import file_sha256
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointInfo, best_checkpoints,
-                                     default_lower_is_better, list_checkpoints, metric_value, verify_checkpoint,
-                                     verify_if_checkpoint)
+                                     default_lower_is_better, list_checkpoints, metric_value, verify_if_checkpoint)
 from common.cli import prepare_output
 from common.errors import UserError, exit_on_user_error, listed
 from common.release import shareable_metadata, write_release
@@ -84,7 +83,7 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
         if len(chosen) == k:
             break
         try:
-            verify_checkpoint(info.path)
+            verify_if_checkpoint(info.path)
             chosen.append(info)
         except CheckpointCorruptError:
             _note(f"{info.path.name} does not match the SHA-256 of its sidecar (the file is damaged) and is left out")
