@@ -34,7 +34,8 @@ import search_space  # noqa: E402
 import supernet as supernet_module  # noqa: E402
 from common.bn_recalibrate import recalibrate_batchnorm  # noqa: E402
 from common.atomic_io import atomic_write  # noqa: E402
-from common.cli import DefaultsHelpFormatter, add_device_argument, prepare_output  # noqa: E402
+from common.cli import (DefaultsHelpFormatter, add_device_argument, check_image_size,  # noqa: E402
+                        prepare_output, seed_value, worker_count)
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
 from common.distributed import (all_gather_objects, init_distributed, launched_world_size,  # noqa: E402
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     evolution.add_argument("--mutation-prob", type=float, default=0.1, help="probability a layer is re-drawn")
     evolution.add_argument("--crossovers", type=int, default=25, help="crossed-over candidates per generation")
     evolution.add_argument("--generations", type=int, default=20, help="number of generations")
-    evolution.add_argument("--seed", type=int, default=0, help="seed of the search and of the BN images")
+    evolution.add_argument("--seed", type=seed_value, default=0, help="seed of the search and of the BN images")
     scoring = parser.add_argument_group("scoring a candidate")
     scoring.add_argument("--bn-images", type=int, default=20_000,
                          help="training images (outside the held-out split) to re-estimate BatchNorm statistics")
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="held-out images a candidate is scored on (all when fewer are held out)")
     scoring.add_argument("--batch-size", type=int, default=200, help="scoring batch size")
     scoring.add_argument("--image-size", type=int, help="image size (default: the supernet's training size)")
-    scoring.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    scoring.add_argument("--workers", type=worker_count, default=min(8, os.cpu_count() or 1),
                          help="data-loading worker processes (images are decoded once and kept in memory); "
                               "the default is the CPU count, at most 8")
     add_device_argument(scoring)
@@ -240,6 +241,7 @@ def check_args(args: argparse.Namespace) -> None:
                         f"{args.population}")
     if not 0 <= args.mutation_prob <= 1:
         raise UserError(f"--mutation-prob {args.mutation_prob}: must be between 0 and 1")
+    check_image_size(args.image_size)
     if not args.supernet:
         raise UserError("--supernet CHECKPOINT is required (a checkpoint of train_supernet.py), or --demo")
     if not Path(args.supernet).is_file():

@@ -40,6 +40,22 @@ def check_image_size(size: int | None) -> None:
                         "five times; at other sizes the halvings pad unevenly and train.py refuses them too)")
 
 
+def worker_count(text: str) -> int:
+    """The argparse type of every --workers flag: refused at parse time, before any work, when negative."""
+    workers = int(text)
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"{workers}: must be 0 (load in the main process) or more")
+    return workers
+
+
+def seed_value(text: str) -> int:
+    """The argparse type of every --seed flag: the range Python's, NumPy's and torch's generators all take."""
+    seed = int(text)
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"{seed}: must be between 0 and 2**32 - 1")
+    return seed
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to a flag's help only where it tells something: not for a default of None or
     False (an unset option, an off switch), and not where the help already states its default."""

@@ -485,8 +485,6 @@ def _outlive_stop_signals(worker_id: int) -> None:
 
 
 def _loader(dataset: Dataset, batch_sampler, collate_fn, workers: int, pin_memory: bool) -> DataLoader:
-    if workers < 0:
-        raise DataError(f"--workers {workers}: must be 0 (load in the main process) or more")
     # A generator of its own: iter(loader) drawing from the global RNG would change a resumed run's dropout masks.
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=workers > 0, generator=torch.Generator(),

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint import library_versions
-from common.cli import add_device_argument, check_image_size, prepare_output
+from common.cli import add_device_argument, check_image_size, prepare_output, worker_count
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import DistInfo, all_gather_objects, init_distributed, shutdown_distributed
@@ -150,7 +150,7 @@ def write_predictions_csv(path: str | Path, predictions: dict, paths: Sequence[s
 def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """The data flags eval.py and predict.py share: batching, workers, device, crop size."""
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=worker_count, default=min(4, os.cpu_count() or 1),
                         help="data-loading worker processes; 0 loads in the main process (default: the CPU count, "
                              "at most 4)")
     add_device_argument(parser)

@@ -24,7 +24,7 @@ from torch import nn
 from common.checkpoint import get_training_state, load_checkpoint, rng_state
 from common.checkpoint_store import (CheckpointError, claim_folder, get_latest_model, list_checkpoints,
                                      save_checkpoint)
-from common.cli import DefaultsHelpFormatter, add_device_argument, prepare_output
+from common.cli import DefaultsHelpFormatter, add_device_argument, prepare_output, seed_value, worker_count
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
 from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, average_buffers, barrier,
@@ -88,7 +88,7 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: Recipe) -> None:
                            f"{d.demo.image_size}px images; explicit flags still win")
     data.add_argument("--num-classes", type=int, help="number of classes (default: the class folders found)")
     data.add_argument("--image-size", type=int, help=f"training crop size (default {d.image_size})")
-    data.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    data.add_argument("--workers", type=worker_count, default=min(8, os.cpu_count() or 1),
                       help="data-loading worker processes per rank (default: the CPU count, at most 8)")
 
 
@@ -105,7 +105,7 @@ def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
     optim.add_argument("--weight-decay", type=float, default=d.weight_decay,
                        help="weight decay, applied to weights of 2 or more dimensions only")
     optim.add_argument("--label-smooth", type=float, default=d.label_smooth, help="label smoothing epsilon")
-    optim.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    optim.add_argument("--seed", type=seed_value, default=0, help="seed of initialisation, data order and augmentation")
     optim.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only (slower): a resumed run is bit-identical")
     optim.add_argument("--ema", action="store_true",
@@ -172,6 +172,15 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
         raise UserError(f"--image-size {args.image_size}: use a multiple of 32")
     if args.warmup_iters < 0:
         raise UserError(f"--warmup-iters {args.warmup_iters}: must be 0 or more")
+    if args.num_classes is not None and args.num_classes < 2:
+        raise UserError(f"--num-classes {args.num_classes}: must be 2 or more (leave it out for the class folders' "
+                        "count)")
+    for name in ("momentum", "weight_decay"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
+    for name in ("label_smooth", "ema_decay"):
+        if not 0 <= getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 0 and below 1")
     if args.average_best and not args.val_dir:
         raise UserError(f"--average-best {args.average_best} picks checkpoints by their validation error: give "
                         "--val-dir DIR")

@@ -18,7 +18,7 @@ from common.checkpoint import get_training_state
 from common.checkpoint_store import save_checkpoint
 from common.demo_data import make_image_folder
 from common.imagenet import imagenet_wnids
-from conftest import network, script_module, user_error_line
+from conftest import REPO_ROOT, network, script_module, user_error_line
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +124,37 @@ def test_a_refused_train_command_leaves_no_save_folder(tmp_path, oneshot, image_
                         (["--train-dir", str(image_folder), "--pretrained", str(tmp_path / "garbage.pth")],
                          f"{tmp_path / 'garbage.pth'} is not a PyTorch or safetensors weights file"),
                         (["--train-dir", str(image_folder), "--architecture", str(tmp_path / "architecture.json")],
-                         "--architecture ")):
+                         "--architecture "),
+                        *((["--train-dir", str(image_folder), flag, value], f"{flag} ") for flag, value in
+                          (("--momentum", "-0.5"), ("--weight-decay", "-1"), ("--label-smooth", "2"),
+                           ("--ema-decay", "1"), ("--num-classes", "0")))):
         line = user_error_line(capsys, train, [*argv, "--save", str(tmp_path / "run")])
         assert line.startswith(f"error: {error}")
         assert not (tmp_path / "run").exists(), argv
+
+
+def test_workers_and_seed_out_of_range_are_refused_by_every_script_that_takes_them(
+        tmp_path, oneshot, imagenet_weights, wnid_val, image_folder, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "OneShot"))  # search.py imports its folder's modules
+    output = tmp_path / "out"
+    cases = {"train": ["--train-dir", str(image_folder), "--save", str(output)],
+             "eval": ["--weights", str(imagenet_weights), "--val-dir", str(wnid_val), "--results-json",
+                      str(output / "r.json")],
+             "predict": ["--weights", str(imagenet_weights), str(wnid_val), "--predictions-json",
+                         str(output / "p.json")],
+             "search": ["--supernet", str(imagenet_weights), "--output", str(output / "s.json")]}
+    for script, argv in cases.items():
+        for flag, value, expected in (("--workers", "-1", "must be 0 (load in the main process) or more"),
+                                      ("--seed", "-1", "must be between 0 and 2**32 - 1")):
+            if flag == "--seed" and script in ("eval", "predict"):
+                continue
+            with pytest.raises(SystemExit) as exit_info:
+                script_module("OneShot", script).main([*argv, flag, value])
+            assert exit_info.value.code == 2
+            assert f"argument {flag}: {value}: {expected}" in capsys.readouterr().err, (script, flag)
+            assert not output.exists(), (script, flag)
+    line = user_error_line(capsys, script_module("OneShot", "search").main, [*cases["search"], "--image-size", "33"])
+    assert line.startswith("error: --image-size 33: use a multiple of 32")
 
 
 @pytest.mark.parametrize("kind", ["onnx", "coreml"])
