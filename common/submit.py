@@ -1,4 +1,4 @@
-"""Launch a model folder's train.py on a SLURM cluster with submitit; preempted or timed-out jobs requeue and resume.
+r"""Launch a model folder's train.py on a SLURM cluster with submitit; preempted or timed-out jobs requeue and resume.
 
     python -m common.submit --model OneShot --nodes 2 --gpus-per-node 8 --partition gpu -- \
         --train-dir /data/imagenet/train --val-dir /data/imagenet/val --save /checkpoints/oneshot
@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import DefaultsHelpFormatter
+from common.cli import DefaultsHelpFormatter, prepare_output
 from common.errors import UserError, exit_on_user_error
 from common.models import MODEL_FOLDERS, REPO_ROOT, load_module
 
@@ -65,17 +65,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The smallest value each number flag takes.
+_LEAST = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 1, "mem_gb": 0, "time": 1, "max_requeues": 0}
+
+
+def _check_train_args(model: str, train_args: list[str]) -> None:
+    """Parse train.py's arguments here, so that a mistyped flag is refused now, not after the job waited in the
+    queue (the values the job itself checks at its start)."""
+    from common.training import build_parser
+    folder = REPO_ROOT / model
+    sys.path.insert(0, str(folder))  # for the train.py's `import network`
+    train = load_module(folder / "train.py", "train_" + model.replace(".", "_"))
+    parser = build_parser(train.RECIPE)
+    parser.prog = "train.py (the arguments after --)"
+    parser.parse_args(train_args)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if not train_args:
         raise UserError("give train.py's arguments after --, e.g. -- --train-dir DIR --val-dir DIR")
+    for name, least in _LEAST.items():
+        if getattr(args, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}")
+    _check_train_args(args.model, train_args)
     import submitit
     if args.cluster is None and submitit.AutoExecutor.which() != "slurm":
         # submitit would start every rank as a process on this machine, in the background.
         raise UserError(f"no SLURM on this machine (no sbatch found); --cluster local runs the job's "
                         f"{args.nodes * args.gpus_per_node} ranks as processes here, or use torchrun")
+    prepare_output("--log-dir", args.log_dir, folder=True)
     executor = submitit.AutoExecutor(folder=Path(args.log_dir) / "%j", cluster=args.cluster,
                                      slurm_max_num_timeout=args.max_requeues)
     executor.update_parameters(

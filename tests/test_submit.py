@@ -45,3 +45,18 @@ def test_a_local_two_rank_job_trains_and_saves(tmp_path, image_folder):
     assert get_latest_model(save)[1] == 2
     logs = {path.name: path.read_text() for path in (tmp_path / "logs").rglob("*_log.out")}
     assert len(logs) == 2 and any("of global batch 8 on 2 x cpu" in text for text in logs.values())
+
+
+def test_bad_numbers_and_a_mistyped_train_flag_are_refused_before_anything_is_submitted(tmp_path):
+    logs = tmp_path / "logs"
+    for flags, expected in ((["--nodes", "0"], "error: --nodes 0: must be at least 1"),
+                            (["--gpus-per-node", "-1"], "error: --gpus-per-node -1: must be at least 1"),
+                            (["--time", "0"], "error: --time 0: must be at least 1")):
+        result = submit("--model", "OneShot", "--cluster", "local", *flags, "--log-dir", str(logs), "--", "--demo")
+        assert result.returncode == 2 and result.stderr.strip() == expected
+    result = submit("--model", "OneShot", "--cluster", "local", "--log-dir", str(logs), "--", "--demo",
+                    "--totl-iters", "3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("train.py (the arguments after --): error: unrecognized "
+                                                      "arguments: --totl-iters 3")
+    assert not logs.exists()
