@@ -256,6 +256,14 @@ def test_holding_out_more_than_a_class_has_is_one_line_before_any_work(tmp_path,
     assert not (tmp_path / "x").exists()
 
 
+def test_a_budget_that_is_not_a_number_is_one_line_before_any_work(tmp_path, image_folder):
+    result = run(["train_supernet.py", "--train-dir", str(image_folder), "--save", str(tmp_path / "x"), *SUPERNET,
+                  "--flops-max", "nan"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --flops-max nan: give a number of multiply-accumulates" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_search_into_a_new_folder_creates_it_and_an_unwritable_output_fails_before_any_work(
         tmp_path, supernet_run):
     checkpoint = str(get_latest_model(supernet_run)[0])
