@@ -3,6 +3,7 @@ RGB batches on the device, so train, eval and export share one definition."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ class InputFormat:
             raise ValueError(f"channel_order must be 'BGR' or 'RGB', not {self.channel_order!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, and std values must be positive")
+        if not all(math.isfinite(value) for value in (*self.mean, *self.std, self.scale)):
+            raise ValueError(f"mean {self.mean} and std {self.std} must be finite numbers")
 
     def replace(self, **changes) -> "InputFormat":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

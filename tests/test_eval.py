@@ -505,6 +505,15 @@ def test_bad_inputs_give_one_line_errors(case, oneshot_eval, oneshot_file, wnid_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags", [["--mean", "nan", "0", "0"], ["--std", "1", "inf", "1"]])
+def test_a_mean_or_std_that_is_not_a_finite_number_is_one_line(flags, oneshot_eval, oneshot_file, wnid_folder,
+                                                                tmp_path, capsys):
+    argv = ["--weights", str(oneshot_file), "--val-dir", str(wnid_folder), "--workers", "0", "--results-json",
+            str(tmp_path / "out" / "results.json"), *flags]
+    assert "must be finite numbers" in expect_user_error(capsys, oneshot_eval.main, argv)
+    assert not (tmp_path / "out").exists()
+
+
 # -- ImageNet classes -----------------------------------------------------------------------------------------------
 
 def test_imagenet_classes_come_from_timm_in_sorted_wnid_order():
