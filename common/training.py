@@ -372,6 +372,8 @@ class Meter:
 
     def __init__(self, device: torch.device, start_iteration: int) -> None:
         self.start_iteration = start_iteration
+        # Batches in which no image could be decoded: their loss (a mean over no images) is NaN.
+        self.empty_batches = 0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.loss, self.correct = torch.zeros((), device=device), torch.zeros((), device=device)
         self.run_start = time.perf_counter()
@@ -389,6 +391,7 @@ class Meter:
         self.correct += (logits.argmax(1) == labels).sum()
         self.iterations += 1
         self.images += labels.numel()
+        self.empty_batches += labels.numel() == 0
         self.skipped += skipped
 
     @contextmanager
@@ -476,6 +479,10 @@ class Trainer:
             if any_rank(bool(meter.nonfinite) or not finite, info):
                 kept = (f"nothing after the checkpoint at iteration {last_saved} was saved, so it stays the latest"
                         if last_saved else "no checkpoint was saved")
+                if any_rank(meter.empty_batches > 0, info):
+                    raise UserError(f"not one image of a training batch after iteration {last_saved} could be "
+                                    f"decoded (see the skipped files above), so its loss is undefined; {kept}. "
+                                    "Replace or remove the unreadable files in --train-dir")
                 raise TrainingDiverged(
                     f"the loss or the weights became NaN or infinite after iteration {last_saved} (noticed at "
                     f"{done}); {kept}. Lower --learning-rate"

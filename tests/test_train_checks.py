@@ -1,6 +1,6 @@
 """train.py's checks and reports, through the real script: val classes checked at start, a one-class folder refused,
-a NaN validation loss said in words, an unreadable image named once, `--eval` as eval.py evaluates; the demo's
-curves and its word on averaging."""
+a NaN validation loss said in words, an unreadable image named once, a batch of them named as such, `--eval` as
+eval.py evaluates; the demo's curves and its word on averaging."""
 from __future__ import annotations
 
 import shutil
@@ -67,6 +67,17 @@ def test_an_unreadable_image_is_named_once_then_counted(tmp_path, image_folder):
     for name in ("broken-data.jpg", "broken-val.jpg"):
         assert result.stderr.count(f"{name}: cannot decode it") == 1, result.stderr
     assert "skipped 1 unreadable images" in result.stdout
+
+
+def test_a_batch_with_no_decodable_image_is_named_as_such_not_as_a_divergence(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "data" / name / f"{i}.jpg").write_bytes(b"not a jpeg at all")
+    result = run(train_command(tmp_path / "save", tmp_path / "data", "--total-iters", "2"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: not one image of a training batch after iteration 0 could be decoded")
 
 
 def test_eval_refuses_custom_classes_for_imagenet_weights_as_eval_py_does(tmp_path, image_folder):
