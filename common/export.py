@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -633,8 +634,6 @@ def _verify(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path
 
 def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Namespace, argv: list[str]) -> int:
     """Export every format in its own process (so each one's peak memory is its own) and tabulate the results."""
-    import subprocess
-
     weights = Path(args.weights)
     folder = Path(args.output or weights.parent / f"{model_name}-sweep")
     # What every entry reads, checked once here: a mistyped path is one line, not ten failed exports.
@@ -659,13 +658,33 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
         print(f"\n=== {name} ===", flush=True)
         command = [sys.executable, str(script), *passed, *flags, "--results-json", str(results),
                    "--output", str(folder / f"{model_name}-{stem}{suffix}"), "--min-agreement", "0"]
-        status = subprocess.run(command).returncode
+        status = _run_entry(command)
         ok = status == 0 and results.is_file()
         rows.append({"name": name, **(json.loads(results.read_text()) if ok else {"error": f"exit status {status}"})})
     atomic_write_text(folder / "sweep.json", json.dumps(rows, indent=2) + "\n")
     atomic_write_text(folder / "sweep.md", sweep_table(rows) + "\n")
     print(f"\n{sweep_table(rows)}\n\nwrote {folder / 'sweep.md'} and {folder / 'sweep.json'}")
     return 0 if all("error" not in row for row in rows) else 1
+
+
+def _run_entry(command: list[str]) -> int:
+    """Run one sweep entry; its exit status. On a Ctrl-C the entry removes its partial output and says "stopped
+    (Ctrl-C)" itself (a terminal's Ctrl-C reaches it too; one sent to this process alone is passed on), and this
+    process waits for that, then exits 130, saying it only where the entry did not."""
+    import subprocess
+
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        try:
+            status = process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            status = process.wait()
+        if status != 130:  # the entry ended otherwise, without saying it stopped
+            print("\nstopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 def _forwarded_flags(argv: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ a trained network's do.
 from __future__ import annotations
 
 import contextlib
+import os
 import hashlib
 import io
 import json
@@ -354,3 +355,20 @@ def test_ctrl_c_during_an_export_is_one_line_status_130_and_leaves_nothing(tmp_p
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130 and err.rstrip().endswith("stopped (Ctrl-C)") and "Traceback" not in err
     assert not output.exists() and list(output.parent.iterdir()) == []
+
+
+def test_ctrl_c_during_a_sweep_stops_it_with_one_line_and_leaves_no_partial_export(tmp_path, image_folder):
+    """The terminal's Ctrl-C reaches the sweep and the entry it runs: the entry removes its partial export and says
+    it stopped; the sweep waits for that and does not say it again."""
+    weights = tmp_path / "oneshot.pth"
+    torch.save(network("OneShot").create_network().state_dict(), weights)
+    folder = tmp_path / "sweep"
+    process = start([sys.executable, "export.py", "--weights", str(weights), "--sweep", "--image-size", "32",
+                     "--calibration-dir", str(image_folder), "--output", str(folder)])
+    for line in process.stdout:
+        if "exporting" in line:  # the first entry's conversion starts
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and err.count("stopped (Ctrl-C)") == 1 and "Traceback" not in err, err
+    assert not [path.name for path in folder.iterdir() if path.name.startswith(".")]
