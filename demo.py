@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common.cli import run_script
 from common.errors import exit_on_user_error
 
 ROOT = Path(__file__).resolve().parent
@@ -25,9 +25,10 @@ MODEL_DIR = ROOT / "OneShot"
 def step(title: str, args: list[str], cwd: Path = MODEL_DIR) -> None:
     print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
     started = time.perf_counter()
-    completed = subprocess.run([sys.executable, *args], cwd=cwd)
-    if completed.returncode:
-        sys.exit(f"demo: '{title}' failed with exit status {completed.returncode}")
+    status = run_script([sys.executable, *args], cwd=cwd,
+                        stopped="demo stopped (Ctrl-C); it starts afresh when run again")
+    if status:
+        sys.exit(f"demo: '{title}' failed with exit status {status}")
     print(f"--- {title}: {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import supernet as supernet_module  # noqa: E402
 from common.bn_recalibrate import recalibrate_batchnorm  # noqa: E402
 from common.atomic_io import atomic_write  # noqa: E402
 from common.cli import (DefaultsHelpFormatter, add_device_argument, check_image_size,  # noqa: E402
-                        prepare_output, seed_value, worker_count)
+                        prepare_output, run_script, seed_value, worker_count)
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
 from common.distributed import (all_gather_objects, init_distributed, launched_world_size,  # noqa: E402
@@ -373,9 +372,9 @@ def run_demo() -> None:
     def step(title: str, command: list[str]) -> None:
         print(f"\n=== {title}\n$ python {' '.join(command)}", flush=True)
         started = time.perf_counter()
-        completed = subprocess.run([sys.executable, *command], cwd=folder)
-        if completed.returncode:
-            sys.exit(f"search demo: '{title}' failed with exit status {completed.returncode}")
+        status = run_script([sys.executable, *command], cwd=folder)
+        if status:
+            sys.exit(f"search demo: '{title}' failed with exit status {status}")
         times[title] = time.perf_counter() - started
 
     # Small paths (100M-300M FLOPs at 224px) for the supernet and a budget of 280M for the search, so the budget

@@ -1,9 +1,13 @@
-"""Command-line pieces every script shares: output paths checked before the work starts, and help defaults.
-A result written after an hour into a folder that cannot take it is an hour lost."""
+"""Command-line pieces every script shares: output paths checked before the work starts, flag types, help defaults,
+and running one script from another. A result written after an hour into a folder that cannot take it is an hour
+lost."""
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,3 +75,23 @@ def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     """--device, worded the same in every script."""
     parser.add_argument("--device", default="auto",
                         help="auto (the default): the GPU when CUDA is present, else the CPU; or cpu, cuda, cuda:N")
+
+
+def run_script(command: list[str], cwd: str | os.PathLike | None = None, stopped: str | None = None) -> int:
+    """Run another of this project's scripts as a child process; its exit status. On a Ctrl-C the child finishes
+    stopping by itself (a training run saves its checkpoint, an export removes its partial output) and says so: a
+    terminal's Ctrl-C reaches it too, one sent to this process alone is passed on. This process waits for that
+    (subprocess.run would kill the child after 0.25 s), then exits 130 after the line `stopped` (by default
+    "stopped (Ctrl-C)", and only where the child did not say it)."""
+    process = subprocess.Popen(command, cwd=cwd)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        try:
+            status = process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            status = process.wait()
+        if stopped or status != 130:
+            print(f"\n{stopped or 'stopped (Ctrl-C)'}", file=sys.stderr)
+        sys.exit(130)

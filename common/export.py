@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import check_image_size, prepare_output
+from common.cli import check_image_size, prepare_output, run_script
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
 from common.atomic_io import atomic_write_text, file_sha256
 from common.errors import UserError, exit_on_user_error
@@ -658,33 +657,13 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
         print(f"\n=== {name} ===", flush=True)
         command = [sys.executable, str(script), *passed, *flags, "--results-json", str(results),
                    "--output", str(folder / f"{model_name}-{stem}{suffix}"), "--min-agreement", "0"]
-        status = _run_entry(command)
+        status = run_script(command)
         ok = status == 0 and results.is_file()
         rows.append({"name": name, **(json.loads(results.read_text()) if ok else {"error": f"exit status {status}"})})
     atomic_write_text(folder / "sweep.json", json.dumps(rows, indent=2) + "\n")
     atomic_write_text(folder / "sweep.md", sweep_table(rows) + "\n")
     print(f"\n{sweep_table(rows)}\n\nwrote {folder / 'sweep.md'} and {folder / 'sweep.json'}")
     return 0 if all("error" not in row for row in rows) else 1
-
-
-def _run_entry(command: list[str]) -> int:
-    """Run one sweep entry; its exit status. On a Ctrl-C the entry removes its partial output and says "stopped
-    (Ctrl-C)" itself (a terminal's Ctrl-C reaches it too; one sent to this process alone is passed on), and this
-    process waits for that, then exits 130, saying it only where the entry did not."""
-    import subprocess
-
-    process = subprocess.Popen(command)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        try:
-            status = process.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGINT)
-            status = process.wait()
-        if status != 130:  # the entry ended otherwise, without saying it stopped
-            print("\nstopped (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
 
 
 def _forwarded_flags(argv: list[str]) -> list[str]:
