@@ -117,13 +117,16 @@ def _report(model: str, file_size: int, idle: dict, runs: dict, threads: int | N
 
 
 def main() -> int:
+    from common.cli import existing_folder, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="OneShot-sized files (14 MB) instead of ExLarge (1.08 GB): a smoke test, whose memory "
                              "ratio fixed costs of tens of MB dominate")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers to FILE as JSON")
-    parser.add_argument("--dir", metavar="DIR", help="where to put the temporary files (default: the system's)")
-    parser.add_argument("--threads", type=int, metavar="N",
+    parser.add_argument("--dir", type=existing_folder, metavar="DIR",
+                        help="where to put the temporary files (default: the system's)")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="torch threads in the measured processes (default: torch's own choice); on a machine "
                              "whose cores are busy with other work, 1 avoids threads waiting for each other")
     parser.add_argument("--child", nargs="+", metavar=("MODE", "FILE"), help=argparse.SUPPRESS)

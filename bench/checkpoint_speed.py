@@ -33,6 +33,7 @@ import torch
 
 from timing import interleaved, paired_ratio, write_json
 from common.atomic_io import pieces_sha256
+from common.cli import existing_folder, positive_int
 from common.checkpoint import get_training_state, load_checkpoint
 from common.checkpoint_store import PIECE_BYTES, save_checkpoint
 from common.ema import create_ema
@@ -140,8 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
                         help="model folders to measure (default: all)")
-    parser.add_argument("--dir", help="folder on the disk to measure (default: a temporary folder)")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--dir", type=existing_folder,
+                        help="folder on the disk to measure (default: a temporary folder)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
                         help="timed rounds of all six, after one warm-up round (a multiple of 3 puts each read "
                              "first equally often)")
     parser.add_argument("--json", help="write the results to this file")

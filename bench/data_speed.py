@@ -21,6 +21,7 @@ from PIL import Image
 from torchvision import transforms
 
 from timing import interleaved, paired_ratio, rate, write_json
+from common.cli import positive_int
 from common.data import EvalTransform, ImageDataset, TrainTransform
 
 
@@ -55,8 +56,8 @@ def original_train_pipeline(crop_size: int = 224):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=96, help="JPEG files per measurement")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--images", type=positive_int, default=96, help="JPEG files per measurement")
+    parser.add_argument("--repeats", type=positive_int, default=5,
                         help="measured passes over the files, every case once per round")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()

@@ -20,6 +20,7 @@ import time
 import torch
 
 from timing import interleaved, matmul_gflops, paired_ratio, rate, write_json
+from common.cli import positive_int
 from common.hardware import cpu_supports_bf16
 from common.inference import prepare_inference_model
 from common.models import MODEL_FOLDERS, load_network_module
@@ -71,12 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
                         help="model folders to measure (default: all)")
-    parser.add_argument("--batch-size", type=int,
+    parser.add_argument("--batch-size", type=positive_int,
                         help="images per call (default: " + ", ".join(f"{m} {b}" for m, b in BATCH.items()) + ")")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="paths to time (default: all; bf16 ones only where the CPU supports bf16). Each "
                              "compiled one compiles for up to a minute per model on 2 cores")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per model")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed rounds per model")
     parser.add_argument("--quick", action="store_true",
                         help="plain, fast and fast+bf16 (where native) only, so nothing compiles; 3 rounds after "
                              "one warm-up round")

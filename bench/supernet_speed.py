@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from timing import write_json
+from common.cli import positive_int
 from common.models import REPO_ROOT, load_network_module
 
 sys.path.insert(0, str(REPO_ROOT / "OneShot"))
@@ -25,9 +26,9 @@ import supernet  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image-size", type=int, default=64, help="image size")
-    parser.add_argument("--batch-size", type=int, default=48, help="batch size")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
-    parser.add_argument("--steps", type=int, default=3, help="steps per model per round")
+    parser.add_argument("--batch-size", type=positive_int, default=48, help="batch size")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds")
+    parser.add_argument("--steps", type=positive_int, default=3, help="steps per model per round")
     parser.add_argument("--flops-min", type=float, default=290e6,
                         help="smallest multiply-accumulates of a supernet path, counted at 224x224")
     parser.add_argument("--flops-max", type=float, default=360e6,

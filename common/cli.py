@@ -52,6 +52,21 @@ def worker_count(text: str) -> int:
     return workers
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1 (images, repeats, batch sizes of the benchmarks)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def existing_folder(text: str) -> str:
+    """An argparse type for a folder that must already exist."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return text
+
+
 def seed_value(text: str) -> int:
     """The argparse type of every --seed flag: the range Python's, NumPy's and torch's generators all take."""
     seed = int(text)

@@ -337,3 +337,14 @@ def test_a_file_system_failure_during_the_work_is_one_line_and_exit_status_1(fai
     expected = "No space left on device" if failure == "full disk" else f"{folder}/.results.json."
     assert error.startswith("error: ") and expected in error and len(error.strip().splitlines()) == 1
     assert "the files written before are intact" in error
+
+
+@pytest.mark.parametrize("script, flags", [("data_speed", ["--images", "0"]), ("eval_speed", ["--repeats", "0"]),
+                                           ("supernet_speed", ["--steps", "0"]),
+                                           ("checkpoint_speed", ["--dir", "no-such-folder"]),
+                                           ("average_memory", ["--threads", "0"])])
+def test_benchmarks_refuse_counts_below_one_and_missing_folders_before_measuring(script, flags):
+    result = subprocess.run([sys.executable, f"{script}.py", *flags], cwd=REPO_ROOT / "bench", capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"{script}.py: error: argument {flags[0]}: {flags[1]}: ")
