@@ -26,7 +26,7 @@ def step(title: str, args: list[str], cwd: Path = MODEL_DIR) -> None:
     print(f"\n=== {title}\n$ {' '.join(args)}", flush=True)
     started = time.perf_counter()
     status = run_script([sys.executable, *args], cwd=cwd,
-                        stopped="demo stopped (Ctrl-C); it starts afresh when run again")
+                        stopped="demo stopped; it starts afresh when run again")
     if status:
         sys.exit(f"demo: '{title}' failed with exit status {status}")
     print(f"--- {title}: {time.perf_counter() - started:.0f} s", flush=True)

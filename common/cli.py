@@ -93,20 +93,29 @@ def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 
 def run_script(command: list[str], cwd: str | os.PathLike | None = None, stopped: str | None = None) -> int:
-    """Run another of this project's scripts as a child process; its exit status. On a Ctrl-C the child finishes
-    stopping by itself (a training run saves its checkpoint, an export removes its partial output) and says so: a
-    terminal's Ctrl-C reaches it too, one sent to this process alone is passed on. This process waits for that
-    (subprocess.run would kill the child after 0.25 s), then exits 130 after the line `stopped` (by default
-    "stopped (Ctrl-C)", and only where the child did not say it)."""
-    process = subprocess.Popen(command, cwd=cwd)
+    """Run another of this project's scripts as a child process; its exit status. A Ctrl-C or SIGTERM is passed
+    on to the child, which finishes stopping by itself (a training run saves its checkpoint, an export removes its
+    partial output) and says so; then this process exits 130 or 143 after the line `stopped` (by default "stopped
+    (Ctrl-C)", and only where the child did not say it). The child has a process group of its own, so each signal
+    reaches it once: a terminal's Ctrl-C reaching it directly as well would be a second one, which tells a training
+    run to stop without saving."""
+    process = subprocess.Popen(command, cwd=cwd, process_group=0)
+    received = []
+
+    def pass_on(signum: int, frame) -> None:
+        received.append(signum)
+        process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        try:
-            status = process.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGINT)
-            status = process.wait()
-        if stopped or status != 130:
-            print(f"\n{stopped or 'stopped (Ctrl-C)'}", file=sys.stderr)
-        sys.exit(130)
+        status = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if not received:
+        return status
+    code = 128 + received[0]
+    if stopped or status != code:  # the child ended otherwise, without saying it stopped
+        name = "Ctrl-C" if received[0] == signal.SIGINT else signal.Signals(received[0]).name
+        print(f"\n{stopped or f'stopped ({name})'}", file=sys.stderr)
+    sys.exit(code)
