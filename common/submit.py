@@ -70,8 +70,8 @@ _LEAST = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 1, "mem_gb": 0, "time
 
 
 def _check_train_args(model: str, train_args: list[str]) -> None:
-    """Parse train.py's arguments here, so that a mistyped flag is refused now, not after the job waited in the
-    queue (the values the job itself checks at its start)."""
+    """Parse train.py's arguments here, so that a mistyped flag is refused now rather than after the job waited in
+    the queue; the job checks their values (paths, ranges) when it starts, on the cluster's file system."""
     from common.training import build_parser
     folder = REPO_ROOT / model
     sys.path.insert(0, str(folder))  # for the train.py's `import network`
