@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import UserError
@@ -44,20 +45,27 @@ def check_image_size(size: int | None) -> None:
                         "five times; at other sizes the halvings pad unevenly and train.py refuses them too)")
 
 
-def worker_count(text: str) -> int:
-    """The argparse type of every --workers flag: refused at parse time, before any work, when negative."""
-    workers = int(text)
-    if workers < 0:
-        raise argparse.ArgumentTypeError(f"{workers}: must be 0 (load in the main process) or more")
-    return workers
+def bounded_int(least: int, most: int | None = None, requirement: str | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from `least` to `most` (no upper bound when None), refused at parse time,
+    before any work, with "must be <requirement>" otherwise. A non-integer reads "invalid int value", as with
+    type=int."""
+    requirement = requirement or (f"at least {least}" if most is None else f"between {least} and {most}")
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"{value}: must be {requirement}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type by it in "invalid ... value"
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """An argparse type for counts that must be at least 1 (images, repeats, batch sizes of the benchmarks)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
-    return value
+# Every --workers flag; the benchmarks' counts; every --seed flag (the range Python's, NumPy's and torch's
+# generators all take).
+worker_count = bounded_int(0, requirement="0 (load in the main process) or more")
+positive_int = bounded_int(1)
+seed_value = bounded_int(0, 2**32 - 1, requirement="between 0 and 2**32 - 1")
 
 
 def existing_folder(text: str) -> str:
@@ -65,14 +73,6 @@ def existing_folder(text: str) -> str:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text}: no such folder")
     return text
-
-
-def seed_value(text: str) -> int:
-    """The argparse type of every --seed flag: the range Python's, NumPy's and torch's generators all take."""
-    seed = int(text)
-    if not 0 <= seed < 2**32:
-        raise argparse.ArgumentTypeError(f"{seed}: must be between 0 and 2**32 - 1")
-    return seed
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

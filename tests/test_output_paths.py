@@ -153,6 +153,9 @@ def test_workers_and_seed_out_of_range_are_refused_by_every_script_that_takes_th
             assert exit_info.value.code == 2
             assert f"argument {flag}: {value}: {expected}" in capsys.readouterr().err, (script, flag)
             assert not output.exists(), (script, flag)
+        with pytest.raises(SystemExit):
+            script_module("OneShot", script).main([*argv, "--workers", "two"])
+        assert "argument --workers: invalid int value: 'two'" in capsys.readouterr().err, script
     line = user_error_line(capsys, script_module("OneShot", "search").main, [*cases["search"], "--image-size", "33"])
     assert line.startswith("error: --image-size 33: use a multiple of 32")
 
