@@ -1,6 +1,7 @@
 """ImageNet-layout data: folder scanning, the original train and eval transforms, a resumable sample stream, loaders.
 
-Images leave as uint8 RGB N x 3 x H x W; `common.input_format.Preprocess` makes the network's input on the device.
+Images leave as uint8 RGB N x 3 x H x W in channels_last memory; `common.input_format.Preprocess` makes the
+network's input, in the layout the network runs in, on the device.
 The training data is a stream of positions: position p reads sample order_e[p % N] of epoch e = p // N (order_e a
 permutation drawn from (seed, e)) with augmentation seeded from (seed, p); rank r of W takes its contiguous slice of
 global batch t. So iteration t's data depends only on (seed, t, B, N), not on ranks, workers or resumes."""
@@ -139,7 +140,8 @@ class TrainTransform:
     decoding, so a JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 size (in the
     DCT domain). The crop is resized with antialiasing (PIL's bilinear filter, torch's uint8 kernel), or without
     (`antialias=False`: OpenCV's bilinear, faster, sharper where it shrinks); the jitter runs on uint8 in
-    OpenCV's SIMD passes, as few as exact (`_color_jitter`); the flip is a view."""
+    OpenCV's SIMD passes, as few as exact (`_color_jitter`). The output is a view of H x W x 3 memory, as every
+    step made it: the collation stacks it so, never transposing a pixel (the batch is channels_last)."""
 
     def __init__(self, crop_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4, antialias: bool = True) -> None:
@@ -159,7 +161,7 @@ class TrainTransform:
         size = self.crop_size
         # Decode no larger than needed for the crop to still cover `size` x `size` pixels.
         pixels = decode_rgb_array(image, at_least=(math.ceil(full_height * size / height),
-                                                   math.ceil(full_width * size / width)))
+                                                   math.ceil(full_width * size / width)), fast_upsampling=True)
         factor = pixels.shape[1] / full_width
         window = pixels[round(top * factor):round((top + height) * factor),
                         round(left * factor):round((left + width) * factor)]
@@ -171,7 +173,7 @@ class TrainTransform:
         else:
             window = cv2.resize(window, (size, size), interpolation=cv2.INTER_LINEAR)
         out = _color_jitter(window, steps, factors)
-        return torch.from_numpy(np.ascontiguousarray((out[:, ::-1] if flip else out).transpose(2, 0, 1)))
+        return torch.from_numpy(cv2.flip(out, 1) if flip else out).permute(2, 0, 1)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(RandomResizedCrop {self.crop_size} scale {self.scale} ratio "
@@ -340,13 +342,16 @@ def open_image(path: str) -> EncodedJpeg | Image.Image:
         raise UndecodableImage(f"{type(error).__name__}: {error}") from None
 
 
-def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[int, int] | None = None
-                     ) -> np.ndarray:
+def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[int, int] | None = None,
+                     fast_upsampling: bool = False) -> np.ndarray:
     """An opened image's pixels as an H x W x 3 uint8 RGB array; UndecodableImage when they cannot be decoded.
 
-    An EncodedJpeg is decoded by libjpeg-turbo (simplejpeg: PIL's pixels, a third faster) and, given `at_least`
+    An EncodedJpeg is decoded by libjpeg-turbo (simplejpeg: PIL's pixels, faster) and, given `at_least`
     (height, width), scaled down in the DCT domain by the largest of 1/2, 1/4 and 1/8 that keeps both sides at
-    least that large (its other factors, 7/8, 3/4, ..., run plain-C inverse DCTs, slower than a full decode)."""
+    least that large (its other factors, 7/8, 3/4, ..., run plain-C inverse DCTs, slower than a full decode).
+    `fast_upsampling` repeats each subsampled chroma sample instead of interpolating it (libjpeg-turbo's merged
+    upsampling, a few percent faster): the colours' means are unchanged, single pixels at colour edges differ by a
+    few levels, where the crop's resize smooths anyway."""
     if isinstance(image, Tensor):
         return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
     if isinstance(image, EncodedJpeg):
@@ -358,7 +363,7 @@ def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[
         try:
             # libjpeg-turbo scales to ceil(side / divisor), the smallest output at least this large.
             return simplejpeg.decode_jpeg(image.data, colorspace="RGB", min_height=-(-height // divisor),
-                                          min_width=-(-width // divisor))
+                                          min_width=-(-width // divisor), fastupsample=fast_upsampling)
         except ValueError as error:
             raise UndecodableImage(f"{type(error).__name__}: {error}") from None
     # Another import may have turned this on; truncated files must fail here rather than load half grey.
@@ -439,8 +444,9 @@ class ImageDataset(Dataset):
 def _collate_kept(batch: list, image_shape: tuple[int, int, int] | None) -> tuple[list, Tensor, int]:
     kept = [item for item in batch if item is not None]
     if kept:
-        # default_collate stacks straight into shared memory inside a worker, saving a copy on the way out.
-        images = default_collate([item[0] for item in kept])
+        # default_collate stacks straight into shared memory inside a worker, saving a copy on the way out. The
+        # transforms make H x W x 3 pixels: stacked as such they are copied row by row, not transposed.
+        images = default_collate([item[0].permute(1, 2, 0) for item in kept]).permute(0, 3, 1, 2)
     else:
         images = torch.empty((0, *(image_shape or (3, 0, 0))), dtype=torch.uint8)
     return kept, images, len(batch) - len(kept)

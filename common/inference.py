@@ -54,7 +54,7 @@ class InferenceModel(nn.Module):
         self.network.to(memory_format=self.memory_format)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network(self.preprocess(images).contiguous(memory_format=self.memory_format))
+        return self.network(self.preprocess(images, self.memory_format))
 
 
 class InferenceRunner:

@@ -110,8 +110,11 @@ class Preprocess(nn.Module):
             return self.mean
         return nn.functional.interpolate(self.mean, size=(height, width), mode="bilinear", align_corners=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
+    def forward(self, images: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+                ) -> torch.Tensor:
+        """The network's input in `memory_format`, whatever the images' layout (the loaders' batches are
+        channels_last), made in the same pass as the conversion to float."""
+        x = images.to(torch.float32, memory_format=memory_format)
         if self.bgr:
             x = x.flip(1)
         if self.input_format.scale != 1.0:

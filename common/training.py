@@ -448,6 +448,11 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.args.label_smooth)
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout the network's weights and inputs are in."""
+        return torch.channels_last if self.args.channels_last else torch.contiguous_format
+
     def autocast(self):
         dtype = AMP_DTYPES.get(self.args.amp)
         return torch.autocast(self.info.device.type, dtype=dtype, enabled=dtype is not None)
@@ -505,9 +510,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.args, iteration)
         with self.autocast():
-            inputs = self.preprocess(images)
-            if self.args.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            inputs = self.preprocess(images, self.memory_format)
             loss, logits = compute_loss(self.train_model(inputs), labels, self.criterion, self.recipe.loss_weights)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -778,7 +781,7 @@ def _recalibrate_batchnorm(trainer: Trainer, num_batches: int) -> None:
     # manager restores the grad mode and autocast state whenever it happens to be closed, not when the work ends.
     def forward(model: nn.Module, images: torch.Tensor):
         with trainer.autocast():
-            return model(trainer.preprocess(images.to(trainer.info.device)))
+            return model(trainer.preprocess(images.to(trainer.info.device), trainer.memory_format))
 
     batches = (images for images, _, _ in trainer.train_loader(seed=trainer.args.seed + 1))
     recalibrate_batchnorm(trainer.model, batches, num_batches, forward)

@@ -163,6 +163,25 @@ def test_train_batches_resumed_or_split_across_ranks_hold_the_same_pixels(image_
     assert not torch.equal(next(iter(other))[0], whole[0][0])
 
 
+def test_batches_are_channels_last_and_preprocess_gives_the_layout_asked(image_folder):
+    """Workers never transpose pixels: batches keep the transforms' H x W x 3 memory, and Preprocess makes the
+    network's input in the layout the network runs in (NCHW unless asked), so an NCHW network is not silently run
+    channels_last."""
+    from common.input_format import InputFormat, Preprocess
+    images, _, _ = next(iter(build_train_loader(image_folder, crop_size=CROP, global_batch_size=4, seed=0,
+                                                workers=0)[0]))
+    evaluated = next(iter(build_eval_loader(image_folder, crop_size=CROP, batch_size=4, workers=0)[0]))[0]
+    preprocess = Preprocess(InputFormat(channel_order="BGR", mean=(1.0, 2.0, 3.0), std=(2.0, 3.0, 4.0)))
+    for batch in (images, evaluated):
+        assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()
+        standard = preprocess(batch)
+        assert standard.is_contiguous()
+        assert torch.equal(standard, preprocess(batch.contiguous()))
+        channels_last = preprocess(batch, torch.channels_last)
+        assert channels_last.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(channels_last, standard)
+
+
 def test_train_transform_output_and_determinism():
     image = Image.fromarray(photo(97, 61))
     transform = TrainTransform(CROP)
@@ -170,7 +189,8 @@ def test_train_transform_output_and_determinism():
     first = transform(image)
     torch.manual_seed(0)
     assert torch.equal(transform(image), first)
-    assert first.shape == (3, CROP, CROP) and first.dtype == torch.uint8 and first.is_contiguous()
+    assert first.shape == (3, CROP, CROP) and first.dtype == torch.uint8
+    assert first.permute(1, 2, 0).is_contiguous()  # H x W x 3 memory, stacked into a channels_last batch
     assert not torch.equal(transform(image), first)
     assert transform(image.convert("L")).shape == (3, CROP, CROP)
 
