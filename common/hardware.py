@@ -21,13 +21,10 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # How much faster than the reference (the first candidate) another must measure to be chosen.
 _MARGIN = 1.05
 # Timing rounds after the warm-up: at least _ROUNDS, more (up to _MAX_ROUNDS) until _MIN_SECONDS are timed. A
-# candidate's speed-up is its lower quartile over the rounds: the margin must hold in three rounds of four, so one
-# round slowed by something else (seen on a VM: 1.03x among rounds of 1.2x to 1.5x) does not hide a faster layout,
-# while one lucky round does not pick a slower one.
+# candidate's speed-up is its lower quartile over the rounds, so neither one slowed round nor one lucky round decides.
 _ROUNDS, _MAX_ROUNDS, _MIN_SECONDS = 4, 10, 1.0
-# The training probe's batch: at least _PROBE_BATCH images, more up to the run's own batch until a step's forward
-# pass holds _PROBE_MACS multiply-accumulates: at 8 images a small model at a small size times other kernels than
-# at its training batch (OneShot at 64px: channels_last 1.00x at 8 images, 1.4x at 32 on an AVX512-BF16 CPU).
+# The training probe's batch: at least _PROBE_BATCH images, more (up to the run's own batch) until a forward pass
+# holds _PROBE_MACS multiply-accumulates: a small model on a few small images runs other kernels than in training.
 _PROBE_BATCH, _PROBE_MACS = 8, 1e9
 # Flags of /proc/cpuinfo that decide the speed of the CPU paths.
 _CPU_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
@@ -108,12 +105,9 @@ def _amp_candidates(amp: str | None, device: torch.device) -> list[str | None]:
 
 def resolve_speed(channels_last: bool | None, amp: str | None, device: str | torch.device,
                   prepare: Callable[[bool, str | None], Callable[[], object]] | None, *, what: str = "") -> SpeedChoice:
-    """Resolve `--channels-last` (None: auto) and `--amp` for `device`: the first candidate (plain float32 NCHW on a
-    CPU) unless `prepare` can time several, else the fastest of those that beat the first by the margin in three
-    timed rounds of four (the lower quartile of their per-round ratios).
-
-    `prepare(channels_last, amp)` sets a candidate up and returns the call to time. Rounds take one call of each, so
-    a machine whose speed drifts (other processes, a VM's neighbours) slows all of a round alike."""
+    """Resolve `--channels-last` (None: auto) and `--amp` for `device`: the first candidate (float32 NCHW on a CPU),
+    or where `prepare(channels_last, amp)` gives a call to time, the fastest candidate that beats the first by the
+    margin in three paired rounds of four (one call of each per round, so a drifting machine slows all alike)."""
     device = torch.device(device)
     # The layouts: the explicit one, channels_last on CUDA (tensor cores), both on a CPU.
     layouts = ([channels_last] if channels_last is not None else [False, True] if device.type == "cpu"
@@ -158,15 +152,12 @@ def probe_batch_size(model: torch.nn.Module, batch: int, image_size: int) -> int
 
 def training_step_timer(model: torch.nn.Module, batch: int, image_size: int,
                         device: str | torch.device) -> Callable[[bool, str | None], Callable[[], object]]:
-    """A `prepare` for resolve_speed: one training step (gradients cleared, forward, backward, SGD with momentum)
-    of a copy of `model` in train mode on random images, per candidate layout and precision. `model`, its BatchNorm
-    statistics and the global random generators stay untouched (the caller's run stays reproducible)."""
+    """A `prepare` for resolve_speed: one SGD training step of a copy of `model` on random images, per candidate
+    layout and precision; `model` and the global random generators stay untouched."""
     device = torch.device(device)
     probe = copy.deepcopy(model).train()
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
-    # The optimizer's share of the step and its memory pattern (gradients freed before each backward pass, momentum
-    # kept) as in training: timed on a forward and backward pass alone, channels_last bf16 looked faster for Large
-    # at 64px on a native-bf16 CPU where whole training steps ran slower.
+    # Whole steps with the optimizer, as in training: a forward and backward pass alone can rank the layouts wrongly.
     optimizer = torch.optim.SGD(probe.parameters(), lr=0.0, momentum=0.9)
 
     def prepare(channels_last: bool, amp: str | None) -> Callable[[], object]:

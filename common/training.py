@@ -24,7 +24,8 @@ from torch import nn
 from common.checkpoint import get_training_state, load_checkpoint, rng_state
 from common.checkpoint_store import (CheckpointError, claim_folder, get_latest_model, list_checkpoints,
                                      save_checkpoint)
-from common.cli import DefaultsHelpFormatter, add_device_argument, prepare_output, seed_value, worker_count
+from common.cli import (DefaultsHelpFormatter, add_device_argument, check_image_size, prepare_output, seed_value,
+                        worker_count)
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
 from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, average_buffers, barrier,
@@ -145,6 +146,19 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
                      help="weights file to evaluate with --eval (any layout eval.py takes)")
 
 
+# The range of each number train.py takes: (flags, test, what the error says it must be).
+_LIMITS = (
+    (("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval", "keep",
+      "val_batch_size"), lambda value: value > 0, "positive"),
+    (("learning_rate",), lambda value: 0 < value < math.inf, "a positive number"),
+    (("bn_recalibrate", "average_best", "recompute_bn"), lambda value: value >= 0, "0 (off) or more"),
+    (("warmup_iters", "momentum", "weight_decay"), lambda value: value >= 0, "0 or more"),
+    (("label_smooth", "ema_decay"), lambda value: 0 <= value < 1, "at least 0 and below 1"),
+    (("num_classes",), lambda value: value is None or value >= 2, "2 or more (leave it out for the class folders' "
+                                                                   "count)"),
+)
+
+
 def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace:
     """Fill recipe defaults (demo ones with --demo) and check the values before any work starts (and before --save
     is made, so that a mistyped command leaves no folder behind)."""
@@ -161,26 +175,11 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
         args.val_dir = args.val_dir or str(val_dir)
     if not args.train_dir:
         raise UserError("--train-dir is required (or --demo for the built-in dataset)")
-    for name in ("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval",
-                 "keep", "val_batch_size"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
-    for name in ("bn_recalibrate", "average_best", "recompute_bn"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 (off) or more")
-    if args.image_size % 32:
-        raise UserError(f"--image-size {args.image_size}: use a multiple of 32")
-    if args.warmup_iters < 0:
-        raise UserError(f"--warmup-iters {args.warmup_iters}: must be 0 or more")
-    if args.num_classes is not None and args.num_classes < 2:
-        raise UserError(f"--num-classes {args.num_classes}: must be 2 or more (leave it out for the class folders' "
-                        "count)")
-    for name in ("momentum", "weight_decay"):
-        if not getattr(args, name) >= 0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
-    for name in ("label_smooth", "ema_decay"):
-        if not 0 <= getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 0 and below 1")
+    for names, within, requirement in _LIMITS:
+        for name in names:
+            if not within(getattr(args, name)):
+                raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")
+    check_image_size(args.image_size)
     if args.average_best and not args.val_dir:
         raise UserError(f"--average-best {args.average_best} picks checkpoints by their validation error: give "
                         "--val-dir DIR")
@@ -189,8 +188,6 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
                         "average: give --average-best K too (for the trained network itself, --bn-recalibrate N)")
     if args.freeze_backbone and not args.pretrained:
         raise UserError("--freeze-backbone trains only the classifier of loaded weights: give --pretrained FILE")
-    if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
-        raise UserError(f"--learning-rate {args.learning_rate}: must be a positive number")
     return args
 
 
@@ -238,18 +235,12 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_linear_decay(total_iters: int, warmup_iters: int) -> Callable[[int], float]:
-    """Iteration k trains with lr * min(1, (k + 1) / warmup) * (1 - k / total): a function of k alone."""
-    def factor(k: int) -> float:
-        decay = max(0.0, 1.0 - k / total_iters)
-        return decay * min(1.0, (k + 1) / warmup_iters) if warmup_iters else decay
-    return factor
-
-
 def learning_rate(args: argparse.Namespace, iteration: int) -> float:
-    """The rate of iteration `iteration` (0-based) from the command line alone: a resumed run needs no scheduler
-    state, and after a divergence a lower --learning-rate continues from the last good checkpoint."""
-    return args.learning_rate * warmup_linear_decay(args.total_iters, args.warmup_iters)(iteration)
+    """The rate of iteration k (0-based): lr * min(1, (k + 1) / warmup) * (1 - k / total), from the command line
+    alone, so a resumed run needs no scheduler state and a lower --learning-rate can continue a diverged run."""
+    decay = max(0.0, 1.0 - iteration / args.total_iters)
+    warmup = min(1.0, (iteration + 1) / args.warmup_iters) if args.warmup_iters else 1.0
+    return args.learning_rate * warmup * decay
 
 
 class SignalStop(BaseException):
@@ -480,18 +471,7 @@ class Trainer:
             stopping = (due or not info.distributed) and any_rank(stop.signal_name is not None, info)
             if not (due or stopping):
                 continue
-            finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
-            if any_rank(bool(meter.nonfinite) or not finite, info):
-                kept = (f"nothing after the checkpoint at iteration {last_saved} was saved, so it stays the latest"
-                        if last_saved else "no checkpoint was saved")
-                if any_rank(meter.empty_batches > 0, info):
-                    raise UserError(f"not one image of a training batch after iteration {last_saved} could be "
-                                    f"decoded (see the skipped files above), so its loss is undefined; {kept}. "
-                                    "Replace or remove the unreadable files in --train-dir")
-                raise TrainingDiverged(
-                    f"the loss or the weights became NaN or infinite after iteration {last_saved} (noticed at "
-                    f"{done}); {kept}. Lower --learning-rate"
-                    f"{', or use --amp bf16 instead of fp16' if args.amp == 'fp16' else ''}")
+            self.check_finite(meter, done, last_saved)
             if display:
                 self.display(meter, done)
             with meter.paused():
@@ -503,6 +483,21 @@ class Trainer:
                 self.say(f"stopped at iteration {done} ({stop.signal_name}); run the same command to resume")
                 return False
         return True
+
+    def check_finite(self, meter: Meter, done: int, last_saved: int) -> None:
+        """Stop with a one-line error once the loss or the weights are NaN or infinite on any rank."""
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if not any_rank(bool(meter.nonfinite) or not finite, self.info):
+            return
+        kept = (f"nothing after the checkpoint at iteration {last_saved} was saved, so it stays the latest"
+                if last_saved else "no checkpoint was saved")
+        if any_rank(meter.empty_batches > 0, self.info):
+            raise UserError(f"not one image of a training batch after iteration {last_saved} could be decoded (see "
+                            f"the skipped files above), so its loss is undefined; {kept}. Replace or remove the "
+                            "unreadable files in --train-dir")
+        raise TrainingDiverged(
+            f"the loss or the weights became NaN or infinite after iteration {last_saved} (noticed at {done}); "
+            f"{kept}. Lower --learning-rate{', or use --amp bf16 instead of fp16' if self.args.amp == 'fp16' else ''}")
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on one batch at the iteration's learning rate; the loss and logits, detached."""
