@@ -30,6 +30,11 @@ _PROBE_BATCH, _PROBE_MACS = 8, 1e9
 _CPU_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
 
 
+def autocast(device: torch.device, amp: str | None) -> torch.autocast:
+    """Autocast to `amp` ("bf16", "fp16"; None: off) on `device`."""
+    return torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None)
+
+
 class EmulatedBF16Warning(UserWarning):
     """bfloat16 asked for on a CPU that only emulates it."""
 
@@ -170,7 +175,7 @@ def training_step_timer(model: torch.nn.Module, batch: int, image_size: int,
         def step() -> None:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=AMP_DTYPES.get(amp), enabled=amp is not None):
+                with autocast(device, amp):
                     outputs = probe(inputs)
                 outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
                 # Any scalar of every output: the backward pass costs what the real loss's does.

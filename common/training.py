@@ -32,7 +32,7 @@ from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, an
                                 init_distributed, shutdown_distributed)
 from common.errors import UserError, exit_on_user_error, listed
 from common.evaluate import evaluate
-from common.hardware import (AMP_CHOICES, AMP_DTYPES, SpeedChoice, probe_batch_size, resolve_speed,
+from common.hardware import (AMP_CHOICES, SpeedChoice, autocast, probe_batch_size, resolve_speed,
                              training_step_timer)
 from common.input_format import InputFormat, Preprocess
 from common.model_state import load_model_state, read_checkpoint_metadata
@@ -444,9 +444,8 @@ class Trainer:
         """The layout the network's weights and inputs are in."""
         return torch.channels_last if self.args.channels_last else torch.contiguous_format
 
-    def autocast(self):
-        dtype = AMP_DTYPES.get(self.args.amp)
-        return torch.autocast(self.info.device.type, dtype=dtype, enabled=dtype is not None)
+    def autocast(self) -> torch.autocast:
+        return autocast(self.info.device, self.args.amp)
 
     def train(self, stop: StopRequest) -> bool:
         """Train from `start_iteration` to the end (True), or until `stop` holds a signal (False, after saving)."""
