@@ -1,12 +1,10 @@
 """ImageNet-layout data: folder scanning, the original train and eval transforms, a resumable sample stream, loaders.
-
-Images leave as uint8 RGB N x 3 x H x W in channels_last memory; `common.input_format.Preprocess` makes the
-network's input, in the layout the network runs in, on the device.
-The training data is a stream of positions: position p reads sample order_e[p % N] of epoch e = p // N (order_e a
-permutation drawn from (seed, e)) with augmentation seeded from (seed, p); rank r of W takes its contiguous slice of
-global batch t. So iteration t's data depends only on (seed, t, B, N), not on ranks, workers or resumes."""
+Batches are uint8 RGB N x 3 x H x W in channels_last memory; `common.input_format.Preprocess` makes the network input.
+The stream is hand-written so that iteration t's data depends only on (seed, t, batch, dataset size), not on ranks,
+workers or resumes: position p reads sample order_e[p % N] of epoch e = p // N, augmented with a seed of (seed, p)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -19,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import simplejpeg
 import torch
@@ -50,9 +49,8 @@ class DataError(UserError):
 
 def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
                       class_to_index: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """(samples, classes) of an ImageNet-layout folder root/<class>/<image>, in torchvision ImageFolder order.
-    Hidden sub-folders (.ipynb_checkpoints) are ignored, so they cannot shift the labels. `class_to_index` forces a
-    label mapping (e.g. the ImageNet wnids) that every sub-folder must be in; `classes[i]` names label i."""
+    """(samples, classes) of an ImageNet-layout folder root/<class>/<image>, in torchvision ImageFolder order, hidden
+    sub-folders ignored. `class_to_index` (names to 0 .. len - 1) forces the labels; `classes[i]` names label i."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"{flag} {root}: no such folder")
@@ -65,18 +63,11 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
         raise DataError(f"{flag} {root}: cannot read it ({error.strerror or error})") from None
     if not folders:
         raise DataError(f"{flag} {root}: has no class sub-folders (expected {root}/<class>/<image>)")
-
     if class_to_index is None:
         class_to_index = {name: index for index, name in enumerate(folders)}
-        classes = folders
-    else:
-        unknown = [name for name in folders if name not in class_to_index]
-        if unknown:
-            raise DataError(f"{flag} {root}: {len(unknown)} class folder(s) not in the label set of "
-                            f"{len(class_to_index)} classes: {listed(unknown, 5)}")
-        if sorted(class_to_index.values()) != list(range(len(class_to_index))):
-            raise ValueError("class_to_index must map its names to 0 .. len - 1")
-        classes = sorted(class_to_index, key=class_to_index.__getitem__)
+    elif unknown := [name for name in folders if name not in class_to_index]:
+        raise DataError(f"{flag} {root}: {len(unknown)} class folder(s) not in the label set of "
+                        f"{len(class_to_index)} classes: {listed(unknown, 5)}")
 
     # torchvision is imported where it is used: importing it costs seconds, which `--help` need not wait.
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
@@ -85,42 +76,34 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
     samples = make_dataset(str(root), present, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise DataError(f"{flag} {root}: its class folders hold no images ({', '.join(IMG_EXTENSIONS)})")
-    return samples, classes
+    return samples, sorted(class_to_index, key=class_to_index.__getitem__)
 
 
 # -- transforms -------------------------------------------------------------------------------------------------
 
 def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     """(height, width) after resizing the short side to `short_side`: long side int(short_side * long / short + 0.5)."""
-    if height < width:
+    if height <= width:
         return short_side, int(short_side * width / height + 0.5)
-    if width < height:
-        return int(short_side * height / width + 0.5), short_side
-    return short_side, short_side
+    return int(short_side * height / width + 0.5), short_side
 
 
-def center_crop(image: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """The central size x size (or height x width) window of a ... x H x W image, placed as CenterCrop places it."""
-    crop_height, crop_width = (size, size) if isinstance(size, int) else size
+def center_crop(image: Tensor, size: int) -> Tensor:
+    """The central size x size window of a ... x H x W image, placed as torchvision's CenterCrop places it."""
     height, width = image.shape[-2:]
-    if crop_height > height or crop_width > width:
-        raise ValueError(f"cannot crop {crop_height} x {crop_width} from a {height} x {width} image")
-    top = int(round((height - crop_height) / 2.0))
-    left = int(round((width - crop_width) / 2.0))
-    return image[..., top:top + crop_height, left:left + crop_width]
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image[..., top:top + size, left:left + size]
 
 
 class EvalTransform:
     """The released weights' eval transform, as the original scripts ran it: cv2.resize's bilinear resize of the
-    short side (256 for a 224 crop), center crop; an image from `open_image` (or a PIL image or tensor) in, a uint8
-    RGB 3 x H x W tensor out."""
+    short side (256 for a 224 crop), center crop; an `open_image` image (or PIL image or tensor) to uint8 3 x H x W."""
 
     def __init__(self, crop_size: int = 224) -> None:
         self.crop_size = crop_size
         self.resize_size = round(crop_size * EVAL_RESIZE_FOR_224 / 224)
 
     def __call__(self, image: EncodedJpeg | Image.Image | Tensor) -> Tensor:
-        import cv2
         pixels = decode_rgb_array(image)
         height, width = short_side_size(*pixels.shape[:2], self.resize_size)
         if (height, width) != pixels.shape[:2]:
@@ -132,16 +115,9 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """The original training augmentation: RandomResizedCrop, ColorJitter (brightness, contrast, saturation),
-    horizontal flip; an image from `open_image` (or a PIL image or tensor) in, a uint8 RGB 3 x H x W tensor out.
-
-    Parameters are drawn as torchvision draws them (ten crop tries, then the central fallback; a random jitter
-    order) by Python's generator, seeded from torch's: seeding torch decides them. They are drawn before
-    decoding, so a JPEG whose crop is at least twice the output size is decoded at 1/2, 1/4 or 1/8 size (in the
-    DCT domain). The crop is resized with antialiasing (PIL's bilinear filter, torch's uint8 kernel), or without
-    (`antialias=False`: OpenCV's bilinear, faster, sharper where it shrinks); the jitter runs on uint8 in
-    OpenCV's SIMD passes, as few as exact (`_color_jitter`). The output is a view of H x W x 3 memory, as every
-    step made it: the collation stacks it so, never transposing a pixel (the batch is channels_last)."""
+    """The original augmentation (RandomResizedCrop, ColorJitter of brightness, contrast and saturation, horizontal
+    flip), its parameters drawn as torchvision draws them from a generator seeded by torch's; an `open_image` image
+    (or PIL image or tensor) to a uint8 3 x H x W view of H x W x 3 memory, which collates into channels_last."""
 
     def __init__(self, crop_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4, antialias: bool = True) -> None:
@@ -152,25 +128,23 @@ class TrainTransform:
         self.jitter_range = (max(0.0, 1 - jitter), 1 + jitter)
 
     def __call__(self, image: EncodedJpeg | Image.Image | Tensor) -> Tensor:
-        import cv2
         rng = random.Random(int(torch.empty((), dtype=torch.int64).random_()))
         full_height, full_width = image.shape[-2:] if isinstance(image, Tensor) else (image.height, image.width)
         top, left, height, width = _crop_params(rng, full_height, full_width, self.scale, self.ratio)
         steps, factors = rng.sample(range(3), 3), [rng.uniform(*self.jitter_range) for _ in range(3)]
         flip = rng.random() < 0.5
         size = self.crop_size
-        # Decode no larger than needed for the crop to still cover `size` x `size` pixels.
+        # Drawn before decoding, so a JPEG is decoded no larger than the crop needs to cover size x size pixels.
         pixels = decode_rgb_array(image, at_least=(math.ceil(full_height * size / height),
                                                    math.ceil(full_width * size / width)), fast_upsampling=True)
         factor = pixels.shape[1] / full_width
         window = pixels[round(top * factor):round((top + height) * factor),
                         round(left * factor):round((left + width) * factor)]
         if self.antialias:
-            # torch's uint8 kernel works on interleaved pixels: given them contiguous, it returns them interleaved,
-            # as OpenCV's colour pass wants them (a planar input is converted there and back: 0.2 ms against 0.11).
+            # PIL's bilinear filter. Torch's uint8 kernel, given interleaved pixels, returns them so, as OpenCV wants.
             crop = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
             window = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
-        else:
+        else:  # OpenCV's bilinear: faster, sharper where it shrinks
             window = cv2.resize(window, (size, size), interpolation=cv2.INTER_LINEAR)
         out = _color_jitter(window, steps, factors)
         return torch.from_numpy(cv2.flip(out, 1) if flip else out).permute(2, 0, 1)
@@ -197,13 +171,9 @@ def _crop_params(rng: random.Random, height: int, width: int, scale: tuple[float
 
 
 def _color_jitter(pixels: np.ndarray, steps: list[int], factors: list[float]) -> np.ndarray:
-    """Brightness (0), contrast (1) and saturation (2) blends of H x W x 3 uint8 pixels in the order of `steps`,
-    each clamped to 0..255 as torchvision's; a new array. Each blend is an affine map of the colour (towards
-    black, the mean grey before it, each pixel's grey), so consecutive ones compose into one 3 x 4 matrix applied
-    in one pass (cv2.transform, which rounds and clamps to uint8). Only a factor above 1 can leave 0..255, so
-    only after one, with blends to follow, is the image materialised; the contrast's mean maps through too."""
-    import cv2
-    matrix = np.eye(3, 4)  # the blends since the last materialised image: colour -> matrix @ (colour, 1)
+    """Brightness (0), contrast (1) and saturation (2) blends of uint8 H x W x 3 pixels, in the order of `steps`."""
+    # Each blend is an affine map of the colour: consecutive ones compose into one 3 x 4 matrix for cv2.transform.
+    matrix = np.eye(3, 4)
     for position, (step, factor) in enumerate(zip(steps, factors)):
         if step == 0:
             matrix *= factor
@@ -213,6 +183,7 @@ def _color_jitter(pixels: np.ndarray, steps: list[int], factors: list[float]) ->
             matrix[:, 3] += (1 - factor) * grey
         else:
             matrix = factor * matrix + (1 - factor) * (_LUMA @ matrix)
+        # Only a factor above 1 can leave 0..255: clamp there (cv2.transform does) as torchvision clamps each blend.
         if factor > 1 and position < len(steps) - 1:
             pixels, matrix = cv2.transform(pixels, matrix), np.eye(3, 4)
     return cv2.transform(pixels, matrix)
@@ -221,8 +192,7 @@ def _color_jitter(pixels: np.ndarray, steps: list[int], factors: list[float]) ->
 # -- the sample stream ------------------------------------------------------------------------------------------
 
 def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on a uint64 array (its arithmetic wraps at 64 bits): a bijection that scatters
-    nearby inputs."""
+    """splitmix64's finaliser on uint64 (wrapping): a bijection that scatters nearby inputs."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -240,9 +210,11 @@ def _hashed(key: int, values: np.ndarray) -> np.ndarray:
     return _mix64(values.astype(np.uint64) ^ np.uint64(key))
 
 
-def _permutation(n: int, key: int) -> np.ndarray:
-    """A permutation of range(n) from a 64-bit key, by sorting hashes: the same on every numpy and torch version."""
-    return np.argsort(_hashed(key, np.arange(n, dtype=np.uint64)), kind="stable")
+@functools.lru_cache(maxsize=4)  # a batch spans at most a couple of epochs unless the dataset is tiny
+def _epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample indices of `epoch` in reading order: sorted hashes, the same on every numpy and torch version."""
+    hashes = _hashed(_key(seed, _TAG_ORDER, epoch), np.arange(num_samples, dtype=np.uint64))
+    return np.argsort(hashes, kind="stable")
 
 
 class StreamSampler:
@@ -255,33 +227,16 @@ class StreamSampler:
             raise ValueError("num_samples must be at least 1")
         if global_batch_size < 1:
             raise DataError(f"--batch-size {global_batch_size}: must be at least 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
         if global_batch_size % world_size:
             raise DataError(f"--batch-size {global_batch_size}: the global batch must divide evenly among "
                             f"{world_size} ranks; use a multiple of {world_size}")
-        if start_iteration < 0:
-            raise ValueError("start_iteration must not be negative")
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // world_size
         self.seed = seed
         self.start_iteration = start_iteration
         self.rank = rank
-        self.world_size = world_size
         self._sample_key = _key(seed, _TAG_SAMPLE)
-        self._orders: dict[int, np.ndarray] = {}
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The sample indices of `epoch`, in reading order."""
-        order = self._orders.get(epoch)
-        if order is None:
-            order = _permutation(self.num_samples, _key(self.seed, _TAG_ORDER, epoch))
-            # A batch spans at most a couple of epochs unless the dataset is tiny; keep memory to a few orders.
-            if len(self._orders) >= 4:
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = order
-        return order
 
     def batch_at(self, iteration: int) -> list[tuple[int, int]]:
         """This rank's (sample index, sample seed) pairs of global batch `iteration`."""
@@ -291,9 +246,8 @@ class StreamSampler:
         indices = np.empty_like(positions)
         for epoch in np.unique(epochs).tolist():
             in_epoch = epochs == epoch
-            indices[in_epoch] = self.epoch_order(epoch)[offsets[in_epoch]]
-        seeds = _hashed(self._sample_key, positions)
-        return list(zip(indices.tolist(), seeds.tolist()))
+            indices[in_epoch] = _epoch_order(self.num_samples, self.seed, epoch)[offsets[in_epoch]]
+        return list(zip(indices.tolist(), _hashed(self._sample_key, positions).tolist()))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         return map(self.batch_at, itertools.count(self.start_iteration))
@@ -344,26 +298,22 @@ def open_image(path: str) -> EncodedJpeg | Image.Image:
 
 def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[int, int] | None = None,
                      fast_upsampling: bool = False) -> np.ndarray:
-    """An opened image's pixels as an H x W x 3 uint8 RGB array; UndecodableImage when they cannot be decoded.
-
-    An EncodedJpeg is decoded by libjpeg-turbo (simplejpeg: PIL's pixels, faster) and, given `at_least`
-    (height, width), scaled down in the DCT domain by the largest of 1/2, 1/4 and 1/8 that keeps both sides at
-    least that large (its other factors, 7/8, 3/4, ..., run plain-C inverse DCTs, slower than a full decode).
-    `fast_upsampling` repeats each subsampled chroma sample instead of interpolating it (libjpeg-turbo's merged
-    upsampling, a few percent faster): the colours' means are unchanged, single pixels at colour edges differ by a
-    few levels, where the crop's resize smooths anyway."""
+    """An opened image's pixels as uint8 RGB H x W x 3 (UndecodableImage if they cannot be decoded). A JPEG given
+    `at_least` (height, width) is decoded at the smallest of 1/2, 1/4, 1/8 size covering it; `fast_upsampling`
+    repeats subsampled chroma instead of interpolating it (same colour means, a few levels off at colour edges)."""
     if isinstance(image, Tensor):
         return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
     if isinstance(image, EncodedJpeg):
         height, width = image.height, image.width
+        # Only powers of two: libjpeg-turbo's other factors (7/8, 3/4, ...) are slower than a full decode.
         divisor = 1
-        while at_least is not None and divisor < 8 and (-(-height // (2 * divisor)) >= at_least[0]
-                                                         and -(-width // (2 * divisor)) >= at_least[1]):
+        while (at_least is not None and divisor < 8 and math.ceil(height / (2 * divisor)) >= at_least[0]
+               and math.ceil(width / (2 * divisor)) >= at_least[1]):
             divisor *= 2
         try:
             # libjpeg-turbo scales to ceil(side / divisor), the smallest output at least this large.
-            return simplejpeg.decode_jpeg(image.data, colorspace="RGB", min_height=-(-height // divisor),
-                                          min_width=-(-width // divisor), fastupsample=fast_upsampling)
+            return simplejpeg.decode_jpeg(image.data, colorspace="RGB", min_height=math.ceil(height / divisor),
+                                          min_width=math.ceil(width / divisor), fastupsample=fast_upsampling)
         except ValueError as error:
             raise UndecodableImage(f"{type(error).__name__}: {error}") from None
     # Another import may have turned this on; truncated files must fail here rather than load half grey.
@@ -371,38 +321,27 @@ def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[
     try:
         image.load()
         return np.array(image if image.mode == "RGB" else image.convert("RGB"))
-    # Decoders raise many types on damaged input (OSError, SyntaxError, ValueError, DecompressionBombError, ...);
-    # whatever the type, this file is unusable and is skipped and counted, and nothing else is caught.
+    # Decoders raise many types on damaged input; whatever the type, the file is unusable: skipped and counted.
     except Exception as error:
         image.close()
         raise UndecodableImage(f"{type(error).__name__}: {error}") from None
 
 
-# Per list of files, which were warned about: in shared memory, so a file is named once per run, whatever the worker.
-_warned_by_files: dict[tuple[int, int], Tensor] = {}
-
-
-def _warned_flags(paths: bytes, count: int) -> Tensor:
-    key = (hash(paths), count)
-    if key not in _warned_by_files:
-        _warned_by_files[key] = torch.zeros(count, dtype=torch.uint8).share_memory_()
-    return _warned_by_files[key]
+@functools.cache
+def _warned_flags(paths_hash: int, count: int) -> Tensor:
+    """Per list of files, which were warned about: in shared memory, so a file is named once per run."""
+    return torch.zeros(count, dtype=torch.uint8).share_memory_()
 
 
 class ImageDataset(Dataset):
-    """(uint8 image, label) per sample, or None for a file that cannot be decoded (one warning line).
-
-    An item is an index (evaluation) or an (index, sample_seed) pair from `StreamSampler`, which seeds torch's
-    generator (transforms draw from it) so augmentation depends on the seed alone. With `with_index` items are
-    (image, label, index).
-    Paths are one bytes object and labels one array, so forked workers do not copy a million refcounted objects."""
+    """(uint8 image, label) per sample, or None for a file that cannot be decoded (one warning line); with
+    `with_index`, (image, label, index). An item is an index, or an (index, sample seed) pair from `StreamSampler`
+    that seeds torch's generator for the transform. Paths and labels are arrays, so forked workers copy no objects."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform, *, with_index: bool = False) -> None:
-        encoded = [os.fsencode(path) for path, _ in samples]
-        self._paths = b"".join(encoded)
-        self._path_ends = np.cumsum([len(path) for path in encoded], dtype=np.int64)
+        self._paths = np.array([os.fsencode(path) for path, _ in samples], dtype=bytes)
         self._labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
-        self._warned = _warned_flags(self._paths, len(samples))
+        self._warned = _warned_flags(hash(self._paths.tobytes()), len(samples))
         self.transform = transform
         self.with_index = with_index
 
@@ -410,27 +349,18 @@ class ImageDataset(Dataset):
         return len(self._labels)
 
     def path(self, index: int) -> str:
-        start = int(self._path_ends[index - 1]) if index else 0
-        return os.fsdecode(self._paths[start:int(self._path_ends[index])])
-
-    def _transformed(self, image: EncodedJpeg | Image.Image, sample_seed: int | None) -> Tensor:
-        if sample_seed is None:
-            return self.transform(image)
-        if get_worker_info() is not None:
-            torch.default_generator.manual_seed(sample_seed)
-            return self.transform(image)
-        # Loading in the main process: keep the training's own random stream (dropout) untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed)
-            return self.transform(image)
+        return os.fsdecode(self._paths[index])
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple | None:
-        if isinstance(item, tuple):
-            index, sample_seed = item
-        else:
-            index, sample_seed = item, None
+        index, sample_seed = item if isinstance(item, tuple) else (item, None)
         try:
-            pixels = self._transformed(open_image(self.path(index)), sample_seed)
+            image = open_image(self.path(index))
+            # Seeding in the main process: keep the training's own random stream (dropout) untouched.
+            forked = sample_seed is not None and get_worker_info() is None
+            with torch.random.fork_rng(devices=[]) if forked else contextlib.nullcontext():
+                if sample_seed is not None:
+                    torch.default_generator.manual_seed(sample_seed)
+                pixels = self.transform(image)
         except UndecodableImage as error:
             if not self._warned[index]:
                 self._warned[index] = 1
@@ -441,42 +371,31 @@ class ImageDataset(Dataset):
         return (pixels, label, index) if self.with_index else (pixels, label)
 
 
-def _collate_kept(batch: list, image_shape: tuple[int, int, int] | None) -> tuple[list, Tensor, int]:
-    kept = [item for item in batch if item is not None]
-    if kept:
-        # default_collate stacks straight into shared memory inside a worker, saving a copy on the way out. The
-        # transforms make H x W x 3 pixels: stacked as such they are copied row by row, not transposed.
-        images = default_collate([item[0].permute(1, 2, 0) for item in kept]).permute(0, 3, 1, 2)
-    else:
-        images = torch.empty((0, *(image_shape or (3, 0, 0))), dtype=torch.uint8)
-    return kept, images, len(batch) - len(kept)
-
-
 def collate_skip_corrupt(batch: list, image_shape: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor, int]:
     """(uint8 images N x 3 x H x W, int64 labels, number of skipped undecodable images) of a list of items;
     `image_shape` shapes the empty image tensor when every image of a batch was skipped."""
-    kept, images, skipped = _collate_kept(batch, image_shape)
-    return images, torch.tensor([item[1] for item in kept], dtype=torch.int64), skipped
+    kept = [item for item in batch if item is not None]
+    if kept:
+        # Inside a worker default_collate stacks into shared memory; H x W x 3 pixels stack without a transpose.
+        images = default_collate([item[0].permute(1, 2, 0) for item in kept]).permute(0, 3, 1, 2)
+    else:
+        images = torch.empty((0, *(image_shape or (3, 0, 0))), dtype=torch.uint8)
+    return images, torch.tensor([item[1] for item in kept], dtype=torch.int64), len(batch) - len(kept)
 
 
 def collate_skip_corrupt_with_indices(batch: list, image_shape: tuple[int, int, int] | None = None
                                       ) -> tuple[Tensor, Tensor, int, Tensor]:
     """As `collate_skip_corrupt` for (image, label, index) items, plus the int64 indices of the kept images."""
-    kept, images, skipped = _collate_kept(batch, image_shape)
-    labels = torch.tensor([item[1] for item in kept], dtype=torch.int64)
-    return images, labels, skipped, torch.tensor([item[2] for item in kept], dtype=torch.int64)
+    indices = torch.tensor([item[2] for item in batch if item is not None], dtype=torch.int64)
+    return *collate_skip_corrupt(batch, image_shape), indices
 
 
 def _outlive_stop_signals(worker_id: int) -> None:
-    """Stop signals reach the workers too: Ctrl-C goes to the terminal's whole process group, and SLURM sends SIGTERM
-    (time limit) and SIGUSR2 (before preemption) to every process of the job. The training process answers them by
-    saving a checkpoint, which needs its workers alive, and then shuts them down; so a worker ignores them, except
-    a SIGTERM from its parent (the loader's last resort, and multiprocessing's at exit), which ends it at once."""
+    """A worker outlives Ctrl-C, SIGTERM and SIGUSR2 (the training saves before it stops) but not a parent's SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # no way to tell the sender (macOS): SIGTERM keeps its default
         return
-    # Blocked here, before any other thread of this process exists, so every thread inherits the mask and the
-    # signals wait for the thread below, which alone learns who sent them.
+    # Blocked before any other thread exists, so every thread inherits the mask and only the one below sees them.
     handled = {signal.SIGTERM, signal.SIGUSR2}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     parent = os.getppid()
@@ -490,7 +409,9 @@ def _outlive_stop_signals(worker_id: int) -> None:
     threading.Thread(target=answer, name="stop-signals", daemon=True).start()
 
 
-def _loader(dataset: Dataset, batch_sampler, collate_fn, workers: int, pin_memory: bool) -> DataLoader:
+def _loader(dataset: Dataset, batch_sampler, collate: Callable, crop_size: int, workers: int,
+            pin_memory: bool) -> DataLoader:
+    collate_fn = functools.partial(collate, image_shape=(3, crop_size, crop_size))
     # A generator of its own: iter(loader) drawing from the global RNG would change a resumed run's dropout masks.
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=workers > 0, generator=torch.Generator(),
@@ -511,8 +432,7 @@ def build_train_loader(train_dir: str | Path, *, crop_size: int, global_batch_si
     sampler = StreamSampler(len(samples), global_batch_size, seed, start_iteration=start_iteration, rank=rank,
                             world_size=world_size)
     dataset = ImageDataset(samples, TrainTransform(crop_size))
-    collate = functools.partial(collate_skip_corrupt, image_shape=(3, crop_size, crop_size))
-    return _loader(dataset, sampler, collate, workers, pin_memory), classes
+    return _loader(dataset, sampler, collate_skip_corrupt, crop_size, workers, pin_memory), classes
 
 
 def build_eval_loader(val_dir: str | Path, *, crop_size: int = 224, batch_size: int = 100, workers: int = 4,
@@ -525,14 +445,10 @@ def build_eval_loader(val_dir: str | Path, *, crop_size: int = 224, batch_size: 
         raise DataError(f"--limit {limit}: must be at least 1")
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
     samples, classes = scan_image_folder(val_dir, flag, class_to_index=class_to_index)
-    order = evaluation_order([label for _, label in samples])[:limit].tolist()
-    ordered = [samples[i] for i in order]
+    ordered = [samples[i] for i in evaluation_order([label for _, label in samples])[:limit].tolist()]
     shard = list(range(rank, len(ordered), world_size))
     batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
     dataset = ImageDataset(ordered, EvalTransform(crop_size), with_index=True)
-    collate = functools.partial(collate_skip_corrupt_with_indices, image_shape=(3, crop_size, crop_size))
-    loader = _loader(dataset, batches, collate, workers, pin_memory)
+    loader = _loader(dataset, batches, collate_skip_corrupt_with_indices, crop_size, workers, pin_memory)
     return loader, classes, [path for path, _ in ordered]

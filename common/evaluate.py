@@ -53,18 +53,14 @@ def evaluate(model: nn.Module | InferenceRunner, preprocess: nn.Module | None, l
     """Top-1/top-5 accuracy and error (%), mean loss, images, skipped and images/s of `model` (a network, run in eval
     mode behind `preprocess` on `device` under `amp`, or an InferenceRunner) over `loader` (build_eval_loader's). With
     `keep_predictions`, also "predictions": this rank's positions, labels and top-5 classes and probabilities."""
-    if isinstance(model, InferenceRunner):
-        return _evaluate(model, loader, progress, keep_predictions)
-    was_training = model.training
-    try:
-        runner = InferenceRunner(InferenceModel(model.eval(), preprocess), device, amp)
-        return _evaluate(runner, loader, progress, keep_predictions)
-    finally:
-        model.train(was_training)
-
-
-def _evaluate(runner: InferenceRunner, loader: Iterable, progress: bool, keep_predictions: bool) -> dict:
-    device = runner.device
+    if not isinstance(model, InferenceRunner):
+        was_training = model.training
+        try:
+            runner = InferenceRunner(InferenceModel(model.eval(), preprocess), device, amp)
+            return evaluate(runner, None, loader, progress=progress, keep_predictions=keep_predictions)
+        finally:
+            model.train(was_training)
+    runner, device = model, model.device
     # correct top-1, correct top-k, summed loss, images, skipped: kept on the device to avoid a sync per batch.
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     kept: dict[str, list[torch.Tensor]] = {"positions": [], "labels": [], "top_classes": [], "top_probs": []}
@@ -117,21 +113,10 @@ def _results(totals: torch.Tensor, seconds: float) -> dict:
 
 # -- result files ---------------------------------------------------------------------------------------------------
 
-def _results_record(results: dict, *, model: str, weights: str | Path, input_format: InputFormat, **how) -> dict:
-    """The --results-json record: what was evaluated, how (`how`: params, macs, device, ...), the metrics, the
-    library versions."""
-    metrics = ("top1_accuracy", "top5_accuracy", "top1_error", "top5_error", "loss", "images", "skipped",
-               "images_per_second")
-    return {"model": model, "weights": str(weights), "weights_sha256": file_sha256(weights),
-            "input_format": {**input_format.to_dict(), "description": input_format.describe()},
-            **{key: results[key] for key in metrics}, **how, "versions": library_versions(),
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def write_predictions_csv(path: str | Path, predictions: dict, paths: Sequence[str],
                           class_names: Sequence[str]) -> None:
     """One row per image: path, label, label_name, then index, name and probability of the top-5 classes."""
-    k = predictions["top_classes"].shape[1] if predictions["top_classes"].dim() == 2 else TOP_K
+    k = predictions["top_classes"].shape[1]
     header = ["path", "label", "label_name", *(f"top{rank}_{what}" for rank in range(1, k + 1)
                                                for what in ("index", "name", "prob"))]
     with atomic_output(path) as temp, open(temp, "w", newline="") as file:
@@ -246,13 +231,15 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
 
 def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, load_checkpoint: Callable[..., object],
               info: DistInfo) -> dict:
-    device = info.device
-    say = print if info.is_main else (lambda *a, **k: None)
     weights, metadata, image_size, input_format = read_weights_for(network, args, "eval.py")
     classes = metadata.get("classes") or imagenet_wnids()
     num_classes = metadata.get("num_classes") or len(classes)
     # The val folder is checked before the network is built: large models take seconds to build and load.
-    folders, loader, paths = _val_data(args, classes, image_size, info)
+    folders = scan_image_folder(args.val_dir, "--val-dir")[1]
+    loader, _, paths = build_eval_loader(args.val_dir, crop_size=image_size, batch_size=args.batch_size,
+                                         workers=args.workers, limit=args.limit, rank=info.rank,
+                                         world_size=info.world_size, pin_memory=info.device.type == "cuda",
+                                         class_to_index=class_to_index_for(folders, classes, args.class_map))
     # Once the weights and the data are known good, so that a mistyped command leaves no folder behind.
     for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
         if path:
@@ -262,15 +249,16 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
     del weights
     params = count_parameters(model, include_side_heads=False)
     fast = not args.no_fast
-    runner = prepare_inference_model(model, input_format=input_format, device=device,
+    runner = prepare_inference_model(model, input_format=input_format, device=info.device,
                                      channels_last=args.channels_last, compile=args.compile, amp=args.amp,
                                      fold_bn=fast, image_size=image_size)
     how = ("fast path (BatchNorm folded)" if fast else "plain path") + f", {runner.speed.describe()}"
-    on = f"{info.world_size} x {device.type}" if info.distributed else str(device)
-    say(f"{model_name}: {report.summary()}", flush=True)
-    say(f"{len(paths):,} images of {args.val_dir}, {image_size}px center crop of a "
-        f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {how}"
-        f"{', compiled' if args.compile else ''} on {on}", flush=True)
+    on = f"{info.world_size} x {info.device.type}" if info.distributed else str(info.device)
+    if info.is_main:
+        print(f"{model_name}: {report.summary()}", flush=True)
+        print(f"{len(paths):,} images of {args.val_dir}, {image_size}px center crop of a "
+              f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {how}"
+              f"{', compiled' if args.compile else ''} on {on}", flush=True)
     results = evaluate(runner, None, loader, progress=info.is_main, keep_predictions=bool(args.predictions_csv))
     if not results["images"]:
         raise NothingEvaluated(f"--val-dir {args.val_dir}: none of its {results['skipped']} image(s) could be "
@@ -283,42 +271,35 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
     published = _comparable_published(network, classes, folders, metadata)
     print(_summary_line(results, published), flush=True)
     if args.results_json:
-        atomic_write_text(args.results_json, json.dumps(_results_record(
-            results, model=model_name, weights=args.weights, input_format=input_format, params=params,
-            macs=_count_macs(network, num_classes, image_size, metadata),
-            image_size=image_size, published=published, device=on, amp=runner.amp,
-            channels_last=runner.speed.channels_last, compile=args.compile, fast=fast), indent=2) + "\n")
+        record = _results_record(network, model_name, args, results, metadata, num_classes, input_format, params=params,
+                                 image_size=image_size, published=published, device=on, amp=runner.amp,
+                                 channels_last=runner.speed.channels_last, compile=args.compile, fast=fast)
+        atomic_write_text(args.results_json, json.dumps(record, indent=2) + "\n")
     if args.predictions_csv:
         write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths,
                               output_names(classes, num_classes))
     return results
 
 
-def _val_data(args: argparse.Namespace, classes: list[str], image_size: int,
-              info: DistInfo) -> tuple[list[str], torch.utils.data.DataLoader, list[str]]:
-    """(class folders, loader, image paths) of --val-dir for this rank, labelled as `classes` (or --class-map)."""
-    folders = scan_image_folder(args.val_dir, "--val-dir")[1]
-    class_to_index = class_to_index_for(folders, classes, args.class_map)
-    loader, _, paths = build_eval_loader(args.val_dir, crop_size=image_size, batch_size=args.batch_size,
-                                         workers=args.workers, limit=args.limit, class_to_index=class_to_index,
-                                         rank=info.rank, world_size=info.world_size,
-                                         pin_memory=info.device.type == "cuda")
-    return folders, loader, paths
-
-
 def _comparable_published(network: ModuleType, classes: list[str], folders: list[str], metadata: dict) -> dict | None:
-    """The published errors, where they compare: the 1000 ImageNet classes, all present, and the released
-    architecture; elsewhere they mislead."""
+    """The published errors where they compare: all 1000 ImageNet classes present, the released architecture."""
     if list(classes) == imagenet_wnids() and len(folders) == len(classes) and not metadata.get("architecture"):
         return {key: network.PUBLISHED[key] for key in ("top1_error", "top5_error")}
     return None
 
 
-def _count_macs(network: ModuleType, num_classes: int, image_size: int, metadata: dict) -> int:
-    # On a meta-device copy: the count needs shapes only, and a forward pass of the real model on the CPU costs
-    # seconds for the large models.
-    with torch.device("meta"):
-        return count_macs(create_network_for(network, num_classes, metadata), image_size)
+def _results_record(network: ModuleType, model_name: str, args: argparse.Namespace, results: dict, metadata: dict,
+                    num_classes: int, input_format: InputFormat, *, params: int, image_size: int, **how) -> dict:
+    """The --results-json record: what was evaluated, its metrics, how (`how`), the library versions."""
+    with torch.device("meta"):  # the count needs shapes only; a real forward of the large models takes seconds
+        macs = count_macs(create_network_for(network, num_classes, metadata), image_size)
+    metrics = ("top1_accuracy", "top5_accuracy", "top1_error", "top5_error", "loss", "images", "skipped",
+               "images_per_second")
+    return {"model": model_name, "weights": str(args.weights), "weights_sha256": file_sha256(args.weights),
+            "input_format": {**input_format.to_dict(), "description": input_format.describe()},
+            **{key: results[key] for key in metrics}, "params": params, "macs": macs, "image_size": image_size,
+            **how, "versions": library_versions(),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _summary_line(results: dict, published: dict | None) -> str:

@@ -78,11 +78,9 @@ def read_class_map(path: str | Path, expected: Sequence[str]) -> dict[str, int]:
 
 def class_to_index_for(val_classes: Sequence[str], expected: Sequence[str],
                        class_map_file: str | Path | None = None) -> dict[str, int]:
-    """A label for each class folder of a val set: the index of the network output it stands for.
-
-    `expected` are the network's class names in output order; a folder is matched by `class_map_file`, else by name.
-    Every output index is covered once (common.data.scan_image_folder requires it): outputs no folder stands for keep
-    their name, or a placeholder when a mapped folder took that name."""
+    """{class folder: the network output it stands for}, matched by `class_map_file`, else by name in `expected` (the
+    output names). Every output index is covered once, as common.data.scan_image_folder requires: an output no folder
+    stands for keeps its name, or a placeholder when a mapped folder took that name."""
     mapping = read_class_map(class_map_file, expected) if class_map_file else {}
     index_of = {name: index for index, name in enumerate(expected)}
     labels = {folder: mapping.get(folder, index_of.get(folder)) for folder in val_classes}

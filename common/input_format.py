@@ -62,7 +62,7 @@ class MeanImageError(UserError):
 
 def read_opencv_mean_image(path: str | Path) -> np.ndarray:
     """Read an OpenCV FileStorage XML mean image (`Channel`, `Row`, `Col`, `MeanImg`) as float32 H x W x C
-    (hand-written: OpenCV is no dependency, and the format is a few tags)."""
+    (hand-written: the format is a few tags, and each problem gets a message of its own)."""
     path = Path(path)
     try:
         root = ElementTree.parse(path).getroot()

@@ -3,7 +3,6 @@ upright by their EXIF orientation and prepared as eval.py prepares them."""
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -180,8 +179,7 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     runner = prepare_inference_model(model, input_format=input_format, device=device, compile=args.compile,
                                      amp=args.amp)
     loader = DataLoader(_PredictDataset(files, EvalTransform(image_size)), batch_size=args.batch_size,
-                        num_workers=args.workers, collate_fn=functools.partial(collate_skip_corrupt_with_indices,
-                                                     image_shape=(3, image_size, image_size)))
+                        num_workers=args.workers, collate_fn=collate_skip_corrupt_with_indices)
     print(f"{model_name}: {len(files)} image{'s' * (len(files) != 1)}, {image_size}px center crop, input "
           f"{input_format.describe()}, on {device}", flush=True)
 
@@ -190,11 +188,10 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
         unread = "the image could not be read" if skipped == 1 else f"none of the {skipped} images could be read"
         raise NothingEvaluated(f"{unread} (see above), so nothing was classified"
                                + (" and --predictions-json was not written" if args.predictions_json else ""))
-    if args.predictions_json:
-        atomic_write_text(args.predictions_json, json.dumps(records, indent=2) + "\n")
     note = f", {skipped} unreadable skipped" if skipped else ""
     rate = len(records) / max(seconds, 1e-9)
     print(f"{len(records)} image{'s' * (len(records) != 1)} in {seconds:.2f} s: {rate:.1f} images/s{note}")
     if args.predictions_json:
+        atomic_write_text(args.predictions_json, json.dumps(records, indent=2) + "\n")
         print(f"wrote {args.predictions_json}")
     return records
