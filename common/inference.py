@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from common.hardware import AMP_DTYPES, resolve_speed
+from common.hardware import autocast, resolve_speed
 from common.input_format import InputFormat, Preprocess
 from common.layers import ConvBNReLU
 
@@ -78,8 +78,7 @@ class InferenceRunner:
             if count < self._batch_size:
                 blank = images.new_zeros((self._batch_size - count, *images.shape[1:]))
                 images = torch.cat((images, blank))
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.amp),
-                                                    enabled=self.amp is not None):
+        with torch.inference_mode(), autocast(self.device, self.amp):
             return self.model(images)[:count].float()
 
 
