@@ -1,10 +1,8 @@
-"""Average the weights of several checkpoints, e.g. the best K of a training run by a validation metric.
+"""Average the weights of checkpoints, e.g. the best K of a training run by a metric recorded in their sidecars,
+one memory-mapped tensor at a time, so that memory stays near one output file's size.
 
     python -m common.average --save models --best 5 --metric top1 --output avg.safetensors
-    python -m common.average --inputs a.pth b.pth c.pth --ema --output avg.pth
-
-The selection is rebuilt from the sidecars on disk, so it survives restarts. Averaging streams (memory-mapped
-inputs, one tensor at a time, pages dropped once summed), so memory stays near one output file's size."""
+    python -m common.average --inputs a.pth b.pth c.pth --ema --output avg.pth"""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +31,8 @@ BATCHNORM_NOTE = ("an average's BatchNorm statistics are means of its inputs' an
                   "re-estimate them before judging it, by running the training command again with "
                   "--average-best K --recompute-bn N (at the end of a finished run it only averages the best K "
                   "checkpoints and re-estimates over N training batches, e.g. 200)")
-# Elements per slice when summing: 256 kB of float64, in a core's cache, and torch's grain size, below which an op
-# runs on one thread (on 2 busy cores: 0.4 s with slices of 2^15 elements against 6.9 s with 2^16).
+# Elements per slice when summing: 256 kB of float64 fits a core's cache, and torch's grain size, below which an op
+# runs on one thread (a busy machine's other threads slow every parallel op down).
 _CHUNK = 1 << 15
 
 
@@ -165,12 +163,11 @@ def _newest(metadata: list[dict]) -> int:
 
 
 def _mean_into(mean: torch.Tensor, tensors: list[torch.Tensor], total: torch.Tensor, scratch: torch.Tensor) -> None:
-    """Write the float64 mean of same-shaped `tensors` into `mean`; `total` and `scratch` are reused float64
-    buffers of _CHUNK elements (fresh ones per slice fragment the heap: 0.6 GB more peak on ExLarge)."""
+    """Write the float64 mean of `tensors` into `mean`; `total` and `scratch`: reused buffers of _CHUNK float64."""
     flats = [tensor.reshape(-1) for tensor in tensors]
     flat_mean = mean.view(-1)
-    # A slice at a time keeps the float64 sum in cache (three times faster than whole-tensor passes); a float64
-    # copy plus a same-dtype add is vectorised, a mixed-dtype add_ three times slower.
+    # A slice at a time keeps the float64 sum in cache; a float64 copy plus a same-dtype add is vectorised, a
+    # mixed-dtype add_ is not.
     for start in range(0, flat_mean.numel(), _CHUNK):
         stop = min(start + _CHUNK, flat_mean.numel())
         running = total[:stop - start].copy_(flats[0][start:stop])
@@ -212,19 +209,16 @@ def _check_same_layout(inputs: list[_Input]) -> None:
 
 # -- memory: dropping the pages of a mapped input once a tensor has been summed --------------------------------
 
-def _madvise():
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+def _libc_madvise():
+    """libc's madvise, which takes any address (mmap.madvise only ranges of Python's own mappings); Linux only."""
+    if not sys.platform.startswith("linux"):
         return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
+    function = ctypes.CDLL(None, use_errno=True).madvise
     function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
     return function
 
 
-_MADVISE = _madvise()
+_MADVISE = _libc_madvise()
 
 
 def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
@@ -247,9 +241,8 @@ def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
 
 
 def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
-    """Drop the resident pages wholly inside `tensor` if they belong to a file mapping of ours, or the process
-    grows to all inputs' size. The mappings are private and never written, so a page read again comes back from the
-    file; anonymous memory is never touched (dropping it would zero it)."""
+    """Drop the pages wholly inside `tensor` from memory, or the process grows to all inputs' size."""
+    # Only pages of our private, never written file mappings: they read back from the file; anonymous ones would zero.
     if not mapped or tensor.nbytes == 0:
         return
     start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -310,9 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(path) for path in paths if not path.is_file()]
         if missing:
             raise UserError(f"--inputs: no such file: {listed(missing)}; check the paths")
-        metrics = [_recorded_metrics(path) for path in paths]
-        for path in paths:
-            verify_if_checkpoint(path)
+        infos = [verify_if_checkpoint(path) for path in paths]
+        metrics = [{} if info is None else info.metrics for info in infos]
     # After the inputs are known and checked, so that a refused command leaves no output folder behind.
     prepare_output("--output", args.output)
     averaged = average_checkpoints(paths, args.output, use_ema=args.ema, trust_pickle=args.trust_pickle,
@@ -325,16 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(key.endswith("running_mean") for key in averaged):
         _note(BATCHNORM_NOTE)
     return 0
-
-
-def _recorded_metrics(path: Path) -> dict:
-    """The metrics of a checkpoint's sidecar, when `path` is one of the checkpoints of its folder."""
-    if not path.parent.is_dir():
-        return {}
-    for info in list_checkpoints(path.parent):
-        if info.path.resolve() == path.resolve():
-            return info.metrics
-    return {}
 
 
 def _describe(path: Path, metrics: Mapping, metric: str) -> str:

@@ -57,8 +57,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     load_model_state(model, state["model"], strict=True, source_name=str(path))
     _restore(path, "optimizer", optimizer, state.get("optimizer"))
     _restore(path, "scaler", scaler, state.get("scaler"))
-    if ema is not None:
-        _restore_ema(path, ema, state.get("ema"))
+    if ema is not None and state.get("ema") is None:
+        warnings.warn(f"{path} has no EMA weights; the EMA keeps its current weights", CheckpointWarning, stacklevel=2)
+    elif ema is not None:
+        load_model_state(ema, state["ema"]["module"], strict=True, source_name=f"{path} (EMA)")
     if restore_rng:
         set_rng_state(_this_ranks(state["rng"]))
     return state
@@ -124,10 +126,3 @@ def _restore(path: Path, part: str, target: Any, saved: Any) -> None:
         raise CheckpointError(f"{path}: the saved {part} state does not fit this {part} ({text}); resume with the "
                               "settings the run was started with") from error
 
-
-def _restore_ema(path: Path, ema: nn.Module, saved: dict | None) -> None:
-    if saved is None:
-        warnings.warn(f"{path} has no EMA weights; the EMA keeps its current weights", CheckpointWarning,
-                      stacklevel=3)
-        return
-    load_model_state(ema, saved["module"], strict=True, source_name=f"{path} (EMA)")

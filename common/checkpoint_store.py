@@ -1,8 +1,6 @@
 """The checkpoint folder: file names, SHA-256 sidecars, atomic saving, scanning, retention and best-K selection.
-
-`checkpoint-<iteration, 10 digits>.pth` (torch.save zip, weights_only, tensors packed by common.tensor_pack)
-counts only with its `checkpoint-<iteration>.json` sidecar and when its size and SHA-256 match it. One writer per
-folder (rank 0)."""
+`checkpoint-<iteration, 10 digits>.pth` (torch.save zip, tensors packed by common.tensor_pack) counts only with its
+`checkpoint-<iteration>.json` sidecar and when its size and SHA-256 match it. One writer per folder (rank 0)."""
 from __future__ import annotations
 
 import argparse
@@ -77,11 +75,8 @@ class CheckpointInfo:
 # -- saving ---------------------------------------------------------------------------------------------------
 
 def claim_folder(save_dir: str | os.PathLike) -> None:
-    """Make this process the one writer of `save_dir` until it ends: an exclusive lock on `save_dir/.lock`, which
-    the system drops when the process ends, however it ends. A second run in the same folder would remove the
-    first's temporary files and mix its checkpoints with its own, so it is refused (CheckpointError naming the
-    holder). Nothing is locked where the system or the filesystem has no file locks (Windows, some network
-    filesystems)."""
+    """Make this process the one writer of `save_dir` until it ends (an exclusive lock on `save_dir/.lock`); a second
+    run there is refused with a CheckpointError naming the holder. Nothing is locked without file locks (Windows)."""
     try:
         import fcntl
     except ImportError:
@@ -111,10 +106,8 @@ def claim_folder(save_dir: str | os.PathLike) -> None:
 def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, keep: int = 5,
                     best_metric_name: str | None = None) -> Path | None:
     """Write `state` as checkpoint `iters` in `save_dir` atomically, then keep the newest `keep` plus the best by
-    `best_metric_name` (lower is better unless it is an accuracy); the new path, or None on ranks other than 0 (which
-    write nothing). Every step is safe to interrupt: the state goes to a hashed, fsynced temporary file; the sidecar
-    is renamed into place first (without its data file it is an unfinished save), then the data file, each rename
-    made durable; old checkpoints are removed only after that."""
+    `best_metric_name` (lower is better unless it is an accuracy); the new path, or None on ranks other than 0.
+    The sidecar is renamed into place before the data file: alone, it marks an unfinished save."""
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
     if keep < 1:
@@ -125,10 +118,12 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
     data_path = save_dir / f"checkpoint-{int(iters):010d}.pth"
     sidecar_path = data_path.with_suffix(".json")
     data_temp, sidecar_temp = temp_path(data_path), temp_path(sidecar_path)
-    sidecar_placed = data_placed = False
+    sidecar_alone = False
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(save_dir)
+        for entry in os.scandir(save_dir):
+            if _TEMP_RE.match(entry.name):  # left by a killed writer: with one writer per folder, none is in use
+                remove_quietly(Path(entry.path))
         packed, tensor_bytes = pack_tensors(state)
         digest, size = write_hashed(data_temp, lambda file: _save_without_crc(packed, file), piece_bytes=PIECE_BYTES,
                                     substitute=tensor_bytes)
@@ -137,15 +132,15 @@ def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, kee
                    "metrics": to_plain(state.get("metrics") or {}, json_only=True)}
         write_hashed(sidecar_temp, lambda file: file.write(json.dumps(sidecar, indent=1).encode() + b"\n"))
         os.replace(sidecar_temp, sidecar_path)
-        sidecar_placed = True
+        sidecar_alone = True
         fsync_dir(save_dir)
         os.replace(data_temp, data_path)
-        data_placed = True
+        sidecar_alone = False
         fsync_dir(save_dir)
     except BaseException as error:
         for temp in (data_temp, sidecar_temp):
             remove_quietly(temp)
-        if sidecar_placed and not data_placed:
+        if sidecar_alone:
             remove_quietly(sidecar_path)
         if isinstance(error, OSError):
             raise CheckpointWriteError(_write_error_text(save_dir, data_path.name, error)) from error
@@ -203,14 +198,43 @@ def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
 
 
 def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Any:
-    """The object stored in checkpoint `path`, its size and SHA-256 checked against the sidecar first (not again for
-    a file get_latest_model checked in this process; not at all with `verify=False`, for a file without its sidecar).
-    The check reads the file into the page cache, so the read after it comes from memory (unpickling while another
-    thread hashed saved nothing once the tensors were packed: README Performance)."""
+    """The object stored in checkpoint `path`, its size and SHA-256 checked against the sidecar first (once per
+    process; not at all with `verify=False`, for a file without its sidecar)."""
     path = Path(path)
     if verify:
-        verify_checkpoint(path, check_hash=_identity(path) not in _VERIFIED)
+        _verify_once(path)
     return read_weights_file(path, verify=False)
+
+
+def verify_checkpoint(path: str | os.PathLike, check_hash: bool = True) -> CheckpointInfo:
+    """`path`'s sidecar; CheckpointCorruptError unless `path` has one and matches its size (and SHA-256)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointCorruptError(f"{path}: no such checkpoint file; check the path")
+    match = _DATA_RE.match(path.name)
+    sidecar_path = path.with_suffix(".json")
+    if match is None or not sidecar_path.is_file():
+        raise CheckpointCorruptError(f"{path} has no sidecar {sidecar_path.name}, so its integrity cannot be "
+                                     "checked; load it with verify=False if you know where it comes from")
+    try:
+        info = _parse_sidecar(path, sidecar_path, int(match.group(1)))
+    except CheckpointCorruptError as error:
+        raise CheckpointCorruptError(f"{path}: {error}; {_ADVICE}") from None
+    if check_hash:
+        if not _hash_matches(info):
+            raise CheckpointCorruptError(f"{path}: its SHA-256 does not match its sidecar, the file is damaged; "
+                                         f"{_ADVICE}")
+        _mark_verified(path)
+    return info
+
+
+def verify_if_checkpoint(path: str | os.PathLike) -> CheckpointInfo | None:
+    """Check a checkpoint of this project (checkpoint-<iteration>.pth, its sidecar beside it) against its sidecar once
+    per process (CheckpointCorruptError) and return the sidecar's description; None for any other file."""
+    path = Path(path)
+    if _DATA_RE.match(path.name) and path.with_suffix(".json").is_file():
+        return _verify_once(path)
+    return None
 
 
 # -- best K ---------------------------------------------------------------------------------------------------
@@ -245,19 +269,12 @@ def best_checkpoints(checkpoints: list[CheckpointInfo], k: int, metric: str,
 
 # -- internals ------------------------------------------------------------------------------------------------
 
-def _positive_int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"not a positive integer: {value!r}")
-    return value
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _save_without_crc(state: dict, file: BinaryIO) -> None:
-    """torch.save without the zip's CRC-32 of every record: a whole extra pass over the bytes, and the sidecar's
-    SHA-256, checked before every load, already covers them (torch.load does not read the CRCs)."""
+    """torch.save without the zip's CRC-32s: an extra pass over the bytes, which the sidecar's SHA-256 covers."""
     previous = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
@@ -267,35 +284,28 @@ def _save_without_crc(state: dict, file: BinaryIO) -> None:
 
 
 def _scan(save_dir: Path) -> tuple[list[CheckpointInfo], list[tuple[int | None, Path, str]]]:
-    """Complete checkpoints by the cheap checks (sidecar present and readable, sizes agree), and the rest."""
+    """Complete checkpoints by the cheap checks (sidecar readable, sizes agree); (iteration, path, why) for the rest."""
     if not save_dir.is_dir():
         return [], []
-    data, sidecars = {}, {}
-    problems: list[tuple[int | None, Path, str]] = []
-    for entry in os.scandir(save_dir):
-        name = entry.name
+    entries = {entry.name: entry for entry in os.scandir(save_dir)}
+    complete, problems = [], []
+    for name, entry in entries.items():
+        path = Path(entry.path)
         if match := _DATA_RE.match(name):
-            data[name[:-4]] = (int(match.group(1)), Path(entry.path))
-        elif _SIDECAR_RE.match(name):
-            sidecars[name[:-5]] = Path(entry.path)
+            iteration, sidecar_path = int(match.group(1)), path.with_suffix(".json")
+            if sidecar_path.name not in entries:
+                problems.append((iteration, path, f"no sidecar {sidecar_path.name}: an unfinished save or a file not "
+                                                  "written by this project"))
+                continue
+            try:
+                complete.append(_parse_sidecar(path, sidecar_path, iteration))
+            except (CheckpointCorruptError, OSError) as error:
+                problems.append((iteration, path, str(error)))
         elif match := _TEMP_RE.match(name):
-            problems.append((int(match.group(1)), Path(entry.path), "an unfinished save (temporary file)"))
+            problems.append((int(match.group(1)), path, "an unfinished save (temporary file)"))
         elif name.endswith(_WEIGHT_SUFFIXES) and entry.is_file():
-            problems.append((None, Path(entry.path), "not a checkpoint of this project (its name does not fit "
-                                                     "checkpoint-<iteration>.pth)"))
-    complete = []
-    for stem, (iteration, path) in data.items():
-        sidecar_path = sidecars.get(stem)
-        if sidecar_path is None:
-            problems.append((iteration, path, f"no sidecar {stem}.json: an unfinished save or a file not written "
-                                              "by this project"))
-            continue
-        try:
-            info = _parse_sidecar(path, sidecar_path, iteration)
-        except (CheckpointCorruptError, OSError) as error:
-            problems.append((iteration, path, str(error)))
-            continue
-        complete.append(info)
+            problems.append((None, path, "not a checkpoint of this project (its name does not fit "
+                                         "checkpoint-<iteration>.pth)"))
     complete.sort(key=lambda info: info.iteration)
     return complete, problems
 
@@ -310,10 +320,11 @@ def _parse_sidecar(path: Path, sidecar_path: Path, iteration: int) -> Checkpoint
             raise CheckpointCorruptError(f"{sidecar_path.name} describes iteration {sidecar.get('iteration')}")
         # Sidecars written before checkpoints were hashed in pieces hold the whole file's "sha256".
         pieces = "pieces_sha256" in sidecar
-        info = CheckpointInfo(path=path, iteration=iteration,
-                              sha256=str(sidecar["pieces_sha256" if pieces else "sha256"]), size=int(sidecar["size"]),
-                              piece_bytes=_positive_int(sidecar["piece_bytes"]) if pieces else None,
-                              metrics=dict(sidecar.get("metrics") or {}))
+        piece_bytes = sidecar["piece_bytes"] if pieces else None
+        if pieces and (type(piece_bytes) is not int or piece_bytes < 1):
+            raise ValueError(piece_bytes)
+        info = CheckpointInfo(path, iteration, str(sidecar["pieces_sha256" if pieces else "sha256"]),
+                              int(sidecar["size"]), piece_bytes, dict(sidecar.get("metrics") or {}))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointCorruptError(f"its sidecar {sidecar_path.name} is unreadable") from None
     if (size := path.stat().st_size) != info.size:
@@ -322,38 +333,8 @@ def _parse_sidecar(path: Path, sidecar_path: Path, iteration: int) -> Checkpoint
     return info
 
 
-def _hash_mismatch_text(path: Path) -> str:
-    return f"{path}: its SHA-256 does not match its sidecar, the file is damaged; {_ADVICE}"
-
-
-def verify_checkpoint(path: str | os.PathLike, check_hash: bool = True) -> CheckpointInfo:
-    """`path`'s sidecar; CheckpointCorruptError unless `path` has one and matches its size (and SHA-256)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointCorruptError(f"{path}: no such checkpoint file; check the path")
-    match = _DATA_RE.match(path.name)
-    sidecar_path = path.with_suffix(".json")
-    if match is None or not sidecar_path.is_file():
-        raise CheckpointCorruptError(f"{path} has no sidecar {sidecar_path.name}, so its integrity cannot be "
-                                     "checked; load it with verify=False if you know where it comes from")
-    try:
-        info = _parse_sidecar(path, sidecar_path, int(match.group(1)))
-    except CheckpointCorruptError as error:
-        raise CheckpointCorruptError(f"{path}: {error}; {_ADVICE}") from None
-    if check_hash:
-        if not _hash_matches(info):
-            raise CheckpointCorruptError(_hash_mismatch_text(path))
-        _mark_verified(path)
-    return info
-
-
-def verify_if_checkpoint(path: str | os.PathLike) -> None:
-    """Check a checkpoint of this project (named checkpoint-<iteration>.pth, its sidecar beside it) against its
-    sidecar, once per process (CheckpointCorruptError): `read_weights_file` does, so that a damaged one is not
-    evaluated, exported, averaged, released or fine-tuned from without a word. Any other file is left as it is."""
-    path = Path(path)
-    if _DATA_RE.match(path.name) and path.with_suffix(".json").is_file() and _identity(path) not in _VERIFIED:
-        verify_checkpoint(path)
+def _verify_once(path: Path) -> CheckpointInfo:
+    return verify_checkpoint(path, check_hash=_identity(path) not in _VERIFIED)
 
 
 def _hash_matches(info: CheckpointInfo) -> bool:
@@ -375,13 +356,6 @@ def _identity(path: Path) -> tuple[str, int, int, int] | None:
     except OSError:
         return None
     return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def _remove_stale_temps(save_dir: Path) -> None:
-    """Temporary files left by a writer that was killed; the folder has a single writer, so none is in use."""
-    for entry in os.scandir(save_dir):
-        if _TEMP_RE.match(entry.name):
-            remove_quietly(Path(entry.path))
 
 
 def _apply_retention(save_dir: Path, keep: int, newest: int, metric: str | None) -> None:
@@ -409,8 +383,8 @@ def _write_error_text(save_dir: Path, name: str, error: OSError) -> str:
     reason = error.strerror or str(error)
     code = errno.errorcode.get(error.errno or 0)
     hint = {errno.ENOSPC: "free some disk space or choose another --save",
-            errno.EDQUOT: "free some quota or choose another --save"}.get(error.errno, "check the folder")
-    if error.errno in (errno.EACCES, errno.EROFS):
-        hint = "choose a folder you can write to (--save)"
+            errno.EDQUOT: "free some quota or choose another --save",
+            errno.EACCES: "choose a folder you can write to (--save)",
+            errno.EROFS: "choose a folder you can write to (--save)"}.get(error.errno, "check the folder")
     return (f"could not save {name} in {save_dir}: {reason}{f' ({code})' if code else ''}; the checkpoints "
             f"saved before are intact; {hint}")

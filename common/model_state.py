@@ -1,9 +1,7 @@
 """Model weights in and out: reading weights files without running their code, released layouts, checked loading.
-
 The released 2019 files (MODELS.md, "Released checkpoint files") come as a flat dict or `{'state_dict': ...}`, with
-or without `module.` prefixes, `num_batches_tracked` or side heads, and with the squeeze-excitation weights under two
-names; all of these load strictly into this project's networks.
-"""
+or without `module.` prefixes, `num_batches_tracked` or side heads, and with two names for the squeeze-excitation
+weights: all of these load strictly into this project's networks."""
 from __future__ import annotations
 
 import functools
@@ -85,10 +83,9 @@ def unwrap_model(model: Any) -> nn.Module:
 
 
 def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *, verify: bool = True) -> Any:
-    """The object stored in a weights file, read without running code from it unless `trust_pickle`: a
-    SafetensorsWeights dict, else torch.load's (zip or the legacy pickles of 2019). Failures are WeightsFileErrors.
-    A training checkpoint of this project (its sidecar beside it) is first checked against the sidecar's SHA-256
-    (CheckpointCorruptError), unless `verify=False`."""
+    """The object in a weights file (a SafetensorsWeights dict, else torch.load's), read without running its code
+    unless `trust_pickle`; failures are WeightsFileErrors. A training checkpoint of this project is first checked
+    against its sidecar's SHA-256 (CheckpointCorruptError), unless `verify=False`."""
     path = Path(path)
     if verify:
         from common.checkpoint_store import verify_if_checkpoint  # here: checkpoint_store reads files through this
@@ -127,11 +124,27 @@ def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the w
     origin: dict[str, str] = {}
     # Aliases go in last, so the clean name wins when a file has both (after checking they agree).
     for key in sorted(names, key=lambda key: names[key][1]):
-        _put(clean, origin, names[key][0], key, weights[key], source)
+        name, value = names[key][0], weights[key]
+        kept = clean.get(name)
+        if kept is None:
+            clean[name], origin[name] = value, key
+        elif kept.shape != value.shape or (kept.data_ptr() != value.data_ptr() and not torch.equal(kept, value)):
+            raise WeightsFileError(f"{source} holds two different tensors for {name} (as {origin[name]} and {key}): "
+                                   "the file is damaged or was edited; use the original file")
     if not clean:
         raise WeightsFileError(f"{source} holds no tensors ({_describe_container(weights)}); "
                                "is it a weights file of this project?")
     return clean
+
+
+def read_model_state(source: Any, *, trust_pickle: bool = False, use_ema: bool = False,
+                     source_name: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(clean model tensors, name for messages) of `source`: a path, read with `read_weights_file`, or a read object."""
+    if isinstance(source, (str, os.PathLike)):
+        source_name = source_name or str(source)
+        source = read_weights_file(source, trust_pickle=trust_pickle)
+    source_name = source_name or "the weights"
+    return extract_model_state(source, use_ema=use_ema, source=source_name), source_name
 
 
 def load_model_state(model: Any, source: Any, strict: bool = True, for_inference: bool = False,
@@ -140,12 +153,21 @@ def load_model_state(model: Any, source: Any, strict: bool = True, for_inference
     """Copy weights from `source` (a path or a read object) into the unwrapped `model`, every shape checked first.
     Missing `num_batches_tracked` is fine; `for_inference` also accepts missing side heads. `strict=False` loads the
     keys both sides have, but refuses mis-shaped keys and a source that fits nothing."""
-    is_path = isinstance(source, (str, os.PathLike))
-    name = source_name or (str(source) if is_path else "the weights")
-    if is_path:
-        source = read_weights_file(source, trust_pickle=trust_pickle)
-    state = extract_model_state(source, use_ema=use_ema, source=name)
-    return _load_checked(unwrap_model(model), state, strict, for_inference, name)
+    state, name = read_model_state(source, trust_pickle=trust_pickle, use_ema=use_ema, source_name=source_name)
+    module = unwrap_model(model)
+    target = module.state_dict()
+    missing = [key for key in target if key not in state]
+    unexpected = [key for key in state if key not in target]
+    misshaped = [key for key in target if key in state and state[key].shape != target[key].shape]
+    required = [key for key in missing
+                if not key.endswith("num_batches_tracked") and not (for_inference and is_side_head(key))]
+    loadable = len(target) - len(missing) - len(misshaped)
+    if misshaped or loadable == 0 or (strict and (required or unexpected)):
+        raise WeightsMismatchError(_mismatch_message(module, name, state, target, required if strict else [],
+                                                     unexpected if strict else [], misshaped, loadable))
+    # load_state_dict (not a bare copy_) so modules with their own loading hooks still get them.
+    module.load_state_dict({key: state[key] for key in target if key in state}, strict=False)
+    return LoadReport(loaded=loadable, missing=missing, unexpected=unexpected, source=name)
 
 
 def read_checkpoint_metadata(path_or_obj: Any) -> dict:
@@ -154,13 +176,14 @@ def read_checkpoint_metadata(path_or_obj: Any) -> dict:
     if isinstance(path_or_obj, (str, os.PathLike)):
         path = Path(path_or_obj)
         kind, size = _sniff(path)
-        if kind == "safetensors":
-            return _decode_release_metadata(_read_safetensors(path, size, tensors=False).metadata)
-        if kind != "zip":
+        if kind not in ("safetensors", "zip"):
             return {}
-        path_or_obj = read_weights_file(path)
+        path_or_obj = _read_safetensors(path, size, tensors=False) if kind == "safetensors" else read_weights_file(path)
     if isinstance(path_or_obj, SafetensorsWeights):
-        return _decode_release_metadata(path_or_obj.metadata)
+        try:
+            return json.loads(path_or_obj.metadata.get(RELEASE_METADATA_KEY) or "{}")
+        except json.JSONDecodeError:
+            return {}
     if isinstance(path_or_obj, Mapping) and path_or_obj.get("format") == CHECKPOINT_FORMAT:
         return {**(path_or_obj.get("metadata") or {}), "iteration": path_or_obj["iteration"],
                 "metrics": dict(path_or_obj.get("metrics") or {})}
@@ -240,15 +263,22 @@ def _load_error(path: Path, kind: str, size: int, error: Exception) -> WeightsFi
             "loading it could run anything on this machine, so it was refused; pass --trust-pickle only for a "
             "file you made yourself (trust_pickle=True in Python)")
     if kind == "unknown":
-        return WeightsFileError(f"{path} is not a PyTorch or safetensors weights file (it starts with "
-                                f"{_head_text(path)}); check that it is the file you meant")
+        with open(path, "rb") as file:
+            head = file.read(24)
+        text = head.decode("ascii", errors="replace")
+        shown = repr(text) if text.isprintable() else f"bytes {head[:8].hex(' ')}"
+        return WeightsFileError(f"{path} is not a PyTorch or safetensors weights file (it starts with {shown}); "
+                                "check that it is the file you meant")
     ends_early = (kind == "zip" and not _zip_has_end(path, size)) or isinstance(error, (EOFError, IndexError)) \
         or "EOF" in str(error) or "unpack requires" in str(error)
     return _broken_download(path, size, ends_early, error)
 
 
 def _broken_download(path: Path, size: int, ends_early: bool, error: Exception) -> WeightsFileError:
-    what = f"ends early ({size} bytes)" if ends_early else f"is damaged ({_short(error)})"
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else type(error).__name__
+    first = first if len(first) <= 100 else first[:97] + "..."
+    what = f"ends early ({size} bytes)" if ends_early else f"is damaged ({first})"
     return WeightsFileError(f"{path} {what}: an interrupted download? compare its size/MD5 with the published "
                             "one and download it again")
 
@@ -284,13 +314,6 @@ def _safetensors_needs(path: Path) -> int:
         return 0
 
 
-def _decode_release_metadata(metadata: Mapping[str, str] | None) -> dict:
-    try:
-        return json.loads((metadata or {}).get(RELEASE_METADATA_KEY) or "{}")
-    except json.JSONDecodeError:
-        return {}
-
-
 def _find_weights(obj: Any, use_ema: bool, source: str) -> Mapping:
     if isinstance(obj, nn.Module):
         return obj.state_dict()
@@ -310,34 +333,6 @@ def _find_weights(obj: Any, use_ema: bool, source: str) -> Mapping:
     if use_ema:
         raise WeightsFileError(f"{source} holds no EMA weights ({_describe_container(obj)}); load it without --ema")
     return obj
-
-
-def _put(clean: dict, origin: dict, name: str, key: str, value: torch.Tensor, source: str) -> None:
-    if name in clean:
-        kept = clean[name]
-        if kept.shape != value.shape or (kept.data_ptr() != value.data_ptr() and not torch.equal(kept, value)):
-            raise WeightsFileError(f"{source} holds two different tensors for {name} (as {origin[name]} and {key}): "
-                                   "the file is damaged or was edited; use the original file")
-        return
-    clean[name] = value
-    origin[name] = key
-
-
-def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], strict: bool, for_inference: bool,
-                  source: str) -> LoadReport:
-    target = module.state_dict()
-    missing = [key for key in target if key not in state]
-    unexpected = [key for key in state if key not in target]
-    misshaped = [key for key in target if key in state and state[key].shape != target[key].shape]
-    required = [key for key in missing
-                if not key.endswith("num_batches_tracked") and not (for_inference and is_side_head(key))]
-    loadable = len(target) - len(missing) - len(misshaped)
-    if misshaped or loadable == 0 or (strict and (required or unexpected)):
-        raise WeightsMismatchError(_mismatch_message(module, source, state, target, required if strict else [],
-                                                     unexpected if strict else [], misshaped, loadable))
-    # load_state_dict (not a bare copy_) so modules with their own loading hooks still get them.
-    module.load_state_dict({key: state[key] for key in target if key in state}, strict=False)
-    return LoadReport(loaded=loadable, missing=missing, unexpected=unexpected, source=source)
 
 
 def mismatch_parts(state: Mapping, target: Mapping, missing: list[str], unexpected: list[str],
@@ -374,16 +369,3 @@ def is_side_head(key: str) -> bool:
 def _describe_container(obj: Mapping) -> str:
     keys = [str(key) for key in obj]
     return f"top-level keys: {listed(keys)}" if keys else "it is an empty dict"
-
-
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    first = text[0] if text else type(error).__name__
-    return first if len(first) <= 100 else first[:97] + "..."
-
-
-def _head_text(path: Path) -> str:
-    with open(path, "rb") as file:
-        head = file.read(24)
-    text = head.decode("ascii", errors="replace")
-    return repr(text) if text.isprintable() else f"bytes {head[:8].hex(' ')}"

@@ -14,9 +14,8 @@ from common.backbone import ClassifierNetwork, _under
 from common.errors import UserError
 from common.input_format import InputFormat
 from common.layers import init_weights
-from common.model_state import (LoadReport, WeightsMismatchError, classifier_rows, describe_weights,
-                                extract_model_state, mismatch_parts, read_checkpoint_metadata, read_weights_file,
-                                unwrap_model)
+from common.model_state import (LoadReport, WeightsMismatchError, classifier_rows, describe_weights, mismatch_parts,
+                                read_checkpoint_metadata, read_model_state, read_weights_file, unwrap_model)
 from common.models import load_network_module
 
 
@@ -73,11 +72,7 @@ def load_pretrained(model: nn.Module, source: Any, *, trust_pickle: bool = False
                     source_name: str | None = None) -> PretrainedReport:
     """Load a weights file (path or read object) into `model` for fine-tuning or as a backbone; the heads that do
     not fit get the original initialisation, keys a features-only network dropped are ignored."""
-    if isinstance(source, (str, os.PathLike)):
-        source_name = source_name or str(source)
-        source = read_weights_file(source, trust_pickle=trust_pickle)
-    source_name = source_name or "the weights"
-    state = extract_model_state(source, use_ema=use_ema, source=source_name)
+    state, source_name = read_model_state(source, trust_pickle=trust_pickle, use_ema=use_ema, source_name=source_name)
     network = unwrap_model(model)
     loading, reinitialised = pretrained_state(network, state, source_name)
     network.load_state_dict(loading, strict=False)

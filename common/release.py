@@ -48,39 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def release_weights(weights: dict[str, torch.Tensor], keep_side_heads: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors to release: side heads dropped unless kept, each tensor contiguous with storage of its own
-    (safetensors refuses shared storage)."""
-    released, storages = {}, set()
-    for key, value in weights.items():
-        if keep_side_heads or not is_side_head(key):
-            value = value.detach().cpu().contiguous()
-            if value.untyped_storage().data_ptr() in storages:
-                value = value.clone()
-            storages.add(value.untyped_storage().data_ptr())
-            released[key] = value
-    return released
-
-
 def shareable_metadata(metadata: dict) -> dict:
     """`metadata` without what only means something on the machine that trained: the rule for every file meant
     to be shared (releases, averages)."""
     return {key: value for key, value in metadata.items() if key not in _PRIVATE_METADATA}
 
 
-def release_metadata(obj, weights: dict[str, torch.Tensor], use_ema: bool) -> dict:
-    """The metadata stored in the release: the checkpoint's own (without training arguments), what it holds."""
-    metadata = {**shareable_metadata(read_checkpoint_metadata(obj)), "contents": describe_weights(weights)}
-    metadata["weights"] = "ema" if use_ema else metadata.get("weights", "model")
-    return to_plain(metadata, json_only=True)
-
-
 def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
     """Write a weights file to share (`.safetensors` with `metadata` as JSON, any other name a torch.save state dict)
     and `OUT.sha256` beside it, both atomically; returns the SHA-256. The one writer of releases and averages."""
     output = Path(output)
-    # safetensors stores dense row-major data only; a channels_last network's weights are not.
-    weights = {name: tensor.contiguous() for name, tensor in weights.items()}
+    # safetensors stores dense row-major tensors (a channels_last network's are not) with storages of their own.
+    released, storages = {}, set()
+    for name, tensor in weights.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        released[name] = tensor
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(output) as temporary:
@@ -88,11 +73,11 @@ def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict
                 # safetensors creates its files 0600; give the file the umask's mode, like every other output.
                 with open(temporary, "xb"):
                     mode = os.stat(temporary).st_mode & 0o777
-                safetensors.torch.save_file(weights, temporary, metadata={
+                safetensors.torch.save_file(released, temporary, metadata={
                     "format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata, default=str)})
                 os.chmod(temporary, mode)
             else:
-                torch.save(weights, temporary)
+                torch.save(released, temporary)
             digest = file_sha256(temporary)
         atomic_write_text(output.with_name(output.name + ".sha256"), f"{digest}  {output.name}\n")
     except OSError as error:
@@ -110,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if output.resolve() == source.resolve():
         raise UserError(f"--output {output} is the input file; choose another name")
     obj = read_weights_file(source, trust_pickle=args.trust_pickle)
-    weights = release_weights(extract_model_state(obj, use_ema=args.ema, source=str(source)), args.keep_side_heads)
+    weights = {key: value for key, value in extract_model_state(obj, use_ema=args.ema, source=str(source)).items()
+               if args.keep_side_heads or not is_side_head(key)}
     if args.model:
         network_module = load_network_module(args.model)
         network = network_module.create_network(num_classes=classifier_rows(network_module, weights))
@@ -118,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                          source_name=str(source))
     # After the input is read and checked, so that a refused one leaves no output folder behind.
     prepare_output("--output", output)
-    digest = write_release(output, weights, release_metadata(obj, weights, args.ema))
+    # The checkpoint's own metadata, without training arguments, and what the release holds.
+    metadata = {**shareable_metadata(read_checkpoint_metadata(obj)), "contents": describe_weights(weights)}
+    metadata["weights"] = "ema" if args.ema else metadata.get("weights", "model")
+    digest = write_release(output, weights, to_plain(metadata, json_only=True))
     size = output.stat().st_size
     print(f"wrote {output}: {len(weights)} tensors, {size / 1e6:.1f} MB, {describe_weights(weights)}")
     print(f"{digest}  {output.name}")

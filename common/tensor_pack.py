@@ -1,12 +1,7 @@
 """Training checkpoints store their tensors packed: one flat tensor per dtype, an index of shapes, and the rest of the
-state pickled once into a byte tensor (the skeleton) that refers to the tensors by number. Loading then pays neither
-torch.load's per-tensor cost (an unpickler step, a record lookup and a storage per tensor: seconds for ExLarge's 5,000
-tensors, more than reading its 3 GB) nor its weights-only unpickler, written in Python, over 5,000 names (reading
-ExLarge's file took 0.09 to 0.10 s with them, 0.02 to 0.04 s without): the skeleton is read by the C unpickler with
-no class allowed but OrderedDict (a state dict). Top-level entries that hold no tensor stay as they are, so plain
-`torch.load(weights_only=True)` shows a checkpoint's metadata. Unpacking gives views of the flat tensors, without a
-copy. Packing copies nothing: torch.save writes placeholders, and the writer writes each tensor's own bytes in their
-place."""
+state pickled once into a byte tensor (the skeleton) that refers to the tensors by number. torch.load's per-tensor
+cost and its Python weights-only unpickler are paid once per dtype, not once per tensor; the skeleton is read by the
+C unpickler with no class allowed but OrderedDict. Entries that hold no tensor stay readable with plain torch.load."""
 from __future__ import annotations
 
 import collections
@@ -28,36 +23,31 @@ _REF = "tensor_pack_ref"
 
 
 def pack_tensors(state: Mapping) -> tuple[dict, Callable[[memoryview], Iterator[memoryview] | None]]:
-    """`state` as torch.save should write it: its entries without tensors as they are, and under PACK_KEY the rest
-    pickled into a skeleton with every tensor (at any depth) replaced by its number, and one flat placeholder tensor
-    per dtype, never filled; and `tensor_bytes(data)`, which maps torch.save's write of a placeholder to the bytes of
-    its tensors in order, as a flat tensor holding them would hold them (None for any other write). Write the packed
-    state with `write_hashed(..., substitute=tensor_bytes)` before the tensors change. TypeError for an object other
-    than tensors, plain values and (ordered) dicts, lists and tuples."""
+    """(`state` to torch.save: tensor-free entries as they are, the rest under PACK_KEY as a skeleton and one unfilled
+    placeholder per dtype; `tensor_bytes`, the `write_hashed` substitute that writes the tensors in the placeholders).
+    TypeError for anything but tensors, plain values and (ordered) dicts, lists and tuples."""
     plain = {key: value for key, value in state.items() if not _holds_tensor(value)}
     tensors: list[Tensor] = []
     skeleton = io.BytesIO()
     _SkeletonPickler(skeleton, tensors).dump({key: value for key, value in state.items() if key not in plain})
     dtypes = list(dict.fromkeys(tensor.dtype for tensor in tensors))
-    groups = [dtypes.index(tensor.dtype) for tensor in tensors]
+    by_dtype = [[tensor for tensor in tensors if tensor.dtype == dtype] for dtype in dtypes]
     # Untouched memory: the placeholders cost address space only, as torch.save never reads them.
-    flats = [torch.empty(sum(t.numel() for t in tensors if t.dtype == dtype), dtype=dtype) for dtype in dtypes]
-    members = [(flat.data_ptr(), flat.nbytes, [t for t, group in zip(tensors, groups) if group == index])
-               for index, flat in enumerate(flats)]
+    flats = [torch.empty(sum(t.numel() for t in group), dtype=dtype) for dtype, group in zip(dtypes, by_dtype)]
     sizes = [number for tensor in tensors for number in (tensor.dim(), *tensor.shape)]
 
     def tensor_bytes(data: memoryview) -> Iterator[memoryview] | None:
         start = np.frombuffer(data, dtype=np.uint8).ctypes.data if len(data) else 0
-        for address, nbytes, flat in members:
-            if address <= start < address + nbytes:
-                if (start, len(data)) != (address, nbytes):
+        for flat, group in zip(flats, by_dtype):
+            if flat.data_ptr() <= start < flat.data_ptr() + flat.nbytes:
+                if (start, len(data)) != (flat.data_ptr(), flat.nbytes):
                     raise RuntimeError("torch.save wrote part of a placeholder: each must be written whole")
                 # One at a time: a tensor that is not contiguous is copied just before it is written.
-                return (_bytes_of(tensor) for tensor in flat if tensor.numel())
+                return (_bytes_of(tensor) for tensor in group if tensor.numel())
         return None
 
-    return {**plain, PACK_KEY: {"storages": flats, "groups": torch.tensor(groups, dtype=torch.int64),
-                                "sizes": torch.tensor(sizes, dtype=torch.int64),
+    groups = torch.tensor([dtypes.index(tensor.dtype) for tensor in tensors], dtype=torch.int64)
+    return {**plain, PACK_KEY: {"storages": flats, "groups": groups, "sizes": torch.tensor(sizes, dtype=torch.int64),
                                 "skeleton": torch.frombuffer(bytearray(skeleton.getbuffer()), dtype=torch.uint8)}
             }, tensor_bytes
 
@@ -84,8 +74,7 @@ def unpack_tensors(obj: Any) -> Any:
         offsets[group] += count
     plain = {key: value for key, value in obj.items() if key != PACK_KEY}
     if "skeleton" not in pack:  # the first packed layout
-        return _rebuild(plain, lambda part: tensors[part[_REF]] if isinstance(part, dict) and part.keys() == {_REF}
-                        else None)
+        return _replace_refs(plain, tensors)
     return {**plain, **_SkeletonUnpickler(pack["skeleton"].numpy().tobytes(), tensors).load()}
 
 
@@ -134,22 +123,17 @@ class _SkeletonUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"the skeleton names {module}.{name}, which a checkpoint never holds")
 
 
-def _rebuild(obj: Any, convert: Callable[[Any], Any]) -> Any:
-    """`obj` with each part that `convert` maps to something other than None replaced, through dicts, lists, tuples."""
-    converted = convert(obj)
-    if converted is not None:
-        return converted
+def _replace_refs(obj: Any, tensors: list[Tensor]) -> Any:
+    """`obj` with each {_REF: number} replaced by its tensor, dict types and attributes (`_metadata`) kept."""
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_rebuild(item, convert) for item in obj)
-    if isinstance(obj, dict):
-        return _same_kind(obj, {key: _rebuild(value, convert) for key, value in obj.items()})
-    return obj
-
-
-def _same_kind(original: dict, items: dict) -> dict:
-    """`items` as the original's dict type, with its attributes (a state_dict's `_metadata` holds module versions)."""
-    if type(original) is dict:
+        return type(obj)(_replace_refs(item, tensors) for item in obj)
+    if not isinstance(obj, dict):
+        return obj
+    if obj.keys() == {_REF}:
+        return tensors[obj[_REF]]
+    items = {key: _replace_refs(value, tensors) for key, value in obj.items()}
+    if type(obj) is dict:
         return items
-    copy = type(original)(items)
-    copy.__dict__.update(getattr(original, "__dict__", {}))
+    copy = type(obj)(items)
+    copy.__dict__.update(getattr(obj, "__dict__", {}))
     return copy

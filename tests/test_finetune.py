@@ -1,6 +1,7 @@
 """Fine-tuning: train.py --pretrained to another number of classes, --freeze-backbone, resuming an interrupted run."""
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from common.checkpoint_store import get_latest_model
 from common.demo_data import make_image_folder
 from common.model_state import WeightsMismatchError, extract_model_state, read_weights_file
 from common.pretrained import load_pretrained
-from common.training import warmup_linear_decay
+from common.training import learning_rate
 from conftest import REPO_ROOT, network, released_state_dict
 
 ONESHOT = REPO_ROOT / "OneShot"
@@ -120,6 +121,8 @@ def test_interrupted_finetune_resumes_from_its_own_checkpoint(tmp_path, demo_tra
 
 
 def test_warmup_is_a_function_of_the_iteration():
-    schedule = warmup_linear_decay(100, 10)
+    def schedule(k: int, warmup_iters: int = 10) -> float:
+        return learning_rate(argparse.Namespace(learning_rate=1.0, total_iters=100, warmup_iters=warmup_iters), k)
+
     assert [round(schedule(k), 4) for k in (0, 4, 9, 10, 50, 99)] == [0.1, 0.48, 0.91, 0.9, 0.5, 0.01]
-    assert warmup_linear_decay(100, 0)(0) == 1.0
+    assert schedule(0, warmup_iters=0) == 1.0
