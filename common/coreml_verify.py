@@ -1,9 +1,7 @@
 """Checking a saved Core ML package against PyTorch, on any platform.
 
-On macOS Core ML predicts. Elsewhere the package is read with coremltools' MIL loader and its operations evaluated
-in torch as the runtime would: fp16 values stored in fp16, every operation computed in fp32; compressed weights
-rebuilt by coremltools from the stored palettes or integers. An unknown operation stops the check before anything
-runs, so a program is never half-checked."""
+On macOS Core ML predicts. Elsewhere (Core ML prediction needs macOS) the package is read with coremltools' MIL loader
+and evaluated in torch as the runtime would: values stored in their declared dtypes, every operation in fp32."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +12,6 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +32,8 @@ class UnsupportedProgramError(ExportVerificationError):
 
 
 def import_coremltools():
-    """coremltools, imported without its import-time notices that the macOS-only runtime is absent. Its probes of
-    optional libraries catch every exception (a bare `except:` around `import sklearn`), which would swallow a
-    Ctrl-C during the import and let the export run on: a Ctrl-C is held until the import is done, then delivered."""
+    """coremltools, imported without its notices that the macOS-only runtime is absent. Its bare `except:` around
+    optional imports would swallow a Ctrl-C during the import: a Ctrl-C is held until the import is done."""
     logger = logging.getLogger("coremltools")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -61,11 +57,9 @@ def import_coremltools():
 def verify_coreml(package_path: str | Path, model: nn.Module, input_format: InputFormat, *,
                   images: np.ndarray | None = None, num_images: int = 4,
                   min_agreement: float | None = None) -> VerificationReport:
-    """Check a saved .mlpackage against `model` fed with `input_format`; raise ExportVerificationError if it differs.
-
-    An uncompressed package is checked on the `num_images` synthetic images with the clearest PyTorch top-1 out of
-    four times as many (a near-tie says nothing about the conversion); a compressed one on `num_images` as they come,
-    agreeing on `min_agreement` of them (default: all). Given `images` (RGB uint8 N x H x W x 3), those are used."""
+    """Check a saved .mlpackage against `model` on `images` (RGB uint8 N x H x W x 3) or `num_images` synthetic ones
+    (uncompressed: those with the clearest top-1 of four times as many); raise ExportVerificationError if it differs.
+    A compressed package must agree on the top-1 of `min_agreement` of them (default: all)."""
     package_path = Path(package_path)
     program = MLProgram(package_path)
     chosen = images is not None
@@ -76,7 +70,7 @@ def verify_coreml(package_path: str | Path, model: nn.Module, input_format: Inpu
         raise ValueError(f"test images must be N x {program.image_size} x {program.image_size} x 3 RGB, "
                          f"not {images.shape}")
     reference = reference_logits(model, input_format, images)
-    if not program.compression and not chosen:
+    if not program.compression and not chosen:  # a near-tie says nothing about the conversion
         clearest = np.sort(np.argsort(top1_lead(reference))[-num_images:])
         images, reference = images[clearest], reference[clearest]
     if platform.system() == "Darwin":
@@ -94,8 +88,7 @@ def verify_coreml(package_path: str | Path, model: nn.Module, input_format: Inpu
                  min_agreement=min_agreement if program.compression else None)
 
 
-def _predict_with_coreml(package_path: Path, program: "MLProgram",
-                         images: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _predict_with_coreml(package_path: Path, program: MLProgram, images: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Log-probabilities and labels from Core ML; probabilities that underflowed to 0 give -inf."""
     from PIL import Image
 
@@ -108,20 +101,18 @@ def _predict_with_coreml(package_path: Path, program: "MLProgram",
     for image in images:
         result = mlmodel.predict({program.input_name: Image.fromarray(image)})
         probabilities = result[description.predictedProbabilitiesName]
-        row = np.array([probabilities[name] for name in program.class_names], dtype=np.float64)
         with np.errstate(divide="ignore"):
-            rows.append(np.log(row))
+            rows.append(np.log([probabilities[name] for name in program.class_names]))
         labels.append(result[description.predictedFeatureName])
     return np.stack(rows), labels
 
 
 # -- the ML program evaluator ------------------------------------------------------------------------------------
 
-_TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64, "int8": torch.int8,
-                 "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-                 "bool": torch.bool, "uint1": torch.uint8, "uint2": torch.uint8, "uint3": torch.uint8,
-                 "uint4": torch.uint8, "uint6": torch.uint8, "int4": torch.int8, "uint16": torch.int64,
-                 "uint32": torch.int64}
+_TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64, "bool": torch.bool,
+                 "int4": torch.int8, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+                 "int64": torch.int64, "uint8": torch.uint8, "uint16": torch.int64, "uint32": torch.int64,
+                 **dict.fromkeys(("uint1", "uint2", "uint3", "uint4", "uint6"), torch.uint8)}
 
 
 class MLProgram:
@@ -146,8 +137,8 @@ class MLProgram:
             raise ExportVerificationError(f"{path.name}: coremltools cannot read its ML program ({error})") from None
         self.operations = list(function.operations)
         self.operation_counts = dict(Counter(op.op_type for op in self.operations))
-        known = {*_KERNELS, *_CONSTANTS}
-        unknown = sorted({op.op_type for op in self.operations if op.blocks or op.op_type not in known})
+        unknown = sorted({op.op_type for op in self.operations
+                          if op.blocks or op.op_type not in _KERNELS and op.op_type not in _CONSTANTS})
         if unknown:
             raise UnsupportedProgramError(
                 f"{path.name} uses operations the Linux verifier does not evaluate: {', '.join(unknown)}; "
@@ -216,15 +207,13 @@ class MLProgram:
     @torch.no_grad()
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Every named value of the program for these inputs, evaluating the operations in order."""
-        values: dict[str, Any] = dict(feeds)
-        values.update(self._constants)
+        values: dict[str, Any] = {**feeds, **self._constants}
         for op in self.operations:
             if op.op_type in _CONSTANTS:
                 continue
-            arguments = {key: [values[v.name] for v in var] if isinstance(var, (list, tuple)) else [values[var.name]]
-                         for key, var in op.inputs.items()}
+            arguments = _Arguments(op.op_type, {key: _input(values, var) for key, var in op.inputs.items()})
             try:
-                results = _KERNELS[op.op_type](_Arguments(op.op_type, arguments))
+                results = _KERNELS[op.op_type](arguments)
             except Exception as error:
                 error.add_note(f"while evaluating the ML program's {op.op_type} {op.outputs[0].name!r}")
                 raise
@@ -233,8 +222,7 @@ class MLProgram:
         return values
 
     def _conform(self, op: Any, output: Any, result: Any) -> Any:
-        """A result checked against its declared shape and rounded to its declared dtype; fp16 values stay in fp32
-        tensors (exact), since every op computes in fp32."""
+        """A result checked against its declared shape and rounded to its declared dtype (fp16 kept in fp32)."""
         type_name = self._type_name(output)
         if type_name is None or not isinstance(result, torch.Tensor):
             return result
@@ -250,29 +238,26 @@ class MLProgram:
 _REQUIRED = object()
 
 
-@dataclass
-class _Arguments:
-    """An operation's inputs by name. Float tensors come as fp32: each op computes in fp32 from stored values."""
+class _Arguments(dict):
+    """An operation's inputs by name; a missing one without a default is an error."""
 
-    op_type: str
-    values: dict[str, list[Any]]
+    def __init__(self, op_type: str, values: dict[str, Any]) -> None:
+        super().__init__(values)
+        self.op_type = op_type
 
-    def raw(self, name: str, default: Any = _REQUIRED) -> Any:
-        if name in self.values:
-            return self.values[name][0]
-        if default is _REQUIRED:
-            raise ExportVerificationError(f"{self.op_type} is missing its input {name!r}")
-        return default
-
-    def tensor(self, name: str, default: Any = _REQUIRED) -> torch.Tensor:
-        return _compute(self.raw(name, default))
-
-    def tensors(self, name: str) -> list[torch.Tensor]:
-        return [_compute(value) for value in self.values[name]]
+    def __missing__(self, name: str) -> Any:
+        raise ExportVerificationError(f"{self.op_type} is missing its input {name!r}")
 
     def ints(self, name: str, default: Any = _REQUIRED) -> list[int] | None:
-        value = self.raw(name, default)
+        value = self[name] if default is _REQUIRED else self.get(name, default)
         return value if value is None or isinstance(value, list) else [int(v) for v in value.reshape(-1).tolist()]
+
+
+def _input(values: dict[str, Any], var: Any) -> Any:
+    """An operation's input from the values so far (a list for a tuple of them), as it computes: fp16 in fp32."""
+    if isinstance(var, (list, tuple)):
+        return [_input(values, v) for v in var]
+    return _compute(values[var.name])
 
 
 def _compute(value: Any) -> Any:
@@ -286,7 +271,7 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
 def _padding(args: _Arguments, x: torch.Tensor, kernel: Sequence[int], strides: Sequence[int],
              dilations: Sequence[int]) -> list[int]:
     """F.pad's padding (last axis first, begin then end) for pad_type valid, custom, same or same_lower."""
-    pad_type = str(args.raw("pad_type", "valid"))
+    pad_type = str(args.get("pad_type", "valid"))
     if pad_type in ("valid", "custom"):
         pads = args.ints("pad") if pad_type == "custom" else [0] * (2 * len(kernel))
         pairs = [pads[i:i + 2] for i in range(0, len(pads), 2)]
@@ -302,7 +287,7 @@ def _padding(args: _Arguments, x: torch.Tensor, kernel: Sequence[int], strides: 
 
 
 def _conv(args: _Arguments) -> torch.Tensor:
-    x, weight = args.tensor("x"), args.tensor("weight")
+    x, weight = args["x"], args["weight"]
     if x.dim() != 4:
         raise UnsupportedProgramError(f"conv on rank-{x.dim()} tensors is not supported (2-D convolutions only)")
     strides, dilations = args.ints("strides", [1, 1]), args.ints("dilations", [1, 1])
@@ -310,45 +295,40 @@ def _conv(args: _Arguments) -> torch.Tensor:
     padding = pads[::2][::-1]
     if pads[1::2] != pads[::2]:
         x, padding = F.pad(x, pads), 0
-    return F.conv2d(x, weight, args.tensor("bias", None), strides, padding, dilations, int(args.raw("groups", 1)))
+    return F.conv2d(x, weight, args.get("bias"), strides, padding, dilations, int(args.get("groups", 1)))
 
 
 def _pool(args: _Arguments, average: bool) -> torch.Tensor:
-    x = args.tensor("x")
+    x = args["x"]
     if x.dim() != 4:
         raise UnsupportedProgramError(f"{args.op_type} on rank-{x.dim()} tensors is not supported")
     kernel, strides = args.ints("kernel_sizes"), args.ints("strides", [1, 1])
     pads = _padding(args, x, kernel, strides, [1, 1])
-    ceil_mode = bool(args.raw("ceil_mode", False))
+    ceil_mode = bool(args.get("ceil_mode", False))
     if not average:
         return F.max_pool2d(F.pad(x, pads, value=-math.inf), kernel, strides, ceil_mode=ceil_mode)
     sums = F.avg_pool2d(F.pad(x, pads), kernel, strides, ceil_mode=ceil_mode, divisor_override=1)
-    if args.raw("exclude_padding_from_average", False):
+    if args.get("exclude_padding_from_average", False):
         ones = torch.ones_like(x[:1, :1])
         return sums / F.avg_pool2d(F.pad(ones, pads), kernel, strides, ceil_mode=ceil_mode, divisor_override=1)
     return sums / math.prod(kernel)
 
 
 def _reshape(args: _Arguments) -> torch.Tensor:
-    x = args.tensor("x")
+    x = args["x"]
     return x.reshape([x.shape[i] if size == 0 else size for i, size in enumerate(args.ints("shape"))])
 
 
-def _squeeze(args: _Arguments) -> torch.Tensor:
-    x = args.tensor("x")
-    return x.squeeze(tuple(args.ints("axes", list(range(x.dim())))))
-
-
 def _concat(args: _Arguments) -> torch.Tensor:
-    values = args.tensors("values")
-    axis = int(args.raw("axis")) % values[0].dim()
-    if args.raw("interleave", False):
+    values = args["values"]
+    axis = int(args["axis"]) % values[0].dim()
+    if args.get("interleave", False):
         return torch.stack(values, dim=axis + 1).flatten(axis, axis + 1)
     return torch.cat(values, dim=axis)
 
 
 def _slice_by_index(args: _Arguments) -> torch.Tensor:
-    x = args.tensor("x")
+    x = args["x"]
     rank = x.dim()
     begin, end, stride = args.ints("begin"), args.ints("end"), args.ints("stride", [1] * rank)
     begin_mask, end_mask, squeeze_mask = (args.ints(mask, [0] * rank) for mask in
@@ -360,7 +340,7 @@ def _slice_by_index(args: _Arguments) -> torch.Tensor:
 
 
 def _slice_by_size(args: _Arguments) -> torch.Tensor:
-    x = args.tensor("x")
+    x = args["x"]
     for axis, (start, size) in enumerate(zip(args.ints("begin"), args.ints("size"))):
         start = start % x.shape[axis]
         x = x.narrow(axis, start, x.shape[axis] - start if size == -1 else size)
@@ -368,20 +348,19 @@ def _slice_by_size(args: _Arguments) -> torch.Tensor:
 
 
 def _gather(args: _Arguments) -> torch.Tensor:
-    if int(args.raw("batch_dims", 0)) != 0:
+    if int(args.get("batch_dims", 0)) != 0:
         raise UnsupportedProgramError("gather with batch_dims is not supported")
-    return _from_numpy(np.take(args.tensor("x").numpy(), args.raw("indices").long().numpy(),
-                               axis=int(args.raw("axis", 0))))
+    return _from_numpy(np.take(args["x"].numpy(), args["indices"].long().numpy(), axis=int(args.get("axis", 0))))
 
 
 def _matmul(args: _Arguments) -> torch.Tensor:
-    x, y = (args.tensor(n).transpose(-1, -2) if args.raw(f"transpose_{n}", False) else args.tensor(n) for n in "xy")
+    x, y = (args[n].transpose(-1, -2) if args.get(f"transpose_{n}", False) else args[n] for n in "xy")
     return x @ y
 
 
 def _classify(args: _Arguments) -> tuple[str, dict[str, float]]:
-    probabilities = args.tensor("probabilities").reshape(-1)
-    classes = [str(name) for name in args.raw("classes")]
+    probabilities = args["probabilities"].reshape(-1)
+    classes = [str(name) for name in args["classes"]]
     if len(classes) != probabilities.numel():
         raise ExportVerificationError(f"classify has {len(classes)} class names for {probabilities.numel()} "
                                       "probabilities")
@@ -390,27 +369,27 @@ def _classify(args: _Arguments) -> tuple[str, dict[str, float]]:
 
 _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
     "conv": _conv,
-    "batch_norm": lambda a: F.batch_norm(a.tensor("x"), a.tensor("mean"), a.tensor("variance"), a.tensor("gamma", None),
-                                         a.tensor("beta", None), eps=float(a.raw("epsilon", 1e-5))),
+    "batch_norm": lambda a: F.batch_norm(a["x"], a["mean"], a["variance"], a.get("gamma"), a.get("beta"),
+                                         eps=float(a.get("epsilon", 1e-5))),
     "max_pool": lambda a: _pool(a, average=False),
     "avg_pool": lambda a: _pool(a, average=True),
-    "reduce_mean": lambda a: a.tensor("x").mean(dim=a.ints("axes", None), keepdim=bool(a.raw("keep_dims", False))),
-    "linear": lambda a: F.linear(a.tensor("x"), a.tensor("weight"), a.tensor("bias", None)),
+    "reduce_mean": lambda a: a["x"].mean(dim=a.ints("axes", None), keepdim=bool(a.get("keep_dims", False))),
+    "linear": lambda a: F.linear(a["x"], a["weight"], a.get("bias")),
     "matmul": _matmul,
-    "relu": lambda a: torch.relu(a.tensor("x")),
-    "sigmoid": lambda a: torch.sigmoid(a.tensor("x")),
-    "softmax": lambda a: torch.softmax(a.tensor("x"), dim=int(a.raw("axis", -1))),
-    "add": lambda a: a.tensor("x") + a.tensor("y"),
-    "sub": lambda a: a.tensor("x") - a.tensor("y"),
-    "mul": lambda a: a.tensor("x") * a.tensor("y"),
-    "real_div": lambda a: a.tensor("x") / a.tensor("y"),
+    "relu": lambda a: torch.relu(a["x"]),
+    "sigmoid": lambda a: torch.sigmoid(a["x"]),
+    "softmax": lambda a: torch.softmax(a["x"], dim=int(a.get("axis", -1))),
+    "add": lambda a: a["x"] + a["y"],
+    "sub": lambda a: a["x"] - a["y"],
+    "mul": lambda a: a["x"] * a["y"],
+    "real_div": lambda a: a["x"] / a["y"],
     # The declared output dtype does the conversion (see MLProgram._conform).
-    "cast": lambda a: a.tensor("x"),
-    "identity": lambda a: a.tensor("x"),
+    "cast": lambda a: a["x"],
+    "identity": lambda a: a["x"],
     "reshape": _reshape,
-    "expand_dims": lambda a: _from_numpy(np.expand_dims(a.tensor("x").numpy(), tuple(a.ints("axes")))),
-    "squeeze": _squeeze,
-    "transpose": lambda a: a.tensor("x").permute(a.ints("perm")),
+    "expand_dims": lambda a: _from_numpy(np.expand_dims(a["x"].numpy(), tuple(a.ints("axes")))),
+    "squeeze": lambda a: a["x"].squeeze(tuple(a.ints("axes", list(range(a["x"].dim()))))),
+    "transpose": lambda a: a["x"].permute(a.ints("perm")),
     "concat": _concat,
     "slice_by_index": _slice_by_index,
     "slice_by_size": _slice_by_size,

@@ -1,9 +1,7 @@
-"""Export to Core ML (.mlpackage, an ML program), ONNX or ExecuTorch (.pte), each export verified against PyTorch
-before it is kept; Core ML weights optionally compressed (palettes, int8), ONNX and ExecuTorch optionally int8.
-
-Core ML packages take a colour image with the input format built in and output the label and every class's
-probability; ONNX (dynamic batch) and ExecuTorch (batch 1) take float RGB 0..255 N x 3 x H x W and output logits.
-Exports are of eval mode, without the training-only side heads. Each folder's export.py calls `run_export`."""
+"""Export to Core ML (an .mlpackage ML program), ONNX or ExecuTorch (.pte), each verified against PyTorch before it
+is kept; Core ML weights optionally compressed (palettes, int8), ONNX and ExecuTorch optionally int8. The input format
+is built in: Core ML takes a colour image and outputs label and probabilities; ONNX (dynamic batch) and ExecuTorch
+(batch 1) take float RGB 0..255 N x 3 x H x W and output logits. Each folder's export.py calls `run_export`."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +10,6 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -45,11 +42,11 @@ COMPRESSIONS = {
 }
 PALETTE_GROUP_SIZE = 8  # divides every layer's output channels and 1000 classes
 MIN_IMAGE_SIZE = 32  # five stride-2 steps in every network
+SUFFIXES = {"coreml": ".mlpackage", "onnx": ".onnx", "executorch": ".pte"}
 
 
 class _CoreMLProgram(nn.Module):
-    """What runs after the image input's channel order, scale and bias: mean image, std, network, softmax. A zero
-    mean and a unit std are no-ops that coremltools removes from the program."""
+    """What follows the image input's channel order, scale and bias: mean image, std, network, softmax."""
 
     def __init__(self, network: nn.Module, mean_image: torch.Tensor, inv_std: torch.Tensor) -> None:
         super().__init__()
@@ -59,44 +56,37 @@ class _CoreMLProgram(nn.Module):
         return torch.softmax(self.network((x - self.mean_image) * self.inv_std), dim=1)
 
 
-def _check_common(model: nn.Module, image_size: int, output: str | Path, suffix: str) -> Path:
+def _check_export(model: nn.Module, image_size: int, output: str | Path, kind: str) -> Path:
+    """`output` as a Path, once the export can be written there (the writers replace an earlier export)."""
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, not {image_size}")
     output = Path(output)
-    if output.suffix != suffix:
-        raise UserError(f"{output}: the output of this export must end in {suffix}")
+    if output.suffix != SUFFIXES[kind]:
+        raise UserError(f"{output}: the output of this export must end in {SUFFIXES[kind]}")
     if model.training:
         raise ValueError("export a model in eval mode (model.eval()): training mode would run the side heads")
+    _check_replaceable(output, kind)
     return output
 
 
 def _check_replaceable(output: Path, kind: str) -> None:
     """Refuse an output path that holds something other than an earlier export of the same kind."""
-    earlier = output.is_dir() and (output / "Manifest.json").is_file() if kind == "coreml" else output.is_file()
+    earlier = (output / "Manifest.json").is_file() if kind == "coreml" else output.is_file()
     if output.exists() and not earlier:
         raise UserError(f"{output} exists and is not an earlier export; choose another --output")
-
-
-def _replace_path(output: Path, kind: str) -> None:
-    """Make room for a new export at `output`: an earlier export of the same kind is removed, anything else kept."""
-    _check_replaceable(output, kind)
-    if output.is_dir():
-        shutil.rmtree(output)
-    output.unlink(missing_ok=True)
 
 
 def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, image_size: int = 224,
                               precision: str = "fp16", class_names: list[str] | None = None,
                               metadata: dict | None = None, output: str | Path, compression: str | None = None,
                               deployment_target: str | None = None) -> Path:
-    """Convert an eval-mode classifier into a Core ML ML program (.mlpackage) at `output`: an image input with
-    `input_format` built in; the label and the probabilities of `class_names` (default: ImageNet's) out. `metadata`
-    "description", "author", "license" and "version" fill those fields, the rest are user-defined strings.
-    `compression` is a key of COMPRESSIONS; `deployment_target` defaults to the first that holds it."""
+    """Convert an eval-mode classifier into an ML program at `output`: an image input with `input_format` built in,
+    the label and probabilities of `class_names` (default: ImageNet's) out; `metadata` description, author, license
+    and version fill those fields, the rest are user-defined. `compression`: a key of COMPRESSIONS."""
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
     target = check_deployment_target(compression, deployment_target)
-    output = _check_common(model, image_size, output, ".mlpackage")
+    output = _check_export(model, image_size, output, "coreml")
     class_names = list(class_names) if class_names is not None else imagenet_short_names()
     if len(set(class_names)) != len(class_names):
         raise ValueError("class names must be unique: Core ML returns the probabilities as a dict keyed by name")
@@ -107,7 +97,7 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
         raise ValueError(f"the model has {num_outputs} outputs but {len(class_names)} class names were given")
     preprocess = Preprocess(input_format)
     ct = import_coremltools()
-    per_pixel = input_format.mean_image is not None
+    per_pixel = input_format.mean_image is not None  # else a zero mean: a no-op that coremltools removes
     program = _CoreMLProgram(model, preprocess.mean_at(image_size, image_size).clone() if per_pixel
                              else torch.zeros(1, 3, 1, 1), preprocess.inv_std.clone()).eval()
     image = ct.ImageType(
@@ -123,7 +113,6 @@ def convert_pytorch_to_coreml(model: nn.Module, *, input_format: InputFormat, im
         mlmodel = compress_coreml(mlmodel, compression)
 
     _describe_package(mlmodel, metadata, input_format, image_size, precision, len(class_names), compression, target)
-    _replace_path(output, "coreml")
     mlmodel.save(str(output))
     return output
 
@@ -134,8 +123,9 @@ def _describe_package(mlmodel, metadata: dict | None, input_format: InputFormat,
     fields = dict(metadata or {})
     description = str(fields.pop("description", "image classifier"))
     if compression:
-        description += f"; weights compressed: {COMPRESSIONS[compression][2]}"
-        fields.update(compression=compression, compression_description=COMPRESSIONS[compression][2])
+        stored = COMPRESSIONS[compression][2]
+        description += f"; weights compressed: {stored}"
+        fields.update(compression=compression, compression_description=stored)
     mlmodel.short_description = f"{description}; needs {target} / {DEPLOYMENT_TARGETS[target]} or later"
     for name in ("author", "license", "version"):
         if name in fields:
@@ -199,8 +189,7 @@ def export_onnx(model: nn.Module, *, input_format: InputFormat, image_size: int 
     onnx.checker."""
     import onnx
 
-    output = _check_common(model, image_size, output, ".onnx")
-    _replace_path(output, "onnx")
+    output = _check_export(model, image_size, output, "onnx")
     graph = nn.Sequential(Preprocess(input_format), model).eval()
     # Batch 2 in the example: torch.export specialises a dimension of size 1.
     example = torch.rand(2, 3, image_size, image_size) * 255
@@ -224,7 +213,6 @@ def _size_of(path: Path) -> int:
     return sum(item.stat().st_size for item in [path, *path.rglob("*")] if item.is_file())
 
 
-SUFFIXES = {"coreml": ".mlpackage", "onnx": ".onnx", "executorch": ".pte"}
 DEFAULT_VERIFY_IMAGES = 4  # exact exports: each image is a full check
 DEFAULT_VERIFY_IMAGES_COMPRESSED = 16  # compressed exports: agreement is a fraction, so more images
 DEFAULT_VAL_IMAGES = 256
@@ -256,7 +244,25 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
     parser.add_argument("--precision", choices=("fp16", "fp32"),
                         help="Core ML compute precision (default fp16); ONNX and ExecuTorch exports are fp32 unless "
                              "--quantize int8")
-    _add_compression_arguments(parser)
+    group = parser.add_argument_group("compression (Core ML --compress; ONNX and ExecuTorch --quantize)")
+    group.add_argument("--compress", choices=tuple(COMPRESSIONS),
+                       help="Core ML weight compression: palettize8/6 (k-means palettes per tensor), palettize4 "
+                            "(a palette per group of 8 output channels), int8 (linear symmetric per channel); "
+                            "each needs a minimum deployment target, stated in the package")
+    group.add_argument("--deployment-target", choices=tuple(DEPLOYMENT_TARGETS),
+                       help="Core ML minimum deployment target (default: the first that holds --compress; iOS15 "
+                            "without it)")
+    group.add_argument("--quantize", choices=("int8",),
+                       help="ONNX: static int8 QDQ quantization (per-channel weights); ExecuTorch: PT2E int8 with "
+                            "XNNPACK's quantizer; activation ranges calibrated on --calibration-dir")
+    group.add_argument("--calibration-dir", metavar="DIR",
+                       help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
+    group.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                       help="calibrate on at most N images spread over the folder "
+                            f"(default {DEFAULT_CALIBRATION_IMAGES})")
+    group.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="F",
+                       help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
+                            f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
     parser.add_argument("--val-dir", metavar="DIR",
                         help="labelled images (one sub-folder per class, named as the weights' classes): report "
                              "top-1/top-5 accuracy of PyTorch and of the export")
@@ -285,28 +291,6 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
     return parser
 
 
-def _add_compression_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("compression (Core ML --compress; ONNX and ExecuTorch --quantize)")
-    group.add_argument("--compress", choices=tuple(COMPRESSIONS),
-                       help="Core ML weight compression: palettize8/6 (k-means palettes per tensor), palettize4 "
-                            "(a palette per group of 8 output channels), int8 (linear symmetric per channel); "
-                            "each needs a minimum deployment target, stated in the package")
-    group.add_argument("--deployment-target", choices=tuple(DEPLOYMENT_TARGETS),
-                       help="Core ML minimum deployment target (default: the first that holds --compress; iOS15 "
-                            "without it)")
-    group.add_argument("--quantize", choices=("int8",),
-                       help="ONNX: static int8 QDQ quantization (per-channel weights); ExecuTorch: PT2E int8 with "
-                            "XNNPACK's quantizer; activation ranges calibrated on --calibration-dir")
-    group.add_argument("--calibration-dir", metavar="DIR",
-                       help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
-    group.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
-                       help="calibrate on at most N images spread over the folder "
-                            f"(default {DEFAULT_CALIBRATION_IMAGES})")
-    group.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="F",
-                       help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
-                            f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
-
-
 def _check_flags(args: argparse.Namespace) -> None:
     """One-line errors for flags that do not go together, before anything is loaded."""
     check_image_size(args.image_size)
@@ -321,19 +305,17 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise UserError("--sweep exports int8 too: give --calibration-dir DIR (or --val-dir DIR) for its "
                             "calibration images")
         return
-    if args.format != "coreml":
-        if args.precision == "fp16":
-            raise UserError(f"{'ONNX' if args.format == 'onnx' else 'ExecuTorch'} exports are fp32; leave out "
-                            "--precision or pass --precision fp32")
-        for flag in ("compress", "deployment_target"):
-            if getattr(args, flag):
-                raise UserError(f"--{flag.replace('_', '-')} is for --format coreml; for {args.format} use "
-                                "--quantize int8")
-    elif args.quantize:
-        raise UserError("--quantize is for --format onnx or executorch; Core ML weights are compressed with "
-                        "--compress (palettize8, palettize6, palettize4, int8)")
-    else:
+    if args.format == "coreml":
+        if args.quantize:
+            raise UserError("--quantize is for --format onnx or executorch; Core ML weights are compressed with "
+                            "--compress (palettize8, palettize6, palettize4, int8)")
         check_deployment_target(args.compress, args.deployment_target)
+    elif args.precision == "fp16":
+        raise UserError(f"{'ONNX' if args.format == 'onnx' else 'ExecuTorch'} exports are fp32; leave out "
+                        "--precision or pass --precision fp32")
+    elif args.compress or args.deployment_target:
+        flag = "--compress" if args.compress else "--deployment-target"
+        raise UserError(f"{flag} is for --format coreml; for {args.format} use --quantize int8")
     if args.quantize and not (args.calibration_dir or args.val_dir):
         raise UserError("--quantize int8 needs --calibration-dir DIR: a few hundred images like those the model "
                         "will see (class sub-folders or flat)")
@@ -382,30 +364,10 @@ def _accuracy(kind: str, path: Path, model: nn.Module, input_format: InputFormat
     return result
 
 
-def _images_per_second(runs: dict[str, Callable], images: np.ndarray, rounds: int = 5,
-                       min_seconds: float = 0.5) -> dict[str, float]:
-    """Batch-1 images/s of each `run(one float 1 x 3 x H x W tensor)`: the median of `rounds` rounds, each run
-    timed once per round for at least `min_seconds`, so a change in the machine's load hits all of them alike."""
-    batches = [as_batch(images[i:i + 1]) for i in range(len(images))]
-    for run in runs.values():
-        run(batches[0])  # warm-up: first-call allocations and lazy initialisation
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            done, started = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - started) < min_seconds or not done:
-                for batch in batches:
-                    run(batch)
-                done += len(batches)
-            rates[name].append(done / elapsed)
-    return {name: statistics.median(values) for name, values in rates.items()}
-
-
 @torch.no_grad()
 def _speed(kind: str, path: Path, model: nn.Module, input_format: InputFormat, images: np.ndarray) -> dict:
-    """Batch-1 images/s of the export in its runtime and of PyTorch eager, in alternating rounds, each on one
-    thread: a phone app runs one image at a time, and on a shared CPU more threads measure the contention."""
-    graph = nn.Sequential(Preprocess(input_format), model).eval()
+    """Batch-1 one-thread images/s of the export in its runtime and of PyTorch eager, as a phone app runs it."""
+    runs = {"pytorch": nn.Sequential(Preprocess(input_format), model).eval()}
     if kind == "executorch":
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
@@ -413,21 +375,33 @@ def _speed(kind: str, path: Path, model: nn.Module, input_format: InputFormat, i
 
         _unsafe_reset_threadpool(1)
         method = ExecuTorchProgram(path).method
-        run = lambda batch: method.execute([batch])  # noqa: E731
+        runs["export"] = lambda batch: method.execute([batch])
     else:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        run = lambda batch: session.run(None, {"image": batch.numpy()})  # noqa: E731
+        runs["export"] = lambda batch: session.run(None, {"image": batch.numpy()})
+    batches = [as_batch(images[i:i + 1]) for i in range(len(images))]
+    rates: dict[str, list[float]] = {name: [] for name in runs}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rates = _images_per_second({"pytorch": graph, "export": run}, images)
+        for run in runs.values():
+            run(batches[0])  # warm-up: first-call allocations and lazy initialisation
+        # Alternating rounds of at least 0.5 s each: a change in the machine's load hits both alike.
+        for _ in range(5):
+            for name, run in runs.items():
+                done, started = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - started) < 0.5 or not done:
+                    for batch in batches:
+                        run(batch)
+                    done += len(batches)
+                rates[name].append(done / elapsed)
     finally:
         torch.set_num_threads(threads)
-    export, pytorch = rates["export"], rates["pytorch"]
+    export, pytorch = statistics.median(rates["export"]), statistics.median(rates["pytorch"])
     print(f"speed (batch 1, one thread, this CPU, median of alternating rounds): {export:.1f} images/s in "
           f"{'onnxruntime' if kind == 'onnx' else 'the ExecuTorch runtime'}, PyTorch eager {pytorch:.1f} images/s "
           f"({export / pytorch:.2f}x)", flush=True)
@@ -463,6 +437,9 @@ class _Job:
 @exit_on_user_error
 def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int:
     """The export command line of a model folder: load weights, export, verify, measure, print time and size."""
+    from common.model_state import load_model_state
+    from common.models import create_network_for
+
     model_name = Path(network_module.__file__).resolve().parent.name
     args = _parser(model_name, network_module.INPUT_FORMAT).parse_args(argv)
     _check_flags(args)
@@ -471,7 +448,9 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     job = _plan(network_module, model_name, args)
     val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
     prepare_output("--output", job.output)  # after the inputs: a mistyped command leaves no folder behind
-    model = _load_model(network_module, job, args)
+    model = create_network_for(network_module, len(job.class_names), job.stored)
+    load_model_state(model, job.weights, for_inference=True, trust_pickle=args.trust_pickle, use_ema=args.use_ema)
+    model.eval()
     print(f"{model_name}: exporting {job.weights.name} to {args.format} ({job.variant}, {job.image_size}x"
           f"{job.image_size}, input {job.input_format.describe()})", flush=True)
     result = {"model": model_name, "format": args.format, "variant": job.variant, "image_size": job.image_size,
@@ -491,8 +470,10 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
         if args.format != "coreml":
             result.update(_speed(args.format, staging, model, job.input_format,
                                  make_test_images(4, job.image_size, 1)))
-        _replace_path(job.output, args.format)
-        staging.rename(job.output)
+        _check_replaceable(job.output, args.format)
+        if job.output.is_dir():
+            shutil.rmtree(job.output)
+        staging.replace(job.output)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
     if args.no_verify:
@@ -543,20 +524,15 @@ def _read_images(args: argparse.Namespace, job: _Job) -> tuple[tuple[np.ndarray,
     if args.quantize:
         if not args.calibration_dir:
             print(f"calibrating on --val-dir {args.val_dir} (no --calibration-dir given)", flush=True)
-        calibration = load_calibration_images(args.calibration_dir or args.val_dir, job.image_size,
-                                              args.calibration_images,
-                                              "--calibration-dir" if args.calibration_dir else "--val-dir")
+        folder, flag = _calibration_source(args)
+        calibration = load_calibration_images(folder, job.image_size, args.calibration_images, flag)
         print(f"calibration: {len(calibration)} images", flush=True)
     return val, calibration
 
 
-def _load_model(network_module: ModuleType, job: _Job, args: argparse.Namespace) -> nn.Module:
-    from common.model_state import load_model_state
-    from common.models import create_network_for
-
-    model = create_network_for(network_module, len(job.class_names), job.stored)
-    load_model_state(model, job.weights, for_inference=True, trust_pickle=args.trust_pickle, use_ema=args.use_ema)
-    return model.eval()
+def _calibration_source(args: argparse.Namespace) -> tuple[str, str]:
+    """The folder --quantize calibrates on, and the flag that gave it."""
+    return (args.calibration_dir, "--calibration-dir") if args.calibration_dir else (args.val_dir, "--val-dir")
 
 
 def _metadata(job: _Job, use_ema: bool) -> dict:
@@ -614,20 +590,20 @@ def _verify(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path
     started = time.perf_counter()
     num_images = args.num_verify_images or (DEFAULT_VERIFY_IMAGES_COMPRESSED if job.compressed
                                             else DEFAULT_VERIFY_IMAGES)
-    min_agreement = args.min_agreement if job.compressed else None
+    # The agreement gate is for compressed exports only: an exact one is held to its tolerance or to every image.
     if args.format == "coreml":
-        report = verify_coreml(staging, model, job.input_format, num_images=num_images, min_agreement=min_agreement)
+        report = verify_coreml(staging, model, job.input_format, num_images=num_images,
+                               min_agreement=args.min_agreement)
     elif args.format == "onnx":
         report = verify_onnx(staging, model, job.input_format, num_images=num_images, quantized=job.compressed,
-                             min_agreement=min_agreement)
+                             min_agreement=args.min_agreement)
     else:
         from common.executorch_export import verify_executorch
 
         report = verify_executorch(staging, model, job.input_format, make_test_images(num_images, job.image_size),
-                                   quantized=job.compressed, min_agreement=min_agreement)
+                                   quantized=job.compressed, min_agreement=args.min_agreement)
     print(f"{report.summary()}; took {time.perf_counter() - started:.1f} s", flush=True)
-    return dict(verify_images=report.images, verify_clear_images=report.clear_images,
-                top1_agreement=report.agreement if report.tolerance is None else report.top1_agreement / report.images,
+    return dict(verify_images=report.images, verify_clear_images=report.clear_images, top1_agreement=report.agreement,
                 mean_kl=report.mean_kl, max_abs_diff=report.max_abs_diff, logit_range=report.logit_range)
 
 
@@ -643,8 +619,7 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
 
     if args.val_dir:
         scan_image_folder(args.val_dir, "--val-dir")
-    calibration_files(*((args.calibration_dir, "--calibration-dir") if args.calibration_dir else
-                        (args.val_dir, "--val-dir")))
+    calibration_files(*_calibration_source(args))
     prepare_output("--output", folder, folder=True)
     script = Path(network_module.__file__).resolve().parent / "export.py"
     passed = _forwarded_flags(argv)

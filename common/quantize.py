@@ -95,8 +95,7 @@ def _spread(items: list, limit: int) -> list:
 
 
 def _eval_images(paths: list, image_size: int):
-    """(position, H x W x 3 uint8 RGB image after the evaluation transform) of each readable path; one line for
-    each that cannot be read."""
+    """(position, RGB uint8 H x W x 3 image after the evaluation transform) of each path; a line for each unreadable."""
     transform = EvalTransform(image_size)
     for position, path in enumerate(paths):
         try:

@@ -1,8 +1,7 @@
 """Judging an export against PyTorch, whatever runs it, and the ONNX check (Core ML's is common.coreml_verify).
 
-fp32 must match PyTorch's logits within 1e-4 of their range. fp16 must agree on the top-1 class of the images whose
-reference top-1 is clear (near-ties that fp16 cannot resolve are left out and counted). A compressed export is
-measured, top-1 agreement on the clear images (the gate) and mean KL divergence."""
+fp32 must match PyTorch's logits within 1e-4 of their range; fp16 and compressed exports must agree on the top-1 class
+of the images whose reference top-1 is clear (near-ties are left out and counted), and report mean KL divergence."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +40,8 @@ class VerificationReport:
     logit_range: float
     tolerance: float | None
     top1_agreement: int
-    clear_images: int = 0
-    mean_kl: float = 0.0
+    clear_images: int
+    mean_kl: float
 
     @property
     def agreement(self) -> float | None:
@@ -50,12 +49,11 @@ class VerificationReport:
         return self.top1_agreement / self.clear_images if self.clear_images else None
 
     def summary(self) -> str:
+        agreement = f"top-1 agreement {self.top1_agreement}/{self.clear_images}"  # every image is clear in fp32
         if self.tolerance is not None:
             criterion = f"<= {self.tolerance:.3g} required"
-            agreement = f"top-1 agreement {self.top1_agreement}/{self.images}"
         else:
             criterion = "top-1 agreement judged"
-            agreement = f"top-1 agreement {self.top1_agreement}/{self.clear_images}"
             if self.clear_images < self.images:
                 agreement += (f" ({self.images - self.clear_images} of {self.images} images left out: PyTorch's "
                               "top-1 leads by less than the rounding can resolve)")
@@ -178,7 +176,7 @@ def judge(reference: np.ndarray, candidate: np.ndarray, candidate_top1, *, preci
         raise ExportVerificationError(
             f"{target} does not match PyTorch: max |logit difference| {report.max_abs_diff:.3g} exceeds "
             f"{report.tolerance:.3g} (1e-4 of the logit range {logit_range:.3g}) on {report.images} test images, "
-            f"top-1 agreement {int(agrees.sum())}/{report.images}; check the input format (channel order, "
+            f"top-1 agreement {report.top1_agreement}/{report.images}; check the input format (channel order, "
             "scale, mean) and the weights")
     required = 1.0 if min_agreement is None else min_agreement
     if not exact and report.clear_images and report.agreement < required:
