@@ -244,25 +244,7 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
     parser.add_argument("--precision", choices=("fp16", "fp32"),
                         help="Core ML compute precision (default fp16); ONNX and ExecuTorch exports are fp32 unless "
                              "--quantize int8")
-    group = parser.add_argument_group("compression (Core ML --compress; ONNX and ExecuTorch --quantize)")
-    group.add_argument("--compress", choices=tuple(COMPRESSIONS),
-                       help="Core ML weight compression: palettize8/6 (k-means palettes per tensor), palettize4 "
-                            "(a palette per group of 8 output channels), int8 (linear symmetric per channel); "
-                            "each needs a minimum deployment target, stated in the package")
-    group.add_argument("--deployment-target", choices=tuple(DEPLOYMENT_TARGETS),
-                       help="Core ML minimum deployment target (default: the first that holds --compress; iOS15 "
-                            "without it)")
-    group.add_argument("--quantize", choices=("int8",),
-                       help="ONNX: static int8 QDQ quantization (per-channel weights); ExecuTorch: PT2E int8 with "
-                            "XNNPACK's quantizer; activation ranges calibrated on --calibration-dir")
-    group.add_argument("--calibration-dir", metavar="DIR",
-                       help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
-    group.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
-                       help="calibrate on at most N images spread over the folder "
-                            f"(default {DEFAULT_CALIBRATION_IMAGES})")
-    group.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="F",
-                       help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
-                            f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
+    _add_compression_arguments(parser)
     parser.add_argument("--val-dir", metavar="DIR",
                         help="labelled images (one sub-folder per class, named as the weights' classes): report "
                              "top-1/top-5 accuracy of PyTorch and of the export")
@@ -289,6 +271,28 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
                              "sweep.md and sweep.json there")
     add_input_format_arguments(parser, default_format)
     return parser
+
+
+def _add_compression_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compression (Core ML --compress; ONNX and ExecuTorch --quantize)")
+    group.add_argument("--compress", choices=tuple(COMPRESSIONS),
+                       help="Core ML weight compression: palettize8/6 (k-means palettes per tensor), palettize4 "
+                            "(a palette per group of 8 output channels), int8 (linear symmetric per channel); "
+                            "each needs a minimum deployment target, stated in the package")
+    group.add_argument("--deployment-target", choices=tuple(DEPLOYMENT_TARGETS),
+                       help="Core ML minimum deployment target (default: the first that holds --compress; iOS15 "
+                            "without it)")
+    group.add_argument("--quantize", choices=("int8",),
+                       help="ONNX: static int8 QDQ quantization (per-channel weights); ExecuTorch: PT2E int8 with "
+                            "XNNPACK's quantizer; activation ranges calibrated on --calibration-dir")
+    group.add_argument("--calibration-dir", metavar="DIR",
+                       help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
+    group.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+                       help="calibrate on at most N images spread over the folder "
+                            f"(default {DEFAULT_CALIBRATION_IMAGES})")
+    group.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="F",
+                       help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
+                            f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
