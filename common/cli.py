@@ -42,7 +42,7 @@ def check_image_size(size: int | None) -> None:
     """Refuse an --image-size the networks do not take evenly (None: the default, fine)."""
     if size is not None and (size < 32 or size % 32):
         raise UserError(f"--image-size {size}: use a multiple of 32 such as 224 (the networks halve the resolution "
-                        "five times; at other sizes the halvings pad unevenly and train.py refuses them too)")
+                        "five times; at other sizes the halvings pad unevenly)")
 
 
 def bounded_int(least: int, most: int | None = None, requirement: str | None = None) -> Callable[[str], int]:
