@@ -322,7 +322,7 @@ def _parse_sidecar(path: Path, sidecar_path: Path, iteration: int) -> Checkpoint
         pieces = "pieces_sha256" in sidecar
         piece_bytes = sidecar["piece_bytes"] if pieces else None
         if pieces and (type(piece_bytes) is not int or piece_bytes < 1):
-            raise ValueError(piece_bytes)
+            raise ValueError(f"piece_bytes {piece_bytes!r}")  # reported below as an unreadable sidecar
         info = CheckpointInfo(path, iteration, str(sidecar["pieces_sha256" if pieces else "sha256"]),
                               int(sidecar["size"]), piece_bytes, dict(sidecar.get("metrics") or {}))
     except (ValueError, KeyError, TypeError, AttributeError):

@@ -595,17 +595,17 @@ def _verify(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path
     num_images = args.num_verify_images or (DEFAULT_VERIFY_IMAGES_COMPRESSED if job.compressed
                                             else DEFAULT_VERIFY_IMAGES)
     # The agreement gate is for compressed exports only: an exact one is held to its tolerance or to every image.
+    min_agreement = args.min_agreement if job.compressed else None
     if args.format == "coreml":
-        report = verify_coreml(staging, model, job.input_format, num_images=num_images,
-                               min_agreement=args.min_agreement)
+        report = verify_coreml(staging, model, job.input_format, num_images=num_images, min_agreement=min_agreement)
     elif args.format == "onnx":
         report = verify_onnx(staging, model, job.input_format, num_images=num_images, quantized=job.compressed,
-                             min_agreement=args.min_agreement)
+                             min_agreement=min_agreement)
     else:
         from common.executorch_export import verify_executorch
 
         report = verify_executorch(staging, model, job.input_format, make_test_images(num_images, job.image_size),
-                                   quantized=job.compressed, min_agreement=args.min_agreement)
+                                   quantized=job.compressed, min_agreement=min_agreement)
     print(f"{report.summary()}; took {time.perf_counter() - started:.1f} s", flush=True)
     return dict(verify_images=report.images, verify_clear_images=report.clear_images, top1_agreement=report.agreement,
                 mean_kl=report.mean_kl, max_abs_diff=report.max_abs_diff, logit_range=report.logit_range)
