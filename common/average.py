@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common.atomic_io import file_sha256
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointInfo, best_checkpoints,
                                      default_lower_is_better, list_checkpoints, metric_value, verify_if_checkpoint)
-from common.cli import prepare_output
+from common.cli import add_weights_arguments, prepare_output
 from common.errors import UserError, exit_on_user_error, listed
 from common.release import shareable_metadata, write_release
 from common.model_state import extract_model_state, read_checkpoint_metadata, read_weights_file
@@ -273,13 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="smaller values of --metric are better (default for *_error and loss)")
     direction.add_argument("--higher-is-better", dest="lower_is_better", action="store_false",
                            help="larger values of --metric are better (default for top1, top5)")
-    parser.add_argument("--ema", action="store_true",
-                        help="average the EMA weights stored in the training checkpoints instead of the raw weights")
     parser.add_argument("--output", required=True, metavar="FILE",
                         help="where to write the average: .safetensors (with metadata) or any other name for a "
                              "torch.save file; written atomically")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow inputs that only load by running code stored in them (files you made only)")
+    add_weights_arguments(parser, "average")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -307,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics = [{} if info is None else info.metrics for info in infos]
     # After the inputs are known and checked, so that a refused command leaves no output folder behind.
     prepare_output("--output", args.output)
-    averaged = average_checkpoints(paths, args.output, use_ema=args.ema, trust_pickle=args.trust_pickle,
+    averaged = average_checkpoints(paths, args.output, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
                                    progress=not args.no_progress)
     chosen_text = ", ".join(_describe(path, recorded, args.metric) for path, recorded in zip(paths, metrics))
     size = os.path.getsize(args.output)
-    print(f"averaged {len(paths)} checkpoint(s) ({'EMA' if args.ema else 'model'} weights): {chosen_text} -> "
+    print(f"averaged {len(paths)} checkpoint(s) ({'EMA' if args.use_ema else 'model'} weights): {chosen_text} -> "
           f"{args.output} ({size / 1e6:.1f} MB, sha256 {file_sha256(args.output)}) in "
           f"{time.perf_counter() - started:.1f} s")
     if any(key.endswith("running_mean") for key in averaged):

@@ -92,6 +92,16 @@ def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGrou
                         help="auto (the default): the GPU when CUDA is present, else the CPU; or cpu, cuda, cuda:N")
 
 
+def add_weights_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, use: str) -> None:
+    """--ema (or --use-ema) and --trust-pickle, worded the same in every script that reads a weights file; `use`
+    says what the script does with the weights ("evaluate", "export", ...)."""
+    parser.add_argument("--ema", "--use-ema", dest="use_ema", action="store_true",
+                        help=f"{use} the EMA weights stored in training checkpoints instead of the trained weights")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow a weights file that loads only by running code stored in it: only for a file you "
+                             "made yourself")
+
+
 def run_script(command: list[str], cwd: str | os.PathLike | None = None, stopped: str | None = None) -> int:
     """Run another of this project's scripts as a child process; its exit status. A Ctrl-C or SIGTERM is passed
     on to the child, which finishes stopping by itself (a training run saves its checkpoint, an export removes its

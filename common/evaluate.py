@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint import library_versions
-from common.cli import add_device_argument, check_image_size, prepare_output, worker_count
+from common.cli import (add_device_argument, add_weights_arguments, check_image_size, prepare_output,
+                        worker_count)
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import DistInfo, all_gather_objects, init_distributed, shutdown_distributed
@@ -163,12 +164,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, layout_flags: bool) -> 
         speed.add_argument("--no-fast", action="store_true",
                            help="plain path: BatchNorm not folded, float32 NCHW unless --amp/--channels-last say "
                                 "otherwise (the fast path's outputs equal it within float tolerance)")
-    weights = parser.add_argument_group("weights")
-    weights.add_argument("--trust-pickle", action="store_true",
-                         help="allow a file that needs arbitrary unpickling (it can run code): only for a file you "
-                              "made yourself")
-    weights.add_argument("--ema", "--use-ema", dest="use_ema", action="store_true",
-                         help="use the EMA weights of a training checkpoint")
+    add_weights_arguments(parser.add_argument_group("weights"), "use")
 
 
 def read_weights_for(network: ModuleType, args: argparse.Namespace, script: str) -> tuple[object, dict, int,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import check_image_size, prepare_output, run_script
+from common.cli import add_weights_arguments, check_image_size, prepare_output, run_script
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
 from common.atomic_io import atomic_write_text, file_sha256
 from common.errors import UserError, exit_on_user_error
@@ -254,10 +254,7 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
                         help="input image size N x N (default: the checkpoint's, else 224)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the comparison of the export with PyTorch (on by default)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow weights files that run code when loaded; only for files you made yourself")
-    parser.add_argument("--ema", "--use-ema", dest="use_ema", action="store_true",
-                        help="export the EMA weights of a training checkpoint")
+    add_weights_arguments(parser, "export")
     parser.add_argument("--num-verify-images", type=int, metavar="N",
                         help=f"number of synthetic test images the verification compares (default "
                              f"{DEFAULT_VERIFY_IMAGES}, {DEFAULT_VERIFY_IMAGES_COMPRESSED} for compressed or int8 "

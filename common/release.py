@@ -15,7 +15,7 @@ import torch
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint_store import to_plain
-from common.cli import prepare_output
+from common.cli import add_weights_arguments, prepare_output
 from common.errors import UserError, exit_on_user_error
 from common.model_state import (RELEASE_METADATA_KEY, classifier_rows, describe_weights, extract_model_state,
                                 is_side_head, load_model_state, read_checkpoint_metadata, read_weights_file)
@@ -35,11 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "project, or a .safetensors file")
     parser.add_argument("--output", "-o", required=True, metavar="OUT.safetensors",
                         help="the release file to write; OUT.safetensors.sha256 is written beside it")
-    parser.add_argument("--ema", action="store_true",
-                        help="release the EMA weights of a training checkpoint instead of the trained weights")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a file that needs arbitrary unpickling (it can run code): only for a file "
-                             "you made yourself")
+    add_weights_arguments(parser, "release")
     parser.add_argument("--keep-side-heads", action="store_true",
                         help="keep the training-only side heads predict_* (left out by default: evaluation "
                              "does not use them)")
@@ -95,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if output.resolve() == source.resolve():
         raise UserError(f"--output {output} is the input file; choose another name")
     obj = read_weights_file(source, trust_pickle=args.trust_pickle)
-    weights = {key: value for key, value in extract_model_state(obj, use_ema=args.ema, source=str(source)).items()
+    weights = {key: value for key, value in extract_model_state(obj, use_ema=args.use_ema, source=str(source)).items()
                if args.keep_side_heads or not is_side_head(key)}
     if args.model:
         network_module = load_network_module(args.model)
@@ -106,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_output("--output", output)
     # The checkpoint's own metadata, without training arguments, and what the release holds.
     metadata = {**shareable_metadata(read_checkpoint_metadata(obj)), "contents": describe_weights(weights)}
-    metadata["weights"] = "ema" if args.ema else metadata.get("weights", "model")
+    metadata["weights"] = "ema" if args.use_ema else metadata.get("weights", "model")
     digest = write_release(output, weights, to_plain(metadata, json_only=True))
     size = output.stat().st_size
     print(f"wrote {output}: {len(weights)} tensors, {size / 1e6:.1f} MB, {describe_weights(weights)}")
