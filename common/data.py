@@ -142,7 +142,7 @@ class TrainTransform:
                         round(left * factor):round((left + width) * factor)]
         if self.antialias:
             # PIL's bilinear filter. Torch's uint8 kernel, given interleaved pixels, returns them so, as OpenCV wants.
-            crop = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+            crop = torch.from_numpy(np.ascontiguousarray(window)).unsqueeze(0).permute(0, 3, 1, 2)
             window = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0].permute(1, 2, 0).numpy()
         else:  # OpenCV's bilinear: faster, sharper where it shrinks
             window = cv2.resize(window, (size, size), interpolation=cv2.INTER_LINEAR)
