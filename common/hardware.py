@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import platform
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,8 @@ _ROUNDS, _MAX_ROUNDS, _MIN_SECONDS = 4, 10, 1.0
 _PROBE_BATCH, _PROBE_MACS = 8, 1e9
 # Flags of /proc/cpuinfo that decide the speed of the CPU paths.
 _CPU_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
+# x86 flags of bfloat16 in hardware (AVX-NE-CONVERT: oneDNN's bf16 kernels for AVX2 CPUs that have it).
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "avx_ne_convert"})
 
 
 def autocast(device: torch.device, amp: str | None) -> torch.autocast:
@@ -52,8 +55,12 @@ class SpeedChoice:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast is a speed-up."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this CPU computes bfloat16 natively, where bf16 autocast can be a speed-up. oneDNN's own check also
+    says yes for AVX-512 CPUs without AVX512-BF16 or AMX (Skylake, Cascade Lake), which only emulate it: on x86 one
+    of _BF16_FLAGS must be there too."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    return platform.machine().lower() not in ("x86_64", "amd64") or bool(cpu_flags() & _BF16_FLAGS)
 
 
 @functools.cache

@@ -3,6 +3,7 @@ choice, the warning for emulated bf16, and train.py recording its choice and kee
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -118,11 +119,36 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_once_with_what_to_expect(native
         resolve_speed(False, "bf16", "cpu", None)
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64" or not torch.backends.mkldnn.is_available(),
+                    reason="oneDNN's instruction-set cap is an x86 setting")
+def test_a_cpu_whose_onednn_is_held_to_avx2_has_no_native_bf16_and_explicit_bf16_warns():
+    """ONEDNN_MAX_CPU_ISA=AVX2 runs oneDNN as on an AVX2-only CPU, where bf16 is emulated: the real capability check
+    (not a monkeypatched one) must see that, auto must not measure bf16, and an explicit bf16 must warn."""
+    code = ("import sys; from common.hardware import cpu_supports_bf16, resolve_speed; print(cpu_supports_bf16()); "
+            "tried = set(); resolve_speed(None, 'auto', 'cpu', lambda layout, amp: tried.add(amp) or (lambda: None)); "
+            "print(sorted(map(str, tried))); resolve_speed(False, 'bf16', 'cpu', None)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["False", "['None']"]
+    assert "EmulatedBF16Warning: --amp bf16: this CPU has no native bfloat16" in result.stderr
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_on_cuda_is_channels_last_with_bf16_or_fp16():
     choice = resolve_speed(None, "auto", "cuda", None)
     assert choice.channels_last is True
     assert choice.amp == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+
+def test_an_avx512_cpu_without_bf16_instructions_does_not_count_as_native(monkeypatch):
+    """oneDNN's check alone says yes on Skylake-class CPUs, which emulate bf16; an x86 CPU needs a bf16 flag too."""
+    onednn_says = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512bw"}))
+    assert hardware.cpu_supports_bf16() is False
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert hardware.cpu_supports_bf16() is onednn_says
 
 
 def test_capabilities_are_read_from_the_cpu_flags(monkeypatch):
