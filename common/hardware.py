@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 import platform
 import time
 import warnings
@@ -31,6 +32,8 @@ _PROBE_BATCH, _PROBE_MACS = 8, 1e9
 _CPU_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
 # x86 flags of bfloat16 in hardware (AVX-NE-CONVERT: oneDNN's bf16 kernels for AVX2 CPUs that have it).
 _BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "avx_ne_convert"})
+# Environment variables that cap the instruction set of PyTorch's own kernels, oneDNN's and MKL's.
+_ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def autocast(device: torch.device, amp: str | None) -> torch.autocast:
@@ -89,8 +92,11 @@ def describe_cpu(capabilities: dict | None = None) -> str:
     """One line, e.g. "AMD EPYC: AVX2, AVX-512, AVX512-BF16; bf16 native; PyTorch kernels AVX512"."""
     caps = capabilities or cpu_capabilities()
     present = [label for key, label in _CPU_FLAGS.items() if caps.get(key)]
+    # Settings that hold the libraries below what the CPU has (to measure as on a smaller CPU) are named.
+    limits = [f"{name}={os.environ[name]}" for name in _ISA_LIMITS if os.environ.get(name)]
     return (f"{caps.get('model') or 'CPU'}: {', '.join(present) or 'no AVX flags read'}; bf16 "
-            f"{'native' if caps['bf16_native'] else 'emulated (not native)'}; PyTorch kernels {caps['kernels']}")
+            f"{'native' if caps['bf16_native'] else 'emulated (not native)'}; PyTorch kernels {caps['kernels']}"
+            + (f"; held to {', '.join(limits)}" if limits else ""))
 
 
 # Set once the emulated-bf16 warning has been given: it is given once per process.

@@ -124,13 +124,16 @@ def test_explicit_bf16_on_an_emulating_cpu_warns_once_with_what_to_expect(native
 def test_a_cpu_whose_onednn_is_held_to_avx2_has_no_native_bf16_and_explicit_bf16_warns():
     """ONEDNN_MAX_CPU_ISA=AVX2 runs oneDNN as on an AVX2-only CPU, where bf16 is emulated: the real capability check
     (not a monkeypatched one) must see that, auto must not measure bf16, and an explicit bf16 must warn."""
-    code = ("import sys; from common.hardware import cpu_supports_bf16, resolve_speed; print(cpu_supports_bf16()); "
+    code = ("from common.hardware import cpu_supports_bf16, describe_cpu, resolve_speed; print(cpu_supports_bf16()); "
             "tried = set(); resolve_speed(None, 'auto', 'cpu', lambda layout, amp: tried.add(amp) or (lambda: None)); "
-            "print(sorted(map(str, tried))); resolve_speed(False, 'bf16', 'cpu', None)")
+            "print(sorted(map(str, tried))); print(describe_cpu()); resolve_speed(False, 'bf16', 'cpu', None)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, timeout=120)
+                            env={**{name: value for name, value in os.environ.items()
+                                    if name not in hardware._ISA_LIMITS}, "ONEDNN_MAX_CPU_ISA": "AVX2"}, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["False", "['None']"]
+    assert result.stdout.splitlines()[:2] == ["False", "['None']"]
+    described = result.stdout.splitlines()[2]
+    assert "; bf16 emulated (not native); " in described and described.endswith("; held to ONEDNN_MAX_CPU_ISA=AVX2")
     assert "EmulatedBF16Warning: --amp bf16: this CPU has no native bfloat16" in result.stderr
 
 
