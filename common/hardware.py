@@ -59,11 +59,12 @@ class SpeedChoice:
 
 def cpu_supports_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively, where bf16 autocast can be a speed-up. oneDNN's own check also
-    says yes for AVX-512 CPUs without AVX512-BF16 or AMX (Skylake, Cascade Lake), which only emulate it: on x86 one
-    of _BF16_FLAGS must be there too."""
+    says yes for AVX-512 CPUs without AVX512-BF16 or AMX (Skylake, Cascade Lake), which only emulate it: an x86 CPU
+    whose flags can be read (Linux) needs one of _BF16_FLAGS too."""
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
-    return platform.machine().lower() not in ("x86_64", "amd64") or bool(cpu_flags() & _BF16_FLAGS)
+    flags = cpu_flags()
+    return not flags or platform.machine().lower() not in ("x86_64", "amd64") or bool(flags & _BF16_FLAGS)
 
 
 @functools.cache

@@ -152,6 +152,9 @@ def test_an_avx512_cpu_without_bf16_instructions_does_not_count_as_native(monkey
     assert hardware.cpu_supports_bf16() is False
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
     assert hardware.cpu_supports_bf16() is onednn_says
+    # No /proc/cpuinfo (Windows, macOS): oneDNN's word stands.
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset())
+    assert hardware.cpu_supports_bf16() is onednn_says
 
 
 def test_capabilities_are_read_from_the_cpu_flags(monkeypatch):
