@@ -336,12 +336,15 @@ def _warned_flags(paths_hash: int, count: int) -> Tensor:
 class ImageDataset(Dataset):
     """(uint8 image, label) per sample, or None for a file that cannot be decoded (one warning line); with
     `with_index`, (image, label, index). An item is an index, or an (index, sample seed) pair from `StreamSampler`
-    that seeds torch's generator for the transform. Paths and labels are arrays, so forked workers copy no objects."""
+    that seeds torch's generator for the transform. The paths are one bytes object (a fixed-width array would pad
+    every path to the longest) and the labels one array, so forked workers copy no objects."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform, *, with_index: bool = False) -> None:
-        self._paths = np.array([os.fsencode(path) for path, _ in samples], dtype=bytes)
+        encoded = [os.fsencode(path) for path, _ in samples]
+        self._paths = b"".join(encoded)
+        self._path_ends = np.cumsum([len(path) for path in encoded], dtype=np.int64)
         self._labels = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
-        self._warned = _warned_flags(hash(self._paths.tobytes()), len(samples))
+        self._warned = _warned_flags(hash(self._paths), len(samples))
         self.transform = transform
         self.with_index = with_index
 
@@ -349,7 +352,8 @@ class ImageDataset(Dataset):
         return len(self._labels)
 
     def path(self, index: int) -> str:
-        return os.fsdecode(self._paths[index])
+        start = int(self._path_ends[index - 1]) if index else 0
+        return os.fsdecode(self._paths[start:int(self._path_ends[index])])
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple | None:
         index, sample_seed = item if isinstance(item, tuple) else (item, None)

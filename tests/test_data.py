@@ -123,6 +123,24 @@ def test_train_loader_with_workers_counts_skipped_images_and_keeps_the_rest(fold
 # The stream
 
 
+def test_dataset_paths_round_trip_and_one_long_path_does_not_pad_the_others():
+    """A forked worker shares the paths: they are kept packed, so memory follows their total length, not the longest
+    times their number (a fixed-width array of these would take about 40 MB)."""
+    import tracemalloc
+
+    samples = [(f"/data/train/n{i % 100:08d}/img_{i}.JPEG", i % 100) for i in range(10_000)]
+    samples[3] = ("/data/" + "deep/" * 800 + "x.JPEG", 5)
+    samples[4] = ("/data/train/caf\u00e9/\u5199\u771f.jpg", 6)
+    tracemalloc.start()
+    try:
+        dataset = ImageDataset(samples, EvalTransform())
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert [dataset.path(i) for i in range(len(samples))] == [path for path, _ in samples]
+    assert held < 5e6
+
+
 def test_stream_reads_each_sample_once_per_epoch_and_depends_on_the_seed():
     sampler = StreamSampler(10, 4, seed=1)
     indices = [index for batch in batches(sampler, 5) for index, _ in batch]
