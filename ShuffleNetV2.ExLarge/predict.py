@@ -1,7 +1,7 @@
 """Classify your own images with ShuffleNetV2.ExLarge: the top-k ImageNet classes (or a checkpoint's own classes) of
 each image.
 
-    python predict.py --weights FILE photo.jpg holiday/ [--top-k 5] [--json predictions.json]
+    python predict.py --weights FILE photo.jpg holiday/ [--top-k 5] [--predictions-json predictions.json]
     python predict.py --help
 """
 from __future__ import annotations

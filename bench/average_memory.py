@@ -1,6 +1,6 @@
 """Benchmark: peak memory and time of averaging 5 checkpoints, against reading the same 5 files.
 
-    .venv/bin/python bench/average_memory.py [--quick] [--json FILE] [--dir DIR] [--threads N]
+    .venv/bin/python bench/average_memory.py [--quick] [--results-json FILE] [--dir DIR] [--threads N]
 
 Writes 5 ExLarge-sized state dicts (OneShot-sized with --quick), then measures in separate processes, so that each
 peak RSS (ru_maxrss) belongs to one task alone: (a) torch.load of the 5 files one after another, (b)
@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import add_results_argument, write_json
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 NUM_FILES = 5
 GOAL_RATIO = 2.5
@@ -92,7 +93,7 @@ def _write_inputs(model: str, folder: Path) -> None:
 
 
 def _report(model: str, file_size: int, idle: dict, runs: dict, threads: int | None) -> dict:
-    """Print the measured peaks and times against one file and reading; returns them for --json."""
+    """Print the measured peaks and times against one file and reading; returns them for --results-json."""
     numbers = {"model": model, "files": NUM_FILES, "file_bytes": file_size, "idle_rss_bytes": idle["peak_rss"],
                "threads": threads, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0],
                "goal_peak_to_file_size": GOAL_RATIO}
@@ -123,7 +124,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="OneShot-sized files (14 MB) instead of ExLarge (1.08 GB): a smoke test, whose memory "
                              "ratio fixed costs of tens of MB dominate")
-    parser.add_argument("--json", metavar="FILE", help="also write the numbers to FILE as JSON")
+    add_results_argument(parser)
     parser.add_argument("--dir", type=existing_folder, metavar="DIR",
                         help="where to put the temporary files (default: the system's)")
     parser.add_argument("--threads", type=positive_int, metavar="N",
@@ -158,8 +159,7 @@ def main() -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
     numbers = _report(model, file_size, idle, runs, args.threads)
-    if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=1) + "\n")
+    write_json(args.results_json, numbers)
     return 0
 
 

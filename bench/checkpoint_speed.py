@@ -16,7 +16,7 @@ hits both alike. The targets: save at most 1.3x, load at most 1.2x.
   load that hashes every byte takes at least as long as the slower of this and the raw write or read, so both are
   also given as ratios to that floor.
 
-    python bench/checkpoint_speed.py [--models ...] [--dir DIR] [--repeats N] [--json FILE]
+    python bench/checkpoint_speed.py [--models ...] [--dir DIR] [--repeats N] [--results-json FILE]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from timing import interleaved, paired_ratio, write_json
+from timing import add_results_argument, interleaved, paired_ratio, write_json
 from common.atomic_io import pieces_sha256
 from common.cli import existing_folder, positive_int
 from common.checkpoint import get_training_state, load_checkpoint
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=3,
                         help="timed rounds of all six, after one warm-up round (a multiple of 3 puts each read "
                              "first equally often)")
-    parser.add_argument("--json", help="write the results to this file")
+    add_results_argument(parser)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     results = []
@@ -165,7 +165,7 @@ def main() -> None:
                   f"{t['load_unchecked']:6.2f} s, ratio {r['load_unchecked_ratio']:.2f})", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    write_json(args.json, results)
+    write_json(args.results_json, results)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ simplejpeg's libjpeg-turbo at full size, the decoder the pipeline uses) and agai
 float tensor conversion), all in the same run on the same ImageNet-sized JPEG files (500 x 375, quality 90) written
 for it.
 
-    python bench/data_speed.py [--images 96] [--json FILE]
+    python bench/data_speed.py [--images 96] [--results-json FILE]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from timing import interleaved, paired_ratio, rate, write_json
+from timing import add_results_argument, interleaved, paired_ratio, rate, write_json
 from common.cli import positive_int
 from common.data import EvalTransform, ImageDataset, TrainTransform
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--images", type=positive_int, default=96, help="JPEG files per measurement")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="measured passes over the files, every case once per round")
-    parser.add_argument("--json", help="write the results to this file")
+    add_results_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one worker process uses one core
     cv2.setNumThreads(1)
@@ -94,7 +94,7 @@ def main() -> None:
         print(f"data {name:24s} {value['median']:8.1f} img/s per worker  ({value['x_pil_decode']:.2f} x PIL decode "
               f"alone, {turbo:.2f} x simplejpeg decode alone, {value['x_original']:.2f} x the original training "
               "pipeline)")
-    write_json(args.json, results)
+    write_json(args.results_json, results)
 
 
 if __name__ == "__main__":

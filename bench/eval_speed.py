@@ -9,7 +9,7 @@ Variants are timed in turns, one call of each per round, so a load from other pr
 of them alike. GFLOP/s counts 2 FLOPs per multiply-add of the published MACs and is set against this machine's
 dense matmul GFLOP/s in the same precision, measured in the same run.
 
-    python bench/eval_speed.py [--models OneShot ...] [--batch-size N] [--variants ...] [--quick] [--json FILE]
+    python bench/eval_speed.py [--models OneShot ...] [--batch-size N] [--variants ...] [--quick] [--results-json FILE]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from timing import interleaved, matmul_gflops, paired_ratio, rate, write_json
+from timing import add_results_argument, interleaved, matmul_gflops, paired_ratio, rate, write_json
 from common.cli import positive_int
 from common.hardware import cpu_supports_bf16
 from common.inference import prepare_inference_model
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="plain, fast and fast+bf16 (where native) only, so nothing compiles; 3 rounds after "
                              "one warm-up round")
-    parser.add_argument("--json", help="write the results to this file")
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.variants:
         variants = args.variants
@@ -104,7 +104,7 @@ def main() -> None:
             print(f"eval {model_name:22s} {variant:18s} {speed['median']:8.2f} img/s  "
                   f"[{speed['min']:.2f}, {speed['max']:.2f}]{ratio}  {speed['gflops']:6.1f} GFLOP/s "
                   f"({speed['fraction_of_matmul']:.0%} of matmul)  (batch {result['batch']})", flush=True)
-    write_json(args.json, {"image_size": IMAGE_SIZE, "threads": torch.get_num_threads(), "matmul_gflops": peak,
+    write_json(args.results_json, {"image_size": IMAGE_SIZE, "threads": torch.get_num_threads(), "matmul_gflops": peak,
                            "bf16_native": cpu_supports_bf16(), "full_fast_path": full_fast_path(),
                            "models": results})
 

@@ -4,7 +4,7 @@ synthetic images like the verification's (another seed). Size, top-1 agreement a
 peak memory, and batch-1 one-thread images/s of ExecuTorch and ONNX against PyTorch eager on this CPU. Random
 weights: no accuracy.
 
-    python bench/export_speed.py [--models ...] [--image-size 224] [--quick] [--json FILE]
+    python bench/export_speed.py [--models ...] [--image-size 224] [--quick] [--results-json FILE]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 from safetensors.torch import save_file
 
-from timing import write_json
+from timing import add_results_argument, write_json
 from common.model_state import RELEASE_METADATA_KEY
 from common.models import MODEL_FOLDERS, load_network_module
 from common.random_weights import calibrated_random_network
@@ -52,7 +52,7 @@ def main() -> None:
                         help="model folders to measure (default: all)")
     parser.add_argument("--image-size", type=int, default=224, help="input size of the exports")
     parser.add_argument("--quick", action="store_true", help="OneShot only")
-    parser.add_argument("--json", help="write the results to this file")
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.models = ["OneShot"]
@@ -64,7 +64,7 @@ def main() -> None:
             Image.fromarray(image).save(calibration / f"{index}.jpg", quality=95)
         for model_name in args.models:
             results += sweep_model(model_name, args.image_size, Path(folder), calibration)
-    write_json(args.json, results)
+    write_json(args.results_json, results)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ SECTIONS = {
 def run_section(name: str, quick: bool) -> tuple[object, float]:
     script, args, quick_args = SECTIONS[name]
     with tempfile.NamedTemporaryFile(suffix=".json") as output:
-        command = [sys.executable, str(BENCH / script), *args, *(quick_args if quick else []), "--json", output.name]
+        command = [sys.executable, str(BENCH / script), *args, *(quick_args if quick else []), "--results-json",
+                   output.name]
         print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
         started = time.perf_counter()
         completed = subprocess.run(command, cwd=BENCH)
@@ -136,14 +137,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     parser.add_argument("--quick", action="store_true", help="the quick variant of every section")
-    parser.add_argument("--output", default=str(BENCH / "results.json"), help="where to write the results")
+    parser.add_argument("--results-json", "--output", dest="results_json", default=str(BENCH / "results.json"),
+                        metavar="FILE", help="where to write the results (--output is its older name)")
     parser.add_argument("--summary", metavar="RESULTS_JSON",
                         help="only print the tables of an earlier run's results file, running nothing")
     args = parser.parse_args()
     if args.summary:
         print("\n".join(summary(json.loads(Path(args.summary).read_text()))))
         return 0
-    prepare_output("--output", args.output)  # before the hour of work whose results go there
+    prepare_output("--results-json", args.results_json)  # before the hour of work whose results go there
     started = time.perf_counter()
     gflops = matmul_gflops()
     cpu = cpu_capabilities()
@@ -157,8 +159,8 @@ def main() -> int:
     for name in args.only or SECTIONS:
         results["sections"][name], results["seconds"][name] = run_section(name, args.quick)
     results["total_seconds"] = time.perf_counter() - started
-    atomic_write_text(args.output, json.dumps(results, indent=2))
-    print(f"\nbenchmarks done in {results['total_seconds'] / 60:.1f} min; results in {args.output}")
+    atomic_write_text(args.results_json, json.dumps(results, indent=2))
+    print(f"\nbenchmarks done in {results['total_seconds'] / 60:.1f} min; results in {args.results_json}")
     errors = {name: section["error"] for name, section in results["sections"].items()
               if isinstance(section, dict) and "error" in section}
     for name, seconds in results["seconds"].items():

@@ -3,7 +3,7 @@
 One SGD step of the label-smoothed loss on random images, channels_last, both models at the same batch and size,
 timed in alternating rounds so that machine noise falls on both alike. The supernet's paths are those
 train_supernet.py draws (290M-360M FLOPs by default).
-    python bench/supernet_speed.py [--image-size 64] [--batch-size 48] [--rounds 3] [--steps 3] [--json FILE]
+    python bench/supernet_speed.py [--image-size 64] [--batch-size 48] [--rounds 3] [--steps 3] [--results-json FILE]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from timing import write_json
+from timing import add_results_argument, write_json
 from common.cli import positive_int
 from common.models import REPO_ROOT, load_network_module
 
@@ -33,7 +33,7 @@ def main() -> None:
                         help="smallest multiply-accumulates of a supernet path, counted at 224x224")
     parser.add_argument("--flops-max", type=float, default=360e6,
                         help="largest multiply-accumulates of a supernet path")
-    parser.add_argument("--json", help="write the results to this file")
+    add_results_argument(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def main() -> None:
     for name, value in results.items():
         print(f"  {name:9s} {value:8.1f}")
     print(f"  supernet / OneShot: {results['supernet'] / results['OneShot']:.2f}x")
-    write_json(args.json, {"batch": args.batch_size, "size": args.image_size, "images_per_second": results})
+    write_json(args.results_json, {"batch": args.batch_size, "size": args.image_size, "images_per_second": results})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Timing helpers for the benchmarks: medians of several runs after a warm-up, with min and max."""
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -9,6 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.atomic_io import atomic_write_text  # noqa: E402 (after the repository root is on the path)
+from common.cli import prepare_output  # noqa: E402
+from common.errors import UserError  # noqa: E402
 
 
 def measure(run: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
@@ -51,9 +56,25 @@ def rate(seconds: dict[str, float], items: float) -> dict[str, float]:
     return {"median": items / seconds["median"], "min": items / seconds["max"], "max": items / seconds["min"]}
 
 
+def _results_file(text: str) -> str:
+    """An argparse type: a results file that can be written, checked before the measuring starts."""
+    try:
+        prepare_output("--results-json", text)
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--results-json ")) from None
+    return text
+
+
+def add_results_argument(parser: argparse.ArgumentParser) -> None:
+    """--results-json FILE (or --json, its older name), spelled as eval.py and export.py spell it."""
+    parser.add_argument("--results-json", "--json", dest="results_json", type=_results_file, metavar="FILE",
+                        help="also write the results to FILE as JSON")
+
+
 def write_json(path: str | None, results: object) -> None:
+    """Write `results` to `path` (nothing when None), replacing the file whole: a stopped run leaves no half file."""
     if path:
-        Path(path).write_text(json.dumps(results, indent=2))
+        atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:

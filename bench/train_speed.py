@@ -5,7 +5,7 @@ that chose exactly eager's configuration (NCHW float32) is reported as eager's s
 
 One optimiser step of the real loss (label smoothing, side-head weights) on random images, per variant. bf16 runs
 only where the CPU computes it natively (emulated bf16 is several times slower than float32).
-    python bench/train_speed.py [--models OneShot ...] [--sizes 64 224] [--quick] [--json FILE]
+    python bench/train_speed.py [--models OneShot ...] [--sizes 64 224] [--quick] [--results-json FILE]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from timing import interleaved, paired_ratio, rate, write_json
+from timing import add_results_argument, interleaved, paired_ratio, rate, write_json
 from common.hardware import (SpeedChoice, cpu_supports_bf16, probe_batch_size, resolve_speed,
                              training_step_timer)
 from common.models import MODEL_FOLDERS, load_network_module
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats and no torch.compile (compiling a training step takes minutes per model "
                              "and size on a CPU)")
-    parser.add_argument("--json", help="write the results to this file")
+    add_results_argument(parser)
     args = parser.parse_args()
     results = []
     for model_name in args.models:
@@ -117,7 +117,7 @@ def main() -> None:
                       f"{result['images_per_second']['median']:8.2f} img/s{ratio} (batch {batch})"
                       f"{'  ' + result['choice'] if 'choice' in result else ''}", flush=True)
                 results.append(result)
-    write_json(args.json, results)
+    write_json(args.results_json, results)
 
 
 if __name__ == "__main__":

@@ -348,3 +348,16 @@ def test_benchmarks_refuse_counts_below_one_and_missing_folders_before_measuring
                             text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"{script}.py: error: argument {flags[0]}: {flags[1]}: ")
+
+
+@pytest.mark.parametrize("script", ["average_memory", "checkpoint_speed", "data_speed", "eval_speed", "export_speed",
+                                    "supernet_speed", "train_speed", "run"])
+def test_benchmarks_refuse_an_unwritable_results_file_before_measuring(script, tmp_path):
+    blocking = tmp_path / "a-file"
+    blocking.write_text("")
+    results = blocking / "results.json"
+    result = subprocess.run([sys.executable, f"{script}.py", "--results-json", str(results)], cwd=REPO_ROOT / "bench",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert str(results) in last and f"{blocking} is a file, not a folder" in last and "=== " not in result.stdout
