@@ -104,9 +104,9 @@ def main() -> None:
             print(f"eval {model_name:22s} {variant:18s} {speed['median']:8.2f} img/s  "
                   f"[{speed['min']:.2f}, {speed['max']:.2f}]{ratio}  {speed['gflops']:6.1f} GFLOP/s "
                   f"({speed['fraction_of_matmul']:.0%} of matmul)  (batch {result['batch']})", flush=True)
-    write_json(args.results_json, {"image_size": IMAGE_SIZE, "threads": torch.get_num_threads(), "matmul_gflops": peak,
-                           "bf16_native": cpu_supports_bf16(), "full_fast_path": full_fast_path(),
-                           "models": results})
+    write_json(args.results_json, {"image_size": IMAGE_SIZE, "threads": torch.get_num_threads(),
+                                   "matmul_gflops": peak, "bf16_native": cpu_supports_bf16(),
+                                   "full_fast_path": full_fast_path(), "models": results})
 
 
 if __name__ == "__main__":
