@@ -261,7 +261,7 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
                              "exports)")
     parser.add_argument("--results-json", metavar="FILE",
                         help="also write the export's measurements (size, time, agreement, accuracy, speed, peak "
-                             "memory) to this JSON file")
+                             "memory) to this JSON file; with --sweep, the list of every entry's (as sweep.json)")
     parser.add_argument("--sweep", action="store_true",
                         help="export every format (Core ML fp32/fp16/palettize8/6/4/int8, ExecuTorch fp32/int8, ONNX "
                              "fp32/int8) into the --output folder, each in its own process, and write the table "
@@ -449,6 +449,8 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     job = _plan(network_module, model_name, args)
     val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
     prepare_output("--output", job.output)  # after the inputs: a mistyped command leaves no folder behind
+    if args.results_json:
+        prepare_output("--results-json", args.results_json)
     model = create_network_for(network_module, len(job.class_names), job.stored)
     load_model_state(model, job.weights, for_inference=True, trust_pickle=args.trust_pickle, use_ema=args.use_ema)
     model.eval()
@@ -622,6 +624,8 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
         scan_image_folder(args.val_dir, "--val-dir")
     calibration_files(*_calibration_source(args))
     prepare_output("--output", folder, folder=True)
+    if args.results_json:
+        prepare_output("--results-json", args.results_json)
     script = Path(network_module.__file__).resolve().parent / "export.py"
     passed = _forwarded_flags(argv)
     rows = []
@@ -637,6 +641,8 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
         ok = status == 0 and results.is_file()
         rows.append({"name": name, **(json.loads(results.read_text()) if ok else {"error": f"exit status {status}"})})
     atomic_write_text(folder / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    if args.results_json:
+        atomic_write_text(args.results_json, json.dumps(rows, indent=2) + "\n")
     atomic_write_text(folder / "sweep.md", sweep_table(rows) + "\n")
     print(f"\n{sweep_table(rows)}\n\nwrote {folder / 'sweep.md'} and {folder / 'sweep.json'}")
     return 0 if all("error" not in row for row in rows) else 1

@@ -307,11 +307,30 @@ def test_a_sweep_whose_exports_fail_exits_1_with_its_table(tmp_path, image_folde
                                                      if entry[0] in ("Core ML fp16", "ExecuTorch int8", "ONNX fp32")))
     # ImageNet weights and a folder of other classes: every entry refuses its --val-dir, after the sweep's checks.
     status = run_export(network("OneShot"), ["--weights", str(weights), "--sweep", "--val-dir", str(image_folder),
-                                             "--image-size", "32", "--output", str(tmp_path / "sweep")])
+                                             "--image-size", "32", "--output", str(tmp_path / "sweep"),
+                                             "--results-json", str(tmp_path / "results.json")])
     assert status == 1, capsys.readouterr().err
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(rows) == 3 and all(row["error"] == "exit status 2" for row in rows)
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
     assert "failed: exit status 2" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_an_unwritable_results_file_is_refused_before_the_export(tmp_path, capsys, sweep, image_folder):
+    weights = tmp_path / "OneShot.pth"
+    torch.save(network("OneShot").create_network().state_dict(), weights)
+    blocking = tmp_path / "a-file"
+    blocking.write_text("")
+    output = tmp_path / ("sweep" if sweep else "OneShot.onnx")
+    flags = ["--sweep", "--calibration-dir", str(image_folder)] if sweep else ["--format", "onnx"]
+    with pytest.raises(SystemExit) as stopped:
+        run_export(network("OneShot"), ["--weights", str(weights), *flags, "--output", str(output),
+                                        "--results-json", str(blocking / "results.json")])
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 2 and err.startswith("error: --results-json ") and len(err.splitlines()) == 1
+    assert f"{blocking} is a file, not a folder" in err and "exporting" not in out and "===" not in out
+    assert not output.exists() or not any(output.iterdir())
 
 
 def test_missing_weights_is_a_one_line_error(tmp_path, capsys):
