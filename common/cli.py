@@ -15,10 +15,13 @@ from pathlib import Path
 from common.errors import UserError
 
 
-def prepare_output(flag: str, path: str | os.PathLike, *, folder: bool = False) -> Path:
+def prepare_output(flag: str, path: str | os.PathLike | None, *, folder: bool = False) -> Path | None:
     """Check that `path`, given by `flag`, can be written (a one-line UserError naming the flag if not), and create
-    the folders it needs. With `folder`, `path` is a folder to write files into; otherwise a file or package folder.
-    The check writes and removes a hidden empty file, so it also answers for root and read-only filesystems."""
+    the folders it needs; None (an optional output not asked for) passes. With `folder`, `path` is a folder to write
+    files into; otherwise a file or package folder. The check writes and removes a hidden empty file, so it also
+    answers for root and read-only filesystems."""
+    if path is None:
+        return None
     path = Path(path)
     target = path if folder else path.parent
     try:

@@ -237,9 +237,8 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
                                          world_size=info.world_size, pin_memory=info.device.type == "cuda",
                                          class_to_index=class_to_index_for(folders, classes, args.class_map))
     # Once the weights and the data are known good, so that a mistyped command leaves no folder behind.
-    for flag, path in (("--results-json", args.results_json), ("--predictions-csv", args.predictions_csv)):
-        if path:
-            prepare_output(flag, path)
+    prepare_output("--results-json", args.results_json)
+    prepare_output("--predictions-csv", args.predictions_csv)
     model = create_network_for(network, num_classes, metadata)
     report = load_checkpoint(model, weights, source_name=str(args.weights), use_ema=args.use_ema)
     del weights

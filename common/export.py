@@ -449,8 +449,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     job = _plan(network_module, model_name, args)
     val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
     prepare_output("--output", job.output)  # after the inputs: a mistyped command leaves no folder behind
-    if args.results_json:
-        prepare_output("--results-json", args.results_json)
+    prepare_output("--results-json", args.results_json)
     model = create_network_for(network_module, len(job.class_names), job.stored)
     load_model_state(model, job.weights, for_inference=True, trust_pickle=args.trust_pickle, use_ema=args.use_ema)
     model.eval()
@@ -624,8 +623,7 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
         scan_image_folder(args.val_dir, "--val-dir")
     calibration_files(*_calibration_source(args))
     prepare_output("--output", folder, folder=True)
-    if args.results_json:
-        prepare_output("--results-json", args.results_json)
+    prepare_output("--results-json", args.results_json)
     script = Path(network_module.__file__).resolve().parent / "export.py"
     passed = _forwarded_flags(argv)
     rows = []
@@ -640,11 +638,13 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
         status = run_script(command)
         ok = status == 0 and results.is_file()
         rows.append({"name": name, **(json.loads(results.read_text()) if ok else {"error": f"exit status {status}"})})
-    atomic_write_text(folder / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    listing = json.dumps(rows, indent=2) + "\n"
+    atomic_write_text(folder / "sweep.json", listing)
     if args.results_json:
-        atomic_write_text(args.results_json, json.dumps(rows, indent=2) + "\n")
-    atomic_write_text(folder / "sweep.md", sweep_table(rows) + "\n")
-    print(f"\n{sweep_table(rows)}\n\nwrote {folder / 'sweep.md'} and {folder / 'sweep.json'}")
+        atomic_write_text(args.results_json, listing)
+    table = sweep_table(rows)
+    atomic_write_text(folder / "sweep.md", table + "\n")
+    print(f"\n{table}\n\nwrote {folder / 'sweep.md'} and {folder / 'sweep.json'}")
     return 0 if all("error" not in row for row in rows) else 1
 
 

@@ -171,8 +171,8 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     num_classes = metadata.get("num_classes") or classifier_rows(network, weights)
     classes = metadata.get("classes") or (imagenet_wnids() if num_classes == 1000 else [])
     names = read_class_names(args.class_names, num_classes) if args.class_names else output_names(classes, num_classes)
-    if args.predictions_json:  # once the inputs are known good, so that a mistyped command leaves no folder behind
-        prepare_output("--predictions-json", args.predictions_json)
+    # Once the inputs are known good, so that a mistyped command leaves no folder behind.
+    prepare_output("--predictions-json", args.predictions_json)
     model = create_network_for(network, num_classes, metadata)
     load_model_state(model, weights, for_inference=True, use_ema=args.use_ema, source_name=str(args.weights))
     del weights
