@@ -678,6 +678,8 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),
                 "class_to_index": {name: i for i, name in enumerate(classes)}, **recipe.hooks.metadata(args)}
     resume_path = _resume_path(args)
+    if resume_path is not None:
+        _check_same_run(resume_path, metadata, args)
     model = _create_model(network, metadata, args, resume_path, say).to(info.device)
     # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
     prepare_output("--save", args.save, folder=True)
@@ -718,6 +720,34 @@ def _resume_path(args: argparse.Namespace) -> Path | None:
         return get_latest_model(args.save)[0]
     except OSError:  # a --save that cannot be read: prepare_output names it next
         return None
+
+
+def _check_same_run(resume_path: Path, metadata: dict, args: argparse.Namespace) -> None:
+    """A one-line error when the run to resume was started with another network or other classes than this command
+    gives: its weights would not fit, or its labels would go to other classes."""
+    recorded = read_checkpoint_metadata(resume_path)
+    again = "; resume it with the command that started it, or give another --save for a new run"
+    if recorded.get("architecture") != metadata.get("architecture"):
+        started, given = recorded.get("args", {}).get("architecture"), getattr(args, "architecture", None)
+        if started and started == given:
+            raise UserError(f"--architecture {given}: the file has changed since the run in --save {args.save} "
+                            f"started with it{again}")
+        raise UserError(f"--save {args.save}: its run trains {_architecture_of(started)}, this command "
+                        f"{_architecture_of(given)}{again}")
+    gone = [name for name in recorded.get("classes", []) if name not in metadata["classes"]]
+    new = [name for name in metadata["classes"] if name not in recorded.get("classes", metadata["classes"])]
+    if gone or new:
+        differences = [f"{len(gone)} of its class folders are not there ({listed(gone)})"] if gone else []
+        differences += [f"{len(new)} are new ({listed(new)})"] if new else []
+        raise UserError(f"--train-dir {args.train_dir} does not hold the classes of the run in --save {args.save}: "
+                        f"{'; '.join(differences)}{again}")
+    if recorded.get("num_classes", metadata["num_classes"]) != metadata["num_classes"]:
+        raise UserError(f"--save {args.save}: its run has {recorded['num_classes']} classes, this command "
+                        f"{metadata['num_classes']} (--num-classes){again}")
+
+
+def _architecture_of(path: str | None) -> str:
+    return f"the architecture of --architecture {path}" if path else "the released architecture"
 
 
 def _claim_save_folder(save: str, info: DistInfo) -> None:

@@ -235,6 +235,13 @@ def test_random_search_then_retrain_and_evaluate_the_found_architecture(tmp_path
         standalone = network("OneShot").create_network(3, found)
     assert json.loads((tmp_path / "eval.json").read_text())["macs"] == count_macs(standalone, 32)
 
+    # Resuming that run without its --architecture is refused in one line, not with a list of mismatched tensors.
+    result = run(["train.py", "--train-dir", str(image_folder), "--save", str(save), "--image-size", "32",
+                  "--batch-size", "8", "--workers", "0", "--total-iters", "2"])
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"--architecture {random}" in result.stderr and "the released architecture" in result.stderr
+    assert get_latest_model(save)[1] == 1
+
 
 def test_bad_architecture_file_is_a_one_line_error(tmp_path, image_folder):
     bad = tmp_path / "arch.json"

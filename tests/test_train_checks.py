@@ -30,6 +30,22 @@ def test_a_stray_val_class_is_refused_before_training(tmp_path, image_folder):
     assert "iter " not in result.stdout and get_latest_model(tmp_path / "save")[0] is None
 
 
+def test_resuming_with_other_classes_is_refused_in_one_line(tmp_path, image_folder):
+    save = tmp_path / "save"
+    assert run(train_command(save, image_folder, "--total-iters", "1")).returncode == 0
+    renamed = tmp_path / "renamed"
+    shutil.copytree(image_folder, renamed)
+    first = sorted(renamed.iterdir())[0]
+    first.rename(renamed / "zebra")
+    result = run(train_command(save, renamed, "--total-iters", "2"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"--train-dir {renamed}" in result.stderr and first.name in result.stderr and "zebra" in result.stderr
+    result = run(train_command(save, image_folder, "--total-iters", "2", "--num-classes", "7"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "--num-classes" in result.stderr and "another --save" in result.stderr
+    assert get_latest_model(save)[1] == 1
+
+
 def test_a_one_class_training_folder_is_refused(tmp_path, image_folder):
     data = tmp_path / "data"
     first_class = sorted(image_folder.iterdir())[0]
