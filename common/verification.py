@@ -148,7 +148,8 @@ def clear_top1(reference: np.ndarray) -> np.ndarray:
 def mean_kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Mean over images of KL(softmax(reference) || softmax(candidate)), in nats."""
     p, q = (torch.log_softmax(torch.from_numpy(logits).double(), dim=1) for logits in (reference, candidate))
-    return float(F.kl_div(q, p, reduction="batchmean", log_target=True))
+    # Per image the sum can round a hair below 0 (e.g. -1e-182 for equal top classes); a divergence is never negative.
+    return float(F.kl_div(q, p, reduction="none", log_target=True).sum(1).clamp(min=0).mean())
 
 
 def judge(reference: np.ndarray, candidate: np.ndarray, candidate_top1, *, precision: str, target: str,

@@ -23,7 +23,8 @@ from common.export import (_forwarded_flags, check_deployment_target, compress_c
 from common.model_state import RELEASE_METADATA_KEY
 from common.quantize import load_calibration_images
 from common.random_weights import calibrated_random_network
-from common.verification import ExportVerificationError, judge, make_test_images, reference_logits
+from common.verification import (ExportVerificationError, judge, make_test_images, mean_kl_divergence,
+                                 reference_logits)
 from conftest import network
 
 SMALL = 64
@@ -302,3 +303,14 @@ def test_sweep_command_and_table():
             in table)
     assert table[3].startswith("| Core ML palettize4 | failed: exit status 2 |")
 
+
+
+def test_mean_kl_divergence_is_the_divergence_and_never_below_zero():
+    p, q = np.array([[0.0, 0.0]]), np.array([[np.log(3.0), 0.0]])
+    expected = 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)
+    assert mean_kl_divergence(p, q) == pytest.approx(expected, rel=1e-12)
+    assert mean_kl_divergence(p, p) == 0
+    # Logits 300 apart: summed in float64, the KL of these two sums to -2.9e-45 without the clamp.
+    reference = np.array([[-130.803, -121.440, 39.314, 74.856, -46.093, 200.950, 99.267, -109.158, 98.111, -54.342]])
+    candidate = np.array([[-130.410, -121.516, 38.877, 75.387, -46.586, 200.567, 99.218, -108.471, 98.002, -55.614]])
+    assert mean_kl_divergence(reference, candidate) >= 0
