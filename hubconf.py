@@ -6,9 +6,10 @@
 
 Each entry point returns the network in eval mode with `input_format` (what its input must be: channel order,
 scale, mean; common.input_format) and `transforms()`, which turns a PIL image into that input with eval.py's
-preprocessing. `weights` is any file eval.py accepts; `num_classes` (default: the file's, else 1000) other than the
-file's gives a freshly initialised classifier for fine-tuning. `features_only=True, out_indices=(0, 1, 2, 3)` gives
-a backbone returning stage outputs at strides 4, 8, 16, 32.
+preprocessing. `weights` is any file eval.py accepts (a OneShot checkpoint of a searched architecture builds that
+architecture); `num_classes` (default: the file's, else 1000) other than the file's gives a freshly initialised
+classifier for fine-tuning. `features_only=True, out_indices=(0, 1, 2, 3)` gives a backbone returning stage outputs
+at strides 4, 8, 16, 32.
 """
 from __future__ import annotations
 

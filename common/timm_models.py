@@ -11,9 +11,10 @@ from torch import nn
 
 from common.backbone import ClassifierNetwork
 from common.input_format import InputFormat
-from common.model_state import extract_model_state
+from common.model_state import extract_model_state, read_checkpoint_metadata
 from common.models import load_network_module
-from common.pretrained import MODEL_NAMES, pretrained_state
+from common.pretrained import MODEL_NAMES, pretrained_state, searched_architecture
+from common.tensor_pack import unpack_tensors
 
 _FIRST_CONVS = {"oneshot": "first_conv.0", "shufflenetv2_large": "first_conv.0.conv",
                 "shufflenetv2_exlarge": "first_conv.0.conv"}
@@ -51,16 +52,24 @@ def _rgb_to_bgr(module: nn.Module, args: tuple) -> tuple:
 def _filter_fn(state_dict: dict, model: ClassifierNetwork) -> dict:
     """A file's tensors (any released layout or checkpoint of this project) as a complete state dict of `model`:
     heads that do not fit keep the model's fresh initialisation; anything else that does not fit is an error."""
-    return {**model.state_dict(), **pretrained_state(model, extract_model_state(state_dict))[0]}
+    # timm's loader reads a checkpoint of this project as it is stored: its tensors still packed.
+    return {**model.state_dict(), **pretrained_state(model, extract_model_state(unpack_tensors(state_dict)))[0]}
 
 
 def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
     network = load_network_module(MODEL_NAMES[name])
+    # The network the file describes (a searched OneShot's architecture, its classes): timm builds before it loads,
+    # and keeps a file's classifier only where the config's number of classes is the model's.
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    metadata = read_checkpoint_metadata(overlay["file"]) if pretrained and overlay.get("file") else {}
+    architecture = searched_architecture(metadata)
+    if metadata.get("num_classes"):
+        kwargs["pretrained_cfg_overlay"] = {"num_classes": metadata["num_classes"], **overlay}
 
     def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg") -> ClassifierNetwork:
         if in_chans != 3 or global_pool != "avg":
             raise ValueError(f"{name}: only in_chans=3 and global_pool='avg' are supported")
-        model = network.create_network(num_classes)
+        model = network.create_network(num_classes, **architecture)
         if network.INPUT_FORMAT.channel_order == "BGR":
             model.first_conv.register_forward_pre_hook(_rgb_to_bgr)
             model.input_format = timm_input_format(network.INPUT_FORMAT)

@@ -16,7 +16,8 @@ import torch
 from common.checkpoint_store import get_latest_model
 from common.counting import count_macs, count_parameters
 from common.data import scan_image_folder
-from common.model_state import read_weights_file
+from common.model_state import load_model_state, read_weights_file
+from common.models import create_network_for
 from conftest import REPO_ROOT, network
 
 ONESHOT = REPO_ROOT / "OneShot"
@@ -234,6 +235,21 @@ def test_random_search_then_retrain_and_evaluate_the_found_architecture(tmp_path
     with torch.device("meta"):
         standalone = network("OneShot").create_network(3, found)
     assert json.loads((tmp_path / "eval.json").read_text())["macs"] == count_macs(standalone, 32)
+
+    # torch.hub and timm build the found architecture from the checkpoint, with its classes, and agree with it.
+    import timm
+
+    import common.timm_models  # noqa: F401  (registers the models with timm)
+    from common.pretrained import create_model
+    trained = create_network_for(network("OneShot"), 3, metadata).eval()
+    load_model_state(trained, checkpoint)
+    hub = create_model("oneshot", checkpoint)
+    registered = timm.create_model("oneshot", pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)})
+    images = torch.rand(2, 3, 32, 32) * 255
+    with torch.no_grad():
+        expected = trained(images)
+        assert torch.equal(hub(images), expected)
+        assert torch.allclose(registered.eval()(images.flip(1)), expected, atol=1e-5)
 
     # Resuming that run without its --architecture is refused in one line, not with a list of mismatched tensors.
     result = run(["train.py", "--train-dir", str(image_folder), "--save", str(save), "--image-size", "32",
