@@ -678,6 +678,13 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),
                 "class_to_index": {name: i for i, name in enumerate(classes)}, **recipe.hooks.metadata(args)}
     resume_path = _resume_path(args)
+    if args.pretrained:
+        # A resumed fine-tune reads it from its own checkpoint: the file it started from may be gone.
+        network_of = _pretrained_network(resume_path or args.pretrained)
+        inherited = {key: value for key, value in network_of.items() if key not in metadata}
+        if inherited and resume_path is None:
+            say(f"--pretrained: fine-tunes the network the file holds ({', '.join(inherited)} from its metadata)")
+        metadata.update(inherited)
     if resume_path is not None:
         _check_same_run(resume_path, metadata, args)
     model = _create_model(network, metadata, args, resume_path, say).to(info.device)
@@ -720,6 +727,15 @@ def _resume_path(args: argparse.Namespace) -> Path | None:
         return get_latest_model(args.save)[0]
     except OSError:  # a --save that cannot be read: prepare_output names it next
         return None
+
+
+def _pretrained_network(path: str) -> dict:
+    """What of --pretrained's metadata decides its network beyond the classes (a searched OneShot's architecture): a
+    fine-tune trains that network unless the command names its own."""
+    if not Path(path).is_file():
+        raise UserError(f"--pretrained {path}: no such file")
+    from common.pretrained import searched_architecture
+    return searched_architecture(read_checkpoint_metadata(path))
 
 
 def _check_same_run(resume_path: Path, metadata: dict, args: argparse.Namespace) -> None:
@@ -770,8 +786,6 @@ def _create_model(network: ModuleType, metadata: dict, args: argparse.Namespace,
     if args.pretrained and resume_path is None:
         # Only a run without checkpoints of its own starts from the file: a resumed one continues its own weights.
         from common.pretrained import load_pretrained
-        if not Path(args.pretrained).is_file():
-            raise UserError(f"--pretrained {args.pretrained}: no such file")
         say(f"--pretrained: {load_pretrained(model, args.pretrained).summary()}")
     if args.freeze_backbone:
         model.freeze_backbone()

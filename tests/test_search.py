@@ -258,6 +258,14 @@ def test_random_search_then_retrain_and_evaluate_the_found_architecture(tmp_path
     assert f"--architecture {random}" in result.stderr and "the released architecture" in result.stderr
     assert get_latest_model(save)[1] == 1
 
+    # Fine-tuning from it trains the same architecture without naming it again.
+    tuned = tmp_path / "tuned"
+    result = run(["train.py", "--train-dir", str(image_folder), "--pretrained", str(checkpoint), "--save", str(tuned),
+                  "--image-size", "32", "--batch-size", "8", "--workers", "0", "--total-iters", "1"])
+    assert result.returncode == 0, result.stderr
+    assert "architecture from its metadata" in result.stdout
+    assert read_weights_file(get_latest_model(tuned)[0])["metadata"]["architecture"] == metadata["architecture"]
+
 
 def test_bad_architecture_file_is_a_one_line_error(tmp_path, image_folder):
     bad = tmp_path / "arch.json"
