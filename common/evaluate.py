@@ -87,14 +87,20 @@ def evaluate(model: nn.Module | InferenceRunner, preprocess: nn.Module | None, l
             for name, value in zip(kept, (positions, labels, top_classes, top_probs)):
                 kept[name].append(value.cpu())
         if progress and step % _POSTFIX_INTERVAL == 0:
-            bar.set_postfix_str(f"acc@1 {100 * totals[0].item() / totals[3].item():.2f}%", refresh=False)
+            _show_accuracy(bar, totals)
     seconds = time.perf_counter() - started
+    if progress and totals[3]:
+        _show_accuracy(bar, totals)  # the bar's last line ends at this rank's final figure, not a stale one
     bar.close()
     results = _results(totals, seconds)
     if keep_predictions:
         results["predictions"] = {name: torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
                                   for name, values in kept.items()}
     return results
+
+
+def _show_accuracy(bar: tqdm, totals: torch.Tensor) -> None:
+    bar.set_postfix_str(f"acc@1 {100 * totals[0].item() / totals[3].item():.2f}%", refresh=False)
 
 
 def _results(totals: torch.Tensor, seconds: float) -> dict:

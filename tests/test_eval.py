@@ -594,3 +594,15 @@ def test_the_original_mean_image_file_when_present():
     assert mean.shape == (224, 224, 3)
     assert [round(float(v), 2) for v in mean.reshape(-1, 3).astype(np.float64).mean(0)] == [103.06, 115.90, 123.15]
     assert (round(float(mean.min()), 2), round(float(mean.max()), 2)) == (95.33, 129.53)
+
+
+def test_the_progress_bar_ends_at_the_final_accuracy(tmp_path, capsys):
+    from common.data import build_eval_loader
+    folder = make_image_folder(tmp_path / "val", num_classes=4, images_per_class=6, size=40)
+    # 24 images in batches of 2: the bar's running figure is refreshed every tenth batch, the last after batch 10.
+    loader = build_eval_loader(folder, crop_size=32, batch_size=2, workers=0)[0]
+    torch.manual_seed(0)
+    model = network("OneShot").create_network(4)
+    results = evaluate(model, Preprocess(model.input_format), loader, device="cpu", progress=True)
+    shown = capsys.readouterr().err.rsplit("acc@1 ", 1)[1].split("%")[0]
+    assert shown == f"{results['top1_accuracy']:.2f}"
