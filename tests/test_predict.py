@@ -133,7 +133,7 @@ def test_nothing_readable_is_an_error_and_writes_no_json(released_file, tmp_path
     assert not output.exists()
 
 
-def test_under_torchrun_every_rank_refuses_before_reading_anything(released_file, image_folder):
+def test_under_torchrun_predict_refuses_before_reading_anything(released_file, image_folder):
     from test_train import free_port
 
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -141,5 +141,6 @@ def test_under_torchrun_every_rank_refuses_before_reading_anything(released_file
                             cwd=REPO_ROOT / "OneShot", capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0 and "predict.py\", line" not in result.stderr
-    assert result.stderr.count("error: predict.py runs in one process: start it with python, not torchrun") == 2
+    # Each rank refuses alike, but torchrun stops the others once the first has exited: one line or two.
+    assert result.stderr.count("error: predict.py runs in one process: start it with python, not torchrun") in (1, 2)
     assert ": " not in result.stdout
