@@ -26,7 +26,8 @@ class ArchitectureHooks(NetworkHooks):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--architecture", metavar="FILE",
                             help='JSON file: an architecture {"blocks": [...], "channel_scales": [...]} or the '
-                                 "output of search.py (its first, best entry); default: the released OneShot")
+                                 "output of search.py (its first, best entry); default: the released OneShot, or the "
+                                 "architecture of the run resumed in --save or of the --pretrained file")
 
     def metadata(self, args: argparse.Namespace) -> dict:
         return {"architecture": read_architecture(args.architecture)} if args.architecture else {}

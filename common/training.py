@@ -37,6 +37,7 @@ from common.hardware import (AMP_CHOICES, SpeedChoice, autocast, probe_batch_siz
 from common.input_format import InputFormat, Preprocess
 from common.model_state import load_model_state, read_checkpoint_metadata
 from common.models import REPO_ROOT, create_network_for, load_module
+from common.pretrained import searched_architecture
 from common.recipe import DemoRecipe, FinetuneRecipe, NetworkHooks, Recipe  # noqa: F401  (the scripts' imports)
 from common.run_log import RunLog, plot_curves
 
@@ -678,15 +679,7 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
                 "image_size": args.image_size, "input_format": input_format.to_dict(), "args": plain_args(args),
                 "class_to_index": {name: i for i, name in enumerate(classes)}, **recipe.hooks.metadata(args)}
     resume_path = _resume_path(args)
-    if args.pretrained:
-        # A resumed fine-tune reads it from its own checkpoint: the file it started from may be gone.
-        network_of = _pretrained_network(resume_path or args.pretrained)
-        inherited = {key: value for key, value in network_of.items() if key not in metadata}
-        if inherited and resume_path is None:
-            say(f"--pretrained: fine-tunes the network the file holds ({', '.join(inherited)} from its metadata)")
-        metadata.update(inherited)
-    if resume_path is not None:
-        _check_same_run(resume_path, metadata, args)
+    _settle_network(metadata, args, resume_path, say)
     model = _create_model(network, metadata, args, resume_path, say).to(info.device)
     # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
     prepare_output("--save", args.save, folder=True)
@@ -729,27 +722,39 @@ def _resume_path(args: argparse.Namespace) -> Path | None:
         return None
 
 
-def _pretrained_network(path: str) -> dict:
-    """What of --pretrained's metadata decides its network beyond the classes (a searched OneShot's architecture): a
-    fine-tune trains that network unless the command names its own."""
+def _settle_network(metadata: dict, args: argparse.Namespace, resume_path: Path | None,
+                    say: Callable[..., None]) -> None:
+    """Add the network beyond its classes (a searched OneShot's architecture) to `metadata`: the command's, else the
+    resumed run's, else the --pretrained file's; then check that a resumed run fits the command."""
+    recorded = read_checkpoint_metadata(resume_path) if resume_path else {}
+    if "architecture" not in metadata:
+        # A resumed fine-tune reads its own checkpoint: the file it started from may be gone since.
+        source = recorded if resume_path else _pretrained_metadata(args.pretrained) if args.pretrained else {}
+        metadata.update(searched_architecture(source))
+        if "architecture" in metadata and not resume_path:
+            say("--pretrained: fine-tunes the searched architecture the file holds (from its metadata)")
+    if resume_path is not None:
+        _check_same_run(recorded, metadata, args)
+
+
+def _pretrained_metadata(path: str) -> dict:
     if not Path(path).is_file():
         raise UserError(f"--pretrained {path}: no such file")
-    from common.pretrained import searched_architecture
-    return searched_architecture(read_checkpoint_metadata(path))
+    return read_checkpoint_metadata(path)
 
 
-def _check_same_run(resume_path: Path, metadata: dict, args: argparse.Namespace) -> None:
-    """A one-line error when the run to resume was started with another network or other classes than this command
-    gives: its weights would not fit, or its labels would go to other classes."""
-    recorded = read_checkpoint_metadata(resume_path)
+def _check_same_run(recorded: dict, metadata: dict, args: argparse.Namespace) -> None:
+    """A one-line error when the run to resume (its checkpoint's metadata `recorded`) was started with another network
+    or other classes than this command gives: its weights would not fit, or its labels would go to other classes."""
     again = "; resume it with the command that started it, or give another --save for a new run"
     if recorded.get("architecture") != metadata.get("architecture"):
-        started, given = recorded.get("args", {}).get("architecture"), getattr(args, "architecture", None)
-        if started and started == given:
-            raise UserError(f"--architecture {given}: the file has changed since the run in --save {args.save} "
+        started = recorded.get("args", {}).get("architecture")
+        if started and started == args.architecture:
+            raise UserError(f"--architecture {started}: the file has changed since the run in --save {args.save} "
                             f"started with it{again}")
-        raise UserError(f"--save {args.save}: its run trains {_architecture_of(started)}, this command "
-                        f"{_architecture_of(given)}{again}")
+        run = "the released architecture" if "architecture" not in recorded else "another searched architecture"
+        raise UserError(f"--save {args.save}: its run trains {run}{f' (--architecture {started})' if started else ''},"
+                        f" not the one of --architecture {args.architecture}{again}")
     gone = [name for name in recorded.get("classes", []) if name not in metadata["classes"]]
     new = [name for name in metadata["classes"] if name not in recorded.get("classes", metadata["classes"])]
     if gone or new:
@@ -760,10 +765,6 @@ def _check_same_run(resume_path: Path, metadata: dict, args: argparse.Namespace)
     if recorded.get("num_classes", metadata["num_classes"]) != metadata["num_classes"]:
         raise UserError(f"--save {args.save}: its run has {recorded['num_classes']} classes, this command "
                         f"{metadata['num_classes']} (--num-classes){again}")
-
-
-def _architecture_of(path: str | None) -> str:
-    return f"the architecture of --architecture {path}" if path else "the released architecture"
 
 
 def _claim_save_folder(save: str, info: DistInfo) -> None:

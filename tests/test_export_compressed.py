@@ -304,7 +304,6 @@ def test_sweep_command_and_table():
     assert table[3].startswith("| Core ML palettize4 | failed: exit status 2 |")
 
 
-
 def test_mean_kl_divergence_is_the_divergence_and_never_below_zero():
     p, q = np.array([[0.0, 0.0]]), np.array([[np.log(3.0), 0.0]])
     expected = 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)

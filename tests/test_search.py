@@ -251,19 +251,27 @@ def test_random_search_then_retrain_and_evaluate_the_found_architecture(tmp_path
         assert torch.equal(hub(images), expected)
         assert torch.allclose(registered.eval()(images.flip(1)), expected, atol=1e-5)
 
-    # Resuming that run without its --architecture is refused in one line, not with a list of mismatched tensors.
-    result = run(["train.py", "--train-dir", str(image_folder), "--save", str(save), "--image-size", "32",
-                  "--batch-size", "8", "--workers", "0", "--total-iters", "2"])
+    # Resumed without naming it, the run keeps its architecture; with another --architecture it is refused in one
+    # line, not with a list of mismatched tensors.
+    released = tmp_path / "released.json"
+    released.write_text(json.dumps(network("OneShot").released_architecture()))
+    resume = ["train.py", "--train-dir", str(image_folder), "--save", str(save), "--image-size", "32",
+              "--batch-size", "8", "--workers", "0", "--total-iters", "2"]
+    result = run([*resume, "--architecture", str(released)])
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
-    assert f"--architecture {random}" in result.stderr and "the released architecture" in result.stderr
-    assert get_latest_model(save)[1] == 1
+    assert f"another searched architecture (--architecture {random})" in result.stderr
+    assert f"--architecture {released}" in result.stderr and get_latest_model(save)[1] == 1
+    result = run(resume)
+    assert result.returncode == 0, result.stderr
+    checkpoint = get_latest_model(save)[0]
+    assert read_weights_file(checkpoint)["metadata"]["architecture"] == metadata["architecture"]
 
     # Fine-tuning from it trains the same architecture without naming it again.
     tuned = tmp_path / "tuned"
     result = run(["train.py", "--train-dir", str(image_folder), "--pretrained", str(checkpoint), "--save", str(tuned),
                   "--image-size", "32", "--batch-size", "8", "--workers", "0", "--total-iters", "1"])
     assert result.returncode == 0, result.stderr
-    assert "architecture from its metadata" in result.stdout
+    assert "fine-tunes the searched architecture the file holds" in result.stdout
     assert read_weights_file(get_latest_model(tuned)[0])["metadata"]["architecture"] == metadata["architecture"]
 
 
