@@ -37,6 +37,9 @@ _SHOWN = 3
 _ZIP_MAGIC = b"PK\x03\x04"
 _ZIP_END = b"PK\x05\x06"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+# What export.py writes, by suffix: never weights this project reads.
+_EXPORTS = {".onnx": "an ONNX model", ".pte": "an ExecuTorch program", ".mlpackage": "a Core ML package",
+            ".mlmodel": "a Core ML model"}
 
 
 class WeightsFileError(UserError):
@@ -231,6 +234,9 @@ def _sniff(path: Path) -> tuple[str, int]:
     """('safetensors' | 'zip' | 'pickle' | 'unknown', size) from the first bytes; errors for what is no file."""
     try:
         size = path.stat().st_size
+        if path.suffix in _EXPORTS or (path / "Manifest.json").is_file():
+            raise WeightsFileError(f"{path} is an export ({_EXPORTS.get(path.suffix, 'a Core ML package')}), not "
+                                   "weights; give the weights file it was exported from (.pth, .pkl, .safetensors)")
         if path.is_dir():
             raise WeightsFileError(f"{path} is a folder, not a weights file; give the path of the file")
         with open(path, "rb") as file:

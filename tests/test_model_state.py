@@ -286,6 +286,16 @@ def test_missing_file_and_folder(tmp_path):
         read_weights_file(tmp_path)
 
 
+def test_an_export_given_as_weights_is_named_as_such(tmp_path):
+    onnx_file, package = tmp_path / "OneShot.onnx", tmp_path / "renamed"
+    onnx_file.write_bytes(b"\x08\x0a\x12\x07pytorch")
+    package.mkdir()
+    (package / "Manifest.json").write_text("{}")
+    for path, kind in ((onnx_file, "an ONNX model"), (package, "a Core ML package")):
+        with pytest.raises(WeightsFileError, match=f"is an export \\({kind}\\), not weights"):
+            read_weights_file(path)
+
+
 def test_legacy_and_zip_read_with_weights_only(tmp_path, good_files):
     for name in ("zip.pth", "legacy.pkl"):
         path = tmp_path / name
