@@ -39,6 +39,7 @@ class SupernetHooks(NetworkHooks):
     """The supernet's flags, its held-out split and the path of every iteration."""
 
     find_unused_parameters = True
+    one_network = False  # search.py scores its paths; there is no one network to evaluate or start from weights
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("supernet")

@@ -41,6 +41,9 @@ class NetworkHooks:
 
     # DDP must expect parameters that get no gradient in an iteration (a supernet trains one path at a time).
     find_unused_parameters: bool = False
+    # One fixed network, which eval.py evaluates and --pretrained can start: False for a supernet, whose train.py
+    # then has no --pretrained, --freeze-backbone, --eval or --eval-resume.
+    one_network: bool = True
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The folder's own flags."""

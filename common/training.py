@@ -57,17 +57,13 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter)
     _add_data_flags(parser.add_argument_group("data"), recipe)
     _add_optimisation_flags(parser.add_argument_group("optimisation (defaults: the original recipe)"), recipe)
-    d = recipe.finetune
-    tune = parser.add_argument_group(
-        "fine-tuning", f"--pretrained switches the defaults to the fine-tuning recipe: batch {d.batch_size}, "
-                       f"lr {d.learning_rate}, {d.total_iters} iterations, {d.warmup_iters} of warm-up")
-    tune.add_argument("--pretrained", metavar="FILE",
-                      help="start a new run from these weights (any file eval.py accepts); with another number of "
-                           "classes the classifier and side heads start afresh. An interrupted run resumes from its "
-                           "own checkpoints in --save, never from FILE again")
-    tune.add_argument("--freeze-backbone", action="store_true",
-                      help="train the classifier only (a linear probe): every other weight and all BatchNorm "
-                           "statistics stay as loaded")
+    if recipe.hooks.one_network:
+        _add_finetuning_flags(parser.add_argument_group(
+            "fine-tuning", f"--pretrained switches the defaults to the fine-tuning recipe: batch "
+                           f"{recipe.finetune.batch_size}, lr {recipe.finetune.learning_rate}, "
+                           f"{recipe.finetune.total_iters} iterations, {recipe.finetune.warmup_iters} of warm-up"))
+    else:
+        parser.set_defaults(pretrained=None, freeze_backbone=False, eval=False, eval_resume=None)
     _add_running_flags(parser.add_argument_group("running"), recipe)
     end = parser.add_argument_group("after the main schedule")
     end.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
@@ -94,6 +90,16 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: Recipe) -> None:
                       help="data-loading worker processes per rank (default: the CPU count, at most 8)")
 
 
+def _add_finetuning_flags(tune: argparse._ArgumentGroup) -> None:
+    tune.add_argument("--pretrained", metavar="FILE",
+                      help="start a new run from these weights (any file eval.py accepts); with another number of "
+                           "classes the classifier and side heads start afresh. An interrupted run resumes from its "
+                           "own checkpoints in --save, never from FILE again")
+    tune.add_argument("--freeze-backbone", action="store_true",
+                      help="train the classifier only (a linear probe): every other weight and all BatchNorm "
+                           "statistics stay as loaded")
+
+
 def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
     optim.add_argument("--batch-size", type=int, help=f"global batch over all ranks (default {d.batch_size})")
     optim.add_argument("--total-iters", type=int, help=f"iterations to train (default {d.total_iters})")
@@ -101,8 +107,8 @@ def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
                        help=f"base learning rate (default {d.learning_rate} at batch {d.batch_size}, scaled "
                             "linearly with --batch-size); a resumed run trains at the rate of this command line")
     optim.add_argument("--warmup-iters", type=int,
-                       help="iterations of linear learning-rate warm-up from 0 before the linear decay (default 0; "
-                            f"{d.finetune.warmup_iters} with --pretrained)")
+                       help="iterations of linear learning-rate warm-up from 0 before the linear decay (default 0"
+                            f"{f'; {d.finetune.warmup_iters} with --pretrained' if d.hooks.one_network else ''})")
     optim.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=d.weight_decay,
                        help="weight decay, applied to weights of 2 or more dimensions only")
@@ -112,7 +118,8 @@ def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
                        help="deterministic algorithms only (slower): a resumed run is bit-identical")
     optim.add_argument("--ema", action="store_true",
                        help="also keep an exponential moving average of the weights: validated as val_ema and "
-                            "saved in each checkpoint; with --eval, evaluate the checkpoint's EMA weights")
+                            "saved in each checkpoint"
+                            + ("; with --eval, evaluate the checkpoint's EMA weights" if d.hooks.one_network else ""))
     optim.add_argument("--ema-decay", type=float, default=0.9998,
                        help="EMA decay, reached after a warm-up in which the early weights fade out fast")
 
@@ -122,8 +129,9 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
     run.add_argument("--amp", choices=AMP_CHOICES,
                      help="mixed precision (default: auto): auto picks bf16 on CUDA (fp16 where bf16 is not "
                           "supported; fp16 uses a gradient scaler), on a CPU bf16 only where it is native and "
-                          "measured faster, else float32 (none); a resumed run keeps the choice it started with. "
-                          "--eval evaluates as eval.py does: float32 unless --amp is given")
+                          "measured faster, else float32 (none); a resumed run keeps the choice it started with"
+                          + (". --eval evaluates as eval.py does: float32 unless --amp is given"
+                             if d.hooks.one_network else ""))
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default="auto",
                      help="channels_last memory format; --no-channels-last for NCHW; auto: channels_last on CUDA, "
                           "on a CPU the layout measured faster for this model in a few steps at start (NCHW with "
@@ -140,11 +148,12 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
     run.add_argument("--save-interval", type=int,
                      help=f"iterations between checkpoints (default {d.save_interval})")
     run.add_argument("--val-batch-size", type=int, default=100, help="validation batch size per rank")
-    run.add_argument("--eval", action="store_true",
-                     help="only evaluate the newest checkpoint in --save (or --eval-resume FILE) on --val-dir with "
-                          "this folder's eval.py (its classes and image size: the checkpoint's), and exit")
-    run.add_argument("--eval-resume", metavar="FILE",
-                     help="weights file to evaluate with --eval (any layout eval.py takes)")
+    if d.hooks.one_network:
+        run.add_argument("--eval", action="store_true",
+                         help="only evaluate the newest checkpoint in --save (or --eval-resume FILE) on --val-dir "
+                              "with this folder's eval.py (its classes and image size: the checkpoint's), and exit")
+        run.add_argument("--eval-resume", metavar="FILE",
+                         help="weights file to evaluate with --eval (any layout eval.py takes)")
 
 
 # The range of each number train.py takes: (flags, test, what the error says it must be).

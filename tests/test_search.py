@@ -363,3 +363,16 @@ def test_search_under_two_gloo_ranks_finds_what_one_process_finds(tmp_path, supe
         cwd=ONESHOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr
     assert json.loads(output.read_text())["architectures"] == json.loads(straight_search.read_text())["architectures"]
+
+
+def test_train_supernet_has_no_flags_for_one_network(capsys):
+    import train_supernet
+
+    from common.training import build_parser
+    parser = build_parser(train_supernet.RECIPE)
+    for flags in (["--pretrained", "x.pth"], ["--freeze-backbone"], ["--eval"], ["--eval-resume", "x.pth"]):
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["--demo", *flags])
+        assert stop.value.code == 2 and f"unrecognized arguments: {flags[0]}" in capsys.readouterr().err
+    assert not any(word in parser.format_help() for word in ("--pretrained", "--eval", "--freeze-backbone"))
+    assert "--pretrained" in build_parser(network("OneShot").RECIPE).format_help()
