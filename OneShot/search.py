@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--supernet", help="checkpoint of train_supernet.py")
-    parser.add_argument("--train-dir", help="the supernet's training folder (default: the one it was trained on)")
+    parser.add_argument("--train-dir", help="the supernet's training folder (default: the one its checkpoint records; "
+                                            "needed for a released or averaged supernet, which records none)")
     parser.add_argument("--flops-max", type=float, default=330e6,
                         help="largest multiply-accumulates of a candidate, counted at 224x224")
     parser.add_argument("--flops-min", type=float, default=0.0, help="smallest multiply-accumulates of a candidate")
@@ -253,7 +254,11 @@ def search(args: argparse.Namespace) -> dict:
     trained = metadata.get("supernet")
     if metadata.get("arch") != "OneShot-supernet" or not trained:
         raise UserError(f"--supernet {args.supernet}: not a checkpoint of train_supernet.py")
-    train_dir = Path(args.train_dir or metadata["args"]["train_dir"])
+    train_dir = args.train_dir or metadata.get("args", {}).get("train_dir")
+    if train_dir is None:  # a release or an average leaves out the local paths of its training
+        raise UserError(f"--supernet {args.supernet} does not record the folder it was trained on: give --train-dir "
+                        "DIR, its training folder (the held-out images are drawn from it as in training)")
+    train_dir = Path(train_dir)
     samples, classes = scan_image_folder(train_dir, "--train-dir")
     if classes != metadata["classes"]:
         raise UserError(f"--train-dir {train_dir}: its classes differ from those the supernet was trained on")

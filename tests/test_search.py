@@ -376,3 +376,19 @@ def test_train_supernet_has_no_flags_for_one_network(capsys):
         assert stop.value.code == 2 and f"unrecognized arguments: {flags[0]}" in capsys.readouterr().err
     assert not any(word in parser.format_help() for word in ("--pretrained", "--eval", "--freeze-backbone"))
     assert "--pretrained" in build_parser(network("OneShot").RECIPE).format_help()
+
+
+def test_a_released_supernet_is_searched_with_its_training_folder_named(tmp_path, supernet_run, image_folder):
+    released = tmp_path / "supernet.safetensors"
+    result = subprocess.run([sys.executable, "-m", "common.release", str(get_latest_model(supernet_run)[0]),
+                             "--output", str(released)], cwd=REPO_ROOT, capture_output=True, text=True, env=ENV,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    output = tmp_path / "search.json"
+    result = run(["search.py", "--supernet", str(released), "--output", str(output), *SEARCH])
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "give --train-dir DIR" in result.stderr and not output.exists()
+    result = run(["search.py", "--supernet", str(released), "--train-dir", str(image_folder), "--output", str(output),
+                  *SEARCH])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(output.read_text())["architectures"]
