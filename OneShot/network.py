@@ -145,10 +145,13 @@ def create_network(num_classes: int = 1000, architecture: Mapping | None = None,
     return make_features_only(model, out_indices) if features_only else model
 
 
-def create_network_for(metadata: Mapping, num_classes: int | None = None) -> OneShotNetwork:
+def create_network_for(metadata: Mapping, num_classes: int | None = None, **options) -> OneShotNetwork:
     """The network a checkpoint's metadata describes: its searched `architecture` when it has one (train.py
-    --architecture stores it), else the released OneShot; `num_classes` defaults to the metadata's."""
-    return create_network(num_classes or metadata.get("num_classes") or 1000, metadata.get("architecture"))
+    --architecture stores it), else the released OneShot; `num_classes` defaults to the metadata's; `options` as
+    create_network's."""
+    if num_classes is None:
+        num_classes = metadata.get("num_classes") or 1000
+    return create_network(num_classes, metadata.get("architecture"), **options)
 
 
 def released_architecture() -> dict:

@@ -31,8 +31,9 @@ def load_network_module(model: str) -> ModuleType:
     return load_module(REPO_ROOT / model / "network.py", "network_" + model.replace(".", "_"))
 
 
-def create_network_for(network: ModuleType, num_classes: int, metadata: Mapping):
+def create_network_for(network: ModuleType, num_classes: int, metadata: Mapping, **options):
     """A folder's network as a checkpoint's metadata describes it (a OneShot checkpoint may carry a searched
-    architecture: the folder's `create_network_for(metadata, num_classes)`), else `create_network(num_classes)`."""
+    architecture: the folder's `create_network_for(metadata, num_classes)`), else `create_network(num_classes)`;
+    `options` (features_only, out_indices) go to the builder."""
     build = getattr(network, "create_network_for", None)
-    return build(metadata, num_classes) if build else network.create_network(num_classes)
+    return build(metadata, num_classes, **options) if build else network.create_network(num_classes, **options)

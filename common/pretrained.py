@@ -16,7 +16,7 @@ from common.input_format import InputFormat
 from common.layers import init_weights
 from common.model_state import (LoadReport, WeightsMismatchError, classifier_rows, describe_weights, mismatch_parts,
                                 read_checkpoint_metadata, read_model_state, read_weights_file, unwrap_model)
-from common.models import load_network_module
+from common.models import create_network_for, load_network_module
 
 
 @dataclass
@@ -99,8 +99,7 @@ def create_model(model: str, weights: str | os.PathLike | None = None, num_class
             raise UserError(f"{weights}: a {metadata['arch']} file, not {folder}")
     if num_classes is None:
         num_classes = metadata.get("num_classes") or (classifier_rows(network, state) if state else 1000)
-    net = network.create_network(num_classes, features_only=features_only, out_indices=out_indices,
-                                 **searched_architecture(metadata))
+    net = create_network_for(network, num_classes, metadata, features_only=features_only, out_indices=out_indices)
     if metadata.get("input_format"):
         net.input_format = InputFormat.from_dict(metadata["input_format"])
     if state is not None:
@@ -108,9 +107,3 @@ def create_model(model: str, weights: str | os.PathLike | None = None, num_class
         if report.reinitialised:
             print(f"{folder}: {report.summary()}")
     return net.eval()
-
-
-def searched_architecture(metadata: dict) -> dict:
-    """`create_network`'s `architecture` argument for weights of a searched OneShot (train.py --architecture
-    records it in the metadata); {} for every other file."""
-    return {"architecture": metadata["architecture"]} if metadata.get("architecture") else {}

@@ -12,8 +12,8 @@ from torch import nn
 from common.backbone import ClassifierNetwork
 from common.input_format import InputFormat
 from common.model_state import extract_model_state, read_checkpoint_metadata
-from common.models import load_network_module
-from common.pretrained import MODEL_NAMES, pretrained_state, searched_architecture
+from common.models import create_network_for, load_network_module
+from common.pretrained import MODEL_NAMES, pretrained_state
 from common.tensor_pack import unpack_tensors
 
 _FIRST_CONVS = {"oneshot": "first_conv.0", "shufflenetv2_large": "first_conv.0.conv",
@@ -62,14 +62,13 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
     # and keeps a file's classifier only where the config's number of classes is the model's.
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     metadata = read_checkpoint_metadata(overlay["file"]) if pretrained and overlay.get("file") else {}
-    architecture = searched_architecture(metadata)
     if metadata.get("num_classes"):
         kwargs["pretrained_cfg_overlay"] = {"num_classes": metadata["num_classes"], **overlay}
 
     def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg") -> ClassifierNetwork:
         if in_chans != 3 or global_pool != "avg":
             raise ValueError(f"{name}: only in_chans=3 and global_pool='avg' are supported")
-        model = network.create_network(num_classes, **architecture)
+        model = create_network_for(network, num_classes, metadata)
         if network.INPUT_FORMAT.channel_order == "BGR":
             model.first_conv.register_forward_pre_hook(_rgb_to_bgr)
             model.input_format = timm_input_format(network.INPUT_FORMAT)

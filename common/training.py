@@ -37,7 +37,6 @@ from common.hardware import (AMP_CHOICES, SpeedChoice, autocast, probe_batch_siz
 from common.input_format import InputFormat, Preprocess
 from common.model_state import load_model_state, read_checkpoint_metadata
 from common.models import REPO_ROOT, create_network_for, load_module
-from common.pretrained import searched_architecture
 from common.recipe import DemoRecipe, FinetuneRecipe, NetworkHooks, Recipe  # noqa: F401  (the scripts' imports)
 from common.run_log import RunLog, plot_curves
 
@@ -739,9 +738,10 @@ def _settle_network(metadata: dict, args: argparse.Namespace, resume_path: Path 
     if "architecture" not in metadata:
         # A resumed fine-tune reads its own checkpoint: the file it started from may be gone since.
         source = recorded if resume_path else _pretrained_metadata(args.pretrained) if args.pretrained else {}
-        metadata.update(searched_architecture(source))
-        if "architecture" in metadata and not resume_path:
-            say("--pretrained: fine-tunes the searched architecture the file holds (from its metadata)")
+        if source.get("architecture"):
+            metadata["architecture"] = source["architecture"]
+            if not resume_path:
+                say("--pretrained: fine-tunes the searched architecture the file holds (from its metadata)")
     if resume_path is not None:
         _check_same_run(recorded, metadata, args)
 
@@ -764,8 +764,9 @@ def _check_same_run(recorded: dict, metadata: dict, args: argparse.Namespace) ->
         run = "the released architecture" if "architecture" not in recorded else "another searched architecture"
         raise UserError(f"--save {args.save}: its run trains {run}{f' (--architecture {started})' if started else ''},"
                         f" not the one of --architecture {args.architecture}{again}")
-    gone = [name for name in recorded.get("classes", []) if name not in metadata["classes"]]
-    new = [name for name in metadata["classes"] if name not in recorded.get("classes", metadata["classes"])]
+    recorded_classes = recorded.get("classes", metadata["classes"])
+    gone = [name for name in recorded_classes if name not in metadata["classes"]]
+    new = [name for name in metadata["classes"] if name not in recorded_classes]
     if gone or new:
         differences = [f"{len(gone)} of its class folders are not there ({listed(gone)})"] if gone else []
         differences += [f"{len(new)} are new ({listed(new)})"] if new else []
