@@ -527,7 +527,7 @@ class Trainer:
         window, per_iteration = meter.read(done, self.info)
         lr = self.optimizer.param_groups[0]["lr"]
         self.log.log("train", done, {**window, "lr": lr})
-        note = f" | skipped {window['skipped']} unreadable images" if window["skipped"] else ""
+        note = f" | skipped {window['skipped']} unreadable image(s)" if window['skipped'] else ""
         self.say(f"[{self.recipe.model_name}] iter {done}/{self.args.total_iters} | lr {lr:.5f} | loss "
                  f"{window['loss']:.4f} | top-1 err {window['top1_error']:5.1f}% | "
                  f"{window['images_per_second']:7.1f} img/s | "
@@ -768,8 +768,8 @@ def _check_same_run(recorded: dict, metadata: dict, args: argparse.Namespace) ->
     gone = [name for name in recorded_classes if name not in metadata["classes"]]
     new = [name for name in metadata["classes"] if name not in recorded_classes]
     if gone or new:
-        differences = [f"{len(gone)} of its class folders are not there ({listed(gone)})"] if gone else []
-        differences += [f"{len(new)} are new ({listed(new)})"] if new else []
+        differences = [f"{len(gone)} of the run's class folder(s) missing ({listed(gone)})"] if gone else []
+        differences += [f"{len(new)} class folder(s) not in the run ({listed(new)})"] if new else []
         raise UserError(f"--train-dir {args.train_dir} does not hold the classes of the run in --save {args.save}: "
                         f"{'; '.join(differences)}{again}")
     if recorded.get("num_classes", metadata["num_classes"]) != metadata["num_classes"]:

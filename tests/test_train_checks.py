@@ -82,7 +82,7 @@ def test_an_unreadable_image_is_named_once_then_counted(tmp_path, image_folder):
     assert result.returncode == 0, result.stderr
     for name in ("broken-data.jpg", "broken-val.jpg"):
         assert result.stderr.count(f"{name}: cannot decode it") == 1, result.stderr
-    assert "skipped 1 unreadable images" in result.stdout
+    assert "skipped 1 unreadable image(s)" in result.stdout
 
 
 def test_a_batch_with_no_decodable_image_is_named_as_such_not_as_a_divergence(tmp_path):
