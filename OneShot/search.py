@@ -33,7 +33,7 @@ import search_space  # noqa: E402
 import supernet as supernet_module  # noqa: E402
 from common.bn_recalibrate import recalibrate_batchnorm  # noqa: E402
 from common.atomic_io import atomic_write  # noqa: E402
-from common.cli import (DefaultsHelpFormatter, add_device_argument, check_image_size,  # noqa: E402
+from common.cli import (DefaultsHelpFormatter, add_device_argument, check_image_size, mac_count,  # noqa: E402
                         prepare_output, run_script, seed_value, worker_count)
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--supernet", help="checkpoint of train_supernet.py")
     parser.add_argument("--train-dir", help="the supernet's training folder (default: the one its checkpoint records; "
                                             "needed for a released or averaged supernet, which records none)")
-    parser.add_argument("--flops-max", type=float, default=330e6,
-                        help="largest multiply-accumulates of a candidate, counted at 224x224")
-    parser.add_argument("--flops-min", type=float, default=0.0, help="smallest multiply-accumulates of a candidate")
+    parser.add_argument("--flops-max", type=mac_count, default="330M",
+                        help="largest multiply-accumulates of a candidate, counted at 224x224, as 330e6 or 330M")
+    parser.add_argument("--flops-min", type=mac_count, default="0", help="smallest multiply-accumulates of a candidate")
     parser.add_argument("--output", default="search.json",
                         help="result JSON; the resumable state goes beside it (<output>.state.json), and the "
                              "plot (<output stem>.png)")

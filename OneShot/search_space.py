@@ -8,7 +8,6 @@ block alone, so a path's count equals the counter's count of the standalone netw
 """
 from __future__ import annotations
 
-import math
 import os
 from functools import cache
 from typing import Mapping
@@ -122,9 +121,6 @@ def describe(choices: Choices) -> str:
 
 def check_budget(flops_min: float, flops_max: float, num_classes: int = 1000) -> None:
     """UserError unless some architecture of the space has MACs within [flops_min, flops_max]."""
-    for flag, value in (("--flops-min", flops_min), ("--flops-max", flops_max)):
-        if math.isnan(value):
-            raise UserError(f"{flag} {value}: give a number of multiply-accumulates such as 330e6")
     low, high = macs_range(num_classes)
     if flops_min > flops_max:
         raise UserError(f"--flops-min {flops_min:g} is above --flops-max {flops_max:g}")

@@ -23,6 +23,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search_space  # noqa: E402
 import supernet  # noqa: E402
+from common.cli import mac_count  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.model_state import unwrap_model  # noqa: E402
 from common.training import (DemoRecipe, NetworkHooks, Recipe, exit_status,  # noqa: E402
@@ -43,9 +44,9 @@ class SupernetHooks(NetworkHooks):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("supernet")
-        group.add_argument("--flops-min", type=float, default=290e6,
+        group.add_argument("--flops-min", type=mac_count, default="290M",
                            help="smallest multiply-accumulates (at 224x224) of a trained path")
-        group.add_argument("--flops-max", type=float, default=360e6,
+        group.add_argument("--flops-max", type=mac_count, default="360M",
                            help="largest multiply-accumulates (at 224x224) of a trained path (the original drew "
                                 "its paths from 290M-360M)")
         group.add_argument("--held-out-per-class", type=int, default=50,

@@ -4,6 +4,7 @@ lost."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -69,6 +70,20 @@ def bounded_int(least: int, most: int | None = None, requirement: str | None = N
 worker_count = bounded_int(0, requirement="0 (load in the main process) or more")
 positive_int = bounded_int(1)
 seed_value = bounded_int(0, 2**32 - 1, requirement="between 0 and 2**32 - 1")
+
+
+def mac_count(text: str) -> float:
+    """An argparse type for a count of multiply-accumulates: a number (330e6) or one with a suffix K, M or G
+    (330M), as the scripts print them."""
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper())
+    try:
+        value = float(text[:-1]) * scale if scale else float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text}: give a number of multiply-accumulates, 0 or more, such as 330e6 "
+                                         "or 330M")
+    return value
 
 
 def existing_folder(text: str) -> str:

@@ -295,12 +295,19 @@ def test_holding_out_more_than_a_class_has_is_one_line_before_any_work(tmp_path,
     assert not (tmp_path / "x").exists()
 
 
-def test_a_budget_that_is_not_a_number_is_one_line_before_any_work(tmp_path, image_folder):
+@pytest.mark.parametrize("budget", ["nan", "-1", "33x0M"])
+def test_a_budget_that_is_not_a_number_is_one_line_before_any_work(tmp_path, image_folder, budget):
     result = run(["train_supernet.py", "--train-dir", str(image_folder), "--save", str(tmp_path / "x"), *SUPERNET,
-                  "--flops-max", "nan"])
+                  "--flops-max", budget])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: --flops-max nan: give a number of multiply-accumulates" in result.stderr
+    assert f"argument --flops-max: {budget}: give a number of multiply-accumulates" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_budget_reads_as_the_scripts_print_it():
+    args = search.build_parser().parse_args(["--flops-max", "330M", "--flops-min", "0.1G"])
+    assert (args.flops_max, args.flops_min) == (330e6, 100e6)
+    assert search.build_parser().parse_args([]).flops_max == 330e6
 
 
 def test_search_into_a_new_folder_creates_it_and_an_unwritable_output_fails_before_any_work(
