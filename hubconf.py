@@ -9,7 +9,7 @@ scale, mean; common.input_format) and `transforms()`, which turns a PIL image in
 preprocessing. `weights` is any file eval.py accepts (a OneShot checkpoint of a searched architecture builds that
 architecture); `num_classes` (default: the file's, else 1000) other than the file's gives a freshly initialised
 classifier for fine-tuning. `features_only=True, out_indices=(0, 1, 2, 3)` gives a backbone returning stage outputs
-at strides 4, 8, 16, 32.
+at strides 4, 8, 16, 32. `pretrained=True` without `weights` is refused in words, since nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -20,30 +20,41 @@ from common.pretrained import create_model
 dependencies = ["torch", "torchvision", "timm", "safetensors", "numpy", "PIL"]
 
 
-def oneshot(weights: str | None = None, num_classes: int | None = None, **kwargs) -> nn.Module:
+def _create(model: str, weights: str | None, num_classes: int | None, pretrained: bool, **kwargs) -> nn.Module:
+    # torchvision's habit, pretrained=True, would otherwise end in "unexpected keyword argument".
+    if pretrained and weights is None:
+        raise ValueError(f"{model}: pretrained=True, but nothing is downloaded here: pass weights=PATH, a local copy "
+                         "of the released file (torch.hub.help(REPO_DIR, ENTRY, source='local') names it)")
+    return create_model(model, weights, num_classes, **kwargs)
+
+
+def oneshot(weights: str | None = None, num_classes: int | None = None, pretrained: bool = False,
+            **kwargs) -> nn.Module:
     """OneShot (3.4M parameters, published top-1 error 25.1%). Input: BGR 0..255, no mean.
 
     Released file: the original OneShot checkpoint (a `{'state_dict': ...}` pickle); its file name and checksum are
     not recorded in this repository, so check it against the source you downloaded it from.
     """
-    return create_model("OneShot", weights, num_classes, **kwargs)
+    return _create("OneShot", weights, num_classes, pretrained, **kwargs)
 
 
-def shufflenetv2_large(weights: str | None = None, num_classes: int | None = None, **kwargs) -> nn.Module:
+def shufflenetv2_large(weights: str | None = None, num_classes: int | None = None, pretrained: bool = False,
+                       **kwargs) -> nn.Module:
     """ShuffleNetV2.Large (140.7M parameters with side heads, published top-1 error 18.56%). Input: BGR 0..255
     minus the ImageNet per-channel mean.
 
     Released file: `snetv2_residual_se.pkl`, md5 a68948fcdc791c2bbd237f0ec30dd968 (after a re-upload; an earlier
     download was truncated and fails with "unexpected EOF").
     """
-    return create_model("ShuffleNetV2.Large", weights, num_classes, **kwargs)
+    return _create("ShuffleNetV2.Large", weights, num_classes, pretrained, **kwargs)
 
 
-def shufflenetv2_exlarge(weights: str | None = None, num_classes: int | None = None, **kwargs) -> nn.Module:
+def shufflenetv2_exlarge(weights: str | None = None, num_classes: int | None = None, pretrained: bool = False,
+                         **kwargs) -> nn.Module:
     """ShuffleNetV2.ExLarge (271.3M parameters with side heads, published top-1 error 15.52%). Input: BGR 0..255,
     no mean (the published evaluation's; unconfirmed for the released weights, see MODELS.md).
 
     Released file: its file name and checksum are not recorded in this repository; check it against the source you
     downloaded it from.
     """
-    return create_model("ShuffleNetV2.ExLarge", weights, num_classes, **kwargs)
+    return _create("ShuffleNetV2.ExLarge", weights, num_classes, pretrained, **kwargs)

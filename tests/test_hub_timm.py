@@ -67,6 +67,14 @@ print(json.dumps({{"training": model.training, "shape": list(x.shape), "logits":
     assert torch.allclose(torch.tensor(out["logits"]), expected, atol=1e-4)
 
 
+def test_hub_pretrained_without_weights_says_nothing_is_downloaded(tmp_path):
+    model = torch.hub.load(str(REPO_ROOT), "oneshot", source="local", weights=str(released_file(tmp_path, "OneShot")),
+                             pretrained=True)
+    assert model.training is False
+    with pytest.raises(ValueError, match="nothing is downloaded here: pass weights=PATH"):
+        torch.hub.load(str(REPO_ROOT), "shufflenetv2_large", source="local", pretrained=True)
+
+
 @pytest.mark.parametrize("model", ["OneShot", "ShuffleNetV2.Large", "ShuffleNetV2.ExLarge"])
 def test_timm_create_model_equals_create_network_and_eval_loading(tmp_path, model):
     path = released_file(tmp_path, model)
