@@ -85,6 +85,15 @@ MODEL_NAMES = {"oneshot": "OneShot", "shufflenetv2_large": "ShuffleNetV2.Large",
                "shufflenetv2_exlarge": "ShuffleNetV2.ExLarge"}
 
 
+def metadata_for(folder: str, weights: Any, name: str | os.PathLike) -> dict:
+    """What a weights file (`weights`: its path or read contents; `name`: its path) records of its network, checked
+    to be the network of model folder `folder`."""
+    metadata = read_checkpoint_metadata(weights)
+    if metadata.get("arch") not in (None, folder):
+        raise UserError(f"{name}: a {metadata['arch']} file, not {folder}")
+    return metadata
+
+
 def create_model(model: str, weights: str | os.PathLike | None = None, num_classes: int | None = None, *,
                  features_only: bool = False, out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> ClassifierNetwork:
     """A model folder's network (`model`: folder name or one of MODEL_NAMES) in eval mode, with `weights` loaded
@@ -94,9 +103,7 @@ def create_model(model: str, weights: str | os.PathLike | None = None, num_class
     metadata, state = {}, None
     if weights is not None:
         state = read_weights_file(weights)
-        metadata = read_checkpoint_metadata(state)
-        if metadata.get("arch") not in (None, folder):
-            raise UserError(f"{weights}: a {metadata['arch']} file, not {folder}")
+        metadata = metadata_for(folder, state, weights)
     if num_classes is None:
         num_classes = metadata.get("num_classes") or (classifier_rows(network, state) if state else 1000)
     net = create_network_for(network, num_classes, metadata, features_only=features_only, out_indices=out_indices)

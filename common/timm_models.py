@@ -11,9 +11,9 @@ from torch import nn
 
 from common.backbone import ClassifierNetwork
 from common.input_format import InputFormat
-from common.model_state import extract_model_state, read_checkpoint_metadata
+from common.model_state import extract_model_state
 from common.models import create_network_for, load_network_module
-from common.pretrained import MODEL_NAMES, pretrained_state
+from common.pretrained import MODEL_NAMES, metadata_for, pretrained_state
 from common.tensor_pack import unpack_tensors
 
 _FIRST_CONVS = {"oneshot": "first_conv.0", "shufflenetv2_large": "first_conv.0.conv",
@@ -29,7 +29,8 @@ def timm_input_format(weights_format: InputFormat) -> InputFormat:
 
 
 def _cfg(name: str) -> dict:
-    network = load_network_module(MODEL_NAMES[name])
+    folder = MODEL_NAMES[name]
+    network = load_network_module(folder)
     fmt = timm_input_format(network.INPUT_FORMAT)
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 224 / 256,
@@ -57,11 +58,12 @@ def _filter_fn(state_dict: dict, model: ClassifierNetwork) -> dict:
 
 
 def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
-    network = load_network_module(MODEL_NAMES[name])
+    folder = MODEL_NAMES[name]
+    network = load_network_module(folder)
     # The network the file describes (a searched OneShot's architecture, its classes): timm builds before it loads,
     # and keeps a file's classifier only where the config's number of classes is the model's.
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    metadata = read_checkpoint_metadata(overlay["file"]) if pretrained and overlay.get("file") else {}
+    metadata = metadata_for(folder, overlay["file"], overlay["file"]) if pretrained and overlay.get("file") else {}
     if metadata.get("num_classes"):
         kwargs["pretrained_cfg_overlay"] = {"num_classes": metadata["num_classes"], **overlay}
 

@@ -12,8 +12,10 @@ import timm
 import torch
 
 import common.timm_models  # noqa: F401  (registers the models with timm)
+from common.errors import UserError
 from common.input_format import Preprocess
 from common.model_state import load_model_state
+from common.release import write_release
 from conftest import REPO_ROOT, network, released_state_dict
 
 TIMM_NAMES = {"OneShot": "oneshot", "ShuffleNetV2.Large": "shufflenetv2_large",
@@ -73,6 +75,17 @@ def test_hub_pretrained_without_weights_says_nothing_is_downloaded(tmp_path):
     assert model.training is False
     with pytest.raises(ValueError, match="nothing is downloaded here: pass weights=PATH"):
         torch.hub.load(str(REPO_ROOT), "shufflenetv2_large", source="local", pretrained=True)
+
+
+def test_a_file_of_another_network_is_named_as_such_by_hub_and_timm(tmp_path):
+    path = tmp_path / "oneshot.safetensors"
+    write_release(path, network("OneShot").create_network(num_classes=3).state_dict(),
+                  {"arch": "OneShot", "num_classes": 3})
+    message = f"{path}: a OneShot file, not ShuffleNetV2.Large"
+    with pytest.raises(UserError, match=message):
+        torch.hub.load(str(REPO_ROOT), "shufflenetv2_large", source="local", weights=str(path))
+    with pytest.raises(UserError, match=message):
+        timm.create_model("shufflenetv2_large", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
 
 
 @pytest.mark.parametrize("model", ["OneShot", "ShuffleNetV2.Large", "ShuffleNetV2.ExLarge"])
