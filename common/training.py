@@ -66,7 +66,8 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     _add_running_flags(parser.add_argument_group("running"), recipe)
     end = parser.add_argument_group("after the main schedule")
     end.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
-                     help="re-estimate BatchNorm statistics over N training batches (OneShot's original: 1250)")
+                     help="re-estimate BatchNorm statistics over N training batches, validate, and save the final "
+                          "checkpoint again with them (OneShot's original: 1250)")
     end.add_argument("--average-best", type=int, default=0, metavar="K",
                      help="write and validate the average of the best K checkpoints by validation top-1 error, "
                           "chosen among those still on disk (raise --keep to keep more)")
