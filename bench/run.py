@@ -23,7 +23,7 @@ import torch
 from timing import matmul_gflops
 from common.atomic_io import atomic_write_text
 from common.cli import prepare_output
-from common.errors import exit_on_user_error
+from common.errors import UserError, exit_on_user_error
 from common.hardware import cpu_capabilities, describe_cpu
 
 BENCH = Path(__file__).resolve().parent
@@ -132,6 +132,20 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
+def read_results(path: str) -> dict:
+    """An earlier run's results file; a UserError that names what is wrong with it otherwise."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"--summary {path}: no such file; give the --results-json of an earlier run") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"--summary {path}: cannot read it as JSON ({error})") from None
+    if not isinstance(results, dict) or not {"machine", "sections"} <= results.keys():
+        raise UserError(f"--summary {path}: not a results file of bench/run.py (no 'machine' and 'sections'); give "
+                        "the --results-json of an earlier run")
+    return results
+
+
 @exit_on_user_error
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,7 +157,7 @@ def main() -> int:
                         help="only print the tables of an earlier run's results file, running nothing")
     args = parser.parse_args()
     if args.summary:
-        print("\n".join(summary(json.loads(Path(args.summary).read_text()))))
+        print("\n".join(summary(read_results(args.summary))))
         return 0
     prepare_output("--results-json", args.results_json)  # before the hour of work whose results go there
     started = time.perf_counter()

@@ -362,3 +362,15 @@ def test_benchmarks_refuse_an_unwritable_results_file_before_measuring(script, t
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert str(results) in last and f"{blocking} is a file, not a folder" in last and "=== " not in result.stdout
+
+
+@pytest.mark.parametrize("content, expected", [(None, "no such file"), ("x,y\n", "cannot read it as JSON"),
+                                               ("{}", "not a results file of bench/run.py")])
+def test_benchmark_summary_of_a_missing_or_other_file_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    result = subprocess.run([sys.executable, "run.py", "--summary", str(path)], cwd=REPO_ROOT / "bench",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: --summary {path}: {expected}")
+    assert len(result.stderr.strip().splitlines()) == 1
