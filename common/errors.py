@@ -1,10 +1,13 @@
 """Errors a user can fix. Scripts print their message on one line and exit with status 2, no traceback; a full disk
 or a path that cannot be written during the work ends them with one line and status 1; a Ctrl-C with one line and
-status 130, as a shell reports an interrupted command."""
+status 130, as a shell reports an interrupted command; output piped into a reader that left (`| head`) quietly
+with status 141, as a shell reports a command its pipe stopped."""
 from __future__ import annotations
 
 import errno
 import functools
+import os
+import select
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,6 +44,10 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(error.exit_status)
+        except BrokenPipeError:
+            if not _output_reader_left():
+                raise
+            sys.exit(128 + 13)  # SIGPIPE's number
         except OSError as error:
             if error.errno not in _FILE_SYSTEM_ERRNOS:
                 raise
@@ -53,6 +60,23 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
             sys.exit(130)
 
     return wrapper
+
+
+def _output_reader_left() -> bool:
+    """Whether stdout or stderr is a pipe whose reader left; what they still hold then goes to /dev/null, not to a
+    second error at exit. A broken pipe elsewhere (not the script's output) is a failure like any other."""
+    left = False
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+            broken = any(events & select.POLLERR for _, events in poller.poll(0))
+        except (OSError, ValueError, AttributeError):  # not a real file (a test's capture), or closed
+            continue
+        if broken:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            left = True
+    return left
 
 
 _library_format = warnings.formatwarning

@@ -270,7 +270,7 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
     if not info.is_main:
         return results
     published = _comparable_published(network, classes, folders, metadata)
-    print(_summary_line(results, published), flush=True)
+    # The files first: a reader of the output that leaves early (`| head`) must not cost them.
     if args.results_json:
         record = _results_record(network, model_name, args, results, metadata, num_classes, input_format, params=params,
                                  image_size=image_size, published=published, device=on, amp=runner.amp,
@@ -279,6 +279,7 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
     if args.predictions_csv:
         write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths,
                               output_names(classes, num_classes))
+    print(_summary_line(results, published), flush=True)
     return results
 
 

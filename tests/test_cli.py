@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import re
 import subprocess
@@ -374,3 +375,15 @@ def test_benchmark_summary_of_a_missing_or_other_file_is_one_line(tmp_path, cont
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(f"error: --summary {path}: {expected}")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_output_piped_into_a_reader_that_left_ends_quietly(tmp_path):
+    """`python bench/run.py --summary FILE | head -1`: no BrokenPipeError traceback, the status a shell gives."""
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"machine": {"bf16_native": False, "threads": 2, "matmul_gflops": 100.0, "torch": "2"},
+                                "quick": True, "sections": {}}))
+    child = subprocess.Popen([sys.executable, "run.py", "--summary", str(path)], cwd=REPO_ROOT / "bench",
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # the reader leaves before the first line is written
+    error = child.stderr.read()
+    assert child.wait(timeout=120) == 141 and error == ""
