@@ -141,7 +141,8 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
     run.add_argument("--save", default="./models", help="checkpoint folder (also metrics.jsonl, TensorBoard)")
     run.add_argument("--keep", type=int, default=5, help="newest checkpoints to keep (the best one is kept too)")
     run.add_argument("--auto-continue", action=argparse.BooleanOptionalAction, default=True,
-                     help="resume from the newest good checkpoint in --save")
+                     help="resume from the newest good checkpoint in --save; --no-auto-continue never resumes "
+                          "and refuses a --save that holds checkpoints")
     run.add_argument("--display-interval", type=int, help=f"iterations between progress lines, the first "
                                                           f"iteration shown too (default {d.display_interval})")
     run.add_argument("--val-interval", type=int, help=f"iterations between validations (default {d.val_interval})")
@@ -724,6 +725,14 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
 def _resume_path(args: argparse.Namespace) -> Path | None:
     """The newest good checkpoint in --save to resume from, if resuming and there is one."""
     if not args.auto_continue:
+        try:
+            held = list_checkpoints(args.save)
+        except OSError:
+            held = []
+        if held:
+            raise UserError(f"--save {args.save} holds the checkpoints of a run (newest: {held[-1].path.name}); "
+                            "with --no-auto-continue a new run would overwrite and mix with them: give another "
+                            "--save, or leave out --no-auto-continue to resume that run")
         return None
     try:
         return get_latest_model(args.save)[0]

@@ -46,6 +46,20 @@ def test_resuming_with_other_classes_is_refused_in_one_line(tmp_path, image_fold
     assert get_latest_model(save)[1] == 1
 
 
+def test_no_auto_continue_refuses_a_save_folder_that_holds_a_run(tmp_path, image_folder):
+    """It trained afresh into the folder: the new run's checkpoint 1 replaced the old run's, and the old run's
+    later checkpoints stayed beside it, the newest of them resumed next time."""
+    save = tmp_path / "save"
+    assert run(train_command(save, image_folder, "--total-iters", "2", "--save-interval", "1")).returncode == 0
+    before = {path.name: path.read_bytes() for path in save.glob("checkpoint-*")}
+    result = run(train_command(save, image_folder, "--total-iters", "1", "--no-auto-continue"))
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert f"--save {save} holds the checkpoints of a run (newest: checkpoint-0000000002.pth)" in result.stderr
+    assert {path.name: path.read_bytes() for path in save.glob("checkpoint-*")} == before
+    fresh = run(train_command(tmp_path / "fresh", image_folder, "--total-iters", "1", "--no-auto-continue"))
+    assert fresh.returncode == 0 and get_latest_model(tmp_path / "fresh")[1] == 1
+
+
 def test_a_one_class_training_folder_is_refused(tmp_path, image_folder):
     data = tmp_path / "data"
     first_class = sorted(image_folder.iterdir())[0]
