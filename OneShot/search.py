@@ -272,9 +272,7 @@ def search(args: argparse.Namespace) -> dict:
     held = held_out_record(samples, held_out, train_dir, trained["held_out_per_class"], trained["seed"])
     bn_indices, score_indices = split_images(samples, held_out, args.bn_images, args.score_images, args.seed)
     image_size = args.image_size or metadata["image_size"]
-    settings = {name: getattr(args, name) for name in (
-        "flops_min", "flops_max", "population", "top_k", "mutations", "mutation_prob", "crossovers",
-        "generations", "seed", "bn_images", "bn_batch_size", "score_images")} | {
+    settings = {name: getattr(args, name) for name in _FLAG_SETTINGS[:-2]} | {
         "image_size": image_size, "supernet": str(Path(args.supernet).resolve()),
         "bn_images_used": len(bn_indices), "score_images_used": len(score_indices)}
     method = "random" if args.random else "evolution"
@@ -287,9 +285,12 @@ def search(args: argparse.Namespace) -> dict:
              "populations": [], "seconds": 0.0}
     if state_path.exists():
         saved = json.loads(state_path.read_text())
-        if {k: saved.get(k) for k in ("method", "settings", "held_out")} != \
-                {k: state[k] for k in ("method", "settings", "held_out")}:
-            raise UserError(f"{state_path}: a search with other settings; use another --output or delete it")
+        if changed := _changed_settings(saved, state):
+            raise UserError(f"{state_path}: a search with other settings ({changed}); use another --output or "
+                            "delete it")
+        # More --generations continue the search: generation g's candidates depend on the generations before only.
+        if args.generations > saved["generation"]:
+            saved["settings"] = settings
         state = saved
 
     info = init_distributed(args.device)
@@ -299,7 +300,8 @@ def search(args: argparse.Namespace) -> dict:
             _evolve(args, state, state_path, info, say, samples, bn_indices, score_indices, image_size,
                     num_classes, metadata)
         else:
-            say(f"{state_path}: the search already ran its {args.generations} generations")
+            say(f"{state_path}: the search already ran {state['generation']} generations (--generations "
+                f"{args.generations})")
     finally:
         shutdown_distributed()
     final = result(state, num_classes)
@@ -312,6 +314,26 @@ def search(args: argparse.Namespace) -> dict:
               f"{search_space.describe(from_key(key_of(search_space.from_json(best))))}\n"
               f"wrote {output} and {output.with_suffix('.png')}")
     return final
+
+
+# The flags a search's result depends on; the last two are recorded as the command resolves them.
+_FLAG_SETTINGS = ("flops_min", "flops_max", "population", "top_k", "mutations", "mutation_prob", "crossovers",
+                  "generations", "seed", "bn_images", "bn_batch_size", "score_images", "image_size", "supernet")
+
+
+def _changed_settings(saved: dict, state: dict) -> str:
+    """What a saved search did otherwise than this command ('--population 6 there, 8 here; ...'), --generations
+    aside; empty when it can go on."""
+    there = {"method": saved.get("method"), **(saved.get("settings") or {})}
+    here = {"method": state["method"], **state["settings"]}
+
+    def shown(key: str, value) -> str:
+        return f"{value / 1e6:g}M" if key.startswith("flops") and isinstance(value, (int, float)) else str(value)
+
+    changed = [f"{'--' + key.replace('_', '-') if key in _FLAG_SETTINGS else key.replace('_', ' ')} "
+               f"{shown(key, there.get(key))} there, {shown(key, value)} here"
+               for key, value in here.items() if key != "generations" and there.get(key) != value]
+    return "; ".join(changed + (["the held-out images"] if saved.get("held_out") != state["held_out"] else []))
 
 
 def _evolve(args, state, state_path, info, say, samples, bn_indices, score_indices, image_size, num_classes,

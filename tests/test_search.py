@@ -212,6 +212,19 @@ def test_search_killed_between_generations_resumes_to_the_same_result(tmp_path, 
     assert straight.with_suffix(".png").stat().st_size > 1000
 
 
+def test_more_generations_continue_a_search_and_other_settings_are_named(tmp_path, supernet_run, straight_search):
+    checkpoint = str(get_latest_model(supernet_run)[0])
+    output = tmp_path / "search.json"
+    fewer = [*SEARCH[:SEARCH.index("--generations")], "--generations", "1", *SEARCH[SEARCH.index("--generations") + 2:]]
+    assert run(["search.py", "--supernet", checkpoint, "--output", str(output), *fewer]).returncode == 0
+    result = run(["search.py", "--supernet", checkpoint, "--output", str(output), *SEARCH])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(output.read_text())["architectures"] == json.loads(straight_search.read_text())["architectures"]
+    other = run(["search.py", "--supernet", checkpoint, "--output", str(output), *SEARCH, "--population", "5"])
+    assert other.returncode == 2 and other.stderr.strip().count("\n") == 0
+    assert "a search with other settings (--population 4 there, 5 here)" in other.stderr
+
+
 @pytest.mark.slow
 def test_random_search_then_retrain_and_evaluate_the_found_architecture(tmp_path, supernet_run, image_folder):
     checkpoint = str(get_latest_model(supernet_run)[0])
