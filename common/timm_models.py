@@ -29,8 +29,7 @@ def timm_input_format(weights_format: InputFormat) -> InputFormat:
 
 
 def _cfg(name: str) -> dict:
-    folder = MODEL_NAMES[name]
-    network = load_network_module(folder)
+    network = load_network_module(MODEL_NAMES[name])
     fmt = timm_input_format(network.INPUT_FORMAT)
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 224 / 256,

@@ -529,7 +529,7 @@ class Trainer:
         window, per_iteration = meter.read(done, self.info)
         lr = self.optimizer.param_groups[0]["lr"]
         self.log.log("train", done, {**window, "lr": lr})
-        note = f" | skipped {window['skipped']} unreadable image(s)" if window['skipped'] else ""
+        note = f" | skipped {window['skipped']} unreadable image(s)" if window["skipped"] else ""
         self.say(f"[{self.recipe.model_name}] iter {done}/{self.args.total_iters} | lr {lr:.5f} | loss "
                  f"{window['loss']:.4f} | top-1 err {window['top1_error']:5.1f}% | "
                  f"{window['images_per_second']:7.1f} img/s | "
