@@ -444,7 +444,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not args.demo:
         return search(args)
     # The demo runs each stage with settings of its own; a flag given beside it would be silently ignored.
-    given = [name for name, value in vars(args).items() if name != "demo" and value != parser.get_default(name)]
+    defaults = vars(parser.parse_args([]))  # as the flags' types read them
+    given = [name for name, value in vars(args).items() if name != "demo" and value != defaults[name]]
     if given:
         parser.error(f"--demo runs the three stages with settings of its own; leave out "
                      f"{', '.join('--' + name.replace('_', '-') for name in given)} or --demo")
