@@ -299,8 +299,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UserError("--num-verify-images must be at least 1")
     if not 0 <= args.min_agreement <= 1:
         raise UserError("--min-agreement must be between 0 and 1, e.g. 0.9")
-    if args.calibration_images < 1 or args.num_val_images < 1:
-        raise UserError("--calibration-images and --num-val-images must be at least 1")
+    for flag, value in (("--calibration-images", args.calibration_images), ("--num-val-images", args.num_val_images)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
     if args.sweep:
         if not (args.calibration_dir or args.val_dir):
             raise UserError("--sweep exports int8 too: give --calibration-dir DIR (or --val-dir DIR) for its "
