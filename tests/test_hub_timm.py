@@ -70,8 +70,8 @@ print(json.dumps({{"training": model.training, "shape": list(x.shape), "logits":
 
 
 def test_hub_pretrained_without_weights_says_nothing_is_downloaded(tmp_path):
-    model = torch.hub.load(str(REPO_ROOT), "oneshot", source="local", weights=str(released_file(tmp_path, "OneShot")),
-                             pretrained=True)
+    weights = str(released_file(tmp_path, "OneShot"))
+    model = torch.hub.load(str(REPO_ROOT), "oneshot", source="local", weights=weights, pretrained=True)
     assert model.training is False
     with pytest.raises(ValueError, match="nothing is downloaded here: pass weights=PATH"):
         torch.hub.load(str(REPO_ROOT), "shufflenetv2_large", source="local", pretrained=True)
