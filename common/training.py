@@ -766,6 +766,8 @@ def _check_same_run(recorded: dict, metadata: dict, args: argparse.Namespace) ->
     """A one-line error when the run to resume (its checkpoint's metadata `recorded`) was started with another network
     or other classes than this command gives: its weights would not fit, or its labels would go to other classes."""
     again = "; resume it with the command that started it, or give another --save for a new run"
+    if recorded.get("arch") not in (None, metadata["arch"]):
+        raise UserError(f"--save {args.save}: its run trains {recorded['arch']}, not {metadata['arch']}{again}")
     if recorded.get("architecture") != metadata.get("architecture"):
         started = recorded.get("args", {}).get("architecture")
         if started and started == args.architecture:

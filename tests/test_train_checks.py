@@ -14,6 +14,7 @@ from common.checkpoint_store import get_latest_model, save_checkpoint
 from common.model_state import read_weights_file
 from common.run_log import curves_figure
 from demo import averaging_verdict
+from conftest import REPO_ROOT
 from test_train import network, run, train_command
 from test_train_stops import start
 
@@ -43,6 +44,9 @@ def test_resuming_with_other_classes_is_refused_in_one_line(tmp_path, image_fold
     result = run(train_command(save, image_folder, "--total-iters", "2", "--num-classes", "7"))
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "--num-classes" in result.stderr and "another --save" in result.stderr
+    other_model = run(train_command(save, image_folder, "--total-iters", "2"), cwd=REPO_ROOT / "ShuffleNetV2.Large")
+    assert other_model.returncode == 2 and other_model.stderr.strip().count("\n") == 0, other_model.stderr
+    assert f"--save {save}: its run trains OneShot, not ShuffleNetV2.Large" in other_model.stderr
     assert get_latest_model(save)[1] == 1
 
 
