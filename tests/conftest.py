@@ -61,10 +61,6 @@ def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"), num_classes=3, images_per_class=8, size=48)
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: an end-to-end test of a minute or more (deselect with -m 'not slow')")
-
-
 def network(model: str):
     return load_network_module(model)
 
