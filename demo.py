@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.cli import run_script
+from common.cli import ArgumentParser, run_script
 from common.errors import exit_on_user_error
 
 ROOT = Path(__file__).resolve().parent
@@ -45,9 +45,10 @@ def averaging_verdict(last_error: float, average_error: float, iterations: int) 
             "keep.")
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     # No options: --help describes the demo, and anything else is refused before runs/demo is cleared.
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     from common.checkpoint_store import get_latest_model
 
     shutil.rmtree(RUN, ignore_errors=True)
@@ -79,4 +80,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)()
+    main()

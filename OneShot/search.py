@@ -33,8 +33,8 @@ import search_space  # noqa: E402
 import supernet as supernet_module  # noqa: E402
 from common.bn_recalibrate import recalibrate_batchnorm  # noqa: E402
 from common.atomic_io import atomic_write  # noqa: E402
-from common.cli import (DefaultsHelpFormatter, add_device_argument, check_image_size, mac_count,  # noqa: E402
-                        prepare_output, run_script, seed_value, worker_count)
+from common.cli import (ArgumentParser, add_device_argument, fraction, multiple_of_32, mac_count,  # noqa: E402
+                        positive_int, prepare_output, run_script, seed_value, worker_count, zero_or_more)
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
 from common.distributed import (all_gather_objects, init_distributed, launched_world_size,  # noqa: E402
@@ -48,8 +48,7 @@ Choices = search_space.Choices
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=DefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--supernet", help="checkpoint of train_supernet.py")
     parser.add_argument("--train-dir", help="the supernet's training folder (default: the one its checkpoint records; "
                                             "needed for a released or averaged supernet, which records none)")
@@ -62,21 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random", action="store_true",
                         help="random search: every generation draws --population new random candidates")
     evolution = parser.add_argument_group("evolution (defaults: the original)")
-    evolution.add_argument("--population", type=int, default=50, help="candidates per generation")
-    evolution.add_argument("--top-k", type=int, default=10, help="best candidates kept as parents")
-    evolution.add_argument("--mutations", type=int, default=25, help="mutated candidates per generation")
-    evolution.add_argument("--mutation-prob", type=float, default=0.1, help="probability a layer is re-drawn")
-    evolution.add_argument("--crossovers", type=int, default=25, help="crossed-over candidates per generation")
-    evolution.add_argument("--generations", type=int, default=20, help="number of generations")
+    evolution.add_argument("--population", type=positive_int, default=50, help="candidates per generation")
+    evolution.add_argument("--top-k", type=positive_int, default=10, help="best candidates kept as parents")
+    evolution.add_argument("--mutations", type=zero_or_more, default=25, help="mutated candidates per generation")
+    evolution.add_argument("--mutation-prob", type=fraction, default=0.1, help="probability a layer is re-drawn")
+    evolution.add_argument("--crossovers", type=zero_or_more, default=25, help="crossed-over candidates per generation")
+    evolution.add_argument("--generations", type=positive_int, default=20, help="number of generations")
     evolution.add_argument("--seed", type=seed_value, default=0, help="seed of the search and of the BN images")
     scoring = parser.add_argument_group("scoring a candidate")
-    scoring.add_argument("--bn-images", type=int, default=20_000,
+    scoring.add_argument("--bn-images", type=positive_int, default=20_000,
                          help="training images (outside the held-out split) to re-estimate BatchNorm statistics")
-    scoring.add_argument("--bn-batch-size", type=int, default=128, help="batch of BatchNorm re-estimation")
-    scoring.add_argument("--score-images", type=int, default=10_000,
+    scoring.add_argument("--bn-batch-size", type=positive_int, default=128, help="batch of BatchNorm re-estimation")
+    scoring.add_argument("--score-images", type=positive_int, default=10_000,
                          help="held-out images a candidate is scored on (all when fewer are held out)")
-    scoring.add_argument("--batch-size", type=int, default=200, help="scoring batch size")
-    scoring.add_argument("--image-size", type=int, help="image size (default: the supernet's training size)")
+    scoring.add_argument("--batch-size", type=positive_int, default=200, help="scoring batch size")
+    scoring.add_argument("--image-size", type=multiple_of_32, help="image size (default: the supernet's training size)")
     scoring.add_argument("--workers", type=worker_count, default=min(8, os.cpu_count() or 1),
                          help="data-loading worker processes (images are decoded once and kept in memory); "
                               "the default is the CPU count, at most 8")
@@ -230,18 +229,9 @@ def plot(state: dict, path: Path, num_classes: int) -> None:
 # -- main ----------------------------------------------------------------------------------------------------------
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("population", "top_k", "generations", "bn_images", "bn_batch_size", "score_images", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    for name in ("mutations", "crossovers"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be 0 or more")
     if args.mutations + args.crossovers > args.population:
         raise UserError(f"--mutations + --crossovers ({args.mutations + args.crossovers}) exceed --population "
                         f"{args.population}")
-    if not 0 <= args.mutation_prob <= 1:
-        raise UserError(f"--mutation-prob {args.mutation_prob}: must be between 0 and 1")
-    check_image_size(args.image_size)
     if not args.supernet:
         raise UserError("--supernet CHECKPOINT is required (a checkpoint of train_supernet.py), or --demo")
     if not Path(args.supernet).is_file():

@@ -23,8 +23,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import search_space  # noqa: E402
 import supernet  # noqa: E402
-from common.cli import mac_count  # noqa: E402
-from common.errors import UserError  # noqa: E402
+from common.cli import mac_count, positive_int  # noqa: E402
 from common.model_state import unwrap_model  # noqa: E402
 from common.training import (DemoRecipe, NetworkHooks, Recipe, exit_status,  # noqa: E402
                              load_training_checkpoint, run_training)
@@ -49,13 +48,11 @@ class SupernetHooks(NetworkHooks):
         group.add_argument("--flops-max", type=mac_count, default="360M",
                            help="largest multiply-accumulates (at 224x224) of a trained path (the original drew "
                                 "its paths from 290M-360M)")
-        group.add_argument("--held-out-per-class", type=int, default=50,
+        group.add_argument("--held-out-per-class", type=positive_int, default=50,
                            help="training images per class left out for search.py to score candidates on (the "
                                 "paper's 50); drawn from --seed")
 
     def metadata(self, args: argparse.Namespace) -> dict:
-        if args.held_out_per_class < 1:
-            raise UserError(f"--held-out-per-class {args.held_out_per_class}: must be at least 1")
         search_space.check_budget(args.flops_min, args.flops_max, args.num_classes or 1000)
         return {"supernet": {"flops_min": args.flops_min, "flops_max": args.flops_max, "seed": args.seed,
                              "held_out_per_class": args.held_out_per_class}}

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from timing import add_results_argument, write_json
+from common.cli import ArgumentParser, existing_folder, positive_int
+from common.errors import exit_on_user_error
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,10 +119,9 @@ def _report(model: str, file_size: int, idle: dict, runs: dict, threads: int | N
     return numbers
 
 
+@exit_on_user_error
 def main() -> int:
-    from common.cli import existing_folder, positive_int
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="OneShot-sized files (14 MB) instead of ExLarge (1.08 GB): a smoke test, whose memory "
                              "ratio fixed costs of tens of MB dominate")

@@ -33,10 +33,11 @@ import torch
 
 from timing import add_results_argument, interleaved, paired_ratio, write_json
 from common.atomic_io import pieces_sha256
-from common.cli import existing_folder, positive_int
+from common.cli import ArgumentParser, existing_folder, positive_int
 from common.checkpoint import get_training_state, load_checkpoint
 from common.checkpoint_store import PIECE_BYTES, save_checkpoint
 from common.ema import create_ema
+from common.errors import exit_on_user_error
 from common.models import MODEL_FOLDERS, load_network_module
 
 CHUNK = 16 << 20
@@ -137,8 +138,9 @@ def save(state: dict, iteration: int, folder: Path, saved: list[Path]) -> None:
     saved.append(save_checkpoint(state, iteration, folder, keep=1))
 
 
+@exit_on_user_error
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
                         help="model folders to measure (default: all)")
     parser.add_argument("--dir", type=existing_folder,

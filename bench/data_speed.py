@@ -21,8 +21,9 @@ from PIL import Image
 from torchvision import transforms
 
 from timing import add_results_argument, interleaved, paired_ratio, rate, write_json
-from common.cli import positive_int
+from common.cli import ArgumentParser, positive_int
 from common.data import EvalTransform, ImageDataset, TrainTransform
+from common.errors import exit_on_user_error
 
 
 def write_jpegs(folder: Path, count: int) -> list[tuple[str, int]]:
@@ -54,8 +55,9 @@ def original_train_pipeline(crop_size: int = 224):
     return run
 
 
+@exit_on_user_error
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=positive_int, default=96, help="JPEG files per measurement")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="measured passes over the files, every case once per round")

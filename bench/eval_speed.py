@@ -20,7 +20,8 @@ import time
 import torch
 
 from timing import add_results_argument, interleaved, matmul_gflops, paired_ratio, rate, write_json
-from common.cli import positive_int
+from common.cli import ArgumentParser, positive_int
+from common.errors import exit_on_user_error
 from common.hardware import cpu_supports_bf16
 from common.inference import prepare_inference_model
 from common.models import MODEL_FOLDERS, load_network_module
@@ -68,8 +69,9 @@ def bench_model(model_name: str, variants: list[str], batch: int, repeats: int, 
     return {"batch": batch, "macs": network.PUBLISHED["macs"], "images_per_second": results}
 
 
+@exit_on_user_error
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
                         help="model folders to measure (default: all)")
     parser.add_argument("--batch-size", type=positive_int,

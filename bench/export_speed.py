@@ -20,6 +20,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from timing import add_results_argument, write_json
+from common.cli import ArgumentParser, multiple_of_32
+from common.errors import exit_on_user_error
 from common.model_state import RELEASE_METADATA_KEY
 from common.models import MODEL_FOLDERS, load_network_module
 from common.random_weights import calibrated_random_network
@@ -46,11 +48,12 @@ def sweep_model(model_name: str, image_size: int, folder: Path, calibration: Pat
     return [{"model": model_name, **row} for row in rows]
 
 
+@exit_on_user_error
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
                         help="model folders to measure (default: all)")
-    parser.add_argument("--image-size", type=int, default=224, help="input size of the exports")
+    parser.add_argument("--image-size", type=multiple_of_32, default=224, help="input size of the exports")
     parser.add_argument("--quick", action="store_true", help="OneShot only")
     add_results_argument(parser)
     args = parser.parse_args()

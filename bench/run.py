@@ -22,7 +22,7 @@ import torch
 
 from timing import matmul_gflops
 from common.atomic_io import atomic_write_text
-from common.cli import prepare_output
+from common.cli import ArgumentParser, prepare_output
 from common.errors import UserError, exit_on_user_error
 from common.hardware import cpu_capabilities, describe_cpu
 
@@ -148,7 +148,7 @@ def read_results(path: str) -> dict:
 
 @exit_on_user_error
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     parser.add_argument("--quick", action="store_true", help="the quick variant of every section")
     parser.add_argument("--results-json", "--output", dest="results_json", default=str(BENCH / "results.json"),

@@ -7,7 +7,6 @@ train_supernet.py draws (290M-360M FLOPs by default).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -15,7 +14,8 @@ import torch
 from torch import nn
 
 from timing import add_results_argument, write_json
-from common.cli import positive_int
+from common.cli import ArgumentParser, mac_count, multiple_of_32, positive_int
+from common.errors import exit_on_user_error
 from common.models import REPO_ROOT, load_network_module
 
 sys.path.insert(0, str(REPO_ROOT / "OneShot"))
@@ -23,15 +23,16 @@ import search_space  # noqa: E402
 import supernet  # noqa: E402
 
 
+@exit_on_user_error
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--image-size", type=int, default=64, help="image size")
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image-size", type=multiple_of_32, default=64, help="image size")
     parser.add_argument("--batch-size", type=positive_int, default=48, help="batch size")
     parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds")
     parser.add_argument("--steps", type=positive_int, default=3, help="steps per model per round")
-    parser.add_argument("--flops-min", type=float, default=290e6,
+    parser.add_argument("--flops-min", type=mac_count, default="290M",
                         help="smallest multiply-accumulates of a supernet path, counted at 224x224")
-    parser.add_argument("--flops-max", type=float, default=360e6,
+    parser.add_argument("--flops-max", type=mac_count, default="360M",
                         help="largest multiply-accumulates of a supernet path")
     add_results_argument(parser)
     args = parser.parse_args()

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from timing import add_results_argument, interleaved, paired_ratio, rate, write_json
+from common.cli import ArgumentParser, multiple_of_32
+from common.errors import exit_on_user_error
 from common.hardware import (SpeedChoice, cpu_supports_bf16, probe_batch_size, resolve_speed,
                              training_step_timer)
 from common.models import MODEL_FOLDERS, load_network_module
@@ -89,11 +91,13 @@ def bench_against_eager(model_name: str, variants: list[str], size: int, batch: 
     return results
 
 
+@exit_on_user_error
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
                         help="model folders to measure (default: all)")
-    parser.add_argument("--sizes", nargs="+", type=int, default=[64, 224], help="image sizes (multiples of 32)")
+    parser.add_argument("--sizes", nargs="+", type=multiple_of_32, default=[64, 224],
+                        help="image sizes (multiples of 32)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="training configurations to time against eager NCHW float32 (default: all)")
     parser.add_argument("--quick", action="store_true",

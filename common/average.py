@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common.atomic_io import file_sha256
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointInfo, best_checkpoints,
                                      default_lower_is_better, list_checkpoints, metric_value, verify_if_checkpoint)
-from common.cli import add_weights_arguments, prepare_output
+from common.cli import ArgumentParser, add_weights_arguments, positive_int, prepare_output
 from common.errors import UserError, exit_on_user_error, listed
 from common.release import shareable_metadata, write_release
 from common.model_state import extract_model_state, read_checkpoint_metadata, read_weights_file
@@ -254,7 +254,7 @@ def _release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
 # -- command line ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m common.average",
         description="Average the weights of checkpoints: the best K of a training run by a recorded metric, or an "
                     "explicit list of files. Streams: memory stays near the size of one output file.")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoints by --metric (--save-dir is the old name)")
     source.add_argument("--inputs", nargs="+", metavar="FILE",
                         help="average exactly these weights files (.pth checkpoints, .safetensors, ...)")
-    parser.add_argument("--best", type=int, metavar="K", help="with --save: how many of the best to average")
+    parser.add_argument("--best", type=positive_int, metavar="K", help="with --save: how many of the best to average")
     parser.add_argument("--metric", default="top1_error",
                         help="validation metric recorded with each checkpoint: top1_error, top5_error, loss, or "
                              "top1/top5 for accuracy (100 - error) (default: top1_error)")
@@ -289,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.save is not None:
         if args.best is None:
             parser.error("--save needs --best K")
-        if args.best < 1:
-            raise UserError(f"--best {args.best}: average at least 1 checkpoint")
         chosen = select_best_checkpoints(args.save, args.best, args.metric, args.lower_is_better)
         paths, metrics = [info.path for info in chosen], [info.metrics for info in chosen]
     else:

@@ -6,14 +6,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 from common.errors import UserError
+
+T = TypeVar("T")
 
 
 def prepare_output(flag: str, path: str | os.PathLike | None, *, folder: bool = False) -> Path | None:
@@ -42,48 +46,40 @@ def prepare_output(flag: str, path: str | os.PathLike | None, *, folder: bool = 
     return path
 
 
-def check_image_size(size: int | None) -> None:
-    """Refuse an --image-size the networks do not take evenly (None: the default, fine)."""
-    if size is not None and (size < 32 or size % 32):
-        raise UserError(f"--image-size {size}: use a multiple of 32 such as 224 (the networks halve the resolution "
-                        "five times; at other sizes the halvings pad unevenly)")
+def checked(convert: Callable[[str], T], within: Callable[[T], bool], requirement: str) -> Callable[[str], T]:
+    """An argparse type: `convert(text)` where `within` holds for it. Otherwise the flag is refused when the command
+    line is parsed, before any work, as `<flag> <text>: <requirement>` (NaN is never within a range)."""
 
-
-def bounded_int(least: int, most: int | None = None, requirement: str | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer from `least` to `most` (no upper bound when None), refused at parse time,
-    before any work, with "must be <requirement>" otherwise. A non-integer reads "invalid int value", as with
-    type=int."""
-    requirement = requirement or (f"at least {least}" if most is None else f"between {least} and {most}")
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < least or (most is not None and value > most):
-            raise argparse.ArgumentTypeError(f"{value}: must be {requirement}")
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: {requirement}") from None
+        if not within(value):
+            raise argparse.ArgumentTypeError(f"{text}: {requirement}")
         return value
 
-    parse.__name__ = "int"  # argparse names the type by it in "invalid ... value"
+    parse.__name__ = convert.__name__  # argparse names the type by it
     return parse
 
 
-# Every --workers flag; the benchmarks' counts; every --seed flag (the range Python's, NumPy's and torch's
-# generators all take).
-worker_count = bounded_int(0, requirement="0 (load in the main process) or more")
-positive_int = bounded_int(1)
-seed_value = bounded_int(0, 2**32 - 1, requirement="between 0 and 2**32 - 1")
-
-
-def mac_count(text: str) -> float:
-    """An argparse type for a count of multiply-accumulates: a number (330e6) or one with a suffix K, M or G
-    (330M), as the scripts print them."""
+def _macs(text: str) -> float:
     scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper())
-    try:
-        value = float(text[:-1]) * scale if scale else float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text}: give a number of multiply-accumulates, 0 or more, such as 330e6 "
-                                         "or 330M")
-    return value
+    return float(text[:-1]) * scale if scale else float(text)
+
+
+# The flag types the scripts share: counts, --workers, --seed (the range Python's, NumPy's and torch's generators all
+# take), fractions, --image-size, and multiply-accumulates as the scripts print them (330M, 0.1G, 330e6).
+positive_int = checked(int, lambda value: value >= 1, "must be at least 1")
+zero_or_more = checked(int, lambda value: value >= 0, "must be 0 or more")
+worker_count = checked(int, lambda value: value >= 0, "must be 0 (load in the main process) or more")
+seed_value = checked(int, lambda value: 0 <= value < 2**32, "must be between 0 and 2**32 - 1")
+fraction = checked(float, lambda value: 0 <= value <= 1, "must be between 0 and 1")
+multiple_of_32 = checked(int, lambda value: value >= 32 and value % 32 == 0,
+                     "use a multiple of 32 such as 224 (the networks halve the resolution five times; at other sizes "
+                     "the halvings pad unevenly)")
+mac_count = checked(_macs, lambda value: 0 <= value < math.inf,
+                    "give a number of multiply-accumulates, 0 or more, such as 330e6 or 330M")
 
 
 def existing_folder(text: str) -> str:
@@ -102,6 +98,18 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if any(action.default is unset for unset in (None, False, argparse.SUPPRESS)) or "default" in text:
             return text
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every script: a refused command line is one line, `error: <flag> <value>: what is wrong`, and
+    exit status 2, as the scripts' other errors are (a UserError; argparse would print its whole usage first), and
+    the help shows each default where it tells something."""
+
+    def __init__(self, *args, formatter_class: type = DefaultsHelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(re.sub(r"^argument ([^:]+): ", r"\1 ", message))
 
 
 def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -2,12 +2,13 @@
 the count is exactly theirs: Conv2d and Linear multiply-accumulates, nothing else)."""
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from common.cli import ArgumentParser
+from common.errors import exit_on_user_error
 from common.model_state import is_side_head
 
 
@@ -40,9 +41,10 @@ def count_macs(model: nn.Module, image_size: int = 224) -> int:
     return total
 
 
+@exit_on_user_error
 def figures_main(name: str, create_network: Callable[[], nn.Module], published: dict) -> int:
     """A folder's `python network.py`: its counts beside the published figures; status 1 when one differs."""
-    argparse.ArgumentParser(description=f"Count {name}'s parameters and multiply-accumulates (at 1x3x224x224) and "
+    ArgumentParser(description=f"Count {name}'s parameters and multiply-accumulates (at 1x3x224x224) and "
                                         "compare them with the published figures.").parse_args()
     return 0 if print_figures(name, create_network(), published["params"], published["macs"]) else 1
 

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint import library_versions
-from common.cli import (add_device_argument, add_weights_arguments, check_image_size, prepare_output,
-                        worker_count)
+from common.cli import (ArgumentParser, add_device_argument, add_weights_arguments, multiple_of_32, positive_int,
+                        prepare_output, worker_count)
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import DistInfo, all_gather_objects, init_distributed, shutdown_distributed
@@ -141,12 +141,13 @@ def write_predictions_csv(path: str | Path, predictions: dict, paths: Sequence[s
 
 def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """The data flags eval.py and predict.py share: batching, workers, device, crop size."""
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help="images per batch (default: %(default)s)")
     parser.add_argument("--workers", type=worker_count, default=min(4, os.cpu_count() or 1),
                         help="data-loading worker processes; 0 loads in the main process (default: the CPU count, "
                              "at most 4)")
     add_device_argument(parser)
-    parser.add_argument("--image-size", type=int, metavar="N",
+    parser.add_argument("--image-size", type=multiple_of_32, metavar="N",
                         help="center-crop size; the short side is first resized to round(N * 256 / 224) (default: "
                              "the size a checkpoint of this project was trained at, else 224)")
 
@@ -188,7 +189,7 @@ def read_weights_for(network: ModuleType, args: argparse.Namespace, script: str)
 
 
 def build_parser(model_name: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=f"Evaluate {model_name} on an ImageNet-layout val folder (single center crop) and report "
                     "top-1/top-5 accuracy and error, mean loss and images/s, as timm's validate.py does. Under "
                     "torchrun each process evaluates a part and the first reports the whole.")
@@ -199,7 +200,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
                         help="val images in ImageFolder layout, one sub-folder per class named by ImageNet wnid "
                              "(or by the class names a checkpoint of this project was trained on)")
     add_data_arguments(parser, batch_size=100)
-    parser.add_argument("--limit", type=int, metavar="N",
+    parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="evaluate only the first N images of the fixed evaluation order (spread over the "
                              "classes)")
     parser.add_argument("--results-json", metavar="FILE",
@@ -220,7 +221,6 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
     model_name = Path(network.__file__).resolve().parent.name
     args = build_parser(model_name).parse_args(argv)
     # What the data and model code would only find after the weights are read.
-    check_image_size(args.image_size)
     input_format_from_args(args, InputFormat())
     joined = dist.is_available() and dist.is_initialized()  # called from a distributed run: its group stays
     info = init_distributed(args.device)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import add_weights_arguments, check_image_size, prepare_output, run_script
+from common.cli import (ArgumentParser, add_weights_arguments, fraction, multiple_of_32, positive_int, prepare_output,
+                        run_script)
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
 from common.atomic_io import atomic_write_text, file_sha256
 from common.errors import UserError, exit_on_user_error
@@ -230,7 +231,7 @@ SWEEP = (("Core ML fp32", ["--format", "coreml", "--precision", "fp32"]),
 
 
 def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=f"Export {model_name} to Core ML, ONNX or ExecuTorch and verify the export against PyTorch; "
                     "--sweep measures every format.")
     parser.add_argument("--weights", required=True, metavar="FILE",
@@ -248,14 +249,14 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
     parser.add_argument("--val-dir", metavar="DIR",
                         help="labelled images (one sub-folder per class, named as the weights' classes): report "
                              "top-1/top-5 accuracy of PyTorch and of the export")
-    parser.add_argument("--num-val-images", type=int, default=DEFAULT_VAL_IMAGES, metavar="N",
+    parser.add_argument("--num-val-images", type=positive_int, default=DEFAULT_VAL_IMAGES, metavar="N",
                         help=f"use at most N images of --val-dir, spread over it (default {DEFAULT_VAL_IMAGES})")
-    parser.add_argument("--image-size", type=int, metavar="N",
+    parser.add_argument("--image-size", type=multiple_of_32, metavar="N",
                         help="input image size N x N (default: the checkpoint's, else 224)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the comparison of the export with PyTorch (on by default)")
     add_weights_arguments(parser, "export")
-    parser.add_argument("--num-verify-images", type=int, metavar="N",
+    parser.add_argument("--num-verify-images", type=positive_int, metavar="N",
                         help=f"number of synthetic test images the verification compares (default "
                              f"{DEFAULT_VERIFY_IMAGES}, {DEFAULT_VERIFY_IMAGES_COMPRESSED} for compressed or int8 "
                              "exports)")
@@ -284,24 +285,16 @@ def _add_compression_arguments(parser: argparse.ArgumentParser) -> None:
                             "XNNPACK's quantizer; activation ranges calibrated on --calibration-dir")
     group.add_argument("--calibration-dir", metavar="DIR",
                        help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
-    group.add_argument("--calibration-images", type=int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
+    group.add_argument("--calibration-images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
                        help="calibrate on at most N images spread over the folder "
                             f"(default {DEFAULT_CALIBRATION_IMAGES})")
-    group.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="F",
+    group.add_argument("--min-agreement", type=fraction, default=DEFAULT_MIN_AGREEMENT, metavar="F",
                        help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
                             f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
 
 
 def _check_flags(args: argparse.Namespace) -> None:
     """One-line errors for flags that do not go together, before anything is loaded."""
-    check_image_size(args.image_size)
-    if args.num_verify_images is not None and args.num_verify_images < 1:
-        raise UserError("--num-verify-images must be at least 1")
-    if not 0 <= args.min_agreement <= 1:
-        raise UserError("--min-agreement must be between 0 and 1, e.g. 0.9")
-    for flag, value in (("--calibration-images", args.calibration_images), ("--num-val-images", args.num_val_images)):
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be at least 1")
     if args.sweep:
         if not (args.calibration_dir or args.val_dir):
             raise UserError("--sweep exports int8 too: give --calibration-dir DIR (or --val-dir DIR) for its "

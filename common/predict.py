@@ -16,7 +16,7 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from common.atomic_io import atomic_write_text
-from common.cli import check_image_size, prepare_output
+from common.cli import ArgumentParser, positive_int, prepare_output
 from common.data import EvalTransform, collate_skip_corrupt_with_indices
 from common.distributed import launched_world_size, resolve_device
 from common.errors import UserError, exit_on_user_error
@@ -123,13 +123,14 @@ def _predict(runner, loader: DataLoader, files: list[str], names: list[str], k: 
 
 
 def build_parser(model_name: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=f"Classify images with {model_name}: the top-k classes of each image, with the same "
                     "preprocessing as eval.py.")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     parser.add_argument("--weights", required=True, metavar="FILE",
                         help="a released file of any layout, a .safetensors release or a checkpoint of this project")
-    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes shown per image (default 5)")
+    parser.add_argument("--top-k", type=positive_int, default=5, metavar="K",
+                        help="classes shown per image (default 5)")
     parser.add_argument("--predictions-json", "--json", dest="predictions_json", metavar="FILE",
                         help='write [{"path", "predictions": [{"index", "name", "probability"}]}] to FILE (eval.py '
                              "--predictions-csv is its counterpart for a labelled folder; --json is the older name)")
@@ -143,10 +144,6 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """One-line errors for flag values predict.py cannot run with, before any image is read."""
-    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UserError(f"{flag} {value}: must be at least 1")
-    check_image_size(args.image_size)
     if launched_world_size() > 1:
         # Every rank would classify every image and print and write the same results.
         raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "

@@ -15,7 +15,7 @@ import torch
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint_store import to_plain
-from common.cli import add_weights_arguments, prepare_output
+from common.cli import ArgumentParser, add_weights_arguments, prepare_output
 from common.errors import UserError, exit_on_user_error
 from common.model_state import (RELEASE_METADATA_KEY, classifier_rows, describe_weights, extract_model_state,
                                 is_side_head, load_model_state, read_checkpoint_metadata, read_weights_file)
@@ -26,7 +26,7 @@ _PRIVATE_METADATA = ("args",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m common.release",
         description="Write the weights of a released or training checkpoint as a clean .safetensors release file "
                     "and its SHA-256.")

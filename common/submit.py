@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.cli import DefaultsHelpFormatter, prepare_output
+from common.cli import ArgumentParser, DefaultsHelpFormatter, positive_int, prepare_output, zero_or_more
 from common.errors import UserError, exit_on_user_error
 from common.models import MODEL_FOLDERS, REPO_ROOT, load_module
 
@@ -46,16 +46,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m common.submit", description=__doc__,
-                                     formatter_class=_HelpFormatter)
+    parser = ArgumentParser(prog="python -m common.submit", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--model", required=True, choices=MODEL_FOLDERS, help="the model folder whose train.py runs")
-    parser.add_argument("--nodes", type=int, default=1, help="machines")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine (one rank each)")
-    parser.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per rank (data-loading workers)")
-    parser.add_argument("--mem-gb", type=int, default=0, help="memory per node in GB (0: the partition's default)")
+    parser.add_argument("--nodes", type=positive_int, default=1, help="machines")
+    parser.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per machine (one rank each)")
+    parser.add_argument("--cpus-per-task", type=positive_int, default=10,
+                        help="CPU cores per rank (data-loading workers)")
+    parser.add_argument("--mem-gb", type=zero_or_more, default=0,
+                        help="memory per node in GB (0: the partition's default)")
     parser.add_argument("--partition", help="SLURM partition")
-    parser.add_argument("--time", type=int, default=72 * 60, help="time limit of one job in minutes")
-    parser.add_argument("--max-requeues", type=int, default=20, help="requeues after time-outs before giving up")
+    parser.add_argument("--time", type=positive_int, default=72 * 60, help="time limit of one job in minutes")
+    parser.add_argument("--max-requeues", type=zero_or_more, default=20,
+                        help="requeues after time-outs before giving up")
     parser.add_argument("--job-name", default=None, help="SLURM job name (default: the model name)")
     parser.add_argument("--log-dir", default="slurm_logs", help="folder for submitit's logs and job files")
     parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
@@ -65,20 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The smallest value each number flag takes.
-_LEAST = {"nodes": 1, "gpus_per_node": 1, "cpus_per_task": 1, "mem_gb": 0, "time": 1, "max_requeues": 0}
-
-
 def _check_train_args(model: str, train_args: list[str]) -> None:
-    """Parse train.py's arguments here, so that a mistyped flag is refused now rather than after the job waited in
-    the queue; the job checks their values (paths, ranges) when it starts, on the cluster's file system."""
+    """Parse train.py's arguments here, so that a mistyped flag or a number out of range is refused now rather than
+    after the job waited in the queue; the job checks the paths when it starts, on the cluster's file system."""
     from common.training import build_parser
     folder = REPO_ROOT / model
     sys.path.insert(0, str(folder))  # for the train.py's `import network`
     train = load_module(folder / "train.py", "train_" + model.replace(".", "_"))
     parser = build_parser(train.RECIPE)
-    parser.prog = "train.py (the arguments after --)"
-    parser.parse_args(train_args)
+    parser.prog = "train.py (the arguments after --)"  # for its --help
+    try:
+        parser.parse_args(train_args)
+    except UserError as error:
+        raise UserError(f"train.py's arguments after --: {error}") from None
 
 
 @exit_on_user_error
@@ -87,9 +88,6 @@ def main(argv: list[str] | None = None) -> None:
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if not train_args:
         raise UserError("give train.py's arguments after --, e.g. -- --train-dir DIR --val-dir DIR")
-    for name, least in _LEAST.items():
-        if getattr(args, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}")
     _check_train_args(args.model, train_args)
     import submitit
     if args.cluster is None and submitit.AutoExecutor.which() != "slurm":

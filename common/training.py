@@ -24,8 +24,8 @@ from torch import nn
 from common.checkpoint import get_training_state, load_checkpoint, rng_state
 from common.checkpoint_store import (CheckpointError, claim_folder, get_latest_model, list_checkpoints,
                                      save_checkpoint)
-from common.cli import (DefaultsHelpFormatter, add_device_argument, check_image_size, prepare_output, seed_value,
-                        worker_count)
+from common.cli import (ArgumentParser, add_device_argument, checked, multiple_of_32, positive_int, prepare_output,
+                        seed_value, worker_count, zero_or_more)
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
 from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, average_buffers, barrier,
@@ -49,11 +49,18 @@ class TrainingDiverged(UserError):
 
 # -- command line ---------------------------------------------------------------------------------------------
 
+# The ranges of train.py's own numbers; the shared ones (counts, --image-size, --seed) come from common.cli.
+off_or_count = checked(int, lambda value: value >= 0, "must be 0 (off) or more")
+class_count = checked(int, lambda value: value >= 2, "must be 2 or more (leave it out for the class folders' count)")
+positive_float = checked(float, lambda value: 0 < value < math.inf, "must be a positive number")
+zero_or_more_float = checked(float, lambda value: 0 <= value < math.inf, "must be 0 or more")
+below_one = checked(float, lambda value: 0 <= value < 1, "must be at least 0 and below 1")
+
+
 def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     """The train.py command line; recipe-dependent defaults are None here and filled in by `resolve_args`."""
-    parser = argparse.ArgumentParser(
-        description=f"Train {recipe.model_name} (ImageFolder data, the original recipe; resumes automatically).",
-        formatter_class=DefaultsHelpFormatter)
+    parser = ArgumentParser(
+        description=f"Train {recipe.model_name} (ImageFolder data, the original recipe; resumes automatically).")
     _add_data_flags(parser.add_argument_group("data"), recipe)
     _add_optimisation_flags(parser.add_argument_group("optimisation (defaults: the original recipe)"), recipe)
     if recipe.hooks.one_network:
@@ -65,13 +72,13 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
         parser.set_defaults(pretrained=None, freeze_backbone=False, eval=False, eval_resume=None)
     _add_running_flags(parser.add_argument_group("running"), recipe)
     end = parser.add_argument_group("after the main schedule")
-    end.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+    end.add_argument("--bn-recalibrate", type=off_or_count, default=0, metavar="N",
                      help="re-estimate BatchNorm statistics over N training batches, validate, and save the final "
                           "checkpoint again with them (OneShot's original: 1250)")
-    end.add_argument("--average-best", type=int, default=0, metavar="K",
+    end.add_argument("--average-best", type=off_or_count, default=0, metavar="K",
                      help="write and validate the average of the best K checkpoints by validation top-1 error, "
                           "chosen among those still on disk (raise --keep to keep more)")
-    end.add_argument("--recompute-bn", type=int, default=0, metavar="N",
+    end.add_argument("--recompute-bn", type=off_or_count, default=0, metavar="N",
                      help="re-estimate BatchNorm statistics of the averaged weights over N training batches")
     recipe.hooks.add_arguments(parser)
     return parser
@@ -84,8 +91,8 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: Recipe) -> None:
                       help="train on the built-in demo dataset (generated on first use in data/demo) with the "
                            f"demo recipe: batch {d.demo.batch_size}, {d.demo.total_iters} iterations, "
                            f"{d.demo.image_size}px images; explicit flags still win")
-    data.add_argument("--num-classes", type=int, help="number of classes (default: the class folders found)")
-    data.add_argument("--image-size", type=int, help=f"training crop size (default {d.image_size})")
+    data.add_argument("--num-classes", type=class_count, help="number of classes (default: the class folders found)")
+    data.add_argument("--image-size", type=multiple_of_32, help=f"training crop size (default {d.image_size})")
     data.add_argument("--workers", type=worker_count, default=min(8, os.cpu_count() or 1),
                       help="data-loading worker processes per rank (default: the CPU count, at most 8)")
 
@@ -101,18 +108,18 @@ def _add_finetuning_flags(tune: argparse._ArgumentGroup) -> None:
 
 
 def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
-    optim.add_argument("--batch-size", type=int, help=f"global batch over all ranks (default {d.batch_size})")
-    optim.add_argument("--total-iters", type=int, help=f"iterations to train (default {d.total_iters})")
-    optim.add_argument("--learning-rate", type=float,
+    optim.add_argument("--batch-size", type=positive_int, help=f"global batch over all ranks (default {d.batch_size})")
+    optim.add_argument("--total-iters", type=positive_int, help=f"iterations to train (default {d.total_iters})")
+    optim.add_argument("--learning-rate", type=positive_float,
                        help=f"base learning rate (default {d.learning_rate} at batch {d.batch_size}, scaled "
                             "linearly with --batch-size); a resumed run trains at the rate of this command line")
-    optim.add_argument("--warmup-iters", type=int,
+    optim.add_argument("--warmup-iters", type=zero_or_more,
                        help="iterations of linear learning-rate warm-up from 0 before the linear decay (default 0"
                             f"{f'; {d.finetune.warmup_iters} with --pretrained' if d.hooks.one_network else ''})")
-    optim.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    optim.add_argument("--weight-decay", type=float, default=d.weight_decay,
+    optim.add_argument("--momentum", type=zero_or_more_float, default=d.momentum, help="SGD momentum")
+    optim.add_argument("--weight-decay", type=zero_or_more_float, default=d.weight_decay,
                        help="weight decay, applied to weights of 2 or more dimensions only")
-    optim.add_argument("--label-smooth", type=float, default=d.label_smooth, help="label smoothing epsilon")
+    optim.add_argument("--label-smooth", type=below_one, default=d.label_smooth, help="label smoothing epsilon")
     optim.add_argument("--seed", type=seed_value, default=0, help="seed of initialisation, data order and augmentation")
     optim.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only (slower): a resumed run is bit-identical")
@@ -120,7 +127,7 @@ def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
                        help="also keep an exponential moving average of the weights: validated as val_ema and "
                             "saved in each checkpoint"
                             + ("; with --eval, evaluate the checkpoint's EMA weights" if d.hooks.one_network else ""))
-    optim.add_argument("--ema-decay", type=float, default=0.9998,
+    optim.add_argument("--ema-decay", type=below_one, default=0.9998,
                        help="EMA decay, reached after a warm-up in which the early weights fade out fast")
 
 
@@ -139,35 +146,25 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the network (the first iterations wait for compilation)")
     run.add_argument("--save", default="./models", help="checkpoint folder (also metrics.jsonl, TensorBoard)")
-    run.add_argument("--keep", type=int, default=5, help="newest checkpoints to keep (the best one is kept too)")
+    run.add_argument("--keep", type=positive_int, default=5,
+                     help="newest checkpoints to keep (the best one is kept too)")
     run.add_argument("--auto-continue", action=argparse.BooleanOptionalAction, default=True,
                      help="resume from the newest good checkpoint in --save; --no-auto-continue never resumes "
                           "and refuses a --save that holds checkpoints")
-    run.add_argument("--display-interval", type=int, help=f"iterations between progress lines, the first "
-                                                          f"iteration shown too (default {d.display_interval})")
-    run.add_argument("--val-interval", type=int, help=f"iterations between validations (default {d.val_interval})")
-    run.add_argument("--save-interval", type=int,
+    run.add_argument("--display-interval", type=positive_int,
+                     help=f"iterations between progress lines, the first iteration shown too (default "
+                          f"{d.display_interval})")
+    run.add_argument("--val-interval", type=positive_int,
+                     help=f"iterations between validations (default {d.val_interval})")
+    run.add_argument("--save-interval", type=positive_int,
                      help=f"iterations between checkpoints (default {d.save_interval})")
-    run.add_argument("--val-batch-size", type=int, default=100, help="validation batch size per rank")
+    run.add_argument("--val-batch-size", type=positive_int, default=100, help="validation batch size per rank")
     if d.hooks.one_network:
         run.add_argument("--eval", action="store_true",
                          help="only evaluate the newest checkpoint in --save (or --eval-resume FILE) on --val-dir "
                               "with this folder's eval.py (its classes and image size: the checkpoint's), and exit")
         run.add_argument("--eval-resume", metavar="FILE",
                          help="weights file to evaluate with --eval (any layout eval.py takes)")
-
-
-# The range of each number train.py takes: (flags, test, what the error says it must be).
-_LIMITS = (
-    (("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval", "keep",
-      "val_batch_size"), lambda value: value > 0, "positive"),
-    (("learning_rate",), lambda value: 0 < value < math.inf, "a positive number"),
-    (("bn_recalibrate", "average_best", "recompute_bn"), lambda value: value >= 0, "0 (off) or more"),
-    (("warmup_iters", "momentum", "weight_decay"), lambda value: value >= 0, "0 or more"),
-    (("label_smooth", "ema_decay"), lambda value: 0 <= value < 1, "at least 0 and below 1"),
-    (("num_classes",), lambda value: value is None or value >= 2, "2 or more (leave it out for the class folders' "
-                                                                   "count)"),
-)
 
 
 def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace:
@@ -186,11 +183,6 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
         args.val_dir = args.val_dir or str(val_dir)
     if not args.train_dir:
         raise UserError("--train-dir is required (or --demo for the built-in dataset)")
-    for names, within, requirement in _LIMITS:
-        for name in names:
-            if not within(getattr(args, name)):
-                raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {requirement}")
-    check_image_size(args.image_size)
     if args.average_best and not args.val_dir:
         raise UserError(f"--average-best {args.average_best} picks checkpoints by their validation error: give "
                         "--val-dir DIR")

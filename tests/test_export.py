@@ -262,7 +262,7 @@ def test_judge_criteria():
     (["--quantize", "int8", "--calibration-dir", "."], "--quantize is for --format onnx or executorch"),
     (["--format", "executorch", "--precision", "fp16"], "ExecuTorch exports are fp32"),
     (["--sweep"], "--sweep exports int8 too"),
-    (["--min-agreement", "90"], "--min-agreement must be between 0 and 1"),
+    (["--min-agreement", "90"], "error: --min-agreement 90: must be between 0 and 1"),
     (["--num-val-images", "0"], "error: --num-val-images 0: must be at least 1"),
 ])
 def test_command_line_errors(tmp_path, capsys, flags, message):
