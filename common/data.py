@@ -69,14 +69,30 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
         raise DataError(f"{flag} {root}: {len(unknown)} class folder(s) not in the label set of "
                         f"{len(class_to_index)} classes: {listed(unknown, 5)}")
 
-    # torchvision is imported where it is used: importing it costs seconds, which `--help` need not wait.
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
-    present = {name: class_to_index[name] for name in folders}
-    samples = make_dataset(str(root), present, extensions=IMG_EXTENSIONS, allow_empty=True)
+    samples = [sample for name in folders for sample in _class_images(root, name, class_to_index[name], flag)]
     if not samples:
-        raise DataError(f"{flag} {root}: its class folders hold no images ({', '.join(IMG_EXTENSIONS)})")
+        raise DataError(f"{flag} {root}: its class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     return samples, sorted(class_to_index, key=class_to_index.__getitem__)
+
+
+# torchvision ImageFolder's extensions.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _class_images(root: Path, name: str, label: int, flag: str) -> list[tuple[str, int]]:
+    """The images under root/name, sub-folders and symbolic links followed, in torchvision's order. A folder reached
+    twice is refused: torchvision follows a link back to an ancestor 40 levels deep, and so trained on every image
+    of the loop 40 times, the other classes' under this class's label."""
+    walked, seen = [], {}
+    for folder, _, names in os.walk(root / name, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DataError(f"{flag} {root}: {folder} is {seen[real]} again (a symbolic link back to it), so its "
+                            "images would be read twice, under this class's label; remove the link")
+        seen[real] = folder
+        walked.append((folder, names))
+    return [(os.path.join(folder, file), label) for folder, names in sorted(walked) for file in sorted(names)
+            if file.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 # -- transforms -------------------------------------------------------------------------------------------------

@@ -67,6 +67,30 @@ def test_scan_matches_torchvision_image_folder_and_ignores_hidden_folders(image_
     (root / ".ipynb_checkpoints").mkdir()
     assert scan_image_folder(root)[1] == classes
 
+    # Sub-folders, a class folder that is a link to images elsewhere, upper-case extensions, other files.
+    (root / ".ipynb_checkpoints").rmdir()  # torchvision would take it for a class
+    first, second = classes[:2]
+    (root / first / "more").mkdir()
+    shutil.copy(next((root / first).glob("*.jpg")), root / first / "more" / "EXTRA.JPG")
+    (root / first / "notes.txt").write_text("not an image\n")
+    shutil.move(root / second, tmp_path / "elsewhere")
+    (root / second).symlink_to(tmp_path / "elsewhere")
+    reference = torchvision.datasets.ImageFolder(str(root))
+    assert scan_image_folder(root) == (reference.samples, reference.classes)
+
+
+def test_a_link_back_to_a_folder_already_read_is_refused(image_folder, tmp_path):
+    """torchvision follows a link to an ancestor 40 levels deep: 6 images became 246 samples, the other classes'
+    under the linking class's label."""
+    root = shutil.copytree(image_folder, tmp_path / "copy")
+    first = sorted(p.name for p in root.iterdir())[0]
+    (root / first / "loop").symlink_to("..")
+    with pytest.raises(DataError) as caught:
+        scan_image_folder(root)
+    assert str(caught.value) == (f"--train-dir {root}: {root / first / 'loop' / first} is {root / first} again (a "
+                                 "symbolic link back to it), so its images would be read twice, under this class's "
+                                 "label; remove the link")
+
 
 def test_forced_label_mapping(image_folder):
     names = ["aaa_first", *sorted(p.name for p in image_folder.iterdir())]
