@@ -186,6 +186,7 @@ def _open_input(path: Path, use_ema: bool, trust_pickle: bool) -> _Input:
 def _check_same_layout(inputs: list[_Input]) -> None:
     reference = inputs[0]
     for other in inputs[1:]:
+        _check_same_network(reference, other)
         missing = [key for key in reference.state if key not in other.state]
         extra = [key for key in other.state if key not in reference.state]
         if missing or extra:
@@ -205,6 +206,23 @@ def _check_same_layout(inputs: list[_Input]) -> None:
             if tensor.is_floating_point() != theirs.is_floating_point():
                 raise UserError(f"{key} is {tensor.dtype} in {reference.path} but {theirs.dtype} in {other.path}; "
                                 f"floating-point and integer tensors cannot be averaged together")
+
+
+def _check_same_network(reference: _Input, other: _Input) -> None:
+    """What the metadata of this project's files tell before the tensors: the model, a searched architecture and the
+    classes (same-shaped classifiers of other classes would average rows that mean different classes)."""
+    ours, theirs = reference.metadata, other.metadata
+    if ours.get("arch", theirs.get("arch")) != theirs.get("arch", ours.get("arch")):
+        raise UserError(f"{other.path} holds {theirs['arch']} and {reference.path} {ours['arch']}; average "
+                        "checkpoints of one architecture")
+    if ours.get("architecture") != theirs.get("architecture"):
+        raise UserError(f"{other.path} and {reference.path} hold different searched OneShot architectures; average "
+                        "checkpoints of one architecture")
+    if ours.get("classes", theirs.get("classes")) != theirs.get("classes", ours.get("classes")):
+        different = [name for name in theirs["classes"] if name not in ours["classes"]] or theirs["classes"]
+        raise UserError(f"{other.path} and {reference.path} were trained on other classes ({listed(different)} in "
+                        f"{other.path}), so the same classifier rows stand for other classes; average checkpoints of "
+                        "runs on the same class folders")
 
 
 # -- memory: dropping the pages of a mapped input once a tensor has been summed --------------------------------

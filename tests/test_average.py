@@ -176,6 +176,22 @@ def test_mismatched_shapes_are_named(tmp_path):
     assert str(_checkpoint(tmp_path / "five", 1)) in message and str(_checkpoint(tmp_path / "seven", 2)) in message
 
 
+@pytest.mark.parametrize("theirs, expected", [
+    ({"arch": "ShuffleNetV2.Large", "classes": list("abcde")}, "two/checkpoint-0000000002.pth holds ShuffleNetV2.Large "
+                                                               "and {one} OneShot; average checkpoints of one "
+                                                               "architecture"),
+    ({"arch": "OneShot", "classes": list("abcdz")}, "were trained on other classes (z in "),
+    ({"arch": "OneShot", "classes": list("abcde"), "architecture": {"blocks": [0] * 20}},
+     "hold different searched OneShot architectures")])
+def test_files_of_another_model_or_other_classes_are_refused_before_their_tensors(tmp_path, theirs, expected):
+    """Same-shaped classifiers of other classes averaged silently: their rows stand for other classes."""
+    for folder, metadata in (("one", {"arch": "OneShot", "classes": list("abcde")}), ("two", theirs)):
+        save_checkpoint(get_training_state(_randomised(0), iteration=2, metadata=metadata), 2, tmp_path / folder)
+    with pytest.raises(UserError) as error:
+        average_checkpoints([_checkpoint(tmp_path / "one", 2), _checkpoint(tmp_path / "two", 2)], progress=False)
+    assert expected.format(one=_checkpoint(tmp_path / "one", 2)) in str(error.value)
+
+
 def test_other_bad_inputs(tmp_path):
     save_file({"a": torch.zeros(2)}, tmp_path / "float.safetensors")
     save_file({"a": torch.zeros(2, dtype=torch.int64)}, tmp_path / "int.safetensors")
