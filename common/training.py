@@ -746,6 +746,7 @@ def _settle_network(metadata: dict, args: argparse.Namespace, resume_path: Path 
                 say("--pretrained: fine-tunes the searched architecture the file holds (from its metadata)")
     if resume_path is not None:
         _check_same_run(recorded, metadata, args)
+        _note_changed_settings(recorded.get("args") or {}, args, say)
 
 
 def _pretrained_metadata(path: str) -> dict:
@@ -779,6 +780,23 @@ def _check_same_run(recorded: dict, metadata: dict, args: argparse.Namespace) ->
     if recorded.get("num_classes", metadata["num_classes"]) != metadata["num_classes"]:
         raise UserError(f"--save {args.save}: its run has {recorded['num_classes']} classes, this command "
                         f"{metadata['num_classes']} (--num-classes){again}")
+
+
+# What a resumed command may change (a lower --learning-rate can continue a diverged run), but not unnoticed.
+_RUN_SETTINGS = ("batch_size", "image_size", "learning_rate", "warmup_iters", "momentum", "weight_decay",
+                 "label_smooth", "seed", "ema", "ema_decay", "deterministic")
+
+
+def _note_changed_settings(recorded: dict, args: argparse.Namespace, say: Callable[..., None]) -> None:
+    """A note naming the settings in which this command differs from the run it resumes (its newest checkpoint's)."""
+    changed = []
+    for name in _RUN_SETTINGS:
+        flag, value = "--" + name.replace("_", "-"), getattr(args, name)
+        if name in recorded and recorded[name] != value:
+            changed.append(f"{flag} (it ran without)" if value is True else f"no {flag} (it ran with it)"
+                           if value is False else f"{flag} {value:g} (it ran with {recorded[name]:g})")
+    if changed:
+        say(f"note: this command continues the run in --save {args.save} with {', '.join(changed)}")
 
 
 def _claim_save_folder(save: str, info: DistInfo) -> None:

@@ -50,6 +50,18 @@ def test_resuming_with_other_classes_is_refused_in_one_line(tmp_path, image_fold
     assert get_latest_model(save)[1] == 1
 
 
+def test_a_resumed_run_names_the_settings_this_command_changes(tmp_path, image_folder):
+    """Resuming with another --batch-size or --image-size, or without --ema, went on without a word."""
+    save = tmp_path / "save"
+    assert run(train_command(save, image_folder, "--total-iters", "1", "--ema")).returncode == 0
+    same = run(train_command(save, image_folder, "--total-iters", "2", "--ema"))
+    assert same.returncode == 0 and "note: this command continues" not in same.stdout
+    changed = run(train_command(save, image_folder, "--total-iters", "3", "--image-size", "96", "--seed", "5"))
+    assert changed.returncode == 0, changed.stderr
+    assert (f"note: this command continues the run in --save {save} with --image-size 96 (it ran with 32), --seed 5 "
+            "(it ran with 0), no --ema (it ran with it)\n") in changed.stdout
+
+
 def test_no_auto_continue_refuses_a_save_folder_that_holds_a_run(tmp_path, image_folder):
     """It trained afresh into the folder: the new run's checkpoint 1 replaced the old run's, and the old run's
     later checkpoints stayed beside it, the newest of them resumed next time."""
