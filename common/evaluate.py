@@ -181,7 +181,7 @@ def read_weights_for(network: ModuleType, args: argparse.Namespace, script: str)
     model_name = Path(network.__file__).resolve().parent.name
     weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
     metadata = read_checkpoint_metadata(weights)
-    check_model_folder(args.weights, metadata, model_name, script)
+    check_model_folder(f"--weights {args.weights}", metadata, model_name, script)
     stored = metadata.get("input_format")
     input_format = input_format_from_args(args, InputFormat.from_dict(stored) if stored else network.INPUT_FORMAT)
     Preprocess(input_format)  # reads a --mean-image now, so a bad file is refused before any output folder is made

@@ -487,7 +487,7 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
 
     weights = Path(args.weights)
     stored = read_checkpoint_metadata(weights)
-    check_model_folder(weights, stored, model_name, "export.py")
+    check_model_folder(f"--weights {weights}", stored, model_name, "export.py")
     imagenet = not stored.get("classes")
     stored_format = stored.get("input_format")
     input_format = input_format_from_args(args, InputFormat.from_dict(stored_format) if stored_format

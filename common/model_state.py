@@ -193,12 +193,13 @@ def read_checkpoint_metadata(path_or_obj: Any) -> dict:
     return {}
 
 
-def check_model_folder(weights: str | os.PathLike, metadata: Mapping, model_name: str, script: str) -> None:
-    """A one-line error when `metadata` says the weights are another model folder's: it names that folder's
-    `script` to use instead."""
+def check_model_folder(label: str, metadata: Mapping, model_name: str, script: str | None = None) -> None:
+    """A one-line error when `metadata` says the weights (`label`: the flag and path, or the path) are another model
+    folder's than `model_name`: it names that folder's `script` to use instead, when given."""
     arch = metadata.get("arch")
     if arch not in (None, model_name):
-        raise UserError(f"--weights {weights}: a {arch} checkpoint; use {arch}/{script}")
+        raise UserError(f"{label}: a {arch} checkpoint; use {arch}/{script}" if script else
+                        f"{label}: a {arch} file, not {model_name}")
 
 
 def describe_weights(state: Mapping[str, torch.Tensor]) -> str:

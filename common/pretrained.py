@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from common.backbone import ClassifierNetwork, _under
-from common.errors import UserError
 from common.input_format import InputFormat
 from common.layers import init_weights
-from common.model_state import (LoadReport, WeightsMismatchError, classifier_rows, describe_weights, mismatch_parts,
-                                read_checkpoint_metadata, read_model_state, read_weights_file, unwrap_model)
+from common.model_state import (LoadReport, WeightsMismatchError, check_model_folder, classifier_rows,
+                                describe_weights, mismatch_parts, read_checkpoint_metadata, read_model_state,
+                                read_weights_file, unwrap_model)
 from common.models import create_network_for, load_network_module
 
 
@@ -89,8 +89,7 @@ def metadata_for(folder: str, weights: Any, name: str | os.PathLike) -> dict:
     """What a weights file (`weights`: its path or read contents; `name`: its path) records of its network, checked
     to be the network of model folder `folder`."""
     metadata = read_checkpoint_metadata(weights)
-    if metadata.get("arch") not in (None, folder):
-        raise UserError(f"{name}: a {metadata['arch']} file, not {folder}")
+    check_model_folder(str(name), metadata, folder)
     return metadata
 
 

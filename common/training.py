@@ -35,7 +35,7 @@ from common.evaluate import evaluate
 from common.hardware import (AMP_CHOICES, SpeedChoice, autocast, probe_batch_size, resolve_speed,
                              training_step_timer)
 from common.input_format import InputFormat, Preprocess
-from common.model_state import load_model_state, read_checkpoint_metadata
+from common.model_state import check_model_folder, load_model_state, read_checkpoint_metadata
 from common.models import REPO_ROOT, create_network_for, load_module
 from common.recipe import DemoRecipe, FinetuneRecipe, NetworkHooks, Recipe  # noqa: F401  (the scripts' imports)
 from common.run_log import RunLog, plot_curves
@@ -737,9 +737,10 @@ def _settle_network(metadata: dict, args: argparse.Namespace, resume_path: Path 
     """Add the network beyond its classes (a searched OneShot's architecture) to `metadata`: the command's, else the
     resumed run's, else the --pretrained file's; then check that a resumed run fits the command."""
     recorded = read_checkpoint_metadata(resume_path) if resume_path else {}
+    # A resumed fine-tune reads its own checkpoint: the file it started from may be gone since.
+    pretrained = _pretrained_metadata(args.pretrained, metadata["arch"]) if args.pretrained and not resume_path else {}
     if "architecture" not in metadata:
-        # A resumed fine-tune reads its own checkpoint: the file it started from may be gone since.
-        source = recorded if resume_path else _pretrained_metadata(args.pretrained) if args.pretrained else {}
+        source = recorded if resume_path else pretrained
         if source.get("architecture"):
             metadata["architecture"] = source["architecture"]
             if not resume_path:
@@ -749,10 +750,12 @@ def _settle_network(metadata: dict, args: argparse.Namespace, resume_path: Path 
         _note_changed_settings(recorded.get("args") or {}, args, say)
 
 
-def _pretrained_metadata(path: str) -> dict:
+def _pretrained_metadata(path: str, model_name: str) -> dict:
     if not Path(path).is_file():
         raise UserError(f"--pretrained {path}: no such file")
-    return read_checkpoint_metadata(path)
+    metadata = read_checkpoint_metadata(path)
+    check_model_folder(f"--pretrained {path}", metadata, model_name, "train.py")
+    return metadata
 
 
 def _check_same_run(recorded: dict, metadata: dict, args: argparse.Namespace) -> None:

@@ -120,6 +120,16 @@ def test_interrupted_finetune_resumes_from_its_own_checkpoint(tmp_path, demo_tra
     assert get_latest_model(save)[1] == 4
 
 
+def test_another_models_file_is_refused_naming_its_folder(tmp_path, demo_trained, three_classes):
+    """It ended in a list of 1062 missing and 457 unexpected tensors; eval.py and export.py named the folder."""
+    result = subprocess.run([sys.executable, "train.py", *TINY, "--train-dir", str(three_classes), "--save",
+                             str(tmp_path / "run"), "--pretrained", str(demo_trained)],
+                            cwd=REPO_ROOT / "ShuffleNetV2.Large", capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --pretrained {demo_trained}: a OneShot checkpoint; use OneShot/train.py"
+    assert not (tmp_path / "run").exists()
+
+
 def test_warmup_is_a_function_of_the_iteration():
     def schedule(k: int, warmup_iters: int = 10) -> float:
         return learning_rate(argparse.Namespace(learning_rate=1.0, total_iters=100, warmup_iters=warmup_iters), k)
