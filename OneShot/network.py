@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.backbone import ClassifierNetwork, make_features_only  # noqa: E402
+from common.backbone import ClassifierNetwork, build_network  # noqa: E402
 from common.input_format import InputFormat  # noqa: E402
 from common.layers import channel_split_shuffle, init_weights  # noqa: E402
 from common.recipe import FinetuneRecipe, Recipe  # noqa: E402
@@ -141,8 +141,8 @@ def create_network(num_classes: int = 1000, architecture: Mapping | None = None,
     0.2-2.0]}` (other keys ignored); None is the released OneShot. `features_only`: a backbone returning the
     outputs of stages `out_indices` (strides 4, 8, 16, 32).
     """
-    model = OneShotNetwork(num_classes, architecture)
-    return make_features_only(model, out_indices) if features_only else model
+    return build_network(lambda classes: OneShotNetwork(classes, architecture), num_classes, features_only,
+                         out_indices)
 
 
 def create_network_for(metadata: Mapping, num_classes: int | None = None, **options) -> OneShotNetwork:

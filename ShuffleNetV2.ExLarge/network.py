@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.backbone import StagedNetwork, make_features_only  # noqa: E402
+from common.backbone import StagedNetwork, build_network  # noqa: E402
 from common.input_format import InputFormat  # noqa: E402
 from common.layers import ConvBNReLU, SideHead, channel_split_shuffle, init_weights  # noqa: E402
 from common.recipe import FinetuneRecipe, Recipe  # noqa: E402
@@ -121,8 +121,7 @@ def create_network(num_classes: int = 1000, *, features_only: bool = False,
 
     `features_only`: a backbone returning the outputs of stages `out_indices` (strides 4, 8, 16, 32).
     """
-    model = ShuffleNetV2ExLarge(num_classes)
-    return make_features_only(model, out_indices) if features_only else model
+    return build_network(ShuffleNetV2ExLarge, num_classes, features_only, out_indices)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ reset_classifier, feature_info, forward_intermediates, a features-only form), wr
 a stem, four stages (strides 4, 8, 16, 32), an optional head conv, pooling, dropout, a classifier, side heads."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -154,6 +154,17 @@ class StagedNetwork(ClassifierNetwork):
 
     def drop_stages_after(self, last: int) -> None:
         del self.features[last + 1:]
+
+
+def build_network(network_class: Callable[[int], ClassifierNetwork], num_classes: int, features_only: bool,
+                  out_indices: Sequence[int] | int) -> ClassifierNetwork:
+    """A folder's create_network: `network_class(num_classes)`; `num_classes` 0 leaves no classifier, the pooled
+    features out, as timm's `num_classes=0`; `features_only` as `make_features_only`."""
+    # A Linear of 0 outputs would be built, and warned about, before it is taken away.
+    network = network_class(max(num_classes, 1))
+    if num_classes == 0:
+        network.reset_classifier(0)
+    return make_features_only(network, out_indices) if features_only else network
 
 
 def make_features_only(network: ClassifierNetwork, out_indices: Sequence[int] | int = (0, 1, 2, 3)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import common.timm_models  # noqa: F401  (registers the models with timm)
 from common.errors import UserError
 from common.input_format import Preprocess
 from common.model_state import load_model_state
+from common.pretrained import create_model
 from common.release import write_release
 from conftest import REPO_ROOT, network, released_state_dict
 
@@ -133,3 +135,23 @@ def test_timm_features_only_and_another_class_count(tmp_path):
     assert few.eval()(x).shape == (1, 5)
     state = released_state_dict("OneShot")
     assert all(torch.equal(few.state_dict()[k], state[k]) for k in few.state_dict() if not k.startswith("classifier"))
+
+
+@pytest.mark.parametrize("model", ["oneshot", "shufflenetv2_large"])
+def test_no_classes_gives_the_pooled_features_as_timm_does(tmp_path, model):
+    """timm's num_classes=0 built a Linear of 0 outputs (with a warning) and returned N x 0."""
+    path = released_file(tmp_path, "OneShot") if model == "oneshot" else None
+    weights = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}} if path else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backbone = timm.create_model(model, num_classes=0, **weights).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = backbone(x)
+        assert pooled.shape == (2, backbone.num_features) and backbone.num_classes == 0
+        assert torch.equal(pooled, backbone.forward_head(backbone.forward_features(x), pre_logits=True))
+    if path:
+        state = released_state_dict("OneShot")
+        assert all(torch.equal(tensor, state[key]) for key, tensor in backbone.state_dict().items())
+        assert create_model("oneshot", weights=path, num_classes=0)(x).shape == (2, 1024)
+    assert network("ShuffleNetV2.ExLarge").create_network(num_classes=0).get_classifier().__class__ is torch.nn.Identity
