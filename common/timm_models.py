@@ -66,10 +66,15 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
     if metadata.get("num_classes"):
         kwargs["pretrained_cfg_overlay"] = {"num_classes": metadata["num_classes"], **overlay}
 
-    def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg") -> ClassifierNetwork:
+    def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", drop_rate: float | None = None,
+              drop_path_rate: float | None = None) -> ClassifierNetwork:
         if in_chans != 3 or global_pool != "avg":
             raise ValueError(f"{name}: only in_chans=3 and global_pool='avg' are supported")
+        if drop_path_rate:
+            raise ValueError(f"{name}: drop_path_rate {drop_path_rate}: these networks have no stochastic depth")
         model = create_network_for(network, num_classes, metadata)
+        if drop_rate is not None:  # timm's dropout before the classifier; the original rate otherwise
+            model.dropout.p = drop_rate
         if network.INPUT_FORMAT.channel_order == "BGR":
             model.first_conv.register_forward_pre_hook(_rgb_to_bgr)
             model.input_format = timm_input_format(network.INPUT_FORMAT)

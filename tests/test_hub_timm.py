@@ -155,3 +155,16 @@ def test_no_classes_gives_the_pooled_features_as_timm_does(tmp_path, model):
         assert all(torch.equal(tensor, state[key]) for key, tensor in backbone.state_dict().items())
         assert create_model("oneshot", weights=path, num_classes=0)(x).shape == (2, 1024)
     assert network("ShuffleNetV2.ExLarge").create_network(num_classes=0).get_classifier().__class__ is torch.nn.Identity
+
+
+def test_timm_train_scripts_create_model_call_is_accepted():
+    """timm's train.py passes drop_rate (0.0 by default) and its None-valued options to every model: drop_rate was
+    an unexpected keyword, so these networks could not be trained with it."""
+    model = timm.create_model("shufflenetv2_large", pretrained=False, in_chans=3, num_classes=None, drop_rate=0.0,
+                              drop_path_rate=None, drop_block_rate=None, global_pool=None, bn_momentum=None,
+                              bn_eps=None, scriptable=False, checkpoint_path="")
+    assert model.dropout.p == 0.0 and model.num_classes == 1000
+    assert timm.create_model("oneshot").dropout.p == 0.1  # the original rate unless drop_rate is given
+    assert timm.create_model("oneshot", drop_rate=0.3).dropout.p == 0.3
+    with pytest.raises(ValueError, match="drop_path_rate 0.1: these networks have no stochastic depth"):
+        timm.create_model("oneshot", drop_path_rate=0.1)
