@@ -167,6 +167,17 @@ def build_network(network_class: Callable[[int], ClassifierNetwork], num_classes
     return make_features_only(network, out_indices) if features_only else network
 
 
+def drop_side_heads(network: ClassifierNetwork) -> ClassifierNetwork:
+    """`network` without the side heads of its training recipe: its forward gives the logits in training mode too,
+    as timm's networks' do, and a file's side-head tensors are passed over when loading."""
+    before = set(network.state_dict())
+    for name in network.side_head_names:
+        delattr(network, name)
+    network.side_head_names = ()
+    network.removed_keys = network.removed_keys | (before - set(network.state_dict()))
+    return network
+
+
 def make_features_only(network: ClassifierNetwork, out_indices: Sequence[int] | int = (0, 1, 2, 3)
                        ) -> ClassifierNetwork:
     """`network` turned into a backbone whose forward returns the outputs of the stages `out_indices` (0 to 3:

@@ -3,13 +3,15 @@
     model = timm.create_model("shufflenetv2_large", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))
 
 Weights come from a local file of any layout eval.py accepts. The configs' mean and std make timm's pipeline give the
-weights' 0..255 scale and mean; a BGR model reverses the channels before its first conv (timm's resize is PIL's)."""
+weights' 0..255 scale and mean; a BGR model reverses the channels before its first conv (timm's resize is PIL's).
+As timm's networks, they give one output in training mode: the side heads of Large's and ExLarge's recipe are left
+out unless `side_heads=True`."""
 from __future__ import annotations
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from common.backbone import ClassifierNetwork
+from common.backbone import ClassifierNetwork, drop_side_heads
 from common.input_format import InputFormat
 from common.model_state import extract_model_state
 from common.models import create_network_for, load_network_module
@@ -67,7 +69,7 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
         kwargs["pretrained_cfg_overlay"] = {"num_classes": metadata["num_classes"], **overlay}
 
     def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", drop_rate: float | None = None,
-              drop_path_rate: float | None = None) -> ClassifierNetwork:
+              drop_path_rate: float | None = None, side_heads: bool = False) -> ClassifierNetwork:
         if in_chans != 3 or global_pool != "avg":
             raise ValueError(f"{name}: only in_chans=3 and global_pool='avg' are supported")
         if drop_path_rate:
@@ -75,6 +77,8 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
         model = create_network_for(network, num_classes, metadata)
         if drop_rate is not None:  # timm's dropout before the classifier; the original rate otherwise
             model.dropout.p = drop_rate
+        if not side_heads:  # timm's training expects one output, not (logits, side heads)
+            drop_side_heads(model)
         if network.INPUT_FORMAT.channel_order == "BGR":
             model.first_conv.register_forward_pre_hook(_rgb_to_bgr)
             model.input_format = timm_input_format(network.INPUT_FORMAT)
@@ -92,12 +96,12 @@ def oneshot(pretrained: bool = False, **kwargs) -> ClassifierNetwork:
 
 @register_model
 def shufflenetv2_large(pretrained: bool = False, **kwargs) -> ClassifierNetwork:
-    """ShuffleNetV2.Large (SE, residuals, side heads in training), 140.7M parameters."""
+    """ShuffleNetV2.Large (SE, residuals), 125.1M parameters; side_heads=True adds its recipe's side heads."""
     return _create("shufflenetv2_large", pretrained, **kwargs)
 
 
 @register_model
 def shufflenetv2_exlarge(pretrained: bool = False, **kwargs) -> ClassifierNetwork:
-    """ShuffleNetV2.ExLarge, 271.3M parameters."""
+    """ShuffleNetV2.ExLarge, 255.4M parameters; side_heads=True adds its recipe's side heads."""
     return _create("shufflenetv2_exlarge", pretrained, **kwargs)
 

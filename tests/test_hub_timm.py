@@ -168,3 +168,21 @@ def test_timm_train_scripts_create_model_call_is_accepted():
     assert timm.create_model("oneshot", drop_rate=0.3).dropout.p == 0.3
     with pytest.raises(ValueError, match="drop_path_rate 0.1: these networks have no stochastic depth"):
         timm.create_model("oneshot", drop_path_rate=0.1)
+
+
+def test_timm_large_gives_one_output_in_training_unless_side_heads_are_asked_for(tmp_path):
+    """In training mode Large returned (logits, 3 side heads), which timm's training and losses cannot take."""
+    path = released_file(tmp_path, "ShuffleNetV2.Large", side_heads=True)
+    overlay = {"pretrained_cfg_overlay": {"file": str(path)}}
+    x = torch.randn(2, 3, 64, 64)
+    plain = timm.create_model("shufflenetv2_large", pretrained=True, **overlay).train()
+    assert plain(x).shape == (2, 1000) and not any(k.startswith("predict_") for k in plain.state_dict())
+    assert sum(p.numel() for p in plain.parameters()) == 125_120_936
+    recipe = timm.create_model("shufflenetv2_large", pretrained=True, side_heads=True, **overlay)
+    state = released_state_dict("ShuffleNetV2.Large")
+    assert all(torch.equal(tensor, state[key]) for key, tensor in recipe.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(timm.create_model("shufflenetv2_large", pretrained=True, **overlay).eval()(x),
+                           recipe.eval()(x))
+    outputs = recipe.train()(x)
+    assert isinstance(outputs, tuple) and len(outputs) == 4
