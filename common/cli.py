@@ -54,7 +54,8 @@ def checked(convert: Callable[[str], T], within: Callable[[T], bool], requiremen
         try:
             value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text}: {requirement}") from None
+            kind = "not a whole number; " if convert is int else ""
+            raise argparse.ArgumentTypeError(f"{text}: {kind}{requirement}") from None
         if not within(value):
             raise argparse.ArgumentTypeError(f"{text}: {requirement}")
         return value

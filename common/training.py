@@ -792,12 +792,15 @@ _RUN_SETTINGS = ("batch_size", "image_size", "learning_rate", "warmup_iters", "m
 
 def _note_changed_settings(recorded: dict, args: argparse.Namespace, say: Callable[..., None]) -> None:
     """A note naming the settings in which this command differs from the run it resumes (its newest checkpoint's)."""
+    def shown(value) -> str:
+        return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
     changed = []
     for name in _RUN_SETTINGS:
         flag, value = "--" + name.replace("_", "-"), getattr(args, name)
         if name in recorded and recorded[name] != value:
             changed.append(f"{flag} (it ran without)" if value is True else f"no {flag} (it ran with it)"
-                           if value is False else f"{flag} {value:g} (it ran with {recorded[name]:g})")
+                           if value is False else f"{flag} {shown(value)} (it ran with {shown(recorded[name])})")
     if changed:
         say(f"note: this command continues the run in --save {args.save} with {', '.join(changed)}")
 

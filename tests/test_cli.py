@@ -319,6 +319,8 @@ def test_network_py_has_help_and_checks_its_figures(model):
      "error: --format invalid choice: 'tflite' (choose from 'coreml', 'onnx', 'executorch')"),
     (["OneShot/network.py", "--x"], "error: unrecognized arguments: --x"),
     (["demo.py", "--fast"], "error: unrecognized arguments: --fast"),
+    (["OneShot/train.py", "--demo", "--batch-size", "1.5"], "error: --batch-size 1.5: not a whole number; must be at "
+                                                            "least 1"),
     (["bench/train_speed.py", "--sizes", "100"], "error: --sizes 100: use a multiple of 32 such as 224 (the networks "
                                                  "halve the resolution five times; at other sizes the halvings pad "
                                                  "unevenly)")])

@@ -152,7 +152,7 @@ def test_workers_and_seed_out_of_range_are_refused_by_every_script_that_takes_th
             assert line == f"error: {flag} {value}: {expected}", (script, flag)
             assert not output.exists(), (script, flag)
         line = user_error_line(capsys, script_module("OneShot", script).main, [*argv, "--workers", "two"])
-        assert line == "error: --workers two: must be 0 (load in the main process) or more", script
+        assert line == "error: --workers two: not a whole number; must be 0 (load in the main process) or more", script
     line = user_error_line(capsys, script_module("OneShot", "search").main, [*cases["search"], "--image-size", "33"])
     assert line.startswith("error: --image-size 33: use a multiple of 32")
 

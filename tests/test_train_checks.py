@@ -62,6 +62,19 @@ def test_a_resumed_run_names_the_settings_this_command_changes(tmp_path, image_f
             "(it ran with 0), no --ema (it ran with it)\n") in changed.stdout
 
 
+def test_a_resumed_runs_recorded_settings_of_any_type_are_shown_not_a_traceback():
+    import argparse
+
+    from common.training import _note_changed_settings
+    said = []
+    args = argparse.Namespace(save="runs/x", batch_size=8, image_size=64, learning_rate=0.1, warmup_iters=0,
+                              momentum=0.9, weight_decay=4e-5, label_smooth=0.1, seed=0, ema=False, ema_decay=0.9998,
+                              deterministic=False)
+    _note_changed_settings({"batch_size": "8", "image_size": None, "seed": 0}, args, said.append)
+    assert said == ["note: this command continues the run in --save runs/x with --batch-size 8 (it ran with 8), "
+                    "--image-size 64 (it ran with None)"]
+
+
 def test_no_auto_continue_refuses_a_save_folder_that_holds_a_run(tmp_path, image_folder):
     """It trained afresh into the folder: the new run's checkpoint 1 replaced the old run's, and the old run's
     later checkpoints stayed beside it, the newest of them resumed next time."""
