@@ -7,6 +7,7 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -46,6 +47,18 @@ class NothingEvaluated(UserError):
 
 # Batches between updates of the running accuracy in the progress bar (each update waits for the device).
 _POSTFIX_INTERVAL = 10
+
+
+def warn_if_not_finite(loss: float, what: str, amp: str | None) -> None:
+    """A one-line warning when the mean `loss` of an evaluation (`what`) is NaN or infinite: some outputs were, and
+    the errors count arbitrary predictions for them."""
+    if math.isfinite(loss):
+        return
+    cause = "huge or NaN values in the weights or BatchNorm statistics"
+    if amp == "fp16":
+        cause = f"float16's range overflowing (--amp fp16: try bf16 or float32), or {cause}"
+    print(f"warning: the {what} loss is {loss}: the network's outputs on some images are NaN or infinite ({cause}), so "
+          "the errors above count arbitrary predictions for them", file=sys.stderr, flush=True)
 
 
 def evaluate(model: nn.Module | InferenceRunner, preprocess: nn.Module | None, loader: Iterable, *,
@@ -280,6 +293,7 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
         write_predictions_csv(args.predictions_csv, results.pop("predictions"), paths,
                               output_names(classes, num_classes))
     print(_summary_line(results, published), flush=True)
+    warn_if_not_finite(results["loss"], "evaluation", runner.amp)
     return results
 
 

@@ -31,7 +31,7 @@ from common.demo_data import demo_dataset
 from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, average_buffers, barrier,
                                 init_distributed, shutdown_distributed)
 from common.errors import UserError, exit_on_user_error, listed
-from common.evaluate import evaluate
+from common.evaluate import evaluate, warn_if_not_finite
 from common.hardware import (AMP_CHOICES, SpeedChoice, autocast, probe_batch_size, resolve_speed,
                              training_step_timer)
 from common.input_format import InputFormat, Preprocess
@@ -557,10 +557,8 @@ class Trainer:
         self.log.log(split, iteration, metrics)
         self.say(f"{split} @ {iteration}: top-1 error {metrics['top1_error']:.2f}%  top-5 error "
                  f"{metrics['top5_error']:.2f}%  loss {metrics['loss']:.4f}  ({results['images']} images)")
-        if self.info.is_main and not math.isfinite(metrics["loss"]):
-            print(f"warning: the {split} loss is {metrics['loss']}: the network's outputs on some validation "
-                  "images are NaN or infinite (huge or NaN values in the weights or BatchNorm statistics), so the "
-                  "errors above count arbitrary predictions for them", file=sys.stderr, flush=True)
+        if self.info.is_main:
+            warn_if_not_finite(metrics["loss"], split, self.args.amp)
         return metrics
 
     def save(self, iteration: int, metrics: dict | None) -> None:

@@ -606,3 +606,19 @@ def test_the_progress_bar_ends_at_the_final_accuracy(tmp_path, capsys):
     results = evaluate(model, Preprocess(model.input_format), loader, device="cpu", progress=True)
     shown = capsys.readouterr().err.rsplit("acc@1 ", 1)[1].split("%")[0]
     assert shown == f"{results['top1_accuracy']:.2f}"
+
+
+def test_a_nan_or_overflowing_output_is_said_in_words(oneshot_eval, oneshot_file, wnid_folder, tmp_path, capsys):
+    """eval.py printed 'loss nan' beside an accuracy that counts arbitrary predictions, with no word on why."""
+    state = {key: value.clone() for key, value in released_state_dict("OneShot").items()}
+    state["first_conv.1.running_var"][0] = float("nan")
+    broken = tmp_path / "broken.pth.tar"
+    torch.save({"state_dict": state}, broken)
+    argv = ["--val-dir", str(wnid_folder), "--image-size", "64", "--workers", "0", "--limit", "4"]
+    results = oneshot_eval.main(["--weights", str(broken), *argv])
+    assert math.isnan(results["loss"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "warning: the evaluation loss is nan: the network's outputs on some images are NaN or infinite (huge or NaN "
+        "values in the weights or BatchNorm statistics), so the errors above count arbitrary predictions for them")
+    oneshot_eval.main(["--weights", str(oneshot_file), *argv])
+    assert "warning" not in capsys.readouterr().err
