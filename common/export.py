@@ -494,8 +494,9 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
                                           else network_module.INPUT_FORMAT)
     Preprocess(input_format)  # reads a mean image now, so a bad file fails before the long conversion
     image_size = args.image_size or int(stored.get("image_size", 224))
-    if image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image-size must be at least {MIN_IMAGE_SIZE}")
+    if image_size < MIN_IMAGE_SIZE:  # only a file's recorded size can be: --image-size is checked when parsed
+        raise UserError(f"--weights {weights} records an image size of {image_size}, below {MIN_IMAGE_SIZE}: give "
+                        "--image-size N")
     variant = _variant(args)
     suffix = SUFFIXES[args.format]
     output = Path(args.output) if args.output else weights.parent / f"{model_name}-{variant}{suffix}"

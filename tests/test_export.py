@@ -273,6 +273,17 @@ def test_command_line_errors(tmp_path, capsys, flags, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_recorded_image_size_below_32_names_the_file_not_the_flag(tmp_path, capsys):
+    """--image-size is checked when parsed; the check after it named --image-size for a size the file records."""
+    weights = tmp_path / "small.safetensors"
+    save_file({"x": torch.zeros(1)}, weights, metadata={RELEASE_METADATA_KEY: json.dumps({"image_size": 16})})
+    with pytest.raises(SystemExit) as exit_info:
+        run_export(network("OneShot"), ["--weights", str(weights)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: --weights {weights} records an image size of 16, below 32: "
+                                               "give --image-size N")
+
+
 def test_sweep_into_a_file_is_a_one_line_error_before_any_export(tmp_path, image_folder, capsys):
     weights, blocker = tmp_path / "w.pth", tmp_path / "a-file"
     torch.save({}, weights)
