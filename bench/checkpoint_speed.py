@@ -10,8 +10,10 @@ hits both alike. The targets: save at most 1.3x, load at most 1.2x.
 - load: load_checkpoint into the live model and EMA and a new optimizer (as a resumed run does), including the
   SHA-256 check of the whole file; load_unchecked: the same without the check (verify=False), which tells what
   the check costs on this machine (the check reads and hashes every byte, the copies come after it);
-  raw read: read() of a file of the same size. Both start from the disk: the file's pages are dropped from the
-  page cache first. The reads follow the writes, each first in turn (whichever read came first ran slower).
+  raw read: read() of a file of the same size. Each read starts from the disk with the pages of both files dropped
+  from the page cache, so that each fills memory freed just before (a load that started while the raw file was
+  still cached took 2.0 to 2.7 s where it took 1.4 s after both were dropped: measured on a VM, 2026-12-07). The
+  reads follow the writes, each first in turn.
 - sha256: as many bytes from memory hashed as checkpoints are (SHA-256 of 64 MB pieces on every core): a save or
   load that hashes every byte takes at least as long as the slower of this and the raw write or read, so both are
   also given as ratios to that floor.
@@ -26,6 +28,7 @@ import itertools
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,7 +66,6 @@ def drop_from_page_cache(path: Path) -> None:
 
 
 def raw_read(path: Path) -> None:
-    drop_from_page_cache(path)
     with open(path, "rb", buffering=0) as file:
         while file.read(CHUNK):
             pass
@@ -97,25 +99,30 @@ def bench_model(model_name: str, folder: Path, repeats: int) -> dict:
     size = saved[-1].stat().st_size
     raw, block = folder / "raw.bin", os.urandom(CHUNK)
 
+    def from_disk(read: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for path in (saved[-1], raw):
+                drop_from_page_cache(path)
+            read()
+        return run
+
     def load(verify: bool = True) -> None:
         # Into a new optimizer, as a resumed run does: its momentum can stay mapped from the file (no copy), and
         # the mapping goes with the optimizer, so the next save's removal of this file frees its memory.
-        drop_from_page_cache(saved[-1])
         load_checkpoint(saved[-1], model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), ema=ema,
                         restore_rng=False, verify=verify)
 
     reads = ["load", "load_unchecked", "raw_read"]
 
     def order(round_index: int) -> list[str]:
-        # The first read after the two writes ran up to 2x slower than the same read later in the round, whatever
-        # it read (measured on a VM, 2026-12-06): each read comes first in turn, one round in three.
+        # Each read comes first in turn, one round in three, so that what the writes leave behind hits all alike.
         shift = round_index % len(reads)
         return ["save", "raw_write", *reads[shift:], *reads[:shift], "sha256"]
 
     seconds = interleaved({"save": lambda: save(state, next(iterations), folder, saved),
                            "raw_write": lambda: raw_write(raw, size, block),
-                           "load": load, "load_unchecked": lambda: load(verify=False),
-                           "raw_read": lambda: raw_read(raw),
+                           "load": from_disk(load), "load_unchecked": from_disk(lambda: load(verify=False)),
+                           "raw_read": from_disk(lambda: raw_read(raw)),
                            "sha256": lambda: sha256_of(size, block)}, repeats=repeats, warmup=1, order=order)
     raw.unlink()
     for file in folder.glob("checkpoint-*"):
