@@ -274,7 +274,7 @@ def search(args: argparse.Namespace) -> dict:
     state = {"method": method, "settings": settings, "held_out": held, "generation": 0, "scores": {},
              "populations": [], "seconds": 0.0}
     if state_path.exists():
-        saved = json.loads(state_path.read_text())
+        saved = _read_state(state_path, state)
         if changed := _changed_settings(saved, state):
             raise UserError(f"{state_path}: a search with other settings ({changed}); use another --output or "
                             "delete it")
@@ -287,6 +287,8 @@ def search(args: argparse.Namespace) -> dict:
     say = print if info.is_main else (lambda *a, **k: None)
     try:
         if state["generation"] < args.generations:
+            if state["generation"]:
+                say(f"resuming the search saved in {state_path} after generation {state['generation']}")
             _evolve(args, state, state_path, info, say, samples, bn_indices, score_indices, image_size,
                     num_classes, metadata)
         else:
@@ -309,6 +311,18 @@ def search(args: argparse.Namespace) -> dict:
 # The flags a search's result depends on; the last two are recorded as the command resolves them.
 _FLAG_SETTINGS = ("flops_min", "flops_max", "population", "top_k", "mutations", "mutation_prob", "crossovers",
                   "generations", "seed", "bn_images", "bn_batch_size", "score_images", "image_size", "supernet")
+
+
+def _read_state(path: Path, fresh: dict) -> dict:
+    """The saved state of a stopped search at `path`; UserError for a file this script did not write whole."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        saved = error
+    if not isinstance(saved, dict) or saved.keys() != fresh.keys():
+        raise UserError(f"{path}: not the state of a search this script saved (it is unreadable or has other "
+                        "contents); delete it, or give another --output")
+    return saved
 
 
 def _changed_settings(saved: dict, state: dict) -> str:

@@ -220,7 +220,16 @@ def test_more_generations_continue_a_search_and_other_settings_are_named(tmp_pat
     assert run(["search.py", "--supernet", checkpoint, "--output", str(output), *fewer]).returncode == 0
     result = run(["search.py", "--supernet", checkpoint, "--output", str(output), *SEARCH])
     assert result.returncode == 0, result.stderr
+    assert f"resuming the search saved in {output}.state.json after generation 1" in result.stdout
     assert json.loads(output.read_text())["architectures"] == json.loads(straight_search.read_text())["architectures"]
+    state = output.with_name("search.json.state.json")
+    for damaged in ('{"generation": 3', "[]", '{"generation": 3}'):
+        state.write_text(damaged)
+        refused = run(["search.py", "--supernet", checkpoint, "--output", str(output), *SEARCH])
+        assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr
+        assert f"{state}: not the state of a search this script saved" in refused.stderr
+    state.unlink()
+    assert run(["search.py", "--supernet", checkpoint, "--output", str(output), *fewer]).returncode == 0
     other = run(["search.py", "--supernet", checkpoint, "--output", str(output), *SEARCH, "--population", "5"])
     assert other.returncode == 2 and other.stderr.strip().count("\n") == 0
     assert "a search with other settings (--population 4 there, 5 here)" in other.stderr
