@@ -32,11 +32,13 @@ class UnsupportedProgramError(ExportVerificationError):
 
 
 def import_coremltools():
-    """coremltools, imported without its notices that the macOS-only runtime is absent. Its bare `except:` around
-    optional imports would swallow a Ctrl-C during the import: a Ctrl-C is held until the import is done."""
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """coremltools, imported without its notices that the macOS-only runtime is absent, nor torch's deprecation
+    notice for what the torchao it imports registers. Its bare `except:` around optional imports would swallow a
+    Ctrl-C during the import: a Ctrl-C is held until the import is done."""
+    loggers = [logging.getLogger(name) for name in ("coremltools", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     previous = signal.getsignal(signal.SIGINT)  # None: a handler set outside Python, which cannot be put back
     held = (threading.current_thread() is threading.main_thread() and "coremltools" not in sys.modules
             and previous is not None)
@@ -46,7 +48,8 @@ def import_coremltools():
     try:
         import coremltools
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
         if held:
             signal.signal(signal.SIGINT, previous)
     if signals:

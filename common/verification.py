@@ -27,6 +27,8 @@ DEFAULT_MIN_AGREEMENT = 0.9
 class ExportVerificationError(UserError):
     """An exported model that does not compute what the PyTorch model computes, or that cannot be checked."""
 
+    exit_status = 1  # found during the work, after the export: not a command refused before it
+
 
 @dataclass
 class VerificationReport:

@@ -313,3 +313,20 @@ def test_mean_kl_divergence_is_the_divergence_and_never_below_zero():
     reference = np.array([[-130.803, -121.440, 39.314, 74.856, -46.093, 200.950, 99.267, -109.158, 98.111, -54.342]])
     candidate = np.array([[-130.410, -121.516, 38.877, 75.387, -46.586, 200.567, 99.218, -108.471, 98.002, -55.614]])
     assert mean_kl_divergence(reference, candidate) >= 0
+
+
+def test_an_export_that_fails_verification_leaves_nothing_and_exits_1(oneshot, tmp_path, capsys):
+    """A failure found during the work ends with status 1, not the 2 of a command refused before any work, and
+    leaves no file at --output: logits beyond fp16's range (65504) overflow an fp16 Core ML program."""
+    state = {k: v.contiguous() for k, v in oneshot.state_dict().items()}
+    state["classifier.0.weight"] = state["classifier.0.weight"] * 1e5
+    weights = tmp_path / "huge_logits.safetensors"
+    save_file(state, str(weights), metadata={RELEASE_METADATA_KEY: json.dumps({"classes": CLASSES,
+                                                                                "image_size": SMALL})})
+    with pytest.raises(SystemExit) as stopped:
+        run_export(network("OneShot"), ["--weights", str(weights), "--output", str(tmp_path / "out.mlpackage")])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err  # coremltools' progress bars, then the one line
+    assert err.endswith("\nerror: out.mlpackage gives non-finite outputs (fp16): an overflow; try --precision fp32\n")
+    assert "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == [weights]
