@@ -351,6 +351,14 @@ def test_missing_weights_is_a_one_line_error(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_importing_coremltools_prints_nothing():
+    """Its import of torchao made torch log a deprecation notice (`W... <enum 'KernelPreference'> ...`) in every
+    Core ML export; nothing of it is the user's to act on."""
+    code = "from common.coreml_verify import import_coremltools; import_coremltools()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr
+
+
 def test_a_ctrl_c_during_the_coremltools_import_is_not_lost():
     """coremltools' bare `except:` around its `import sklearn` swallowed a Ctrl-C that came then, and the export ran
     on to exit 0 (the test below failed now and then). The signal is held until the import is done."""
