@@ -4,7 +4,6 @@ On macOS Core ML predicts. Elsewhere (Core ML prediction needs macOS) the packag
 and evaluated in torch as the runtime would: values stored in their declared dtypes, every operation in fp32."""
 from __future__ import annotations
 
-import logging
 import math
 import platform
 import signal
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.errors import library_notices_quieted
 from common.input_format import InputFormat
 from common.verification import (ExportVerificationError, VerificationReport, judge, make_test_images,
                                  reference_logits, top1_lead)
@@ -32,13 +32,8 @@ class UnsupportedProgramError(ExportVerificationError):
 
 
 def import_coremltools():
-    """coremltools, imported without its notices that the macOS-only runtime is absent, nor torch's deprecation
-    notice for what the torchao it imports registers. Its bare `except:` around optional imports would swallow a
-    Ctrl-C during the import: a Ctrl-C is held until the import is done."""
-    loggers = [logging.getLogger(name) for name in ("coremltools", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    """coremltools, imported without its notices about itself and the libraries it imports. Its bare `except:`
+    around optional imports would swallow a Ctrl-C during the import: a Ctrl-C is held until the import is done."""
     previous = signal.getsignal(signal.SIGINT)  # None: a handler set outside Python, which cannot be put back
     held = (threading.current_thread() is threading.main_thread() and "coremltools" not in sys.modules
             and previous is not None)
@@ -46,10 +41,9 @@ def import_coremltools():
     if held:
         signal.signal(signal.SIGINT, lambda signum, frame: signals.append(signum))
     try:
-        import coremltools
+        with library_notices_quieted():
+            import coremltools
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
         if held:
             signal.signal(signal.SIGINT, previous)
     if signals:

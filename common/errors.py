@@ -1,16 +1,19 @@
 """Errors a user can fix. Scripts print their message on one line and exit with status 2, no traceback; a full disk
 or a path that cannot be written during the work ends them with one line and status 1; a Ctrl-C with one line and
 status 130, as a shell reports an interrupted command; output piped into a reader that left (`| head`) quietly
-with status 141, as a shell reports a command its pipe stopped."""
+with status 141, as a shell reports a command its pipe stopped. Libraries' notices about themselves, which nobody
+can act on, are kept off the output."""
 from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import select
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 
 def listed(names: Sequence[str], shown: int = 3) -> str:
@@ -22,6 +25,25 @@ def listed(names: Sequence[str], shown: int = 3) -> str:
 # folder. Outputs are checked before the work starts (cli.prepare_output); these can still come during it.
 _FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT,
                        errno.ENOTDIR}
+
+
+# coremltools says that its macOS-only runtime is absent; torch logs a deprecation notice for what torchao (which
+# coremltools and ExecuTorch import) registers.
+_LIBRARY_NOTICE_LOGGERS = ("coremltools", "torch.utils._pytree")
+
+
+@contextmanager
+def library_notices_quieted() -> Iterator[None]:
+    """Only errors from the loggers of libraries' notices about themselves during the block."""
+    loggers = [logging.getLogger(name) for name in _LIBRARY_NOTICE_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class UserError(Exception):

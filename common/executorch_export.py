@@ -4,12 +4,19 @@ The program takes float RGB 0..255 images 1 x 3 x H x W (the input format built 
 the PT2E flow with XNNPACK's quantizer. The check runs the program in the ExecuTorch runtime itself."""
 from __future__ import annotations
 
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from common.errors import library_notices_quieted
 from common.input_format import InputFormat, Preprocess
 from common.verification import ExportVerificationError, VerificationReport, as_batch, judge, reference_logits
 
@@ -20,8 +27,9 @@ def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size
                       quantize: str | None = None, calibration: np.ndarray | None = None) -> Path:
     """Lower an eval-mode network with its input format to an XNNPACK-delegated .pte at `output`;
     quantize="int8" needs `calibration` images (RGB uint8 N x H x W x 3)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    with library_notices_quieted():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
 
     graph = nn.Sequential(Preprocess(input_format), model).eval()
     example = (torch.rand(1, 3, image_size, image_size) * 255,)
@@ -55,10 +63,12 @@ class ExecuTorchProgram:
     """A .pte loaded into the ExecuTorch runtime's Python bindings."""
 
     def __init__(self, path: str | Path) -> None:
-        from executorch.runtime import Runtime
+        with library_notices_quieted():
+            from executorch.runtime import Runtime
 
         try:
-            self.method = Runtime.get().load_program(str(path)).load_method("forward")
+            with runtime_notices_dropped():
+                self.method = Runtime.get().load_program(str(path)).load_method("forward")
         except RuntimeError as error:
             raise ExportVerificationError(f"{Path(path).name}: the ExecuTorch runtime cannot load it ({error})") \
                 from None
@@ -67,6 +77,31 @@ class ExecuTorchProgram:
         """Logits for RGB uint8 images N x H x W x 3, one image at a time (the program has batch 1)."""
         return np.concatenate([self.method.execute([as_batch(images[i:i + 1])])[0].clone().numpy()
                                for i in range(len(images))])
+
+
+# What the runtime's C++ code logs about the CPU and its threads, straight to stderr: nothing to act on.
+_RUNTIME_NOTICE = re.compile(rb"\[(cpuinfo_utils|threadpool)\.cpp:\d+\] ")
+
+
+@contextmanager
+def runtime_notices_dropped() -> Iterator[None]:
+    """What the block writes to file descriptor 2, where the runtime's C++ code logs, less the runtime's notices."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                held.seek(0)
+                kept = [line for line in held.read().splitlines(keepends=True) if not _RUNTIME_NOTICE.match(line)]
+                if kept:
+                    os.write(2, b"".join(kept))
+    finally:
+        os.close(saved)
 
 
 def verify_executorch(path: str | Path, model: nn.Module, input_format: InputFormat, images: np.ndarray, *,

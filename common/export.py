@@ -366,9 +366,10 @@ def _speed(kind: str, path: Path, model: nn.Module, input_format: InputFormat, i
     if kind == "executorch":
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-        from common.executorch_export import ExecuTorchProgram
+        from common.executorch_export import ExecuTorchProgram, runtime_notices_dropped
 
-        _unsafe_reset_threadpool(1)
+        with runtime_notices_dropped():
+            _unsafe_reset_threadpool(1)
         method = ExecuTorchProgram(path).method
         runs["export"] = lambda batch: method.execute([batch])
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from common.quantize import load_calibration_images
 from common.random_weights import calibrated_random_network
 from common.verification import (ExportVerificationError, judge, make_test_images, mean_kl_divergence,
                                  reference_logits)
-from conftest import network
+from conftest import REPO_ROOT, network
 
 SMALL = 64
 CLASSES = [f"class {i}" for i in range(10)]
@@ -256,6 +258,11 @@ def test_executorch_runtime(weights, calibration_dir, oneshot, tmp_path, capsys,
         assert (logits.argmax(1) == expected.argmax(1)).mean() >= 2 / 3
     else:
         np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.ptp(expected))
+    # The runtime's C++ code logs what it found of the CPU straight to stderr (five lines on loading a program in
+    # a new process): none of it reaches the user.
+    code = f"from common.executorch_export import ExecuTorchProgram; ExecuTorchProgram({str(output)!r})"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and loaded.stderr == "", loaded.stderr
 
 
 def test_fp16_judge_ignores_near_ties():
