@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"averaged {len(paths)} checkpoint(s) ({'EMA' if args.use_ema else 'model'} weights): {chosen_text} -> "
           f"{args.output} ({size / 1e6:.1f} MB, sha256 {file_sha256(args.output)}) in "
           f"{time.perf_counter() - started:.1f} s")
-    if any(key.endswith("running_mean") for key in averaged):
+    if len(paths) > 1 and any(key.endswith("running_mean") for key in averaged):  # one input: its own statistics
         _note(BATCHNORM_NOTE)
     return 0
 

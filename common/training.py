@@ -875,7 +875,7 @@ def _average_best(trainer: Trainer) -> None:
     _release_validated(trainer, output, f"val_average_best_{k}", metadata,
                        f"averaged the best {len(paths)} checkpoints")
     if not args.recompute_bn:
-        if trainer.info.is_main:
+        if trainer.info.is_main and len(paths) > 1:  # one checkpoint keeps its own statistics
             print(f"note: {BATCHNORM_NOTE}", file=sys.stderr)
         return
     _recalibrate_batchnorm(trainer, args.recompute_bn)

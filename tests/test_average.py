@@ -269,10 +269,16 @@ def test_command_line_best_k(tmp_path, capsys):
     output = tmp_path / "avg.safetensors"
     assert main(["--save", str(tmp_path), "--best", "2", "--metric", "top1", "--output", str(output),
                  "--no-progress"]) == 0
-    line = capsys.readouterr().out.strip()
+    out, err = capsys.readouterr()
+    line = out.strip()
     assert line.startswith("averaged 2 checkpoint(s) (model weights): checkpoint-0000000040.pth (top1 70.000), "
                            "checkpoint-0000000020.pth (top1 70.000)")
     assert f"sha256 {file_sha256(output)}" in line
+    assert "note: an average's BatchNorm statistics are means of its inputs'" in err
+    # The "average" of one checkpoint is that checkpoint, its BatchNorm statistics its own: no such note.
+    assert main(["--save", str(tmp_path), "--best", "1", "--metric", "top1", "--output", str(output),
+                 "--no-progress"]) == 0
+    assert "BatchNorm" not in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--save", str(tmp_path), "--best", "2", "--metric", "f1", "--output", str(output)])
     assert exit_info.value.code == 2
