@@ -301,13 +301,23 @@ class StopRequest(StopAtOnce):
 
     signals = _STOP_SIGNALS
     signal_name: str | None = None
+    # torchrun forwards the terminal's Ctrl-C to ranks that got it already, within milliseconds: a Ctrl-C that
+    # soon after the first is the same request, not the user's second.
+    SAME_REQUEST_SECONDS = 1.0
+
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce  # a terminal's Ctrl-C reaches every rank: one of them says what happens
+        self._first = 0.0
 
     def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise SignalStop(signum)
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: saving a checkpoint, then stopping (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        if self.signal_name is not None:
+            if signum == signal.SIGINT and time.monotonic() - self._first > self.SAME_REQUEST_SECONDS:
+                raise SignalStop(signum)
+            return
+        self.signal_name, self._first = signal.Signals(signum).name, time.monotonic()
+        if self.announce:
+            print(f"\n{self.signal_name}: saving a checkpoint, then stopping (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
 
 
 def format_duration(seconds: float) -> str:
@@ -620,7 +630,7 @@ def _run(network: ModuleType, recipe: Recipe, load_checkpoint: Callable[..., dic
         with StopAtOnce():
             trainer = build_trainer(network, recipe, load_checkpoint, args, info)
             if trainer.start_iteration < args.total_iters:
-                with StopRequest() as stop:
+                with StopRequest(announce=info.is_main) as stop:
                     completed = trainer.train(stop)
                     # A signal may come after the last check: every rank learns of it and stops with the others.
                     signals = [name for name in all_gather_objects(stop.signal_name, info) if name]

@@ -89,6 +89,27 @@ def test_two_ranks_demo_on_a_clean_data_folder(tmp_path):
     assert get_latest_model(tmp_path / "run")[1] == 2
 
 
+def test_a_ctrl_c_under_torchrun_is_announced_once_and_the_ranks_save_and_stop(tmp_path, image_folder):
+    """A terminal's Ctrl-C reaches torchrun and every rank: one line says what happens, not one per rank; the ranks
+    save a checkpoint and stop, and the command ends non-zero (torchrun reports the signal its own way)."""
+    command = torchrun("--train-dir", str(image_folder), "--save", str(tmp_path), *TINY, "--total-iters", "400",
+                       "--batch-size", "12", "--save-interval", "1000")
+    process = subprocess.Popen(command, cwd=REPO_ROOT / "OneShot", env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in process.stdout:
+        if "iter 2/400" in line:
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the ranks did not stop")
+    assert process.returncode != 0
+    assert err.count("SIGINT: saving a checkpoint, then stopping") == 1, err
+    assert 2 <= get_latest_model(tmp_path)[1] < 400 and "stopped at iteration" in out
+
+
 @pytest.mark.slow
 def test_average_best_under_two_ranks_scores_the_whole_val_set(tmp_path, image_folder):
     result = run_group(torchrun("--train-dir", str(image_folder), "--val-dir", str(image_folder), "--save",

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from common.checkpoint_store import get_latest_model
+from common.training import SignalStop, StopRequest
 from test_train import ONESHOT, train_command
 
 
@@ -81,3 +82,16 @@ def test_a_signal_after_the_schedule_stops_at_once(tmp_path, image_folder, signu
     assert process.returncode == status, err
     assert f"{signal.Signals(signum).name}: stopped at once" in err and "Traceback" not in err
     assert get_latest_model(tmp_path)[1] == 2  # the schedule's last checkpoint stays
+
+
+def test_a_second_ctrl_c_stops_at_once_but_a_forwarded_copy_of_the_first_does_not(monkeypatch):
+    """torchrun forwards the terminal's Ctrl-C to ranks that got it already, milliseconds later: that copy must not
+    count as the user's second Ctrl-C, which stops at once without saving."""
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # the forwarded copy
+        assert stop.signal_name == "SIGINT"
+        monkeypatch.setattr(StopRequest, "SAME_REQUEST_SECONDS", 0.0)
+        time.sleep(0.01)
+        with pytest.raises(SignalStop):
+            signal.raise_signal(signal.SIGINT)
