@@ -78,7 +78,8 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
                   "permissions and free space)", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
-            print("\nstopped (Ctrl-C)", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun the terminal's Ctrl-C reaches every rank
+                print("\nstopped (Ctrl-C)", file=sys.stderr)
             sys.exit(130)
 
     return wrapper

@@ -127,6 +127,39 @@ def test_average_best_under_two_ranks_scores_the_whole_val_set(tmp_path, image_f
     assert sum(r["split"] == "val_average_best_2_recomputed_bn" for r in records) == 1
 
 
+CTRL_C_SCRIPT = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from common.errors import exit_on_user_error
+
+@exit_on_user_error
+def main():
+    print("ready", flush=True)
+    time.sleep(120)
+
+main()
+"""
+
+
+def test_a_ctrl_c_under_torchrun_stops_every_rank_with_one_line(tmp_path):
+    """eval.py, search.py and the other scripts stop at once on a Ctrl-C; under torchrun each rank gets it, and one
+    `stopped (Ctrl-C)` says so for all."""
+    script = tmp_path / "script.py"
+    script.write_text(CTRL_C_SCRIPT.format(repo=str(REPO_ROOT)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(script)]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    ready = 0
+    for line in process.stdout:
+        ready += line.strip() == "ready"
+        if ready == 2:
+            os.killpg(process.pid, signal.SIGINT)
+            break
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and err.count("stopped (Ctrl-C)") == 1, err
+
+
 RESTARTED_GROUP = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
