@@ -7,6 +7,7 @@ Everything after `--` goes to train.py; each task is one rank, and SLURM's SIGUS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ def _check_train_args(model: str, train_args: list[str]) -> None:
 
 
 @exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Submit; with --cluster local or debug, also wait for the job and return its exit status."""
     args = build_parser().parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if not train_args:
@@ -103,9 +105,47 @@ def main(argv: list[str] | None = None) -> None:
         **({"mem_gb": args.mem_gb} if args.mem_gb else {}),
         **({"slurm_partition": args.partition} if args.partition else {}),
         **({"slurm_signal_delay_s": 120} if executor.cluster == "slurm" else {}))
-    job = executor.submit(TrainJob(args.model, train_args))
-    print(f"submitted job {job.job_id} ({executor.cluster}); logs in {Path(args.log_dir) / str(job.job_id)}")
+    try:
+        job = executor.submit(TrainJob(args.model, train_args))
+        print(f"submitted job {job.job_id} ({executor.cluster}); logs in {Path(args.log_dir) / str(job.job_id)}",
+              flush=True)
+        return _wait_for_ranks(job, args.nodes * args.gpus_per_node) if executor.cluster != "slurm" else 0
+    finally:
+        # submitit makes the folder as named, where only SLURM fills in %j: an empty "%j" is left elsewhere.
+        with contextlib.suppress(OSError):
+            (Path(args.log_dir) / "%j").rmdir()
+
+
+def _wait_for_ranks(job, ranks: int) -> int:
+    """Wait for a job whose ranks are processes of this machine and say how it ended, as torchrun would: UserError
+    (status 1) naming the first failed rank's last error line; else 0 when train.py finished on every rank."""
+    job.wait()
+    statuses = []
+    for rank in range(ranks):
+        task = job.task(rank)
+        try:
+            # A rank that exited (train.py's one-line errors do) leaves no result, and asking submitit for the
+            # result of such a task waits 15 s for it.
+            statuses.append(task.result() if task.paths.result_pickle.exists() else None)
+        except Exception:  # the rank raised: its log holds the traceback
+            statuses.append(None)
+        if statuses[-1] is None:
+            try:
+                lines = Path(task.paths.stderr).read_text(errors="replace").splitlines()
+            except OSError:
+                lines = []
+            said = next((line for line in reversed(lines) if line.strip()), "it wrote no error")
+            raise JobFailed(f"job {job.job_id}: rank {rank} failed: {said} (its log: {task.paths.stderr})")
+    print(f"job {job.job_id}: train.py {statuses[0]}" + ("" if len(set(statuses)) == 1 else f" on rank 0, "
+                                                         f"{', '.join(map(str, statuses[1:]))} on the others"))
+    return 0 if set(statuses) == {"finished"} else 1
+
+
+class JobFailed(UserError):
+    """A job that ended with an error on one of its ranks."""
+
+    exit_status = 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
