@@ -269,17 +269,15 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
     how = ("fast path (BatchNorm folded)" if fast else "plain path") + f", {runner.speed.describe()}"
     on = f"{info.world_size} x {info.device.type}" if info.distributed else str(info.device)
     if info.is_main:
-        print(f"{model_name}: {report.summary()}", flush=True)
-        print(f"{len(paths):,} images of {args.val_dir}, {image_size}px center crop of a "
-              f"{EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {how}"
+        print(f"{model_name}: {report.summary()}\n{len(paths):,} images of {args.val_dir}, {image_size}px center "
+              f"crop of a {EvalTransform(image_size).resize_size}px short side, input {input_format.describe()}; {how}"
               f"{', compiled' if args.compile else ''} on {on}", flush=True)
     results = evaluate(runner, None, loader, progress=info.is_main, keep_predictions=bool(args.predictions_csv))
     if not results["images"]:
         raise NothingEvaluated(f"--val-dir {args.val_dir}: none of its {results['skipped']} image(s) could be "
                                "decoded, so nothing was evaluated and no results were written")
     if args.predictions_csv:
-        every_rank = all_gather_objects(results.pop("predictions"), info)
-        results["predictions"] = {name: torch.cat([part[name] for part in every_rank]) for name in every_rank[0]}
+        results["predictions"] = _every_ranks_predictions(results.pop("predictions"), info)
     if not info.is_main:
         return results
     published = _comparable_published(network, classes, folders, metadata)
@@ -295,6 +293,11 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
     print(_summary_line(results, published), flush=True)
     warn_if_not_finite(results["loss"], "evaluation", runner.amp)
     return results
+
+
+def _every_ranks_predictions(predictions: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor]:
+    every_rank = all_gather_objects(predictions, info)
+    return {name: torch.cat([part[name] for part in every_rank]) for name in every_rank[0]}
 
 
 def _comparable_published(network: ModuleType, classes: list[str], folders: list[str], metadata: dict) -> dict | None:
