@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         job = executor.submit(TrainJob(args.model, train_args))
         print(f"submitted job {job.job_id} ({executor.cluster}); logs in {Path(args.log_dir) / str(job.job_id)}",
               flush=True)
-        return _wait_for_ranks(job, args.nodes * args.gpus_per_node) if executor.cluster != "slurm" else 0
+        if executor.cluster == "slurm":
+            return 0
+        return _wait_for_ranks(job, 1 if executor.cluster == "debug" else args.nodes * args.gpus_per_node)
     finally:
         # submitit makes the folder as named, where only SLURM fills in %j: an empty "%j" is left elsewhere.
         with contextlib.suppress(OSError):
@@ -119,14 +121,17 @@ def main(argv: list[str] | None = None) -> int:
 def _wait_for_ranks(job, ranks: int) -> int:
     """Wait for a job whose ranks are processes of this machine and say how it ended, as torchrun would: UserError
     (status 1) naming the first failed rank's last error line; else 0 when train.py finished on every rank."""
+    from submitit.local.debug import DebugJob
+
     job.wait()
     statuses = []
     for rank in range(ranks):
         task = job.task(rank)
+        # A rank that exited (train.py's one-line errors do) leaves no result file, and asking submitit for the
+        # result of such a task waits 15 s for it; the debug executor keeps its one result in memory.
+        kept = task.paths.result_pickle.exists() or isinstance(task, DebugJob)
         try:
-            # A rank that exited (train.py's one-line errors do) leaves no result, and asking submitit for the
-            # result of such a task waits 15 s for it.
-            statuses.append(task.result() if task.paths.result_pickle.exists() else None)
+            statuses.append(task.result() if kept else None)
         except Exception:  # the rank raised: its log holds the traceback
             statuses.append(None)
         if statuses[-1] is None:

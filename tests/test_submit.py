@@ -46,6 +46,14 @@ def test_a_local_two_rank_job_trains_and_saves(tmp_path, image_folder):
     assert len(logs) == 2 and any("of global batch 8 on 2 x cpu" in text for text in logs.values())
 
 
+def test_a_debug_job_runs_here_and_says_how_it_ended(tmp_path, image_folder):
+    result = submit("--model", "OneShot", "--cluster", "debug", "--log-dir", str(tmp_path / "logs"), "--",
+                    "--train-dir", str(image_folder), "--save", str(tmp_path / "run"), "--image-size", "32",
+                    "--batch-size", "8", "--workers", "0", "--total-iters", "1", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith(": train.py finished") and get_latest_model(tmp_path / "run")[1] == 1
+
+
 def test_a_local_job_that_fails_ends_with_its_error_in_one_line_and_status_1(tmp_path):
     result = submit("--model", "OneShot", "--cluster", "local", "--gpus-per-node", "2", "--log-dir",
                     str(tmp_path / "logs"), "--", "--train-dir", str(tmp_path / "absent"), "--save",
