@@ -359,10 +359,10 @@ def _evolve(args, state, state_path, info, say, samples, bn_indices, score_indic
                                                for i in range(0, len(score_indices), args.batch_size)],
                                    args.workers, image_size)
     scorer = Scorer(model, preprocess, bn_batches, score_batches, device)
-    say(f"OneShot {state['method']} search: {args.generations} generation{'s' * (args.generations > 1)} of {args.population}, FLOPs "
-        f"{args.flops_min / 1e6:g}M-{args.flops_max / 1e6:g}M; BN statistics from {len(bn_indices)} training "
-        f"images, scores on {len(score_indices)} of {state['held_out']['images']} held-out images "
-        f"({time.perf_counter() - started:.0f} s to decode them); {info.world_size} x {device}")
+    say(f"OneShot {state['method']} search: {args.generations} generation{'s' * (args.generations > 1)} of "
+        f"{args.population}, FLOPs {args.flops_min / 1e6:g}M-{args.flops_max / 1e6:g}M; BN statistics from "
+        f"{len(bn_indices)} training images, scores on {len(score_indices)} of {state['held_out']['images']} "
+        f"held-out images ({time.perf_counter() - started:.0f} s to decode them); {info.world_size} x {device}")
     run_start, done_here = time.perf_counter(), 0
     while state["generation"] < args.generations:
         generation = state["generation"]

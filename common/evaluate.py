@@ -213,9 +213,9 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
                         help="val images in ImageFolder layout, one sub-folder per class named by ImageNet wnid "
                              "(or by the class names a checkpoint of this project was trained on)")
     add_data_arguments(parser, batch_size=100)
-    parser.add_argument("--limit", type=positive_int, metavar="N",
+    parser.add_argument("--num-val-images", "--limit", dest="limit", type=positive_int, metavar="N",
                         help="evaluate only the first N images of the fixed evaluation order (spread over the "
-                             "classes)")
+                             "classes; export.py spells it the same)")
     parser.add_argument("--results-json", metavar="FILE",
                         help="write metrics, model, weights SHA-256, params, MACs, input format and library "
                              "versions to FILE")

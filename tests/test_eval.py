@@ -622,3 +622,11 @@ def test_a_nan_or_overflowing_output_is_said_in_words(oneshot_eval, oneshot_file
         "values in the weights or BatchNorm statistics), so the errors above count arbitrary predictions for them")
     oneshot_eval.main(["--weights", str(oneshot_file), *argv])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_number_of_val_images_is_spelled_as_in_export_py():
+    from common.evaluate import build_parser
+
+    for spelling in ("--num-val-images", "--limit"):  # --limit: the earlier spelling, still accepted
+        args = build_parser("OneShot").parse_args(["--weights", "w.pth", "--val-dir", "val", spelling, "3"])
+        assert args.limit == 3
