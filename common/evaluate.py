@@ -33,7 +33,7 @@ from common.hardware import AMP_CHOICES
 from common.imagenet import CLASS_MAP_HELP, class_to_index_for, imagenet_wnids, output_names
 from common.inference import InferenceModel, InferenceRunner, prepare_inference_model
 from common.input_format import InputFormat, Preprocess, add_input_format_arguments, input_format_from_args
-from common.model_state import check_model_folder, read_checkpoint_metadata, read_weights_file
+from common.model_state import check_model_folder, output_classes, read_checkpoint_metadata, read_weights_file
 from common.models import create_network_for
 
 TOP_K = 5
@@ -247,8 +247,7 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
 def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, load_checkpoint: Callable[..., object],
               info: DistInfo) -> dict:
     weights, metadata, image_size, input_format = read_weights_for(network, args, "eval.py")
-    classes = metadata.get("classes") or imagenet_wnids()
-    num_classes = metadata.get("num_classes") or len(classes)
+    num_classes, classes = output_classes(network, weights, metadata)
     # The val folder is checked before the network is built: large models take seconds to build and load.
     folders = scan_image_folder(args.val_dir, "--val-dir")[1]
     loader, _, paths = build_eval_loader(args.val_dir, crop_size=image_size, batch_size=args.batch_size,

@@ -484,12 +484,20 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
 
 def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace) -> _Job:
     """What to export and where, from the flags and the weights' metadata; one-line errors for what cannot be."""
-    from common.model_state import check_model_folder, read_checkpoint_metadata
+    from common.imagenet import imagenet_wnids
+    from common.model_state import check_model_folder, output_classes, read_checkpoint_metadata, read_weights_file
 
     weights = Path(args.weights)
     stored = read_checkpoint_metadata(weights)
     check_model_folder(f"--weights {weights}", stored, model_name, "export.py")
-    imagenet = not stored.get("classes")
+    classes = stored.get("classes")
+    if not classes:  # a plain state dict: its classifier's rows tell how many outputs it has
+        try:
+            classes = output_classes(network_module, read_weights_file(weights, trust_pickle=args.trust_pickle),
+                                     stored)[1]
+        except UserError:  # refused where the weights are loaded, after the flags and folders are checked
+            classes = imagenet_wnids()
+    imagenet = classes == imagenet_wnids()
     stored_format = stored.get("input_format")
     input_format = input_format_from_args(args, InputFormat.from_dict(stored_format) if stored_format
                                           else network_module.INPUT_FORMAT)
@@ -504,7 +512,7 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
     if output.suffix != suffix:
         raise UserError(f"--output {output} must end in {suffix} for --format {args.format}")
     _check_replaceable(output, args.format)
-    return _Job(model_name, weights, stored, imagenet_short_names() if imagenet else list(stored["classes"]),
+    return _Job(model_name, weights, stored, imagenet_short_names() if imagenet else list(classes),
                 imagenet, input_format, image_size, output, variant, bool(args.compress or args.quantize),
                 network_module.PUBLISHED if imagenet and not stored.get("architecture") else None)
 

@@ -77,10 +77,11 @@ def read_class_map(path: str | Path, expected: Sequence[str]) -> dict[str, int]:
 
 
 def class_to_index_for(val_classes: Sequence[str], expected: Sequence[str],
-                       class_map_file: str | Path | None = None) -> dict[str, int]:
+                       class_map_file: str | Path | None = None, offer_class_map: bool = True) -> dict[str, int]:
     """{class folder: the network output it stands for}, matched by `class_map_file`, else by name in `expected` (the
-    output names). Every output index is covered once, as common.data.scan_image_folder requires: an output no folder
-    stands for keeps its name, or a placeholder when a mapped folder took that name."""
+    output names); `offer_class_map`: the script has --class-map. Every output index is covered once, as
+    common.data.scan_image_folder requires: an output no folder stands for keeps its name, or a placeholder when a
+    mapped folder took that name."""
     mapping = read_class_map(class_map_file, expected) if class_map_file else {}
     index_of = {name: index for index, name in enumerate(expected)}
     labels = {folder: mapping.get(folder, index_of.get(folder)) for folder in val_classes}
@@ -90,9 +91,9 @@ def class_to_index_for(val_classes: Sequence[str], expected: Sequence[str],
                     "(n01440764, n01443537, ...); name the folders by wnid")
         else:
             what = f"are not among the {len(expected)} classes the weights were trained on ({listed(expected, 4)})"
-        hint = "add them to --class-map" if class_map_file else "or pass --class-map FILE"
+        hint = ("add them to --class-map" if class_map_file else "or pass --class-map FILE") if offer_class_map else ""
         raise ClassMapError(f"--val-dir: {len(unknown)} of {len(val_classes)} class folders ({listed(unknown, 4)}) "
-                            f"{what}, {hint}")
+                            f"{what}{', ' + hint if hint else ''}")
     folder_of: dict[int, str] = {}
     for folder, index in labels.items():
         if (other := folder_of.setdefault(index, folder)) != folder:

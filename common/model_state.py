@@ -220,6 +220,16 @@ def classifier_rows(network: Any, weights: Any) -> int:
     return 1000 if rows is None else rows
 
 
+def output_classes(network: Any, weights: Any, metadata: Mapping) -> tuple[int, list[str]]:
+    """(number of outputs, their class names) of a weights object: its metadata's, else its classifier's rows, named
+    by ImageNet's wnids when there are 1000 and "output i" otherwise (a plain state dict names no classes)."""
+    from common.imagenet import imagenet_wnids, output_names
+
+    num_classes = metadata.get("num_classes") or classifier_rows(network, weights)
+    classes = metadata.get("classes") or (imagenet_wnids() if num_classes == 1000 else output_names([], num_classes))
+    return num_classes, list(classes)
+
+
 def _classifier_rows(state: Mapping[str, torch.Tensor], classifier: str) -> int | None:
     rows = [value.shape[0] for key, value in state.items() if _under(key, classifier) and value.dim() == 2]
     return rows[-1] if rows else None

@@ -21,10 +21,10 @@ from common.data import EvalTransform, collate_skip_corrupt_with_indices
 from common.distributed import launched_world_size, resolve_device
 from common.errors import UserError, exit_on_user_error
 from common.evaluate import NothingEvaluated, add_data_arguments, add_model_arguments, read_weights_for
-from common.imagenet import imagenet_wnids, output_names
+from common.imagenet import output_names
 from common.inference import prepare_inference_model
 from common.input_format import InputFormat, Preprocess
-from common.model_state import classifier_rows, load_model_state
+from common.model_state import load_model_state, output_classes
 from common.models import create_network_for
 
 
@@ -165,8 +165,7 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
         raise UserError(f"no image files in {' '.join(args.paths)}")
 
     weights, metadata, image_size, input_format = read_weights_for(network, args, "predict.py")
-    num_classes = metadata.get("num_classes") or classifier_rows(network, weights)
-    classes = metadata.get("classes") or (imagenet_wnids() if num_classes == 1000 else [])
+    num_classes, classes = output_classes(network, weights, metadata)
     names = read_class_names(args.class_names, num_classes) if args.class_names else output_names(classes, num_classes)
     # Once the inputs are known good, so that a mistyped command leaves no folder behind.
     prepare_output("--predictions-json", args.predictions_json)

@@ -79,8 +79,8 @@ def load_labelled_images(folder: str | Path, classes: list[str], image_size: int
     from common.imagenet import class_to_index_for
 
     folders = scan_image_folder(folder, "--val-dir")[1]
-    samples = _spread(scan_image_folder(folder, "--val-dir", class_to_index=class_to_index_for(folders, classes))[0],
-                      limit)
+    class_to_index = class_to_index_for(folders, classes, offer_class_map=False)  # export.py has no --class-map
+    samples = _spread(scan_image_folder(folder, "--val-dir", class_to_index=class_to_index)[0], limit)
     read = list(_eval_images([path for path, _ in samples], image_size))
     if not read:
         raise UserError(f"--val-dir {folder}: none of its {len(samples)} images could be read")

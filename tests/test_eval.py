@@ -23,6 +23,7 @@ from common.checkpoint import get_training_state
 from common.counting import count_macs
 from common.data import EvalTransform
 from common.demo_data import DEMO_CLASSES, make_image_folder
+from common.export import run_export
 from common.evaluate import build_parser, evaluate
 from common.imagenet import ClassMapError, class_to_index_for, imagenet_names, imagenet_wnids
 from common.inference import InferenceModel, InferenceRunner, fold_batchnorm, prepare_inference_model
@@ -630,3 +631,29 @@ def test_the_number_of_val_images_is_spelled_as_in_export_py():
     for spelling in ("--num-val-images", "--limit"):  # --limit: the earlier spelling, still accepted
         args = build_parser("OneShot").parse_args(["--weights", "w.pth", "--val-dir", "val", spelling, "3"])
         assert args.limit == 3
+
+
+def test_a_plain_state_dict_of_other_classes_has_the_outputs_of_its_classifier(oneshot_eval, image_folder, tmp_path,
+                                                                                 capsys):
+    """A state dict saved by hand names no classes: its classifier's rows say how many outputs it has (3 here), not
+    ImageNet's 1000; eval.py said the weights predicted the 1000 ImageNet classes, and export.py built 1000 outputs
+    and refused the file. Its outputs are matched to class folders with --class-map."""
+    weights = tmp_path / "three.pth"
+    torch.save(network("OneShot").create_network(3).state_dict(), weights)
+    argv = ["--weights", str(weights), "--val-dir", str(image_folder), "--image-size", "32", "--workers", "0"]
+    error = expect_user_error(capsys, oneshot_eval.main, argv)
+    assert "are not among the 3 classes the weights were trained on (output 0, output 1, output 2)" in error
+    class_map = tmp_path / "classes.txt"
+    class_map.write_text("".join(f"{folder.name} {index}\n"
+                                 for index, folder in enumerate(sorted(image_folder.iterdir()))))
+    assert oneshot_eval.main([*argv, "--class-map", str(class_map)])["images"] == 24
+    output = tmp_path / "three.onnx"
+    assert run_export(network("OneShot"), ["--weights", str(weights), "--format", "onnx", "--image-size", "32",
+                                           "--output", str(output)]) == 0
+    assert output.is_file()
+    # export.py has no --class-map: its refusal of such a --val-dir does not offer one.
+    with pytest.raises(SystemExit):
+        run_export(network("OneShot"), ["--weights", str(weights), "--format", "onnx", "--image-size", "32",
+                                        "--output", str(output), "--val-dir", str(image_folder)])
+    error = capsys.readouterr().err
+    assert "are not among the 3 classes the weights were trained on" in error and "--class-map" not in error
