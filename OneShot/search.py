@@ -317,8 +317,8 @@ def _read_state(path: Path, fresh: dict) -> dict:
     """The saved state of a stopped search at `path`; UserError for a file this script did not write whole."""
     try:
         saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        saved = error
+    except (OSError, UnicodeDecodeError, ValueError):
+        saved = None
     if not isinstance(saved, dict) or saved.keys() != fresh.keys():
         raise UserError(f"{path}: not the state of a search this script saved (it is unreadable or has other "
                         "contents); delete it, or give another --output")

@@ -27,10 +27,10 @@ from common.errors import UserError, exit_on_user_error, listed
 from common.release import shareable_metadata, write_release
 from common.model_state import extract_model_state, read_checkpoint_metadata, read_weights_file
 
-BATCHNORM_NOTE = ("an average's BatchNorm statistics are means of its inputs' and do not fit its weights: "
-                  "re-estimate them before judging it, by running the training command again with "
-                  "--average-best K --recompute-bn N (at the end of a finished run it only averages the best K "
-                  "checkpoints and re-estimates over N training batches, e.g. 200)")
+_BATCHNORM_NOTE = ("an average's BatchNorm statistics are means of its inputs' and do not fit its weights: "
+                   "re-estimate them before judging it, by running the training command again with "
+                   "--average-best K --recompute-bn N (at the end of a finished run it only averages the best K "
+                   "checkpoints and re-estimates over N training batches, e.g. 200)")
 # Elements per slice when summing: 256 kB of float64 fits a core's cache, and torch's grain size, below which an op
 # runs on one thread (a busy machine's other threads slow every parallel op down).
 _CHUNK = 1 << 15
@@ -327,14 +327,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"averaged {len(paths)} checkpoint(s) ({'EMA' if args.use_ema else 'model'} weights): {chosen_text} -> "
           f"{args.output} ({size / 1e6:.1f} MB, sha256 {file_sha256(args.output)}) in "
           f"{time.perf_counter() - started:.1f} s")
-    if len(paths) > 1 and any(key.endswith("running_mean") for key in averaged):  # one input: its own statistics
-        _note(BATCHNORM_NOTE)
+    if any(key.endswith("running_mean") for key in averaged):
+        note_batchnorm_statistics(len(paths))
     return 0
 
 
 def _describe(path: Path, metrics: Mapping, metric: str) -> str:
     value = metric_value(metrics, metric)
     return path.name if value is None else f"{path.name} ({metric} {value:.3f})"
+
+
+def note_batchnorm_statistics(inputs: int) -> None:
+    """The note that an average's BatchNorm statistics need re-estimating; an "average" of one input keeps its own."""
+    if inputs > 1:
+        _note(_BATCHNORM_NOTE)
 
 
 def _note(message: str) -> None:

@@ -428,6 +428,7 @@ class _Job:
     variant: str
     compressed: bool
     published: dict | None  # the published ImageNet errors, where these weights are the released network's
+    contents: object = None  # the file as read, where its classes had to be counted: it is not read twice
 
 
 @exit_on_user_error
@@ -446,7 +447,8 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     prepare_output("--output", job.output)  # after the inputs: a mistyped command leaves no folder behind
     prepare_output("--results-json", args.results_json)
     model = create_network_for(network_module, len(job.class_names), job.stored)
-    load_model_state(model, job.weights, for_inference=True, trust_pickle=args.trust_pickle, use_ema=args.use_ema)
+    load_model_state(model, job.weights if job.contents is None else job.contents, for_inference=True,
+                     trust_pickle=args.trust_pickle, use_ema=args.use_ema, source_name=str(job.weights))
     model.eval()
     print(f"{model_name}: exporting {job.weights.name} to {args.format} ({job.variant}, {job.image_size}x"
           f"{job.image_size}, input {job.input_format.describe()})", flush=True)
@@ -490,13 +492,13 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
     weights = Path(args.weights)
     stored = read_checkpoint_metadata(weights)
     check_model_folder(f"--weights {weights}", stored, model_name, "export.py")
-    classes = stored.get("classes")
+    classes, contents = stored.get("classes"), None
     if not classes:  # a plain state dict: its classifier's rows tell how many outputs it has
         try:
-            classes = output_classes(network_module, read_weights_file(weights, trust_pickle=args.trust_pickle),
-                                     stored)[1]
+            contents = read_weights_file(weights, trust_pickle=args.trust_pickle)
+            classes = output_classes(network_module, contents, stored)[1]
         except UserError:  # refused where the weights are loaded, after the flags and folders are checked
-            classes = imagenet_wnids()
+            classes, contents = imagenet_wnids(), None
     imagenet = classes == imagenet_wnids()
     stored_format = stored.get("input_format")
     input_format = input_format_from_args(args, InputFormat.from_dict(stored_format) if stored_format
@@ -514,7 +516,7 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
     _check_replaceable(output, args.format)
     return _Job(model_name, weights, stored, imagenet_short_names() if imagenet else list(classes),
                 imagenet, input_format, image_size, output, variant, bool(args.compress or args.quantize),
-                network_module.PUBLISHED if imagenet and not stored.get("architecture") else None)
+                network_module.PUBLISHED if imagenet and not stored.get("architecture") else None, contents)
 
 
 def _read_images(args: argparse.Namespace, job: _Job) -> tuple[tuple[np.ndarray, np.ndarray] | None,

@@ -874,7 +874,8 @@ def _recalibrate_batchnorm(trainer: Trainer, num_batches: int) -> None:
 
 
 def _average_best(trainer: Trainer) -> None:
-    from common.average import BATCHNORM_NOTE, average_checkpoints, average_metadata, select_best_checkpoints
+    from common.average import (average_checkpoints, average_metadata, note_batchnorm_statistics,
+                                select_best_checkpoints)
     args, k = trainer.args, trainer.args.average_best
     paths = [c.path for c in select_best_checkpoints(args.save, k, "top1_error", lower_is_better=True)]
     output = Path(args.save) / f"average-best-{k}.safetensors"
@@ -885,8 +886,8 @@ def _average_best(trainer: Trainer) -> None:
     _release_validated(trainer, output, f"val_average_best_{k}", metadata,
                        f"averaged the best {len(paths)} checkpoints")
     if not args.recompute_bn:
-        if trainer.info.is_main and len(paths) > 1:  # one checkpoint keeps its own statistics
-            print(f"note: {BATCHNORM_NOTE}", file=sys.stderr)
+        if trainer.info.is_main:
+            note_batchnorm_statistics(len(paths))
         return
     _recalibrate_batchnorm(trainer, args.recompute_bn)
     metadata["batchnorm_statistics"] = f"re-estimated over {args.recompute_bn} training batches"
