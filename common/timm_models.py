@@ -13,7 +13,7 @@ from torch import nn
 
 from common.backbone import ClassifierNetwork, drop_side_heads
 from common.input_format import InputFormat
-from common.model_state import extract_model_state
+from common.model_state import extract_model_state, read_weights_file
 from common.models import create_network_for, load_network_module
 from common.pretrained import MODEL_NAMES, metadata_for, pretrained_state
 from common.tensor_pack import unpack_tensors
@@ -64,9 +64,16 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
     # The network the file describes (a searched OneShot's architecture, its classes): timm builds before it loads,
     # and keeps a file's classifier only where the config's number of classes is the model's.
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    metadata = metadata_for(folder, overlay["file"], overlay["file"]) if pretrained and overlay.get("file") else {}
-    if metadata.get("num_classes"):
-        kwargs["pretrained_cfg_overlay"] = {"num_classes": metadata["num_classes"], **overlay}
+    metadata = {}
+    if pretrained and overlay.get("file"):
+        # The file is read here, with this project's checks and one-line errors, and handed to timm as a state dict:
+        # timm's own torch.load would fail on a foreign file with a bare unpickling error.
+        contents = read_weights_file(overlay["file"])
+        metadata = metadata_for(folder, contents, overlay["file"])
+        overlay = {**overlay, "state_dict": contents}
+        if metadata.get("num_classes"):
+            overlay = {"num_classes": metadata["num_classes"], **overlay}
+        kwargs["pretrained_cfg_overlay"] = overlay
 
     def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", drop_rate: float | None = None,
               drop_path_rate: float | None = None, side_heads: bool = False) -> ClassifierNetwork:
@@ -84,8 +91,11 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
             model.input_format = timm_input_format(network.INPUT_FORMAT)
         return model
 
-    return build_model_with_cfg(build, name, pretrained, pretrained_filter_fn=_filter_fn,
-                                feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}, **kwargs)
+    model = build_model_with_cfg(build, name, pretrained, pretrained_filter_fn=_filter_fn,
+                                 feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}, **kwargs)
+    for module in model.modules():  # the configs keep no reference to the file's tensors
+        getattr(module, "pretrained_cfg", {}).pop("state_dict", None)
+    return model
 
 
 @register_model

@@ -15,7 +15,7 @@ import torch
 import common.timm_models  # noqa: F401  (registers the models with timm)
 from common.errors import UserError
 from common.input_format import Preprocess
-from common.model_state import load_model_state
+from common.model_state import WeightsFileError, load_model_state
 from common.pretrained import create_model
 from common.release import write_release
 from conftest import REPO_ROOT, network, released_state_dict
@@ -90,6 +90,16 @@ def test_a_file_of_another_network_is_named_as_such_by_hub_and_timm(tmp_path):
         timm.create_model("shufflenetv2_large", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
 
 
+def test_a_file_that_is_not_weights_is_refused_in_one_line_by_hub_and_timm(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("hi\n")  # timm's own torch.load would fail on it with a bare KeyError from the unpickler
+    message = "is not a PyTorch or safetensors weights file"
+    with pytest.raises(WeightsFileError, match=message):
+        torch.hub.load(str(REPO_ROOT), "oneshot", source="local", weights=str(path))
+    with pytest.raises(WeightsFileError, match=message):
+        timm.create_model("shufflenetv2_large", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+
+
 @pytest.mark.parametrize("model", ["OneShot", "ShuffleNetV2.Large", "ShuffleNetV2.ExLarge"])
 def test_timm_create_model_equals_create_network_and_eval_loading(tmp_path, model):
     path = released_file(tmp_path, model)
@@ -106,6 +116,7 @@ def test_timm_create_model_equals_create_network_and_eval_loading(tmp_path, mode
     assert config["crop_pct"] == pytest.approx(224 / 256)
     cfg = created.pretrained_cfg
     assert cfg["num_classes"] == 1000 and cfg["first_conv"] and cfg["classifier"]
+    assert "state_dict" not in cfg  # the file's tensors are not held by the config
     created.get_submodule(cfg["first_conv"])
     created.get_submodule(cfg["classifier"])
 
