@@ -79,8 +79,19 @@ fraction = checked(float, lambda value: 0 <= value <= 1, "must be between 0 and 
 multiple_of_32 = checked(int, lambda value: value >= 32 and value % 32 == 0,
                      "use a multiple of 32 such as 224 (the networks halve the resolution five times; at other sizes "
                      "the halvings pad unevenly)")
-mac_count = checked(_macs, lambda value: 0 <= value < math.inf,
-                    "give a number of multiply-accumulates, 0 or more, such as 330e6 or 330M")
+_any_mac_count = checked(_macs, lambda value: 0 <= value < math.inf,
+                         "give a number of multiply-accumulates, 0 or more, such as 330e6 or 330M")
+
+
+def mac_count(text: str) -> float:
+    """An argparse type for multiply-accumulates (330M, 0.1G, 330e6); a count between 0 and 1M is refused, as it
+    is a unit left out (`330` for 330M) rather than a budget any of these networks could meet."""
+    value = _any_mac_count(text)
+    if 0 < value < 1e6:
+        example = f"{text}M" if text[-1:].isdigit() else "330M"
+        raise argparse.ArgumentTypeError(f"{text}: {value:g} multiply-accumulates, fewer than any network here; "
+                                         f"give millions with M, such as {example}")
+    return value
 
 
 def existing_folder(text: str) -> str:

@@ -328,6 +328,14 @@ def test_a_budget_that_is_not_a_number_is_refused_when_parsed_before_any_work(tm
     assert not (tmp_path / "x").exists()
 
 
+def test_a_budget_without_its_unit_is_refused_with_the_unit_to_add(tmp_path, image_folder):
+    result = run(["train_supernet.py", "--train-dir", str(image_folder), "--save", str(tmp_path / "x"), *SUPERNET,
+                  "--flops-max", "330"])
+    assert result.returncode == 2 and not (tmp_path / "x").exists()
+    assert result.stderr.strip() == ("error: --flops-max 330: 330 multiply-accumulates, fewer than any network here; "
+                                     "give millions with M, such as 330M")
+
+
 def test_a_budget_reads_as_the_scripts_print_it():
     args = search.build_parser().parse_args(["--flops-max", "330M", "--flops-min", "0.1G"])
     assert (args.flops_max, args.flops_min) == (330e6, 100e6)
