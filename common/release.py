@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
-import safetensors.torch
 import torch
 
-from common.atomic_io import atomic_output, atomic_write_text, file_sha256
+from common.atomic_io import atomic_write, atomic_write_text
 from common.checkpoint_store import to_plain
 from common.cli import ArgumentParser, add_weights_arguments, prepare_output
 from common.errors import UserError, exit_on_user_error
@@ -52,9 +51,10 @@ def shareable_metadata(metadata: dict) -> dict:
 
 def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict) -> str:
     """Write a weights file to share (`.safetensors` with `metadata` as JSON, any other name a torch.save state dict)
-    and `OUT.sha256` beside it, both atomically; returns the SHA-256. The one writer of releases and averages."""
+    and `OUT.sha256` beside it, both atomically; returns the SHA-256. The one writer of releases and averages. The
+    same weights and metadata give the same bytes, so a release made again has the same SHA-256."""
     output = Path(output)
-    # safetensors stores dense row-major tensors (a channels_last network's are not) with storages of their own.
+    # Dense row-major tensors (a channels_last network's are not), each with a storage of its own for torch.save.
     released, storages = {}, set()
     for name, tensor in weights.items():
         tensor = tensor.detach().cpu().contiguous()
@@ -64,22 +64,38 @@ def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict
         released[name] = tensor
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(output) as temporary:
-            if output.suffix == ".safetensors":
-                # safetensors creates its files 0600; give the file the umask's mode, like every other output.
-                with open(temporary, "xb"):
-                    mode = os.stat(temporary).st_mode & 0o777
-                safetensors.torch.save_file(released, temporary, metadata={
-                    "format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata, default=str)})
-                os.chmod(temporary, mode)
-            else:
-                torch.save(released, temporary)
-            digest = file_sha256(temporary)
+        if output.suffix == ".safetensors":
+            metadata = {"format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata, default=str)}
+            digest = atomic_write(output, lambda file: _write_safetensors(file, released, metadata))[0]
+        else:
+            digest = atomic_write(output, lambda file: torch.save(released, file))[0]
         atomic_write_text(output.with_name(output.name + ".sha256"), f"{digest}  {output.name}\n")
     except OSError as error:
         raise UserError(f"could not write {output}: {error.strerror or error}; check the folder and free space") \
             from error
     return digest
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(file: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors layout, written here with its header in one fixed order: safetensors' own writer orders the
+    metadata by a hash map, so the same release came out with other bytes, and another SHA-256, each time."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+    file.write(len(text).to_bytes(8, "little") + text)
+    for name in sorted(tensors):
+        file.write(tensors[name].reshape(-1).view(torch.uint8).numpy().data)
 
 
 @exit_on_user_error

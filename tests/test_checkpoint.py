@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import released_state_dict
+from conftest import REPO_ROOT, released_state_dict
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
@@ -476,6 +478,23 @@ def test_release_of_a_2019_file(tmp_path, capsys):
     weights = read_weights_file(output)
     assert weights.keys() == state.keys() and all(torch.equal(weights[k], v) for k, v in state.items())
     assert "a OneShot state dict with 1000 classes" in capsys.readouterr().out
+
+
+def test_a_release_made_again_has_the_same_bytes(tmp_path):
+    source = tmp_path / "weights.pth"
+    weights = {"conv.weight": torch.randn(4, 3, 3, 3), "half": torch.randn(5).to(torch.bfloat16),
+               "fp16": torch.randn(2, 2).half(), "bn.num_batches_tracked": torch.tensor(7), "mask": torch.rand(3) > 0.5}
+    torch.save(weights, source)
+    outputs = [tmp_path / f"release-{i}.safetensors" for i in range(3)]
+    for output in outputs:  # two processes: safetensors' own writer ordered the metadata by a per-process hash map
+        subprocess.run([sys.executable, "-m", "common.release", str(source), "--output", str(output)], cwd=REPO_ROOT,
+                       check=True, capture_output=True)
+    assert outputs[0].read_bytes() == outputs[1].read_bytes() == outputs[2].read_bytes()
+    released = safetensors.torch.load_file(outputs[0])
+    assert released.keys() == weights.keys()
+    assert all(released[k].dtype == v.dtype and torch.equal(released[k], v) for k, v in weights.items())
+    (tmp_path / "plain").touch()  # the mode every other output gets (safetensors' writer made files 0600)
+    assert outputs[0].stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_release_refuses_unsafe_and_wrong_input(tmp_path, capsys):
