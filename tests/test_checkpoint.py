@@ -24,7 +24,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
 
-from common import atomic_io, checkpoint, checkpoint_store, tensor_pack
+from common import atomic_io, checkpoint, checkpoint_store, release, tensor_pack
 from common.checkpoint import get_training_state, load_checkpoint
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointError, CheckpointWarning, CheckpointWriteError,
                                      get_latest_model, list_checkpoints, save_checkpoint, verify_checkpoint)
@@ -495,6 +495,30 @@ def test_a_release_made_again_has_the_same_bytes(tmp_path):
     assert all(released[k].dtype == v.dtype and torch.equal(released[k], v) for k, v in weights.items())
     (tmp_path / "plain").touch()  # the mode every other output gets (safetensors' writer made files 0600)
     assert outputs[0].stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_a_disk_that_fills_during_a_release_ends_it_with_status_1_and_the_earlier_release_intact(
+        tmp_path, monkeypatch, capsys):
+    source = tmp_path / "weights.pth"
+    torch.save({"w": torch.randn(64)}, source)
+    output = tmp_path / "release.safetensors"
+    assert release_main([str(source), "--output", str(output)]) == 0
+    before = output.read_bytes(), (tmp_path / "release.safetensors.sha256").read_text()
+    written = release._write_safetensors
+
+    def fills_the_disk(file, *args):
+        written(file, *args)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(release, "_write_safetensors", fills_the_disk)
+    with pytest.raises(SystemExit) as stopped:
+        release_main([str(source), "--output", str(output)])
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1 and len(error.splitlines()) == 1
+    assert error.startswith(f"error: {output}: No space left on device")
+    assert (output.read_bytes(), (tmp_path / "release.safetensors.sha256").read_text()) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["release.safetensors", "release.safetensors.sha256",
+                                                                "weights.pth"]
 
 
 def test_release_refuses_unsafe_and_wrong_input(tmp_path, capsys):
