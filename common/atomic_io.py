@@ -8,6 +8,8 @@ import errno
 import hashlib
 import mmap
 import os
+import re
+import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -38,15 +40,32 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     temp = temp_path(path)
     try:
-        yield temp
-        _fsync(temp, os.O_RDWR)  # Windows refuses to fsync a read-only descriptor
-        os.replace(temp, path)
-    except BaseException as error:
+        with failures_named(path):
+            yield temp
+            _fsync(temp, os.O_RDWR)  # Windows refuses to fsync a read-only descriptor
+            os.replace(temp, path)
+    except BaseException:
         remove_quietly(temp)
-        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
-            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def failures_named(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError of the block that names no file (a write to a full disk, by this code or a library's writer) is
+    raised naming `path`, the output the user asked for, so the one-line error says which file failed."""
+    try:
+        yield
+    except shutil.Error as error:
+        # shutil.copytree (coremltools' package save) keeps only each failure's text: "[Errno 28] No space ...".
+        found = re.match(r"\[Errno (\d+)\] ([^:]+)", str(error.args[0][0][2]) if error.args[0] else "")
+        if found is None:
+            raise
+        raise OSError(int(found[1]), found[2], str(path)) from error
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> tuple[str, int]:

@@ -21,7 +21,7 @@ from torch import nn
 from common.cli import (ArgumentParser, add_weights_arguments, fraction, multiple_of_32, positive_int, prepare_output,
                         run_script)
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
-from common.atomic_io import atomic_write_text, file_sha256
+from common.atomic_io import atomic_write_text, failures_named, file_sha256
 from common.errors import UserError, exit_on_user_error
 from common.imagenet import imagenet_short_names
 from common.input_format import InputFormat, Preprocess, add_input_format_arguments, input_format_from_args
@@ -461,7 +461,8 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     try:
         shutil.rmtree(staging_dir, ignore_errors=True)
         staging_dir.mkdir(parents=True)
-        result.update(_export(args, job, model, staging, calibration))
+        with failures_named(job.output):
+            result.update(_export(args, job, model, staging, calibration))
         if not args.no_verify:
             result.update(_verify(args, job, model, staging))
         if val is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -358,6 +360,25 @@ def test_a_file_system_failure_during_the_work_is_one_line_and_exit_status_1(fai
     expected = "No space left on device" if failure == "full disk" else f"{folder}/.results.json."
     assert error.startswith("error: ") and expected in error and len(error.strip().splitlines()) == 1
     assert "the files written before are intact" in error
+
+
+@pytest.mark.parametrize("writer", ["library", "copytree"])
+def test_a_full_disk_in_a_libraries_writer_is_reported_naming_the_output(writer, tmp_path):
+    """onnx.save and ExecuTorch raise a full disk's OSError without a file name; coremltools' package save goes
+    through shutil.copytree, which keeps only each failure's text. Both name the output the user asked for."""
+    from common.atomic_io import failures_named
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    (tmp_path / "package").mkdir()
+    (tmp_path / "package" / "weights.bin").write_bytes(b"w")
+    output = tmp_path / "model.mlpackage"
+    with pytest.raises(OSError) as failed, failures_named(output):
+        if writer == "library":
+            full_disk()
+        shutil.copytree(tmp_path / "package", tmp_path / ".staging", copy_function=full_disk)
+    assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(output))
 
 
 @pytest.mark.parametrize("script, flags", [("data_speed", ["--images", "0"]), ("eval_speed", ["--repeats", "0"]),
