@@ -311,11 +311,6 @@ def _pool(args: _Arguments, average: bool) -> torch.Tensor:
     return sums / math.prod(kernel)
 
 
-def _reshape(args: _Arguments) -> torch.Tensor:
-    x = args["x"]
-    return x.reshape([x.shape[i] if size == 0 else size for i, size in enumerate(args.ints("shape"))])
-
-
 def _concat(args: _Arguments) -> torch.Tensor:
     values = args["values"]
     axis = int(args["axis"]) % values[0].dim()
@@ -383,7 +378,8 @@ _KERNELS: dict[str, Callable[[_Arguments], Any]] = {
     # The declared output dtype does the conversion (see MLProgram._conform).
     "cast": lambda a: a["x"],
     "identity": lambda a: a["x"],
-    "reshape": _reshape,
+    "reshape": lambda a: a["x"].reshape([a["x"].shape[i] if size == 0 else size
+                                         for i, size in enumerate(a.ints("shape"))]),
     "expand_dims": lambda a: _from_numpy(np.expand_dims(a["x"].numpy(), tuple(a.ints("axes")))),
     "squeeze": lambda a: a["x"].squeeze(tuple(a.ints("axes", list(range(a["x"].dim()))))),
     "transpose": lambda a: a["x"].permute(a.ints("perm")),

@@ -29,8 +29,8 @@ from common.quantize import DEFAULT_CALIBRATION_IMAGES
 from common.verification import (DEFAULT_MIN_AGREEMENT, as_batch, make_test_images, mean_kl_divergence,
                                  reference_logits, verify_onnx)
 
-# The first releases with ML programs: iOS 15 / macOS 12 / watchOS 8 / tvOS 15.
-DEPLOYMENT_TARGET = "iOS15"
+# Each deployment target and its macOS release; the first is the default, the first releases with ML programs (with
+# watchOS 8 / tvOS 15).
 DEPLOYMENT_TARGETS = {"iOS15": "macOS12", "iOS16": "macOS13", "iOS17": "macOS14", "iOS18": "macOS15"}
 # Each Core ML weight compression: the first deployment target whose ML programs hold it, the operation that
 # rebuilds the weights there, and what it stores. Palettes and int8 weights need iOS16's constexpr ops; one
@@ -150,11 +150,11 @@ def check_deployment_target(compression: str | None, deployment_target: str | No
     error when the given one cannot hold it."""
     if compression is not None and compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
-    needed, operation, _ = COMPRESSIONS[compression] if compression else (DEPLOYMENT_TARGET, "", "")
+    order = list(DEPLOYMENT_TARGETS)
+    needed, operation, _ = COMPRESSIONS[compression] if compression else (order[0], "", "")
     target = deployment_target or needed
     if target not in DEPLOYMENT_TARGETS:
         raise UserError(f"--deployment-target {target}: choose one of {', '.join(DEPLOYMENT_TARGETS)}")
-    order = list(DEPLOYMENT_TARGETS)
     if order.index(target) < order.index(needed):
         raise UserError(f"--compress {compression} needs --deployment-target {needed} or later ({operation}); "
                         f"{target} cannot hold it")
@@ -314,13 +314,6 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.quantize and not (args.calibration_dir or args.val_dir):
         raise UserError("--quantize int8 needs --calibration-dir DIR: a few hundred images like those the model "
                         "will see (class sub-folders or flat)")
-
-
-def _variant(args: argparse.Namespace) -> str:
-    if args.format == "coreml":
-        precision = args.precision or "fp16"
-        return f"{precision}-{args.compress}" if args.compress else precision
-    return args.quantize or "fp32"
 
 
 def _top_k(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -509,7 +502,10 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
     if image_size < MIN_IMAGE_SIZE:  # only a file's recorded size can be: --image-size is checked when parsed
         raise UserError(f"--weights {weights} records an image size of {image_size}, below {MIN_IMAGE_SIZE}: give "
                         "--image-size N")
-    variant = _variant(args)
+    if args.format == "coreml":
+        variant = "-".join(filter(None, (args.precision or "fp16", args.compress)))
+    else:
+        variant = args.quantize or "fp32"
     suffix = SUFFIXES[args.format]
     output = Path(args.output) if args.output else weights.parent / f"{model_name}-{variant}{suffix}"
     if output.suffix != suffix:
@@ -544,21 +540,16 @@ def _calibration_source(args: argparse.Namespace) -> tuple[str, str]:
     return (args.calibration_dir, "--calibration-dir") if args.calibration_dir else (args.val_dir, "--val-dir")
 
 
-def _metadata(job: _Job, use_ema: bool) -> dict:
+def _export(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path,
+            calibration: np.ndarray | None) -> dict:
+    """Write the export at `staging`; its time and size."""
     metadata = {"model": job.model_name, "source_weights": job.weights.name,
-                "source_weights_sha256": file_sha256(job.weights), "weights": "ema" if use_ema else "model",
+                "source_weights_sha256": file_sha256(job.weights), "weights": "ema" if args.use_ema else "model",
                 "description": f"{job.model_name} image classifier (ShuffleNet-Series), {job.image_size}x"
                                f"{job.image_size} input, {len(job.class_names)} classes"}
     if job.published:
         metadata["published_imagenet_top1_error"] = f"{job.published['top1_error']}%"
         metadata["published_imagenet_top5_error"] = f"{job.published['top5_error']}%"
-    return metadata
-
-
-def _export(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path,
-            calibration: np.ndarray | None) -> dict:
-    """Write the export at `staging`; its time and size."""
-    metadata = _metadata(job, args.use_ema)
     started = time.perf_counter()
     result = {}
     if args.format == "coreml":

@@ -21,13 +21,11 @@ def load_calibration_images(folder: str | Path, image_size: int, limit: int = DE
     """Up to `limit` images spread evenly over `folder` (an ImageFolder tree or flat), as RGB uint8
     N x image_size x image_size x 3 after the evaluation transform. Unreadable images are skipped with a line each."""
     files = _spread(calibration_files(folder, flag), limit)
-    images = [image for _, image in _eval_images(files, image_size)]
-    if not images:
-        raise UserError(f"{flag} {folder}: none of its {len(files)} images could be read")
+    images = _eval_images(files, image_size, f"{flag} {folder}")[1]
     if len(images) < len(files):
         print(f"calibration: {len(files) - len(images)} of {len(files)} images could not be read and were skipped",
               flush=True)
-    return np.stack(images)
+    return images
 
 
 def calibration_files(folder: str | Path, flag: str = "--calibration-dir") -> list[Path]:
@@ -78,13 +76,11 @@ def load_labelled_images(folder: str | Path, classes: list[str], image_size: int
     from common.data import scan_image_folder
     from common.imagenet import class_to_index_for
 
-    folders = scan_image_folder(folder, "--val-dir")[1]
+    samples, folders = scan_image_folder(folder, "--val-dir")
     class_to_index = class_to_index_for(folders, classes, offer_class_map=False)  # export.py has no --class-map
-    samples = _spread(scan_image_folder(folder, "--val-dir", class_to_index=class_to_index)[0], limit)
-    read = list(_eval_images([path for path, _ in samples], image_size))
-    if not read:
-        raise UserError(f"--val-dir {folder}: none of its {len(samples)} images could be read")
-    return np.stack([image for _, image in read]), np.array([samples[i][1] for i, _ in read])
+    samples = _spread([(path, class_to_index[folders[label]]) for path, label in samples], limit)
+    positions, images = _eval_images([path for path, _ in samples], image_size, f"--val-dir {folder}")
+    return images, np.array([samples[i][1] for i in positions])
 
 
 def _spread(items: list, limit: int) -> list:
@@ -94,11 +90,16 @@ def _spread(items: list, limit: int) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
 
 
-def _eval_images(paths: list, image_size: int):
-    """(position, RGB uint8 H x W x 3 image after the evaluation transform) of each path; a line for each unreadable."""
+def _eval_images(paths: list, image_size: int, source: str) -> tuple[list[int], np.ndarray]:
+    """The positions of the readable `paths` and their images after the evaluation transform, RGB uint8
+    N x H x W x 3; a line for each unreadable one, a UserError naming `source` when none can be read."""
     transform = EvalTransform(image_size)
+    read = {}
     for position, path in enumerate(paths):
         try:
-            yield position, transform(open_image(str(path))).permute(1, 2, 0).numpy()
+            read[position] = transform(open_image(str(path))).permute(1, 2, 0).numpy()
         except UndecodableImage as error:
             print(f"skipped {path}: cannot decode it ({error})", file=sys.stderr, flush=True)
+    if not read:
+        raise UserError(f"{source}: none of its {len(paths)} images could be read")
+    return list(read), np.stack(list(read.values()))

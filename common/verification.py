@@ -125,9 +125,8 @@ def verify_onnx(onnx_path: str | Path, model: nn.Module, input_format: InputForm
     logits = session.run(None, {image_input.name: batch_input})[0]
     single = session.run(None, {image_input.name: batch_input[:1]})[0]
     reference = reference_logits(model, input_format, images)
-    precision = "int8 static" if quantized else "fp32"
-    report = judge(reference, logits, logits.argmax(axis=1), precision=precision, min_agreement=min_agreement,
-                   target=f"{onnx_path.name} (batch {len(images)})", method="onnxruntime")
+    report = judge(reference, logits, logits.argmax(axis=1), precision="int8 static" if quantized else "fp32",
+                   min_agreement=min_agreement, target=f"{onnx_path.name} (batch {len(images)})", method="onnxruntime")
     if not np.allclose(single, logits[:1], rtol=0, atol=FP32_RELATIVE_TOLERANCE * report.logit_range + 1e-6):
         raise ExportVerificationError(f"{onnx_path.name} gives other logits at batch 1 than at batch {len(images)}")
     return report
@@ -139,12 +138,6 @@ def top1_lead(logits: np.ndarray) -> np.ndarray:
         return np.full(len(logits), np.inf)
     top2 = np.sort(logits, axis=1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
-
-
-def clear_top1(reference: np.ndarray) -> np.ndarray:
-    """Which rows of `reference` logits have a top-1 that leads the second class by a resolvable margin."""
-    margin = np.maximum(CLEAR_MARGIN_RELATIVE * np.abs(reference).max(axis=1), CLEAR_MARGIN_ABSOLUTE)
-    return top1_lead(reference) >= margin
 
 
 def mean_kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -168,7 +161,9 @@ def judge(reference: np.ndarray, candidate: np.ndarray, candidate_top1, *, preci
     agrees = np.asarray(candidate_top1) == reference.argmax(axis=1)
     logit_range = float(reference.max() - reference.min())
     exact = precision == "fp32"
-    clear = np.ones(len(reference), dtype=bool) if exact else clear_top1(reference)
+    # fp32 counts every image; otherwise the images whose top-1 leads the second class by a resolvable margin.
+    margin = np.maximum(CLEAR_MARGIN_RELATIVE * np.abs(reference).max(axis=1), CLEAR_MARGIN_ABSOLUTE)
+    clear = np.ones(len(reference), dtype=bool) if exact else top1_lead(reference) >= margin
     report = VerificationReport(
         target=target, method=method, precision=precision, images=len(reference),
         max_abs_diff=float(np.abs(candidate - reference).max()), logit_range=logit_range,
