@@ -70,8 +70,7 @@ def select_best_checkpoints(save_dir: str | os.PathLike, k: int, metric: str,
         recorded = sorted({name for info in checkpoints for name in info.metrics})
         raise UserError(f"none of the {len(checkpoints)} checkpoints in {save_dir} records {metric!r}; "
                         f"they record: {', '.join(recorded) or 'no metrics at all'}")
-    unscored = [info.path.name for info in checkpoints if metric_value(info.metrics, metric) is None]
-    if unscored:
+    if unscored := [info.path.name for info in checkpoints if metric_value(info.metrics, metric) is None]:
         _note(f"{len(unscored)} checkpoint(s) in {save_dir} record no {metric!r} and are left out "
               f"({listed(unscored)})")
     # A damaged checkpoint is passed over as a resumed run passes it over; the next best takes its place. Each
@@ -194,8 +193,7 @@ def _check_same_layout(inputs: list[_Input]) -> None:
                 ([f"has {len(extra)} it lacks ({listed(extra)})"] if extra else [])
             raise UserError(f"{other.path} and {reference.path} hold different tensors: {other.path} "
                             f"{' and '.join(parts)}; average checkpoints of one architecture")
-        misshaped = [key for key, tensor in reference.state.items() if tensor.shape != other.state[key].shape]
-        if misshaped:
+        if misshaped := [key for key, tensor in reference.state.items() if tensor.shape != other.state[key].shape]:
             key = misshaped[0]
             more = f" (and {len(misshaped) - 1} more keys)" if len(misshaped) > 1 else ""
             raise UserError(f"{key} has shape {tuple(reference.state[key].shape)} in {reference.path} but "
@@ -313,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.best is not None:
             parser.error("--best goes with --save; --inputs averages every file given")
         paths = [Path(name) for name in args.inputs]
-        missing = [str(path) for path in paths if not path.is_file()]
-        if missing:
+        if missing := [str(path) for path in paths if not path.is_file()]:
             raise UserError(f"--inputs: no such file: {listed(missing)}; check the paths")
         infos = [verify_if_checkpoint(path) for path in paths]
         metrics = [{} if info is None else info.metrics for info in infos]

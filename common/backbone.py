@@ -36,9 +36,6 @@ class ClassifierNetwork(nn.Module):
     removed_keys: frozenset[str] = frozenset()
     _batchnorm_frozen: bool = False
 
-    def forward_head_conv(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.head_conv_name)(x) if self.head_conv_name else x
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map before pooling (stride 32), head conv included."""
         return self.forward_intermediates(x, indices=1)[0]
@@ -78,7 +75,9 @@ class ClassifierNetwork(nn.Module):
                 intermediates.append(x)
         if intermediates_only:
             return intermediates
-        return (self.forward_head_conv(x) if len(stages) == len(STAGE_REDUCTIONS) else x), intermediates
+        if self.head_conv_name and len(stages) == len(STAGE_REDUCTIONS):
+            x = getattr(self, self.head_conv_name)(x)
+        return x, intermediates
 
     def get_classifier(self) -> nn.Module:
         return getattr(self, self.classifier_name)

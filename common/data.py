@@ -105,10 +105,9 @@ def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]
 
 
 def center_crop(image: Tensor, size: int) -> Tensor:
-    """The central size x size window of a ... x H x W image, placed as torchvision's CenterCrop places it."""
-    height, width = image.shape[-2:]
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return image[..., top:top + size, left:left + size]
+    """The central size x size window (a view) of a ... x H x W image at least that large."""
+    from torchvision.transforms.functional import center_crop as crop  # on first use: --help imports no torchvision
+    return crop(image, [size, size])
 
 
 class EvalTransform:

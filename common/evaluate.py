@@ -187,11 +187,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, layout_flags: bool) -> 
     add_weights_arguments(parser.add_argument_group("weights"), "use")
 
 
-def read_weights_for(network: ModuleType, args: argparse.Namespace, script: str) -> tuple[object, dict, int,
-                                                                                           InputFormat]:
-    """(weights, metadata, crop size, input format) of --weights for the model folder of `network`, whose `script`
-    a file made for another folder is sent to; the flags win over the file, the file over the network's defaults."""
-    model_name = Path(network.__file__).resolve().parent.name
+def read_weights_for(network: ModuleType, model_name: str, args: argparse.Namespace,
+                     script: str) -> tuple[object, dict, int, InputFormat]:
+    """(weights, metadata, crop size, input format) of --weights for `network` of model folder `model_name`, whose
+    `script` a file made for another folder is sent to; the flags win over the file, the file over the defaults."""
     weights = read_weights_file(args.weights, trust_pickle=args.trust_pickle)
     metadata = read_checkpoint_metadata(weights)
     check_model_folder(f"--weights {args.weights}", metadata, model_name, script)
@@ -246,7 +245,7 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
 
 def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, load_checkpoint: Callable[..., object],
               info: DistInfo) -> dict:
-    weights, metadata, image_size, input_format = read_weights_for(network, args, "eval.py")
+    weights, metadata, image_size, input_format = read_weights_for(network, model_name, args, "eval.py")
     num_classes, classes = output_classes(network, weights, metadata)
     # The val folder is checked before the network is built: large models take seconds to build and load.
     folders = scan_image_folder(args.val_dir, "--val-dir")[1]
@@ -276,7 +275,8 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
         raise NothingEvaluated(f"--val-dir {args.val_dir}: none of its {results['skipped']} image(s) could be "
                                "decoded, so nothing was evaluated and no results were written")
     if args.predictions_csv:
-        results["predictions"] = _every_ranks_predictions(results.pop("predictions"), info)
+        every_rank = all_gather_objects(results.pop("predictions"), info)
+        results["predictions"] = {name: torch.cat([part[name] for part in every_rank]) for name in every_rank[0]}
     if not info.is_main:
         return results
     published = _comparable_published(network, classes, folders, metadata)
@@ -292,11 +292,6 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
     print(_summary_line(results, published), flush=True)
     warn_if_not_finite(results["loss"], "evaluation", runner.amp)
     return results
-
-
-def _every_ranks_predictions(predictions: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor]:
-    every_rank = all_gather_objects(predictions, info)
-    return {name: torch.cat([part[name] for part in every_rank]) for name in every_rank[0]}
 
 
 def _comparable_published(network: ModuleType, classes: list[str], folders: list[str], metadata: dict) -> dict | None:

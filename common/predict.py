@@ -142,21 +142,16 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_flags(args: argparse.Namespace) -> None:
-    """One-line errors for flag values predict.py cannot run with, before any image is read."""
-    if launched_world_size() > 1:
-        # Every rank would classify every image and print and write the same results.
-        raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "
-                        "torchrun for labelled folders)")
-
-
 @exit_on_user_error
 def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict]:
     """The predict.py command line of a model folder (`network`: its network.py); returns the records written
     to --predictions-json. Bad input ends with a one-line error before any image is read."""
     model_name = Path(network.__file__).resolve().parent.name
     args = build_parser(model_name).parse_args(argv)
-    _check_flags(args)
+    if launched_world_size() > 1:
+        # Every rank would classify every image and print and write the same results.
+        raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "
+                        "torchrun for labelled folders)")
     device = resolve_device(args.device)
     files, others = find_images(args.paths)
     if others:
@@ -164,7 +159,7 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     if not files:
         raise UserError(f"no image files in {' '.join(args.paths)}")
 
-    weights, metadata, image_size, input_format = read_weights_for(network, args, "predict.py")
+    weights, metadata, image_size, input_format = read_weights_for(network, model_name, args, "predict.py")
     num_classes, classes = output_classes(network, weights, metadata)
     names = read_class_names(args.class_names, num_classes) if args.class_names else output_names(classes, num_classes)
     # Once the inputs are known good, so that a mistyped command leaves no folder behind.
