@@ -12,7 +12,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -156,10 +156,8 @@ def _fsync(path: Path, flags: int) -> None:
 
 def remove_quietly(path: Path) -> None:
     """Remove a file if it is there; a failure to remove it is no reason to stop."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
+    with suppress(OSError):
+        path.unlink()
 
 
 def _hash_parts(digest, parts: list[memoryview]) -> None:
