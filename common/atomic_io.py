@@ -14,7 +14,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -175,10 +175,8 @@ def _fsync(path: Path, flags: int) -> None:
 
 def remove_quietly(path: Path) -> None:
     """Remove a file if it is there; a failure to remove it is no reason to stop."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
+    with suppress(OSError):
+        path.unlink()
 
 
 def _hash_parts(digest, parts: list[memoryview]) -> None:
@@ -192,8 +190,9 @@ class _HashingWriter:
     def __init__(self, file: BinaryIO, hashers: ThreadPoolExecutor, flusher: ThreadPoolExecutor,
                  piece_bytes: int | None, substitute: Substitute | None) -> None:
         self._file, self._hashers, self._flusher, self._substitute = file, hashers, flusher, substitute
-        self._piece_bytes = piece_bytes
-        self._hashes = defaultdict(hashlib.sha256)  # by piece index; only 0 without pieces
+        self._pieced = piece_bytes is not None
+        self._piece_bytes = piece_bytes or sys.maxsize  # without pieces, the file is one piece
+        self._hashes = defaultdict(hashlib.sha256)  # by piece index
         self._writeback: Future | None = None
         self._not_written_back = 0
         self.size = 0
@@ -207,11 +206,8 @@ class _HashingWriter:
         try:
             for source in [view] if sources is None else sources:
                 while len(source):
-                    if self._piece_bytes is None:
-                        at, length = 0, len(source)
-                    else:
-                        at, offset = divmod(self.size, self._piece_bytes)
-                        length = min(len(source), self._piece_bytes - offset)  # a part never spans two pieces
+                    at, offset = divmod(self.size, self._piece_bytes)
+                    length = min(len(source), self._piece_bytes - offset)  # a part never spans two pieces
                     part, source = source[:length], source[length:]
                     if parts and at != piece:
                         self._hash_later(piece, parts, hashing)
@@ -237,7 +233,7 @@ class _HashingWriter:
 
     def digest(self) -> str:
         """The digest of all that was written."""
-        if self._piece_bytes is None:
+        if not self._pieced:
             return self._hashes[0].hexdigest()
         return pieces_sha256(self._hashes[index].digest() for index in range(-(-self.size // self._piece_bytes)))
 

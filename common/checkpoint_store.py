@@ -187,7 +187,6 @@ def get_latest_model(save_dir: str | os.PathLike) -> tuple[Path | None, int]:
     for info in reversed(complete):
         if _hash_matches(info):
             chosen = info
-            _mark_verified(info.path)
             break
         problems.append((info.iteration, info.path, "its SHA-256 does not match its sidecar: the file is damaged"))
     floor = chosen.iteration if chosen else -1
@@ -220,11 +219,8 @@ def verify_checkpoint(path: str | os.PathLike, check_hash: bool = True) -> Check
         info = _parse_sidecar(path, sidecar_path, int(match.group(1)))
     except CheckpointCorruptError as error:
         raise CheckpointCorruptError(f"{path}: {error}; {_ADVICE}") from None
-    if check_hash:
-        if not _hash_matches(info):
-            raise CheckpointCorruptError(f"{path}: its SHA-256 does not match its sidecar, the file is damaged; "
-                                         f"{_ADVICE}")
-        _mark_verified(path)
+    if check_hash and not _hash_matches(info):
+        raise CheckpointCorruptError(f"{path}: its SHA-256 does not match its sidecar, the file is damaged; {_ADVICE}")
     return info
 
 
@@ -338,16 +334,14 @@ def _verify_once(path: Path) -> CheckpointInfo:
 
 
 def _hash_matches(info: CheckpointInfo) -> bool:
+    """Whether the file's SHA-256 is its sidecar's; a match is remembered in _VERIFIED."""
     try:
-        return file_sha256(info.path, info.piece_bytes) == info.sha256
+        matches = file_sha256(info.path, info.piece_bytes) == info.sha256
     except OSError:
         return False
-
-
-def _mark_verified(path: Path) -> None:
-    identity = _identity(path)
-    if identity is not None:
+    if matches and (identity := _identity(info.path)) is not None:
         _VERIFIED.add(identity)
+    return matches
 
 
 def _identity(path: Path) -> tuple[str, int, int, int] | None:

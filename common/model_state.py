@@ -34,8 +34,6 @@ _SE_ALIASES = ((".se_block.0.", ".se_fc1."), (".se_block.2.", ".se_fc2."))
 _MODEL_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 _SHOWN = 3
-_ZIP_MAGIC = b"PK\x03\x04"
-_ZIP_END = b"PK\x05\x06"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 # What export.py writes, by suffix: never weights this project reads.
 _EXPORTS = {".onnx": "an ONNX model", ".pte": "an ExecuTorch program", ".mlpackage": "a Core ML package",
@@ -264,7 +262,7 @@ def _sniff(path: Path) -> tuple[str, int]:
     # safetensors: an 8-byte little-endian header length, then the JSON header (checked fully on reading).
     if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 32:
         return "safetensors", size
-    if head.startswith(_ZIP_MAGIC):
+    if head.startswith(b"PK\x03\x04"):
         return "zip", size
     # Pickle protocol 2 and later, which is what torch.save has written since 2017.
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
@@ -304,7 +302,7 @@ def _zip_has_end(path: Path, size: int) -> bool:
     """Whether the zip's end-of-central-directory record is present (a truncated archive loses it first)."""
     with open(path, "rb") as file:
         file.seek(max(0, size - 65_557))  # the record is 22 bytes plus a comment of at most 65,535
-        return _ZIP_END in file.read()
+        return b"PK\x05\x06" in file.read()
 
 
 def _read_safetensors(path: Path, size: int, tensors: bool = True) -> SafetensorsWeights:

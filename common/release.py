@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = {**shareable_metadata(read_checkpoint_metadata(obj)), "contents": describe_weights(weights)}
     metadata["weights"] = "ema" if args.use_ema else metadata.get("weights", "model")
     digest = write_release(output, weights, to_plain(metadata, json_only=True))
-    size = output.stat().st_size
-    print(f"wrote {output}: {len(weights)} tensors, {size / 1e6:.1f} MB, {describe_weights(weights)}")
+    print(f"wrote {output}: {len(weights)} tensors, {output.stat().st_size / 1e6:.1f} MB, {describe_weights(weights)}")
     print(f"{digest}  {output.name}")
     return 0
 

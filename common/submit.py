@@ -12,6 +12,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from common.cli import ArgumentParser, DefaultsHelpFormatter, positive_int, prepare_output, zero_or_more
 from common.errors import UserError, exit_on_user_error
@@ -30,9 +31,7 @@ class TrainJob:
         # One rank per task: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, as torchrun would set them.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         requeue = signal.getsignal(signal.SIGUSR2)
-        folder = REPO_ROOT / self.model
-        sys.path.insert(0, str(folder))  # for the train.py's `import network`
-        status = load_module(folder / "train.py", "train_" + self.model.replace(".", "_")).main(self.train_args)
+        status = _train_module(self.model).main(self.train_args)
         if status == "stopped" and callable(requeue) and submitit.JobEnvironment().global_rank == 0:
             requeue(signal.SIGUSR2, None)
         return status
@@ -68,14 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_module(model: str) -> ModuleType:
+    folder = REPO_ROOT / model
+    sys.path.insert(0, str(folder))  # for the train.py's `import network`
+    return load_module(folder / "train.py", "train_" + model.replace(".", "_"))
+
+
 def _check_train_args(model: str, train_args: list[str]) -> None:
     """Parse train.py's arguments here, so that a mistyped flag or a number out of range is refused now rather than
     after the job waited in the queue; the job checks the paths when it starts, on the cluster's file system."""
     from common.training import build_parser
-    folder = REPO_ROOT / model
-    sys.path.insert(0, str(folder))  # for the train.py's `import network`
-    train = load_module(folder / "train.py", "train_" + model.replace(".", "_"))
-    parser = build_parser(train.RECIPE)
+    parser = build_parser(_train_module(model).RECIPE)
     parser.prog = "train.py (the arguments after --)"  # for its --help
     try:
         parser.parse_args(train_args)
