@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.atomic_io import file_sha256
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointInfo, best_checkpoints,
                                      default_lower_is_better, list_checkpoints, metric_value, verify_if_checkpoint)
 from common.cli import ArgumentParser, add_weights_arguments, positive_int, prepare_output
@@ -321,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=not args.no_progress)
     chosen_text = ", ".join(_describe(path, recorded, args.metric) for path, recorded in zip(paths, metrics))
     size = os.path.getsize(args.output)
+    digest = Path(f"{args.output}.sha256").read_text().split()[0]  # written beside it, hashed while writing
     print(f"averaged {len(paths)} checkpoint(s) ({'EMA' if args.use_ema else 'model'} weights): {chosen_text} -> "
-          f"{args.output} ({size / 1e6:.1f} MB, sha256 {file_sha256(args.output)}) in "
+          f"{args.output} ({size / 1e6:.1f} MB, sha256 {digest}) in "
           f"{time.perf_counter() - started:.1f} s")
     if any(key.endswith("running_mean") for key in averaged):
         note_batchnorm_statistics(len(paths))

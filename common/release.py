@@ -54,14 +54,8 @@ def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict
     and `OUT.sha256` beside it, both atomically; returns the SHA-256. The one writer of releases and averages. The
     same weights and metadata give the same bytes, so a release made again has the same SHA-256."""
     output = Path(output)
-    # Dense row-major tensors (a channels_last network's are not), each with a storage of its own for torch.save.
-    released, storages = {}, set()
-    for name, tensor in weights.items():
-        tensor = tensor.detach().cpu().contiguous()
-        if tensor.untyped_storage().data_ptr() in storages:
-            tensor = tensor.clone()
-        storages.add(tensor.untyped_storage().data_ptr())
-        released[name] = tensor
+    # Dense row-major tensors: a channels_last network's are not.
+    released = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
     # A full disk raises an OSError naming the file: the scripts end with it in one line and status 1.
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".safetensors":
