@@ -446,7 +446,20 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     print(f"{model_name}: exporting {job.weights.name} to {args.format} ({job.variant}, {job.image_size}x"
           f"{job.image_size}, input {job.input_format.describe()})", flush=True)
     result = {"model": model_name, "format": args.format, "variant": job.variant, "image_size": job.image_size,
-              "weights": job.weights.name}
+              "weights": job.weights.name, **_export_verified(args, job, model, val, calibration)}
+    if args.no_verify:
+        print("not verified (--no-verify)", file=sys.stderr)
+    result["peak_memory_mb"] = _peak_memory_mb()
+    if args.results_json:
+        atomic_write_text(args.results_json, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {job.output} ({_size_of(job.output) / 1e6:.1f} MB)")
+    return 0
+
+
+def _export_verified(args: argparse.Namespace, job: _Job, model: nn.Module, val: tuple | None,
+                     calibration: np.ndarray | None) -> dict:
+    """Export, verify and measure, then move the export to --output; the figures for the results file."""
+    result = {}
     # Written into a hidden folder and moved into place once verified: a failed or interrupted export leaves
     # nothing behind (the folder is made inside the try: a Ctrl-C cannot fall between making and cleaning up).
     staging_dir = job.output.with_name(f".{job.output.name}.partial")
@@ -469,13 +482,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
         staging.replace(job.output)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
-    if args.no_verify:
-        print("not verified (--no-verify)", file=sys.stderr)
-    result["peak_memory_mb"] = _peak_memory_mb()
-    if args.results_json:
-        atomic_write_text(args.results_json, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {job.output} ({_size_of(job.output) / 1e6:.1f} MB)")
-    return 0
+    return result
 
 
 def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace) -> _Job:
