@@ -1,4 +1,4 @@
-"""Export ShuffleNetV2.Large to Core ML or ONNX, verified against PyTorch (python export.py --help)."""
+"""Export ShuffleNetV2.Large to Core ML, ONNX or ExecuTorch, verified against PyTorch (python export.py --help)."""
 from __future__ import annotations
 
 import os

@@ -100,8 +100,9 @@ def read_class_names(path: str | Path, count: int) -> list[str]:
     except OSError as error:
         raise UserError(f"--class-names {path}: cannot read it ({error.strerror or error})") from None
     if len(names) != count:
-        raise UserError(f"--class-names {path}: {len(names)} names, but the weights predict {count} classes; "
-                        "give one name per line, in output order")
+        given = "1 name" if len(names) == 1 else f"{len(names)} names"
+        raise UserError(f"--class-names {path}: {given}, but the weights predict {count} classes; give one name per "
+                        "line, in output order")
     return names
 
 
