@@ -189,5 +189,5 @@ def make_features_only(network: ClassifierNetwork, out_indices: Sequence[int] | 
             delattr(network, name)
     network.drop_stages_after(max(indices))
     network.out_indices = indices
-    network.removed_keys = frozenset(before - set(network.state_dict()))
+    network.removed_keys = network.removed_keys | (before - set(network.state_dict()))
     return network
