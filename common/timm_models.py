@@ -13,10 +13,9 @@ from torch import nn
 
 from common.backbone import ClassifierNetwork, drop_side_heads
 from common.input_format import InputFormat
-from common.model_state import extract_model_state, read_weights_file
+from common.model_state import read_weights_file
 from common.models import create_network_for, load_network_module
-from common.pretrained import MODEL_NAMES, metadata_for, pretrained_state
-from common.tensor_pack import unpack_tensors
+from common.pretrained import MODEL_NAMES, load_pretrained, metadata_for
 
 _FIRST_CONVS = {"oneshot": "first_conv.0", "shufflenetv2_large": "first_conv.0.conv",
                 "shufflenetv2_exlarge": "first_conv.0.conv"}
@@ -51,29 +50,21 @@ def _rgb_to_bgr(module: nn.Module, args: tuple) -> tuple:
     return (args[0].flip(1),) + args[1:]
 
 
-def _filter_fn(state_dict: dict, model: ClassifierNetwork) -> dict:
-    """A file's tensors (any released layout or checkpoint of this project) as a complete state dict of `model`:
-    heads that do not fit keep the model's fresh initialisation; anything else that does not fit is an error."""
-    # timm's loader reads a checkpoint of this project as it is stored: its tensors still packed.
-    return {**model.state_dict(), **pretrained_state(model, extract_model_state(unpack_tensors(state_dict)))[0]}
-
-
 def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
     folder = MODEL_NAMES[name]
     network = load_network_module(folder)
     # The network the file describes (a searched OneShot's architecture, its classes): timm builds before it loads,
     # and keeps a file's classifier only where the config's number of classes is the model's.
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    metadata = {}
+    metadata, contents = {}, None
     if pretrained and overlay.get("file"):
-        # The file is read here, with this project's checks and one-line errors, and handed to timm as a state dict:
-        # timm's own torch.load would fail on a foreign file with a bare unpickling error.
+        # Read once, here, with this project's checks and one-line errors, and loaded by the model's own
+        # load_pretrained (timm's custom_load): timm's torch.load would read the file again and fail on a file that
+        # is not weights with a bare unpickling error.
         contents = read_weights_file(overlay["file"])
         metadata = metadata_for(folder, contents, overlay["file"])
-        overlay = {**overlay, "state_dict": contents}
-        if metadata.get("num_classes"):
-            overlay = {"num_classes": metadata["num_classes"], **overlay}
-        kwargs["pretrained_cfg_overlay"] = overlay
+        classes = {"num_classes": metadata["num_classes"]} if metadata.get("num_classes") else {}
+        kwargs["pretrained_cfg_overlay"] = {**classes, **overlay, "custom_load": True}
 
     def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", drop_rate: float | None = None,
               drop_path_rate: float | None = None, side_heads: bool = False) -> ClassifierNetwork:
@@ -89,13 +80,16 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
         if network.INPUT_FORMAT.channel_order == "BGR":
             model.first_conv.register_forward_pre_hook(_rgb_to_bgr)
             model.input_format = timm_input_format(network.INPUT_FORMAT)
+        if contents is not None:
+            def load(file: str) -> None:
+                del model.load_pretrained  # called once; the model keeps no reference to the file's tensors
+                load_pretrained(model, contents, source_name=str(file))
+
+            model.load_pretrained = load
         return model
 
-    model = build_model_with_cfg(build, name, pretrained, pretrained_filter_fn=_filter_fn,
-                                 feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}, **kwargs)
-    for module in model.modules():  # the configs keep no reference to the file's tensors
-        getattr(module, "pretrained_cfg", {}).pop("state_dict", None)
-    return model
+    return build_model_with_cfg(build, name, pretrained,
+                                feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}, **kwargs)
 
 
 @register_model

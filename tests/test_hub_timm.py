@@ -116,7 +116,6 @@ def test_timm_create_model_equals_create_network_and_eval_loading(tmp_path, mode
     assert config["crop_pct"] == pytest.approx(224 / 256)
     cfg = created.pretrained_cfg
     assert cfg["num_classes"] == 1000 and cfg["first_conv"] and cfg["classifier"]
-    assert "state_dict" not in cfg  # the file's tensors are not held by the config
     created.get_submodule(cfg["first_conv"])
     created.get_submodule(cfg["classifier"])
 
@@ -130,6 +129,18 @@ def test_timm_create_model_equals_create_network_and_eval_loading(tmp_path, mode
         theirs = created((pixels.float() / 255 - mean) / std)
     assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * ours.abs().max().item())
     assert torch.allclose(created(Preprocess(created.input_format)(pixels)), theirs, atol=1e-4)
+
+
+def test_timm_reads_a_safetensors_release_as_create_model_does(tmp_path):
+    path = tmp_path / "oneshot.safetensors"
+    write_release(path, network("OneShot").create_network(num_classes=3).state_dict(),
+                  {"arch": "OneShot", "num_classes": 3})
+    created = timm.create_model("oneshot", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    reference = create_model("OneShot", path).state_dict()
+    assert created.num_classes == 3 and created.state_dict().keys() == reference.keys()
+    assert all(torch.equal(created.state_dict()[k], v) for k, v in reference.items())
+    # Loaded once by the model's own loader, which then lets go of the file's tensors.
+    assert not hasattr(created, "load_pretrained") and "state_dict" not in created.pretrained_cfg
 
 
 def test_timm_features_only_and_another_class_count(tmp_path):
