@@ -58,7 +58,8 @@ def failures_named(path: str | os.PathLike) -> Iterator[None]:
         yield
     except shutil.Error as error:
         # shutil.copytree (coremltools' package save) keeps only each failure's text: "[Errno 28] No space ...".
-        found = re.match(r"\[Errno (\d+)\] ([^:]+)", str(error.args[0][0][2]) if error.args[0] else "")
+        failures = error.args[0] if error.args and isinstance(error.args[0], list) else []
+        found = re.match(r"\[Errno (\d+)\] ([^:]+)", str(failures[0][-1])) if failures else None
         if found is None:
             raise
         raise OSError(int(found[1]), found[2], str(path)) from error
