@@ -11,8 +11,8 @@ hits both alike. The targets: save at most 1.3x, load at most 1.2x.
   SHA-256 check of the whole file; load_unchecked: the same without the check (verify=False), which tells what
   the check costs on this machine (the check reads and hashes every byte, the copies come after it);
   raw read: read() of a file of the same size. Each read starts from the disk with the pages of both files dropped
-  from the page cache, so that each fills memory freed just before (a load that started while the raw file was
-  still cached took 2.0 to 2.7 s where it took 1.4 s after both were dropped: measured on a VM, 2026-12-07). The
+  from the page cache, so that each fills memory freed just before (ExLarge's checked load, 5 rounds in one process
+  on a VM, 2026-12-07: 1.36 to 2.69 s with only its own file dropped, 1.39 to 1.62 s with both dropped). The
   reads follow the writes, each first in turn.
 - sha256: as many bytes from memory hashed as checkpoints are (SHA-256 of 64 MB pieces on every core): a save or
   load that hashes every byte takes at least as long as the slower of this and the raw write or read, so both are
