@@ -195,9 +195,15 @@ def check_model_folder(label: str, metadata: Mapping, model_name: str, script: s
     """A one-line error when `metadata` says the weights (`label`: the flag and path, or the path) are another model
     folder's than `model_name`: it names that folder's `script` to use instead, when given."""
     arch = metadata.get("arch")
-    if arch not in (None, model_name):
-        raise UserError(f"{label}: a {arch} checkpoint; use {arch}/{script}" if script else
-                        f"{label}: a {arch} file, not {model_name}")
+    if arch in (None, model_name):
+        return
+    if "supernet" in metadata:  # train_supernet.py's: many networks in one, none of them to run as it is
+        folder = arch.removesuffix("-supernet")
+        raise UserError(f"{label}: a supernet of {folder}/train_supernet.py, not one network; search it with "
+                        f"{folder}/search.py --supernet, then train the architecture found with {folder}/train.py "
+                        "--architecture")
+    raise UserError(f"{label}: a {arch} checkpoint; use {arch}/{script}" if script else
+                    f"{label}: a {arch} file, not {model_name}")
 
 
 def describe_weights(state: Mapping[str, torch.Tensor]) -> str:

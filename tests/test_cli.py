@@ -165,6 +165,24 @@ def test_a_checkpoint_of_another_model_folder_names_that_folders_script(script, 
     assert line == f"error: --weights {path}: a OneShot checkpoint; use OneShot/{script}.py"
 
 
+@pytest.mark.parametrize("script", ["eval", "export", "predict"])
+def test_a_supernet_checkpoint_is_sent_to_the_search(script, tmp_path, capsys):
+    """A checkpoint of train_supernet.py given as --weights is sent to search.py, not to a folder that does not
+    exist (it was 'use OneShot-supernet/eval.py')."""
+    path = tmp_path / "supernet.pth"
+    Image.new("RGB", (40, 30)).save(tmp_path / "photo.jpg")
+    torch.save({"format": "shufflenet-series/training-checkpoint/1", "iteration": 1, "model": {},
+                "metadata": {"arch": "OneShot-supernet", "supernet": {"flops_min": 0, "flops_max": 1}}}, path)
+    module = script_module("OneShot", script)
+    main = (lambda argv: module.run_export(network("OneShot"), argv)) if script == "export" else module.main
+    argv = {"eval": ["--val-dir", str(tmp_path)], "export": ["--output", str(tmp_path / "x.onnx")],
+            "predict": [str(tmp_path / "photo.jpg")]}[script]
+    line = user_error_line(capsys, main, ["--weights", str(path), *argv])
+    assert line == (f"error: --weights {path}: a supernet of OneShot/train_supernet.py, not one network; search it "
+                    "with OneShot/search.py --supernet, then train the architecture found with OneShot/train.py "
+                    "--architecture")
+
+
 @pytest.fixture(scope="module")
 def damaged_checkpoint(tmp_path_factory) -> Path:
     """A OneShot training checkpoint with one byte of its weights flipped after saving."""
