@@ -67,7 +67,8 @@ SHOWN_BY = {
     "common/export.py": ["export"], "common/coreml_verify.py": ["export"],
     "common/input_format.py": ["eval", "export"],
     "common/data.py": ["train", "eval"], "common/distributed.py": ["train", "eval"],
-    "common/model_state.py": ["eval", "release", "average"],
+    # A supernet given as weights is sent to search.py and train.py --architecture.
+    "common/model_state.py": ["eval", "release", "average", "search", "train"],
     "common/release.py": ["release"], "common/cli.py": ["train", "eval", "export", "average", "release"],
     # The averaging command points to train.py's own averaging and BatchNorm re-estimation.
     "common/average.py": ["average", "train"],
@@ -86,7 +87,8 @@ def string_flags(path: Path) -> set[str]:
 def test_every_flag_a_message_names_exists_in_the_script_that_shows_it():
     built = parsers()
     by_script = {"eval": flags(built["eval"]), "export": flags(built["export"]), "average": flags(built["average"]),
-                 "release": flags(built["release"]), "train": flags(built["train OneShot"])}
+                 "release": flags(built["release"]), "train": flags(built["train OneShot"]),
+                 "search": flags(script_module("OneShot", "search").build_parser())}
     missing = {}
     for module, scripts in SHOWN_BY.items():
         known = set().union(*(by_script[script] for script in scripts))
