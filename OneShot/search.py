@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--batch-size", type=positive_int, default=200, help="scoring batch size")
     scoring.add_argument("--image-size", type=multiple_of_32, help="image size (default: the supernet's training size)")
     scoring.add_argument("--workers", type=worker_count, default=min(8, os.cpu_count() or 1),
-                         help="data-loading worker processes (images are decoded once and kept in memory); "
-                              "the default is the CPU count, at most 8")
+                         help="data-loading worker processes; the images are decoded once and kept in memory "
+                              "(default: the CPU count, at most 8)")
     add_device_argument(scoring)
     parser.add_argument("--demo", action="store_true",
                         help="run the three stages on the built-in data at small size: train a supernet, search "

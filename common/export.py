@@ -243,21 +243,21 @@ def _parser(model_name: str, default_format: InputFormat) -> argparse.ArgumentPa
                         help=f"where to write (default: next to the weights, {model_name}-<variant>.mlpackage, .onnx "
                              f"or .pte; with --sweep a folder, {model_name}-sweep)")
     parser.add_argument("--precision", choices=("fp16", "fp32"),
-                        help="Core ML compute precision (default fp16); ONNX and ExecuTorch exports are fp32 unless "
+                        help="Core ML compute precision (default: fp16); ONNX and ExecuTorch exports are fp32 unless "
                              "--quantize int8")
     _add_compression_arguments(parser)
     parser.add_argument("--val-dir", metavar="DIR",
                         help="labelled images (one sub-folder per class, named as the weights' classes): report "
                              "top-1/top-5 accuracy of PyTorch and of the export")
     parser.add_argument("--num-val-images", type=positive_int, default=DEFAULT_VAL_IMAGES, metavar="N",
-                        help=f"use at most N images of --val-dir, spread over it (default {DEFAULT_VAL_IMAGES})")
+                        help=f"use at most N images of --val-dir, spread over it (default: {DEFAULT_VAL_IMAGES})")
     parser.add_argument("--image-size", type=multiple_of_32, metavar="N",
                         help="input image size N x N (default: the checkpoint's, else 224)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the comparison of the export with PyTorch (on by default)")
     add_weights_arguments(parser, "export")
     parser.add_argument("--num-verify-images", type=positive_int, metavar="N",
-                        help=f"number of synthetic test images the verification compares (default "
+                        help=f"number of synthetic test images the verification compares (default: "
                              f"{DEFAULT_VERIFY_IMAGES}, {DEFAULT_VERIFY_IMAGES_COMPRESSED} for compressed or int8 "
                              "exports)")
     parser.add_argument("--results-json", metavar="FILE",
@@ -287,10 +287,10 @@ def _add_compression_arguments(parser: argparse.ArgumentParser) -> None:
                        help="images for --quantize calibration, in class sub-folders or flat (default: --val-dir)")
     group.add_argument("--calibration-images", type=positive_int, default=DEFAULT_CALIBRATION_IMAGES, metavar="N",
                        help="calibrate on at most N images spread over the folder "
-                            f"(default {DEFAULT_CALIBRATION_IMAGES})")
+                            f"(default: {DEFAULT_CALIBRATION_IMAGES})")
     group.add_argument("--min-agreement", type=fraction, default=DEFAULT_MIN_AGREEMENT, metavar="F",
                        help="a compressed or int8 export must agree with PyTorch's top-1 on this fraction of the "
-                            f"test images that have a clear top-1 (default {DEFAULT_MIN_AGREEMENT})")
+                            f"test images that have a clear top-1 (default: {DEFAULT_MIN_AGREEMENT})")
 
 
 def _check_flags(args: argparse.Namespace) -> None:

@@ -127,7 +127,7 @@ def add_input_format_arguments(parser, default: InputFormat | None = None) -> No
     weights' own input format (`default`, when given, is shown in the help)."""
 
     def shown(values) -> str:
-        return "" if default is None else f" (default {values})"
+        return "" if default is None else f" (default: {values})"
 
     group = parser.add_argument_group('input format (default: what the weights expect; MODELS.md, "Input format")')
     group.add_argument("--channel-order", choices=("BGR", "RGB"),

@@ -131,7 +131,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True, metavar="FILE",
                         help="a released file of any layout, a .safetensors release or a checkpoint of this project")
     parser.add_argument("--top-k", type=positive_int, default=5, metavar="K",
-                        help="classes shown per image (default 5)")
+                        help="classes shown per image (default: 5)")
     parser.add_argument("--predictions-json", "--json", dest="predictions_json", metavar="FILE",
                         help='write [{"path", "predictions": [{"index", "name", "probability"}]}] to FILE (eval.py '
                              "--predictions-csv is its counterpart for a labelled folder; --json is the older name)")

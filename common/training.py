@@ -92,7 +92,7 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: Recipe) -> None:
                            f"demo recipe: batch {d.demo.batch_size}, {d.demo.total_iters} iterations, "
                            f"{d.demo.image_size}px images; explicit flags still win")
     data.add_argument("--num-classes", type=class_count, help="number of classes (default: the class folders found)")
-    data.add_argument("--image-size", type=multiple_of_32, help=f"training crop size (default {d.image_size})")
+    data.add_argument("--image-size", type=multiple_of_32, help=f"training crop size (default: {d.image_size})")
     data.add_argument("--workers", type=worker_count, default=min(8, os.cpu_count() or 1),
                       help="data-loading worker processes per rank (default: the CPU count, at most 8)")
 
@@ -108,13 +108,13 @@ def _add_finetuning_flags(tune: argparse._ArgumentGroup) -> None:
 
 
 def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
-    optim.add_argument("--batch-size", type=positive_int, help=f"global batch over all ranks (default {d.batch_size})")
-    optim.add_argument("--total-iters", type=positive_int, help=f"iterations to train (default {d.total_iters})")
+    optim.add_argument("--batch-size", type=positive_int, help=f"global batch over all ranks (default: {d.batch_size})")
+    optim.add_argument("--total-iters", type=positive_int, help=f"iterations to train (default: {d.total_iters})")
     optim.add_argument("--learning-rate", type=positive_float,
-                       help=f"base learning rate (default {d.learning_rate} at batch {d.batch_size}, scaled "
+                       help=f"base learning rate (default: {d.learning_rate} at batch {d.batch_size}, scaled "
                             "linearly with --batch-size); a resumed run trains at the rate of this command line")
     optim.add_argument("--warmup-iters", type=zero_or_more,
-                       help="iterations of linear learning-rate warm-up from 0 before the linear decay (default 0"
+                       help="iterations of linear learning-rate warm-up from 0 before the linear decay (default: 0"
                             f"{f'; {d.finetune.warmup_iters} with --pretrained' if d.hooks.one_network else ''})")
     optim.add_argument("--momentum", type=zero_or_more_float, default=d.momentum, help="SGD momentum")
     optim.add_argument("--weight-decay", type=zero_or_more_float, default=d.weight_decay,
@@ -152,12 +152,12 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
                      help="resume from the newest good checkpoint in --save; --no-auto-continue never resumes "
                           "and refuses a --save that holds checkpoints")
     run.add_argument("--display-interval", type=positive_int,
-                     help=f"iterations between progress lines, the first iteration shown too (default "
+                     help=f"iterations between progress lines, the first iteration shown too (default: "
                           f"{d.display_interval})")
     run.add_argument("--val-interval", type=positive_int,
-                     help=f"iterations between validations (default {d.val_interval})")
+                     help=f"iterations between validations (default: {d.val_interval})")
     run.add_argument("--save-interval", type=positive_int,
-                     help=f"iterations between checkpoints (default {d.save_interval})")
+                     help=f"iterations between checkpoints (default: {d.save_interval})")
     run.add_argument("--val-batch-size", type=positive_int, default=100, help="validation batch size per rank")
     if d.hooks.one_network:
         run.add_argument("--eval", action="store_true",
