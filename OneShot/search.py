@@ -32,13 +32,13 @@ import network  # noqa: E402
 import search_space  # noqa: E402
 import supernet as supernet_module  # noqa: E402
 from common.bn_recalibrate import recalibrate_batchnorm  # noqa: E402
-from common.atomic_io import atomic_write  # noqa: E402
+from common.atomic_io import atomic_write, claim_output  # noqa: E402
 from common.cli import (ArgumentParser, add_device_argument, fraction, multiple_of_32, mac_count,  # noqa: E402
                         positive_int, prepare_output, run_script, seed_value, worker_count, zero_or_more)
 from common.data import (EvalTransform, ImageDataset, TrainTransform, collate_skip_corrupt,  # noqa: E402
                          evaluation_order, scan_image_folder)
-from common.distributed import (all_gather_objects, init_distributed, launched_world_size,  # noqa: E402
-                                shutdown_distributed)
+from common.distributed import (all_gather_objects, checked_on_main, init_distributed,  # noqa: E402
+                                launched_world_size, shutdown_distributed)
 from common.errors import UserError, exit_on_user_error  # noqa: E402
 from common.input_format import InputFormat, Preprocess  # noqa: E402
 from common.model_state import load_model_state, read_checkpoint_metadata  # noqa: E402
@@ -238,11 +238,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--supernet {args.supernet}: no such file")
 
 
-def search(args: argparse.Namespace) -> dict:
-    check_args(args)
+def supernet_and_its_images(args: argparse.Namespace) -> tuple[dict, Path, list[tuple[str, int]]]:
+    """(metadata, training folder, its samples) of --supernet, checked."""
     metadata = read_checkpoint_metadata(args.supernet)
-    trained = metadata.get("supernet")
-    if metadata.get("arch") != "OneShot-supernet" or not trained:
+    if metadata.get("arch") != "OneShot-supernet" or not metadata.get("supernet"):
         raise UserError(f"--supernet {args.supernet}: not a checkpoint of train_supernet.py")
     train_dir = args.train_dir or metadata.get("args", {}).get("train_dir")
     if train_dir is None:  # a release or an average leaves out the local paths of its training
@@ -252,7 +251,13 @@ def search(args: argparse.Namespace) -> dict:
     samples, classes = scan_image_folder(train_dir, "--train-dir")
     if classes != metadata["classes"]:
         raise UserError(f"--train-dir {train_dir}: its classes differ from those the supernet was trained on")
-    num_classes = metadata["num_classes"]
+    return metadata, train_dir, samples
+
+
+def search(args: argparse.Namespace) -> dict:
+    check_args(args)
+    metadata, train_dir, samples = supernet_and_its_images(args)
+    trained, num_classes = metadata["supernet"], metadata["num_classes"]
     search_space.check_budget(args.flops_min, args.flops_max, num_classes)
     if args.flops_max < trained["flops_min"] or args.flops_min > trained["flops_max"]:
         print(f"warning: the supernet trained paths of {trained['flops_min'] / 1e6:g}M-"
@@ -271,21 +276,16 @@ def search(args: argparse.Namespace) -> dict:
     # that the inputs are known good, so that a mistyped command leaves no folder behind).
     output = prepare_output("--output", args.output)
     state_path = output.with_name(output.name + ".state.json")
-    state = {"method": method, "settings": settings, "held_out": held, "generation": 0, "scores": {},
+    fresh = {"method": method, "settings": settings, "held_out": held, "generation": 0, "scores": {},
              "populations": [], "seconds": 0.0}
-    if state_path.exists():
-        saved = _read_state(state_path, state)
-        if changed := _changed_settings(saved, state):
-            raise UserError(f"{state_path}: a search with other settings ({changed}); use another --output or "
-                            "delete it")
-        # More --generations continue the search: generation g's candidates depend on the generations before only.
-        if args.generations > saved["generation"]:
-            saved["settings"] = settings
-        state = saved
-
     info = init_distributed(args.device)
     say = print if info.is_main else (lambda *a, **k: None)
     try:
+        # Two runs on one --output would write one state file in turn; rank 0 writes it, so it claims it.
+        checked_on_main(lambda: claim_output(output.with_name(f".{output.name}.lock"), lambda holder: (
+            f"--output {output}: another search is writing its state there{holder}; wait for it to end or choose "
+            "another --output")), info)
+        state = _resumed_state(state_path, fresh, args.generations)
         if state["generation"] < args.generations:
             if state["generation"]:
                 say(f"resuming the search saved in {state_path} after generation {state['generation']}")
@@ -298,19 +298,36 @@ def search(args: argparse.Namespace) -> dict:
         shutdown_distributed()
     final = result(state, num_classes)
     if info.is_main:
-        write_json(output, final)
-        plot(state, output.with_suffix(".png"), num_classes)
-        best = final["architectures"][0]
-        print(f"best of {len(state['scores'])} candidates ({method}): held-out top-1 accuracy "
-              f"{best['held_out_top1']:.2f}% at {best['macs'] / 1e6:.1f}M FLOPs, {best['params'] / 1e6:.2f}M params\n  "
-              f"{search_space.describe(from_key(key_of(search_space.from_json(best))))}\n"
-              f"wrote {output} and {output.with_suffix('.png')}")
+        _write_results(output, final, state, num_classes, method)
     return final
+
+
+def _write_results(output: Path, final: dict, state: dict, num_classes: int, method: str) -> None:
+    write_json(output, final)
+    plot(state, output.with_suffix(".png"), num_classes)
+    best = final["architectures"][0]
+    print(f"best of {len(state['scores'])} candidates ({method}): held-out top-1 accuracy "
+          f"{best['held_out_top1']:.2f}% at {best['macs'] / 1e6:.1f}M FLOPs, {best['params'] / 1e6:.2f}M params\n  "
+          f"{search_space.describe(from_key(key_of(search_space.from_json(best))))}\n"
+          f"wrote {output} and {output.with_suffix('.png')}")
 
 
 # The flags a search's result depends on; the last two are recorded as the command resolves them.
 _FLAG_SETTINGS = ("flops_min", "flops_max", "population", "top_k", "mutations", "mutation_prob", "crossovers",
                   "generations", "seed", "bn_images", "bn_batch_size", "score_images", "image_size", "supernet")
+
+
+def _resumed_state(path: Path, fresh: dict, generations: int) -> dict:
+    """The state saved at `path` when a search with these settings stopped there, else `fresh`."""
+    if not path.exists():
+        return fresh
+    saved = _read_state(path, fresh)
+    if changed := _changed_settings(saved, fresh):
+        raise UserError(f"{path}: a search with other settings ({changed}); use another --output or delete it")
+    # More --generations continue the search: generation g's candidates depend on the generations before only.
+    if generations > saved["generation"]:
+        saved["settings"] = fresh["settings"]
+    return saved
 
 
 def _read_state(path: Path, fresh: dict) -> dict:

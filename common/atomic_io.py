@@ -1,13 +1,15 @@
 """Atomic file output and SHA-256: every file this project writes goes through here, so that a crash, a kill or a
 full disk leaves the old file or the complete new one, never a part. A file is written to a hidden temporary name
 beside its target, fsynced, renamed over the target, and the rename made durable by fsyncing the folder. Large files
-are hashed in pieces on every core while they are written or read, as one SHA-256 is slower than the disk."""
+are hashed in pieces on every core while they are written or read, as one SHA-256 is slower than the disk. A run
+that writes an output over a long time (checkpoints, a search's state) first claims it with a lock file."""
 from __future__ import annotations
 
 import errno
 import hashlib
 import mmap
 import os
+import platform
 import re
 import shutil
 import sys
@@ -16,7 +18,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from common.errors import UserError
 
 # Maps a write's data to the buffers to write in its place, or None to write the data itself.
 Substitute = Callable[[memoryview], Iterable[memoryview] | None]
@@ -30,6 +34,8 @@ _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 _READ_CHUNK = 16 << 20
 # madvise(MADV_POPULATE_READ) reads a mapped range into memory (Linux 5.14+); Python names it from 3.12 on.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform.startswith("linux") else None
+# The outputs this process is the one writer of, each with its open, locked lock file (see claim_output).
+_CLAIMED: dict[Path, Any] = {}
 
 
 @contextmanager
@@ -153,6 +159,34 @@ def _file_pieces_sha256(file: BinaryIO, piece_bytes: int) -> str:
     finally:
         if mapping is not None:
             mapping.close()
+
+
+def claim_output(lock_path: str | os.PathLike, refusal: Callable[[str], str]) -> None:
+    """Make this process the one writer of what `lock_path` guards until it ends (an exclusive lock on that file,
+    which names the holder); a second process is refused with UserError(refusal(" (process N on HOST)")). Nothing
+    is locked where files cannot be locked (Windows, some network file systems)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = Path(lock_path).resolve()
+    if key in _CLAIMED:
+        return
+    lock = open(key, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise UserError(refusal(f" ({holder})" if holder else "")) from None
+    except OSError:
+        lock.close()
+        return
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {platform.node()}\n")
+    lock.flush()
+    _CLAIMED[key] = lock
 
 
 def temp_path(path: Path) -> Path:

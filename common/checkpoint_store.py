@@ -8,7 +8,6 @@ import errno
 import json
 import math
 import os
-import platform
 import re
 import warnings
 from collections.abc import Mapping
@@ -35,8 +34,6 @@ _ACCURACY_ALIASES = {"top1": "top1_error", "top5": "top5_error"}
 # Checkpoints whose SHA-256 this process has checked, by (path, inode, size, mtime): a resume that picks the newest
 # good checkpoint (one full hash) and then loads it, or a script that reads a file twice, hashes it once.
 _VERIFIED: set[tuple[str, int, int, int]] = set()
-# The folders this process writes to, each with its open, locked .lock file (see claim_folder).
-_CLAIMED: dict[Path, Any] = {}
 # Checkpoints are hashed in pieces of this size, on every core (see atomic_io.pieces_sha256); the sidecar records it.
 PIECE_BYTES = 64 << 20
 _ADVICE = "use an earlier checkpoint (a resumed run picks the newest good one by itself)"
@@ -73,35 +70,6 @@ class CheckpointInfo:
 
 
 # -- saving ---------------------------------------------------------------------------------------------------
-
-def claim_folder(save_dir: str | os.PathLike) -> None:
-    """Make this process the one writer of `save_dir` until it ends (an exclusive lock on `save_dir/.lock`); a second
-    run there is refused with a CheckpointError naming the holder. Nothing is locked without file locks (Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    key = Path(save_dir).resolve()
-    if key in _CLAIMED:
-        return
-    lock = open(key / ".lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip()
-        lock.close()
-        raise CheckpointError(f"--save {save_dir}: another training run is writing its checkpoints there"
-                              f"{f' ({holder})' if holder else ''}; wait for it to end or choose another --save"
-                              ) from None
-    except OSError:  # a filesystem without file locks (some network ones): one writer cannot be ensured there
-        lock.close()
-        return
-    lock.truncate(0)
-    lock.write(f"process {os.getpid()} on {platform.node()}\n")
-    lock.flush()
-    _CLAIMED[key] = lock
-
 
 def save_checkpoint(state: dict, iters: int, save_dir: str | os.PathLike, *, keep: int = 5,
                     best_metric_name: str | None = None) -> Path | None:

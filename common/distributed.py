@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,3 +118,17 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def checked_on_main(check: Callable[[], None], info: DistInfo) -> None:
+    """Run `check` on rank 0 only (one that claims a file for it, say); the UserError it raises is raised on every
+    rank, so that all of them stop with the same line."""
+    refusal = None
+    if info.is_main:
+        try:
+            check()
+        except UserError as error:
+            refusal = str(error)
+    refusal = all_gather_objects(refusal, info)[0]
+    if refusal:
+        raise UserError(refusal)

@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from common.checkpoint import get_training_state, load_checkpoint, rng_state
-from common.checkpoint_store import (CheckpointError, claim_folder, get_latest_model, list_checkpoints,
-                                     save_checkpoint)
+from common.atomic_io import claim_output
+from common.checkpoint_store import get_latest_model, list_checkpoints, save_checkpoint
 from common.cli import (ArgumentParser, add_device_argument, checked, multiple_of_32, positive_int, prepare_output,
                         seed_value, worker_count, zero_or_more)
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
 from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, average_buffers, barrier,
-                                init_distributed, shutdown_distributed)
+                                checked_on_main, init_distributed, shutdown_distributed)
 from common.errors import UserError, exit_on_user_error, listed
 from common.evaluate import evaluate, warn_if_not_finite
 from common.hardware import (AMP_CHOICES, SpeedChoice, autocast, probe_batch_size, resolve_speed,
@@ -691,10 +691,7 @@ def build_trainer(network: ModuleType, recipe: Recipe, load_checkpoint: Callable
     resume_path = _resume_path(args)
     _settle_network(metadata, args, resume_path, say)
     model = _create_model(network, metadata, args, resume_path, say).to(info.device)
-    # Checkpoints, metrics.jsonl and the TensorBoard events all go under --save.
-    prepare_output("--save", args.save, folder=True)
-    prepare_output("--save", Path(args.save) / "tensorboard", folder=True)
-    _claim_save_folder(args.save, info)
+    _prepare_save_folder(args.save, info)
     if args.freeze_backbone:
         recipe = dataclasses.replace(recipe, loss_weights=(1.0,) + (0.0,) * (len(recipe.loss_weights) - 1))
     speed = resolve_training_speed(args, model, info)
@@ -813,17 +810,14 @@ def _note_changed_settings(recorded: dict, args: argparse.Namespace, say: Callab
         say(f"note: this command continues the run in --save {args.save} with {', '.join(changed)}")
 
 
-def _claim_save_folder(save: str, info: DistInfo) -> None:
-    """Rank 0 writes the checkpoints, so it claims the folder; every rank learns whether it could."""
-    refusal = None
-    if info.is_main:
-        try:
-            claim_folder(save)
-        except CheckpointError as error:
-            refusal = str(error)
-    refusal = all_gather_objects(refusal, info)[0]
-    if refusal:
-        raise UserError(refusal)
+def _prepare_save_folder(save: str, info: DistInfo) -> None:
+    """Make --save, where the checkpoints, metrics.jsonl and the TensorBoard events go, and claim it for this run:
+    rank 0 writes the checkpoints."""
+    prepare_output("--save", save, folder=True)
+    prepare_output("--save", Path(save) / "tensorboard", folder=True)
+    checked_on_main(lambda: claim_output(Path(save) / ".lock", lambda holder: (
+        f"--save {save}: another training run is writing its checkpoints there{holder}; wait for it to end or "
+        "choose another --save")), info)
 
 
 def _create_model(network: ModuleType, metadata: dict, args: argparse.Namespace, resume_path: Path | None,

@@ -235,6 +235,29 @@ def test_more_generations_continue_a_search_and_other_settings_are_named(tmp_pat
     assert "a search with other settings (--population 4 there, 5 here)" in other.stderr
 
 
+def test_a_second_search_on_the_same_output_is_refused_while_the_first_runs(tmp_path, supernet_run):
+    checkpoint = str(get_latest_model(supernet_run)[0])
+    output = tmp_path / "search.json"
+    command = ["search.py", "--supernet", checkpoint, "--output", str(output), *SEARCH]
+    endless = [*command, "--generations", "100000"]  # the last --generations wins
+    first = subprocess.Popen([sys.executable, *endless], cwd=ONESHOT, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stdout:
+            if "generation 1/" in line:
+                break
+        second = run(command)
+        assert second.returncode == 2 and second.stderr.strip().count("\n") == 0, second.stderr
+        assert (f"--output {output}: another search is writing its state there (process {first.pid} on "
+                in second.stderr)
+    finally:
+        first.kill()
+        first.communicate(timeout=120)
+    # The lock goes with the process: the same command now goes on from the state the first one saved.
+    again = run(command)
+    assert again.returncode == 0, again.stderr
+
+
 @pytest.mark.slow
 def test_random_search_then_retrain_and_evaluate_the_found_architecture(tmp_path, supernet_run, image_folder):
     checkpoint = str(get_latest_model(supernet_run)[0])
