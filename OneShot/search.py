@@ -443,6 +443,12 @@ def run_demo() -> None:
                                             "--save", str(run / "retrain"), "--image-size", "32", "--batch-size",
                                             "32", "--learning-rate", "0.02", "--total-iters", "60",
                                             "--val-interval", "60", "--save-interval", "60", "--workers", "1"])
+    _print_demo_summary(run, times)
+
+
+def _print_demo_summary(run: Path, times: dict[str, float]) -> None:
+    """The demo's timings, the best architecture of each search and the retrained one's validation error."""
+    from common.checkpoint_store import get_latest_model
     found = json.loads((run / "search.json").read_text())["architectures"][0]
     random_best = json.loads((run / "random.json").read_text())["architectures"][0]
     print(f"\nSearch demo finished in {sum(times.values()):.0f} s "
