@@ -1,9 +1,10 @@
-r"""Launch a model folder's train.py on a SLURM cluster with submitit; preempted or timed-out jobs requeue and resume.
+r"""Launch a model folder's train.py (or OneShot's train_supernet.py) on a SLURM cluster with submitit; preempted or
+timed-out jobs requeue and resume.
 
     python -m common.submit --model OneShot --nodes 2 --gpus-per-node 8 --partition gpu -- \
         --train-dir /data/imagenet/train --val-dir /data/imagenet/val --save /checkpoints/oneshot
 
-Everything after `--` goes to train.py; each task is one rank, and SLURM's SIGUSR2 makes it save and requeue."""
+Everything after `--` goes to the script; each task is one rank, and SLURM's SIGUSR2 makes it save and requeue."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,8 @@ from common.cli import ArgumentParser, DefaultsHelpFormatter, positive_int, prep
 from common.errors import UserError, exit_on_user_error
 from common.models import MODEL_FOLDERS, REPO_ROOT, load_module
 
+SCRIPTS = ("train.py", "train_supernet.py")
+
 
 @dataclass
 class TrainJob:
@@ -25,20 +28,21 @@ class TrainJob:
 
     model: str
     train_args: list[str]
+    script: str = "train.py"
 
     def __call__(self) -> str:
         import submitit
         # One rank per task: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, as torchrun would set them.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         requeue = signal.getsignal(signal.SIGUSR2)
-        status = _train_module(self.model).main(self.train_args)
+        status = _train_module(self.model, self.script).main(self.train_args)
         if status == "stopped" and callable(requeue) and submitit.JobEnvironment().global_rank == 0:
             requeue(signal.SIGUSR2, None)
         return status
 
     def checkpoint(self):
         import submitit
-        return submitit.helpers.DelayedSubmission(TrainJob(self.model, self.train_args))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.model, self.train_args, self.script))
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
@@ -47,7 +51,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m common.submit", description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("--model", required=True, choices=MODEL_FOLDERS, help="the model folder whose train.py runs")
+    parser.add_argument("--model", required=True, choices=MODEL_FOLDERS, help="the model folder whose script runs")
+    parser.add_argument("--script", choices=SCRIPTS, default=SCRIPTS[0],
+                        help="the training script: train.py, or OneShot's train_supernet.py (stage 1 of the search)")
     parser.add_argument("--nodes", type=positive_int, default=1, help="machines")
     parser.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per machine (one rank each)")
     parser.add_argument("--cpus-per-task", type=positive_int, default=10,
@@ -63,26 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
                         help="submitit executor (default: SLURM, refused where there is none); local: the ranks as "
                              "background processes on this machine; debug: one rank in this process")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of train.py")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of --script")
     return parser
 
 
-def _train_module(model: str) -> ModuleType:
+def _train_module(model: str, script: str) -> ModuleType:
     folder = REPO_ROOT / model
-    sys.path.insert(0, str(folder))  # for the train.py's `import network`
-    return load_module(folder / "train.py", "train_" + model.replace(".", "_"))
+    if not (folder / script).is_file():
+        raise UserError(f"--script {script}: {model} has none; give --model "
+                        + " or ".join(name for name in MODEL_FOLDERS if (REPO_ROOT / name / script).is_file()))
+    sys.path.insert(0, str(folder))  # for the script's `import network`
+    return load_module(folder / script, f"{Path(script).stem}_{model.replace('.', '_')}")
 
 
-def _check_train_args(model: str, train_args: list[str]) -> None:
-    """Parse train.py's arguments here, so that a mistyped flag or a number out of range is refused now rather than
-    after the job waited in the queue; the job checks the paths when it starts, on the cluster's file system."""
+def _check_train_args(model: str, script: str, train_args: list[str]) -> None:
+    """Parse the script's arguments here, so that a mistyped flag or a number out of range is refused now rather
+    than after the job waited in the queue; the job checks the paths when it starts, on the cluster's file system."""
     from common.training import build_parser
-    parser = build_parser(_train_module(model).RECIPE)
-    parser.prog = "train.py (the arguments after --)"  # for its --help
+    parser = build_parser(_train_module(model, script).RECIPE)
+    parser.prog = f"{script} (the arguments after --)"  # for its --help
     try:
         parser.parse_args(train_args)
     except UserError as error:
-        raise UserError(f"train.py's arguments after --: {error}") from None
+        raise UserError(f"{script}'s arguments after --: {error}") from None
 
 
 @exit_on_user_error
@@ -91,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if not train_args:
-        raise UserError("give train.py's arguments after --, e.g. -- --train-dir DIR --val-dir DIR")
-    _check_train_args(args.model, train_args)
+        raise UserError(f"give {args.script}'s arguments after --, e.g. -- --train-dir DIR --val-dir DIR")
+    _check_train_args(args.model, args.script, train_args)
     import submitit
     if args.cluster is None and submitit.AutoExecutor.which() != "slurm":
         # submitit would start every rank as a process on this machine, in the background.
@@ -108,21 +117,22 @@ def main(argv: list[str] | None = None) -> int:
         **({"slurm_partition": args.partition} if args.partition else {}),
         **({"slurm_signal_delay_s": 120} if executor.cluster == "slurm" else {}))
     try:
-        job = executor.submit(TrainJob(args.model, train_args))
+        job = executor.submit(TrainJob(args.model, train_args, args.script))
         print(f"submitted job {job.job_id} ({executor.cluster}); logs in {Path(args.log_dir) / str(job.job_id)}",
               flush=True)
         if executor.cluster == "slurm":
             return 0
-        return _wait_for_ranks(job, 1 if executor.cluster == "debug" else args.nodes * args.gpus_per_node)
+        return _wait_for_ranks(job, 1 if executor.cluster == "debug" else args.nodes * args.gpus_per_node,
+                               args.script)
     finally:
         # submitit makes the folder as named, where only SLURM fills in %j: an empty "%j" is left elsewhere.
         with contextlib.suppress(OSError):
             (Path(args.log_dir) / "%j").rmdir()
 
 
-def _wait_for_ranks(job, ranks: int) -> int:
+def _wait_for_ranks(job, ranks: int, script: str) -> int:
     """Wait for a job whose ranks are processes of this machine and say how it ended, as torchrun would: UserError
-    (status 1) naming the first failed rank's last error line; else 0 when train.py finished on every rank."""
+    (status 1) naming the first failed rank's last error line; else 0 when the script finished on every rank."""
     from submitit.local.debug import DebugJob
 
     job.wait()
@@ -143,7 +153,7 @@ def _wait_for_ranks(job, ranks: int) -> int:
                 lines = []
             said = next((line for line in reversed(lines) if line.strip()), "it wrote no error")
             raise JobFailed(f"job {job.job_id}: rank {rank} failed: {said} (its log: {task.paths.stderr})")
-    print(f"job {job.job_id}: train.py {statuses[0]}" + ("" if len(set(statuses)) == 1 else f" on rank 0, "
+    print(f"job {job.job_id}: {script} {statuses[0]}" + ("" if len(set(statuses)) == 1 else f" on rank 0, "
                                                          f"{', '.join(map(str, statuses[1:]))} on the others"))
     return 0 if set(statuses) == {"finished"} else 1
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from common.checkpoint_store import get_latest_model
+from common.model_state import read_checkpoint_metadata
 from conftest import REPO_ROOT
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -80,3 +81,25 @@ def test_bad_numbers_and_a_mistyped_train_flag_are_refused_before_anything_is_su
     assert result.returncode == 2 and result.stderr.strip() == ("error: train.py's arguments after --: unrecognized "
                                                                 "arguments: --totl-iters 3")
     assert not logs.exists()
+
+
+def test_a_supernet_job_runs_train_supernet_and_only_oneshot_has_one(tmp_path, image_folder):
+    """Stage 1 of the search goes to the cluster too: --script train_supernet.py, its own flags checked here."""
+    save = tmp_path / "supernet"
+    result = submit("--model", "OneShot", "--script", "train_supernet.py", "--cluster", "debug", "--log-dir",
+                    str(tmp_path / "logs"), "--", "--train-dir", str(image_folder), "--save", str(save),
+                    "--image-size", "32", "--batch-size", "8", "--workers", "0", "--total-iters", "1",
+                    "--held-out-per-class", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith(": train_supernet.py finished")
+    checkpoint, iteration = get_latest_model(save)
+    assert iteration == 1 and "supernet" in read_checkpoint_metadata(checkpoint)
+    refused = submit("--model", "OneShot", "--script", "train_supernet.py", "--cluster", "local", "--log-dir",
+                     str(tmp_path / "logs2"), "--", "--demo", "--flops-max", "330")
+    assert refused.returncode == 2 and refused.stderr.strip().startswith(
+        "error: train_supernet.py's arguments after --: --flops-max 330:")
+    other = submit("--model", "ShuffleNetV2.Large", "--script", "train_supernet.py", "--cluster", "local",
+                   "--log-dir", str(tmp_path / "logs2"), "--", "--demo")
+    assert other.returncode == 2 and other.stderr.strip() == ("error: --script train_supernet.py: ShuffleNetV2.Large "
+                                                              "has none; give --model OneShot")
+    assert not (tmp_path / "logs2").exists()
