@@ -206,9 +206,12 @@ def check_model_folder(label: str, metadata: Mapping, model_name: str, script: s
                     f"{label}: a {arch} file, not {model_name}")
 
 
-def describe_weights(state: Mapping[str, torch.Tensor]) -> str:
+def describe_weights(state: Mapping[str, torch.Tensor], arch: str | None = None) -> str:
     """A guess of what a clean state dict holds, e.g. "a ShuffleNetV2.Large state dict with 1000 classes": the model
-    with the most of its tensor names (then the one it covers most of), with the classes of its classifier."""
+    with the most of its tensor names (then the one it covers most of), with the classes of its classifier. The
+    `arch` its metadata names, when no model folder is that (a supernet), is taken at its word."""
+    if arch is not None and arch not in MODEL_FOLDERS:
+        return f"a {arch} state dict"
     shared = {model: len(state.keys() & _tensor_names(model)) for model in MODEL_FOLDERS}
     model = max(shared, key=lambda name: (shared[name], shared[name] / len(_tensor_names(name))))
     if shared[model] < 0.5 * len(state):

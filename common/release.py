@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     # After the input is read and checked, so that a refused one leaves no output folder behind.
     prepare_output("--output", output)
     # The checkpoint's own metadata, without training arguments, and what the release holds.
-    metadata = {**shareable_metadata(read_checkpoint_metadata(obj)), "contents": describe_weights(weights)}
+    metadata = shareable_metadata(read_checkpoint_metadata(obj))
+    metadata["contents"] = describe_weights(weights, metadata.get("arch"))
     metadata["weights"] = "ema" if args.use_ema else metadata.get("weights", "model")
     digest = write_release(output, weights, to_plain(metadata, json_only=True))
-    print(f"wrote {output}: {len(weights)} tensors, {output.stat().st_size / 1e6:.1f} MB, {describe_weights(weights)}")
+    print(f"wrote {output}: {len(weights)} tensors, {output.stat().st_size / 1e6:.1f} MB, {metadata['contents']}")
     print(f"{digest}  {output.name}")
     return 0
 

@@ -445,6 +445,8 @@ def test_a_released_supernet_is_searched_with_its_training_folder_named(tmp_path
                              "--output", str(released)], cwd=REPO_ROOT, capture_output=True, text=True, env=ENV,
                             timeout=300)
     assert result.returncode == 0, result.stderr
+    # Named by its metadata, not as tensors that fit no model folder.
+    assert result.stdout.splitlines()[0].endswith(", a OneShot-supernet state dict"), result.stdout
     output = tmp_path / "search.json"
     result = run(["search.py", "--supernet", str(released), "--output", str(output), *SEARCH])
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
