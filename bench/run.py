@@ -69,6 +69,21 @@ def _training_cell(result: dict) -> str:
     return text
 
 
+def _checkpoint_table(rows: list[dict]) -> list[str]:
+    def ratio(r: dict, name: str) -> str:  # results files older than a ratio hold none of it
+        return f"{r[name]:.2f}" if name in r else "-"
+
+    lines = ["", "Checkpoint of a full training state (weights, momentum, EMA) against raw disk speed (fastest: "
+                 "the fastest round of each):", ""]
+    return lines + _table(["model", "size", "save s", "x raw write+fsync", "fastest", "save x max(raw write, SHA-256)",
+                           "load s", "x raw read", "fastest", "load x max(raw read, SHA-256)",
+                           "load without the check x raw read", "SHA-256 in pieces, all cores, s"], [
+        [r["model"], f"{r['bytes'] / 1e9:.2f} GB", _speed(r["seconds"]["save"]), ratio(r, "save_ratio"),
+         ratio(r, "save_ratio_fastest"), ratio(r, "save_to_floor"), _speed(r["seconds"]["load"]),
+         ratio(r, "load_ratio"), ratio(r, "load_ratio_fastest"), ratio(r, "load_to_floor"),
+         ratio(r, "load_unchecked_ratio"), _speed(r["seconds"]["sha256"])] for r in rows])
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -108,15 +123,7 @@ def summary(results: dict) -> list[str]:
                         [[name, _speed(v)] + [f"{v.get(key, v['median'] / base['median']):.2f}"
                                               for key, base in bases.items()] for name, v in ok["data"].items()])
     if "checkpoint" in ok:
-        lines += ["", "Checkpoint of a full training state (weights, momentum, EMA) against raw disk speed:", ""]
-        lines += _table(["model", "size", "save s", "x raw write+fsync", "save x max(raw write, SHA-256)", "load s",
-                         "x raw read", "load x max(raw read, SHA-256)", "load without the check x raw read",
-                         "SHA-256 in pieces, all cores, s"], [
-            [r["model"], f"{r['bytes'] / 1e9:.2f} GB", _speed(r["seconds"]["save"]), f"{r['save_ratio']:.2f}",
-             f"{r['save_to_floor']:.2f}" if "save_to_floor" in r else "-", _speed(r["seconds"]["load"]),
-             f"{r['load_ratio']:.2f}", f"{r['load_to_floor']:.2f}",
-             f"{r['load_unchecked_ratio']:.2f}" if "load_unchecked_ratio" in r else "-", _speed(r["seconds"]["sha256"])]
-            for r in ok["checkpoint"]])
+        lines += _checkpoint_table(ok["checkpoint"])
     if "average" in ok:
         a = ok["average"]
         lines += ["", f"Averaging {a['files']} {a['model']} checkpoints of {a['file_bytes'] / 1e9:.2f} GB:", ""]
