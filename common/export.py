@@ -495,8 +495,9 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
     check_model_folder(f"--weights {weights}", stored, model_name, "export.py")
     classes, contents = stored.get("classes"), None
     if not classes:  # a plain state dict: its classifier's rows tell how many outputs it has
+        # A file that is not weights is refused now: the classes assumed for it would misname --val-dir's folders.
+        contents = read_weights_file(weights, trust_pickle=args.trust_pickle)
         try:
-            contents = read_weights_file(weights, trust_pickle=args.trust_pickle)
             classes = output_classes(network_module, contents, stored)[1]
         except UserError:  # refused where the weights are loaded, after the flags and folders are checked
             classes, contents = imagenet_wnids(), None

@@ -168,6 +168,19 @@ def test_a_checkpoint_of_another_model_folder_names_that_folders_script(script, 
     assert line == f"error: --weights {path}: a OneShot checkpoint; use OneShot/{script}.py"
 
 
+def test_export_of_a_file_that_is_not_weights_names_the_file_not_the_val_dir(tmp_path, capsys):
+    """export.py took a file it could not read as ImageNet weights, and so said --val-dir's folders were not
+    ImageNet wnids."""
+    not_weights = tmp_path / "curves.png"
+    Image.new("RGB", (40, 30)).save(not_weights)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "val" / "cat" / "photo.jpg")
+    module = script_module("OneShot", "export")
+    line = user_error_line(capsys, lambda argv: module.run_export(network("OneShot"), argv),
+                           ["--weights", str(not_weights), "--val-dir", str(tmp_path / "val")])
+    assert line.startswith(f"error: {not_weights} is not a PyTorch or safetensors weights file")
+
+
 @pytest.mark.parametrize("script", ["eval", "export", "predict"])
 def test_a_supernet_checkpoint_is_sent_to_the_search(script, tmp_path, capsys):
     """A checkpoint of train_supernet.py given as --weights is sent to search.py, not to a folder that does not
