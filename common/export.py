@@ -500,7 +500,7 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
         try:
             classes = output_classes(network_module, contents, stored)[1]
         except UserError:  # refused where the weights are loaded, after the flags and folders are checked
-            classes, contents = imagenet_wnids(), None
+            classes = imagenet_wnids()
     imagenet = classes == imagenet_wnids()
     stored_format = stored.get("input_format")
     input_format = input_format_from_args(args, InputFormat.from_dict(stored_format) if stored_format
