@@ -113,9 +113,11 @@ def _add_optimisation_flags(optim: argparse._ArgumentGroup, d: Recipe) -> None:
     optim.add_argument("--learning-rate", type=positive_float,
                        help=f"base learning rate (default: {d.learning_rate} at batch {d.batch_size}, scaled "
                             "linearly with --batch-size); a resumed run trains at the rate of this command line")
+    tuned = (f"; with --pretrained {d.finetune.warmup_iters}, or the same share of a --total-iters shorter than "
+             f"{d.finetune.total_iters}") if d.hooks.one_network else ""
     optim.add_argument("--warmup-iters", type=zero_or_more,
-                       help="iterations of linear learning-rate warm-up from 0 before the linear decay (default: 0"
-                            f"{f'; {d.finetune.warmup_iters} with --pretrained' if d.hooks.one_network else ''})")
+                       help=f"iterations of linear learning-rate warm-up from 0 before the linear decay (default: 0"
+                            f"{tuned})")
     optim.add_argument("--momentum", type=zero_or_more_float, default=d.momentum, help="SGD momentum")
     optim.add_argument("--weight-decay", type=zero_or_more_float, default=d.weight_decay,
                        help="weight decay, applied to weights of 2 or more dimensions only")
@@ -171,12 +173,19 @@ def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace
     """Fill recipe defaults (demo ones with --demo) and check the values before any work starts (and before --save
     is made, so that a mistyped command leaves no folder behind)."""
     source = recipe.demo if args.demo else recipe.finetune if args.pretrained else recipe
+    warmup_given = args.warmup_iters is not None
     for name in ("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval",
                  "warmup_iters"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(source, name, getattr(recipe, name, 0)))
     if args.learning_rate is None:
         args.learning_rate = source.learning_rate * args.batch_size / source.batch_size
+    if not warmup_given:
+        # A shorter run than the recipe's warms up for the same share of it, so its rate still reaches the full one.
+        args.warmup_iters = min(args.warmup_iters, math.ceil(args.total_iters * args.warmup_iters / source.total_iters))
+    elif args.warmup_iters >= args.total_iters:
+        raise UserError(f"--warmup-iters {args.warmup_iters} is not shorter than --total-iters {args.total_iters}: "
+                        "the learning rate would never reach --learning-rate; give fewer warm-up iterations")
     if args.demo:
         train_dir, val_dir = demo_dataset(DEMO_DATA)
         args.train_dir = args.train_dir or str(train_dir)

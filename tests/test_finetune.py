@@ -15,7 +15,8 @@ from common.checkpoint_store import get_latest_model
 from common.demo_data import make_image_folder
 from common.model_state import WeightsMismatchError, extract_model_state, read_weights_file
 from common.pretrained import load_pretrained
-from common.training import learning_rate
+from common.training import build_parser, learning_rate, resolve_args
+from common.errors import UserError
 from conftest import REPO_ROOT, network, released_state_dict
 
 ONESHOT = REPO_ROOT / "OneShot"
@@ -136,3 +137,24 @@ def test_warmup_is_a_function_of_the_iteration():
 
     assert [round(schedule(k), 4) for k in (0, 4, 9, 10, 50, 99)] == [0.1, 0.48, 0.91, 0.9, 0.5, 0.01]
     assert schedule(0, warmup_iters=0) == 1.0
+
+
+def test_a_shorter_fine_tune_warms_up_for_the_recipes_share_of_it(tmp_path):
+    """The fine-tuning recipe's warm-up (100 of 1500 iterations) must not outlast a shorter run: its rate would
+    never reach --learning-rate. Defaulted, it keeps its share; given, a warm-up as long as the run is refused."""
+    recipe = network("OneShot").RECIPE
+    finetune = recipe.finetune
+
+    def resolved(*argv: str) -> argparse.Namespace:
+        return resolve_args(build_parser(recipe).parse_args(["--train-dir", str(tmp_path), *argv]), recipe)
+
+    assert resolved("--pretrained", "w.pth").warmup_iters == finetune.warmup_iters
+    assert resolved("--pretrained", "w.pth", "--total-iters", str(2 * finetune.total_iters)).warmup_iters == \
+        finetune.warmup_iters
+    short = finetune.total_iters // 50
+    assert resolved("--pretrained", "w.pth", "--total-iters", str(short)).warmup_iters == \
+        -(-short * finetune.warmup_iters // finetune.total_iters)
+    assert resolved("--pretrained", "w.pth", "--total-iters", "30", "--warmup-iters", "29").warmup_iters == 29
+    assert resolved("--total-iters", "30").warmup_iters == 0
+    with pytest.raises(UserError, match=r"^--warmup-iters 30 is not shorter than --total-iters 30: "):
+        resolved("--pretrained", "w.pth", "--total-iters", "30", "--warmup-iters", "30")
