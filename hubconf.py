@@ -1,14 +1,15 @@
 """torch.hub entry points of the three networks; nothing is ever downloaded, weights come from a local file.
 
     model = torch.hub.load(REPO_DIR, "shufflenetv2_large", source="local", weights=PATH)
-    x = model.transforms()(PIL.Image.open("photo.jpg"))      # the network's input, 3 x 224 x 224
+    x = model.transforms()(PIL.Image.open("photo.jpg"))      # the network's input, 3 x 224 x 224 for released files
     probabilities = model(x.unsqueeze(0)).softmax(1)
 
 Each entry point returns the network in eval mode with `input_format` (what its input must be: channel order,
 scale, mean; common.input_format) and `transforms()`, which turns a PIL image into that input with eval.py's
-preprocessing. `weights` is any file eval.py accepts (a OneShot checkpoint of a searched architecture builds that
-architecture); `num_classes` (default: the file's, else 1000) other than the file's gives a freshly initialised
-classifier for fine-tuning. `features_only=True, out_indices=(0, 1, 2, 3)` gives a backbone returning stage outputs
+preprocessing, at the size the file was trained at (a checkpoint's `--image-size`; 224 for released files).
+`weights` is any file eval.py accepts (a OneShot checkpoint of a searched architecture builds that architecture);
+`num_classes` (default: the file's, else 1000) other than the file's gives a freshly initialised classifier for
+fine-tuning. `features_only=True, out_indices=(0, 1, 2, 3)` gives a backbone returning stage outputs
 at strides 4, 8, 16, 32. `pretrained=True` without `weights` is refused in words, since nothing is downloaded.
 """
 from __future__ import annotations

@@ -31,6 +31,8 @@ class ClassifierNetwork(nn.Module):
     stage_channels: tuple[int, int, int, int]
     num_features: int
     input_format: InputFormat = InputFormat()
+    # The size it was trained at, which transforms() crops to: a checkpoint's --image-size, else the released 224.
+    image_size: int = 224
     # Set by make_features_only: the stage outputs forward returns, and the keys of the removed modules.
     out_indices: tuple[int, ...] | None = None
     removed_keys: frozenset[str] = frozenset()
@@ -132,11 +134,12 @@ class ClassifierNetwork(nn.Module):
                     module.eval()
         return self
 
-    def transforms(self, image_size: int = 224):
+    def transforms(self, image_size: int | None = None):
         """A callable turning a PIL image into this network's input: EXIF orientation applied, OpenCV-style
-        resize of the short side to image_size * 256 / 224, center crop, then `input_format` (3 x H x W float)."""
+        resize of the short side to image_size * 256 / 224, center crop, then `input_format` (3 x H x W float).
+        `image_size` defaults to the network's own (`self.image_size`), as eval.py's does."""
         from common.predict import ImageTransform
-        return ImageTransform(self.input_format, image_size)
+        return ImageTransform(self.input_format, image_size or self.image_size)
 
 
 class StagedNetwork(ClassifierNetwork):

@@ -34,6 +34,9 @@ def load_network_module(model: str) -> ModuleType:
 def create_network_for(network: ModuleType, num_classes: int, metadata: Mapping, **options):
     """A folder's network as a checkpoint's metadata describes it (a OneShot checkpoint may carry a searched
     architecture: the folder's `create_network_for(metadata, num_classes)`), else `create_network(num_classes)`;
-    `options` (features_only, out_indices) go to the builder."""
+    `options` (features_only, out_indices) go to the builder. It keeps the `image_size` it was trained at."""
     build = getattr(network, "create_network_for", None)
-    return build(metadata, num_classes, **options) if build else network.create_network(num_classes, **options)
+    net = build(metadata, num_classes, **options) if build else network.create_network(num_classes, **options)
+    if metadata.get("image_size"):
+        net.image_size = metadata["image_size"]
+    return net

@@ -63,8 +63,10 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
         # is not weights with a bare unpickling error.
         contents = read_weights_file(overlay["file"])
         metadata = metadata_for(folder, contents, overlay["file"])
-        classes = {"num_classes": metadata["num_classes"]} if metadata.get("num_classes") else {}
-        kwargs["pretrained_cfg_overlay"] = {**classes, **overlay, "custom_load": True}
+        recorded = {"num_classes": metadata["num_classes"]} if metadata.get("num_classes") else {}
+        if size := metadata.get("image_size"):  # timm's data config then crops to the size it was trained at
+            recorded |= {"input_size": (3, size, size), "pool_size": (size // 32, size // 32)}
+        kwargs["pretrained_cfg_overlay"] = {**recorded, **overlay, "custom_load": True}
 
     def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", drop_rate: float | None = None,
               drop_path_rate: float | None = None, side_heads: bool = False) -> ClassifierNetwork:

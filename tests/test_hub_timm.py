@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import common.timm_models  # noqa: F401  (registers the models with timm)
 from common.errors import UserError
@@ -40,7 +41,6 @@ def test_torch_hub_load_from_a_fresh_clone(tmp_path):
     subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True, timeout=120)
     weights = released_file(tmp_path, "OneShot")
     image = tmp_path / "photo.jpg"
-    from PIL import Image
     Image.new("RGB", (90, 60), (200, 30, 40)).save(image)
     script = f"""
 import json, torch
@@ -141,6 +141,24 @@ def test_timm_reads_a_safetensors_release_as_create_model_does(tmp_path):
     assert all(torch.equal(created.state_dict()[k], v) for k, v in reference.items())
     # Loaded once by the model's own loader, which then lets go of the file's tensors.
     assert not hasattr(created, "load_pretrained") and "state_dict" not in created.pretrained_cfg
+
+
+def test_a_file_trained_at_another_size_gives_transforms_of_that_size(tmp_path):
+    """eval.py crops a checkpoint's images to its --image-size; hub's and timm's preprocessing cropped them to 224."""
+    path = tmp_path / "oneshot-64.safetensors"
+    write_release(path, network("OneShot").create_network(num_classes=3).state_dict(),
+                  {"arch": "OneShot", "num_classes": 3, "image_size": 64})
+    image = Image.new("RGB", (120, 90), (20, 200, 40))
+    hub = create_model("OneShot", path)
+    assert hub.image_size == 64 and hub.transforms()(image).shape == (3, 64, 64)
+    assert hub.transforms(96)(image).shape == (3, 96, 96)
+    assert create_model("OneShot", path, features_only=True).image_size == 64
+    created = timm.create_model("oneshot", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    config = timm.data.resolve_model_data_config(created)
+    assert config["input_size"] == (3, 64, 64) and created.transforms()(image).shape == (3, 64, 64)
+    assert timm.data.create_transform(**config)(image).shape == (3, 64, 64)
+    released = create_model("OneShot", released_file(tmp_path, "OneShot"))
+    assert released.image_size == 224 and released.transforms()(image).shape == (3, 224, 224)
 
 
 def test_timm_features_only_and_another_class_count(tmp_path):
