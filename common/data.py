@@ -4,7 +4,6 @@ The stream is hand-written so that iteration t's data depends only on (seed, t, 
 workers or resumes: position p reads sample order_e[p % N] of epoch e = p // N, augmented with a seed of (seed, p)."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import logging
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from common.errors import UserError, listed
 
@@ -131,8 +130,9 @@ class EvalTransform:
 
 class TrainTransform:
     """The original augmentation (RandomResizedCrop, ColorJitter of brightness, contrast and saturation, horizontal
-    flip), its parameters drawn as torchvision draws them from a generator seeded by torch's; an `open_image` image
-    (or PIL image or tensor) to a uint8 3 x H x W view of H x W x 3 memory, which collates into channels_last."""
+    flip), its parameters drawn as torchvision draws them from a generator seeded by `seed` (else by torch's); an
+    `open_image` image (or PIL image or tensor) to a uint8 3 x H x W view of H x W x 3 memory, which collates into
+    channels_last."""
 
     def __init__(self, crop_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.4, antialias: bool = True) -> None:
@@ -142,8 +142,8 @@ class TrainTransform:
         self.ratio = ratio
         self.jitter_range = (max(0.0, 1 - jitter), 1 + jitter)
 
-    def __call__(self, image: EncodedJpeg | Image.Image | Tensor) -> Tensor:
-        rng = random.Random(int(torch.empty((), dtype=torch.int64).random_()))
+    def __call__(self, image: EncodedJpeg | Image.Image | Tensor, seed: int | None = None) -> Tensor:
+        rng = random.Random(int(torch.empty((), dtype=torch.int64).random_()) if seed is None else seed)
         full_height, full_width = image.shape[-2:] if isinstance(image, Tensor) else (image.height, image.width)
         top, left, height, width = _crop_params(rng, full_height, full_width, self.scale, self.ratio)
         steps, factors = rng.sample(range(3), 3), [rng.uniform(*self.jitter_range) for _ in range(3)]
@@ -351,8 +351,9 @@ def _warned_flags(paths_hash: int, count: int) -> Tensor:
 class ImageDataset(Dataset):
     """(uint8 image, label) per sample, or None for a file that cannot be decoded (one warning line); with
     `with_index`, (image, label, index). An item is an index, or an (index, sample seed) pair from `StreamSampler`
-    that seeds torch's generator for the transform. The paths are one bytes object (a fixed-width array would pad
-    every path to the longest) and the labels one array, so forked workers copy no objects."""
+    whose seed the transform draws its parameters from (`transform(image, seed)`), leaving torch's generator alone.
+    The paths are one bytes object (a fixed-width array would pad every path to the longest) and the labels one
+    array, so forked workers copy no objects."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform, *, with_index: bool = False) -> None:
         encoded = [os.fsencode(path) for path, _ in samples]
@@ -374,12 +375,7 @@ class ImageDataset(Dataset):
         index, sample_seed = item if isinstance(item, tuple) else (item, None)
         try:
             image = open_image(self.path(index))
-            # Seeding in the main process: keep the training's own random stream (dropout) untouched.
-            forked = sample_seed is not None and get_worker_info() is None
-            with torch.random.fork_rng(devices=[]) if forked else contextlib.nullcontext():
-                if sample_seed is not None:
-                    torch.default_generator.manual_seed(sample_seed)
-                pixels = self.transform(image)
+            pixels = self.transform(image) if sample_seed is None else self.transform(image, sample_seed)
         except UndecodableImage as error:
             if not self._warned[index]:
                 self._warned[index] = 1
