@@ -19,6 +19,7 @@ from common.data import scan_image_folder
 from common.errors import UserError
 from common.model_state import load_model_state, read_weights_file
 from common.models import create_network_for
+from common.release import write_release
 from conftest import REPO_ROOT, network
 
 ONESHOT = REPO_ROOT / "OneShot"
@@ -383,6 +384,16 @@ def test_search_into_a_new_folder_creates_it_and_an_unwritable_output_fails_befo
     result = run(["search.py", "--supernet", str(get_latest_model(supernet_run)[0].with_suffix(".json")), "--output",
                   str(other), *SEARCH])
     assert result.returncode == 2 and "Traceback" not in result.stderr and not other.parent.exists()
+
+
+def test_the_weights_of_one_network_given_as_supernet_are_named_as_such(tmp_path):
+    path = tmp_path / "oneshot.safetensors"
+    write_release(path, network("OneShot").create_network(num_classes=3).state_dict(),
+                  {"arch": "OneShot", "num_classes": 3})
+    result = run(["search.py", "--supernet", str(path), "--output", str(tmp_path / "s.json"), *SEARCH])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: --supernet {path}: not a checkpoint of train_supernet.py but the weights "
+                                     "of one OneShot network; give one from train_supernet.py's --save folder")
 
 
 def test_demo_with_other_flags_is_refused_before_any_work():
