@@ -49,8 +49,13 @@ def averaging_verdict(last_error: float, average_error: float, iterations: int) 
 def main(argv: list[str] | None = None) -> None:
     # No options: --help describes the demo, and anything else is refused before runs/demo is cleared.
     ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    from common.atomic_io import claim_output
     from common.checkpoint_store import get_latest_model
 
+    # A second demo would clear runs/demo under the first one.
+    RUN.parent.mkdir(parents=True, exist_ok=True)
+    claim_output(RUN.parent / ".demo.lock", lambda holder: (
+        f"a demo is already running in this clone{holder}; it clears and writes {RUN}, so wait for it to end"))
     shutil.rmtree(RUN, ignore_errors=True)
     save = RUN / "OneShot"
     started = time.perf_counter()

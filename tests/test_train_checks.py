@@ -3,8 +3,10 @@ a NaN validation loss said in words, an unreadable image named once, a batch of 
 eval.py evaluates; the demo's curves and its word on averaging."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -226,3 +228,25 @@ def test_demo_help_describes_it_and_runs_nothing(capsys, monkeypatch):
             demo.main(argv)
         assert exit_info.value.code == status
     assert "make demo" in capsys.readouterr().out and not cleared
+
+
+def test_a_second_demo_in_the_same_clone_is_refused_while_the_first_runs(tmp_path):
+    """The demo starts by clearing runs/demo: a second one cleared the first's checkpoints while it trained."""
+    # A copy of this working tree (not a git clone: that would test the last commit), without its runs and caches.
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO_ROOT, clone, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".pytest_cache"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "demo.py"], cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env, start_new_session=True)
+    try:
+        # The first demo has claimed the clone and cleared runs/demo once it announces its first step.
+        assert "=== train" in first.stdout.readline() + first.stdout.readline()
+        second = subprocess.run([sys.executable, "demo.py"], cwd=clone, capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert second.returncode == 2 and second.stdout == ""
+        assert second.stderr.startswith(f"error: a demo is already running in this clone (process {first.pid} on ")
+        assert first.poll() is None
+    finally:
+        first.terminate()  # passed on to its train.py, which has a process group of its own
+        first.wait(timeout=120)
