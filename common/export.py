@@ -296,6 +296,15 @@ def _add_compression_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_flags(args: argparse.Namespace) -> None:
     """One-line errors for flags that do not go together, before anything is loaded."""
     if args.sweep:
+        given = {"--format": args.format if args.format != "coreml" else None, "--precision": args.precision,
+                 "--compress": args.compress, "--quantize": args.quantize,
+                 "--deployment-target": args.deployment_target,
+                 "--min-agreement": args.min_agreement if args.min_agreement != DEFAULT_MIN_AGREEMENT else None}
+        if clashing := [f"{flag} {value}" for flag, value in given.items() if value is not None]:
+            raise UserError(f"{', '.join(clashing)}: --sweep exports every format with settings of its own (it sets "
+                            "--format, --precision, --compress, --quantize and --deployment-target for each, and "
+                            "keeps each export whatever its agreement, to show it); leave these out, or export one "
+                            "format without --sweep")
         if not (args.calibration_dir or args.val_dir):
             raise UserError("--sweep exports int8 too: give --calibration-dir DIR (or --val-dir DIR) for its "
                             "calibration images")

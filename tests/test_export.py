@@ -262,6 +262,8 @@ def test_judge_criteria():
     (["--quantize", "int8", "--calibration-dir", "."], "--quantize is for --format onnx or executorch"),
     (["--format", "executorch", "--precision", "fp16"], "ExecuTorch exports are fp32"),
     (["--sweep"], "--sweep exports int8 too"),
+    (["--sweep", "--format", "onnx", "--min-agreement", "0.5"],
+     "error: --format onnx, --min-agreement 0.5: --sweep exports every format with settings of its own"),
     (["--min-agreement", "90"], "error: --min-agreement 90: must be between 0 and 1"),
     (["--num-val-images", "0"], "error: --num-val-images 0: must be at least 1"),
 ])
