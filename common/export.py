@@ -676,6 +676,11 @@ def _forwarded_flags(argv: list[str]) -> list[str]:
     return kept
 
 
+def _rate(images_per_second: float) -> str:
+    """Three significant figures, without an exponent from 1,000 up."""
+    return f"{images_per_second:.0f}" if images_per_second >= 100 else f"{images_per_second:.3g}"
+
+
 def sweep_table(rows: list[dict]) -> str:
     """The sweep as a Markdown table: size, agreement and KL with PyTorch, accuracy, export time, peak memory,
     and batch-1 images/s against PyTorch eager where the runtime runs here."""
@@ -696,7 +701,7 @@ def sweep_table(rows: list[dict]) -> str:
                          f"{row['pytorch_top5']:.1%})" if "export_top1" in row else "-")
         cells += [f"{row['export_seconds']:.0f}",
                   f"{row['peak_memory_mb']:.0f}" if row.get("peak_memory_mb") else "-",
-                  f"{row['export_images_per_s']:.3g} ({row['pytorch_images_per_s']:.3g}, "
+                  f"{_rate(row['export_images_per_s'])} ({_rate(row['pytorch_images_per_s'])}, "
                   f"{row['export_images_per_s'] / row['pytorch_images_per_s']:.2f}x)"
                   if "export_images_per_s" in row else "-"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -303,12 +303,15 @@ def test_sweep_command_and_table():
              "mean_kl": 0.004, "export_seconds": 12.0, "peak_memory_mb": 900.0, "export_images_per_s": 80.0,
              "pytorch_images_per_s": 40.0, "export_top1": 0.7, "export_top5": 0.9, "pytorch_top1": 0.71,
              "pytorch_top5": 0.9},
-            {"name": "Core ML palettize4", "error": "exit status 2"}]
+            {"name": "Core ML palettize4", "error": "exit status 2"},
+            {"name": "ONNX fp32", "bytes": 1e7, "export_seconds": 7.0, "export_images_per_s": 1020.8,
+             "pytorch_images_per_s": 103.9}]
     table = sweep_table(rows).splitlines()
     assert table[0].startswith("| format | MB | top-1 agreement | mean KL | top-1 / top-5")
     assert ("| ONNX int8 | 3.6 | 95% of 20 | 0.004 | 70.0% / 90.0% (71.0% / 90.0%) | 12 | 900 | 80 (40, 2.00x) |"
             in table)
     assert table[3].startswith("| Core ML palettize4 | failed: exit status 2 |")
+    assert table[4].endswith("| 1021 (104, 9.82x) |")  # not 1.02e+03
 
 
 def test_mean_kl_divergence_is_the_divergence_and_never_below_zero():
