@@ -677,7 +677,7 @@ def _forwarded_flags(argv: list[str]) -> list[str]:
 
 
 def _rate(images_per_second: float) -> str:
-    """Three significant figures, without an exponent from 1,000 up."""
+    """Whole numbers from 100 up (no exponent), three significant figures below."""
     return f"{images_per_second:.0f}" if images_per_second >= 100 else f"{images_per_second:.3g}"
 
 
