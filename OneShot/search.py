@@ -242,8 +242,8 @@ def supernet_and_its_images(args: argparse.Namespace) -> tuple[dict, Path, list[
     """(metadata, training folder, its samples) of --supernet, checked."""
     metadata = read_checkpoint_metadata(args.supernet)
     if metadata.get("arch") != "OneShot-supernet" or not metadata.get("supernet"):
-        what = f"the weights of one {metadata['arch']} network" if metadata.get("arch") else "no run of this project's"
-        raise UserError(f"--supernet {args.supernet}: not a checkpoint of train_supernet.py but {what}; give one from "
+        what = f" but the weights of one {metadata['arch']} network" if metadata.get("arch") else ""
+        raise UserError(f"--supernet {args.supernet}: not a checkpoint of train_supernet.py{what}; give one from "
                         "train_supernet.py's --save folder")
     train_dir = args.train_dir or metadata.get("args", {}).get("train_dir")
     if train_dir is None:  # a release or an average leaves out the local paths of its training
