@@ -68,9 +68,14 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
         raise DataError(f"{flag} {root}: {len(unknown)} class folder(s) not in the label set of "
                         f"{len(class_to_index)} classes: {listed(unknown, 5)}")
 
-    samples = [sample for name in folders for sample in _class_images(root, name, class_to_index[name], flag)]
-    if not samples:
+    images = {name: _class_images(root, name, class_to_index[name], flag) for name in folders}
+    if not any(images.values()):
         raise DataError(f"{flag} {root}: its class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if empty := [name for name in folders if not images[name]]:
+        # As torchvision's ImageFolder: a class without images would get a label that nothing teaches or tests.
+        raise DataError(f"{flag} {root}: {len(empty)} class folder(s) hold no images ({listed(empty, 5)}); put images "
+                        f"in them or remove them")
+    samples = [sample for name in folders for sample in images[name]]
     return samples, sorted(class_to_index, key=class_to_index.__getitem__)
 
 

@@ -78,6 +78,15 @@ def test_scan_matches_torchvision_image_folder_and_ignores_hidden_folders(image_
     reference = torchvision.datasets.ImageFolder(str(root))
     assert scan_image_folder(root) == (reference.samples, reference.classes)
 
+    # A class folder without images is refused, as torchvision refuses it: its label would be taught nothing.
+    (root / "zebra" / "notes").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="zebra"):
+        torchvision.datasets.ImageFolder(str(root))
+    with pytest.raises(DataError) as caught:
+        scan_image_folder(root, "--train-dir")
+    assert str(caught.value) == (f"--train-dir {root}: 1 class folder(s) hold no images (zebra); put images in them "
+                                 "or remove them")
+
 
 def test_a_link_back_to_a_folder_already_read_is_refused(image_folder, tmp_path):
     """torchvision follows a link to an ancestor 40 levels deep: 6 images became 246 samples, the other classes'
