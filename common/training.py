@@ -35,7 +35,8 @@ from common.evaluate import evaluate, warn_if_not_finite
 from common.hardware import (AMP_CHOICES, SpeedChoice, autocast, probe_batch_size, resolve_speed,
                              training_step_timer)
 from common.input_format import InputFormat, Preprocess
-from common.model_state import check_model_folder, load_model_state, read_checkpoint_metadata
+from common.model_state import (WeightsMismatchError, check_model_folder, load_model_state,
+                                read_checkpoint_metadata)
 from common.models import REPO_ROOT, create_network_for, load_module
 from common.recipe import DemoRecipe, FinetuneRecipe, NetworkHooks, Recipe  # noqa: F401  (the scripts' imports)
 from common.run_log import RunLog, plot_curves
@@ -836,7 +837,15 @@ def _create_model(network: ModuleType, metadata: dict, args: argparse.Namespace,
     if args.pretrained and resume_path is None:
         # Only a run without checkpoints of its own starts from the file: a resumed one continues its own weights.
         from common.pretrained import load_pretrained
-        say(f"--pretrained: {load_pretrained(model, args.pretrained).summary()}")
+        try:
+            say(f"--pretrained: {load_pretrained(model, args.pretrained).summary()}")
+        except WeightsMismatchError:
+            if not getattr(args, "architecture", None):
+                raise
+            raise UserError(f"--pretrained {args.pretrained} holds another architecture than --architecture "
+                            f"{args.architecture}, and weights fit only the architecture they were trained in: leave "
+                            "out --architecture to fine-tune the file's, or train this one without --pretrained"
+                            ) from None
     if args.freeze_backbone:
         model.freeze_backbone()
     return model

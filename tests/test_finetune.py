@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -128,6 +129,23 @@ def test_another_models_file_is_refused_naming_its_folder(tmp_path, demo_trained
                             cwd=REPO_ROOT / "ShuffleNetV2.Large", capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: --pretrained {demo_trained}: a OneShot checkpoint; use OneShot/train.py"
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_weights_of_another_architecture_are_named_as_such(tmp_path, demo_trained, three_classes):
+    """The file holds the released OneShot; --architecture asks for another: the error said which tensors were
+    missing or misshaped (a few hundred), not why."""
+    architecture = network("OneShot").released_architecture()
+    architecture["blocks"][0] = (architecture["blocks"][0] + 1) % 4
+    path = tmp_path / "architecture.json"
+    path.write_text(json.dumps(architecture))
+    result = run("--train-dir", str(three_classes), "--save", str(tmp_path / "run"), "--pretrained", str(demo_trained),
+                 "--architecture", str(path), "--total-iters", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: --pretrained {demo_trained} holds another architecture than --architecture {path}, and weights fit "
+        "only the architecture they were trained in: leave out --architecture to fine-tune the file's, or train this "
+        "one without --pretrained")
     assert not (tmp_path / "run").exists()
 
 
