@@ -169,11 +169,12 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     load_model_state(model, weights, for_inference=True, use_ema=args.use_ema, source_name=str(args.weights))
     del weights
     runner = prepare_inference_model(model, input_format=input_format, device=device, compile=args.compile,
-                                     amp=args.amp)
+                                     amp=args.amp, image_size=image_size)
     loader = DataLoader(_PredictDataset(files, EvalTransform(image_size)), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=collate_skip_corrupt_with_indices)
     print(f"{model_name}: {len(files)} image{'s' * (len(files) != 1)}, {image_size}px center crop, input "
-          f"{input_format.describe()}, on {device}", flush=True)
+          f"{input_format.describe()}; {runner.speed.describe()}{', compiled' if args.compile else ''} on {device}",
+          flush=True)
 
     records, skipped, seconds = _predict(runner, loader, files, names, min(args.top_k, num_classes))
     if not records:

@@ -74,9 +74,13 @@ def test_released_file_through_the_script_json_and_bad_files(tmp_path, released_
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
 
 
-def test_trained_file_names_its_class_folders(trained_file, image_folder):
+def test_trained_file_names_its_class_folders(trained_file, image_folder, capsys):
     records = run_predict(ONESHOT, ["--weights", str(trained_file), str(image_folder / "red_disc"), "--top-k", "5",
                                     "--workers", "0"])
+    # The layout is timed at the size the images are cropped to (it was 224 whatever the crop), and said.
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("OneShot: 8 images, 64px center crop, input BGR 0..255; ")
+    assert "(auto, timed on 4 images of 64px: " in header
     assert len(records) == 8
     for record in records:
         assert len(record["predictions"]) == 3  # top-k is capped at the number of classes
