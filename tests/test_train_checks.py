@@ -232,10 +232,17 @@ def test_demo_help_describes_it_and_runs_nothing(capsys, monkeypatch):
 
 def test_a_second_demo_in_the_same_clone_is_refused_while_the_first_runs(tmp_path):
     """The demo starts by clearing runs/demo: a second one cleared the first's checkpoints while it trained."""
-    # A copy of this working tree (not a git clone: that would test the last commit), without its runs and caches.
+    # The files of this working tree that git would commit (a git clone would test the last commit), not the runs,
+    # data and caches it ignores, which other tests may be writing.
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
     clone = tmp_path / "clone"
-    shutil.copytree(REPO_ROOT, clone, symlinks=True,
-                    ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".pytest_cache"))
+    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                             capture_output=True, check=True, timeout=60).stdout.decode()
+    for name in filter(None, listing.split("\0")):
+        if (REPO_ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, clone / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen([sys.executable, "demo.py"], cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=env, start_new_session=True)
