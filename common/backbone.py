@@ -18,6 +18,21 @@ def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
 
 
+def stage_indices(indices: int | Sequence[int] | None) -> list[int]:
+    """The stages (0 to 3) that `indices` chooses, as timm reads them: an int n the last n, a sequence of indices (-1
+    the last), None all; ValueError naming the index out of range."""
+    count = len(STAGE_REDUCTIONS)
+    if isinstance(indices, int) and not 0 < indices <= count:
+        raise ValueError(f"indices {indices}: the last n stages, n from 1 to {count}")
+    if indices is None or isinstance(indices, int):
+        return list(range(count - (indices or count), count))
+    if bad := [i for i in indices if not -count <= i < count]:
+        raise ValueError(f"stage index {bad[0]}: choose from 0 to {count - 1} (or -1 to -{count})")
+    if not indices:
+        raise ValueError("indices: choose at least one stage")
+    return sorted({i % count for i in indices})
+
+
 class ClassifierNetwork(nn.Module):
     """Base class of the networks. Subclasses set the class attributes (`classifier_name`: the classifier,
     `side_head_names`: the side heads in stage order, `head_conv_name`: the conv between the last stage and the
@@ -31,6 +46,8 @@ class ClassifierNetwork(nn.Module):
     stage_channels: tuple[int, int, int, int]
     num_features: int
     input_format: InputFormat = InputFormat()
+    # "avg", or "" (timm's global_pool="", which needs num_classes=0): forward_head gives the feature map unpooled.
+    global_pool: str = "avg"
     # The size it was trained at, which transforms() crops to: a checkpoint's --image-size, else the released 224.
     image_size: int = 224
     # Set by make_features_only: the stage outputs forward returns, and the keys of the removed modules.
@@ -43,7 +60,10 @@ class ClassifierNetwork(nn.Module):
         return self.forward_intermediates(x, indices=1)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Logits of a forward_features map; with `pre_logits` the pooled features (N x num_features) instead."""
+        """Logits of a forward_features map; with `pre_logits` the pooled features (N x num_features) instead; with
+        `global_pool` "" the map itself."""
+        if not self.global_pool:
+            return x
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return x if pre_logits else self.get_classifier()(self.dropout(x))
 
@@ -65,7 +85,7 @@ class ClassifierNetwork(nn.Module):
         `intermediates_only` the final feature map too, as (final, intermediates)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt {output_fmt!r}: only NCHW is supported")
-        take = self._stage_indices(indices)
+        take = stage_indices(indices)
         stages = self.stages()
         if intermediates_only or stop_early:
             stages = stages[:max(take) + 1]
@@ -91,9 +111,13 @@ class ClassifierNetwork(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A freshly initialised classifier (and side heads) for `num_classes` outputs; 0 for none (pooled
-        features out)."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool {global_pool!r}: these networks pool by average only")
+        features out). `global_pool` "avg" (kept when None), or "" for the unpooled feature map, with 0 classes."""
+        pool = self.global_pool if global_pool is None else global_pool
+        if pool not in ("avg", ""):
+            raise ValueError(f"global_pool {global_pool!r}: these networks pool by average ('avg'), or not at all ('')")
+        if not pool and num_classes:
+            raise ValueError("global_pool '' gives the feature map, which has no classifier: give num_classes=0")
+        self.global_pool = pool
         new = self.new_classifier(num_classes) if num_classes else nn.Identity()
         setattr(self, self.classifier_name, fresh_head(self.get_classifier(), new))
         for name in self.side_head_names:
@@ -106,18 +130,6 @@ class ClassifierNetwork(nn.Module):
                 for channels, reduction, module in zip(self.stage_channels, STAGE_REDUCTIONS,
                                                        self.stage_module_names())]
         return info if self.out_indices is None else [info[i] for i in self.out_indices]
-
-    def _stage_indices(self, indices: int | Sequence[int] | None) -> list[int]:
-        count = len(STAGE_REDUCTIONS)
-        if isinstance(indices, int) and not 0 < indices <= count:
-            raise ValueError(f"indices {indices}: the last n stages, n from 1 to {count}")
-        if indices is None or isinstance(indices, int):
-            return list(range(count - (indices or count), count))
-        if bad := [i for i in indices if not -count <= i < count]:
-            raise ValueError(f"stage index {bad[0]}: choose from 0 to {count - 1} (or -1 to -{count})")
-        if not indices:
-            raise ValueError("indices: choose at least one stage")
-        return sorted({i % count for i in indices})
 
     def freeze_backbone(self) -> None:
         """A linear probe: only the classifier trains; every BatchNorm stays in eval mode, even in train()."""
@@ -185,7 +197,7 @@ def make_features_only(network: ClassifierNetwork, out_indices: Sequence[int] | 
     """`network` turned into a backbone whose forward returns the outputs of the stages `out_indices` (0 to 3:
     strides 4, 8, 16, 32). The classifier, side heads, head conv and the stages after the last chosen one are
     removed; every other key keeps its name, so released weights load (see common.pretrained.load_pretrained)."""
-    indices = tuple(network._stage_indices(out_indices))
+    indices = tuple(stage_indices(out_indices))
     before = set(network.state_dict())
     for name in (network.classifier_name, *network.side_head_names, network.head_conv_name):
         if name:

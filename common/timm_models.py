@@ -11,7 +11,7 @@ from __future__ import annotations
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from common.backbone import ClassifierNetwork, drop_side_heads
+from common.backbone import ClassifierNetwork, drop_side_heads, stage_indices
 from common.input_format import InputFormat
 from common.model_state import read_weights_file
 from common.models import create_network_for, load_network_module
@@ -55,6 +55,8 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
     network = load_network_module(folder)
     # The network the file describes (a searched OneShot's architecture, its classes): timm builds before it loads,
     # and keeps a file's classifier only where the config's number of classes is the model's.
+    if kwargs.get("features_only"):  # timm's own check of out_indices is an IndexError deep inside it
+        stage_indices(kwargs.get("out_indices", (0, 1, 2, 3)))
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     metadata, contents = {}, None
     if pretrained and overlay.get("file"):
@@ -70,11 +72,13 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
 
     def build(num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg", drop_rate: float | None = None,
               drop_path_rate: float | None = None, side_heads: bool = False) -> ClassifierNetwork:
-        if in_chans != 3 or global_pool != "avg":
-            raise ValueError(f"{name}: only in_chans=3 and global_pool='avg' are supported")
+        if in_chans != 3:
+            raise ValueError(f"{name}: in_chans {in_chans}: these networks take 3 channels only")
         if drop_path_rate:
             raise ValueError(f"{name}: drop_path_rate {drop_path_rate}: these networks have no stochastic depth")
         model = create_network_for(network, num_classes, metadata)
+        if global_pool != "avg":  # "" (with num_classes=0): forward_head gives the feature map, as in timm
+            model.reset_classifier(num_classes, global_pool)
         if drop_rate is not None:  # timm's dropout before the classifier; the original rate otherwise
             model.dropout.p = drop_rate
         if not side_heads:  # timm's training expects one output, not (logits, side heads)

@@ -197,6 +197,31 @@ def test_no_classes_gives_the_pooled_features_as_timm_does(tmp_path, model):
     assert network("ShuffleNetV2.ExLarge").create_network(num_classes=0).get_classifier().__class__ is torch.nn.Identity
 
 
+def test_global_pool_empty_gives_the_feature_map_as_timm_does(tmp_path):
+    """timm's way to an unpooled backbone (num_classes=0, global_pool="") was refused, and a features_only model
+    asked for a stage that does not exist failed with an IndexError inside timm."""
+    path = released_file(tmp_path, "OneShot")
+    backbone = timm.create_model("oneshot", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                 num_classes=0, global_pool="").eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(backbone(x), backbone.forward_features(x)) and backbone(x).shape == (1, 1024, 3, 3)
+        backbone.reset_classifier(0, "avg")
+        assert backbone(x).shape == (1, 1024)
+    state = released_state_dict("OneShot")
+    assert all(torch.equal(tensor, state[key]) for key, tensor in backbone.state_dict().items())
+    classifier = network("ShuffleNetV2.Large").create_network().eval()
+    classifier.reset_classifier(0, "")
+    with torch.no_grad():
+        assert classifier(torch.randn(1, 3, 64, 64)).shape == (1, 1280, 2, 2)
+    with pytest.raises(ValueError, match="global_pool '' gives the feature map, which has no classifier"):
+        timm.create_model("oneshot", global_pool="")
+    with pytest.raises(ValueError, match="global_pool 'max': these networks pool by average"):
+        timm.create_model("oneshot", num_classes=0, global_pool="max")
+    with pytest.raises(ValueError, match="stage index 4: choose from 0 to 3"):
+        timm.create_model("oneshot", features_only=True, out_indices=(1, 4))
+
+
 def test_timm_train_scripts_create_model_call_is_accepted():
     """timm's train.py passes drop_rate (0.0 by default) and its None-valued options to every model: drop_rate was
     an unexpected keyword, so these networks could not be trained with it."""
