@@ -174,6 +174,8 @@ def build_network(network_class: Callable[[int], ClassifierNetwork], num_classes
                   out_indices: Sequence[int] | int) -> ClassifierNetwork:
     """A folder's create_network: `network_class(num_classes)`; `num_classes` 0 leaves no classifier, the pooled
     features out, as timm's `num_classes=0`; `features_only` as `make_features_only`."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes {num_classes}: give 0 (no classifier) or more")
     # A Linear of 0 outputs would be built, and warned about, before it is taken away.
     network = network_class(max(num_classes, 1))
     if num_classes == 0:

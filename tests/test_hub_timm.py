@@ -220,6 +220,8 @@ def test_global_pool_empty_gives_the_feature_map_as_timm_does(tmp_path):
         timm.create_model("oneshot", num_classes=0, global_pool="max")
     with pytest.raises(ValueError, match="stage index 4: choose from 0 to 3"):
         timm.create_model("oneshot", features_only=True, out_indices=(1, 4))
+    with pytest.raises(ValueError, match="num_classes -1: give 0"):
+        timm.create_model("oneshot", num_classes=-1)
 
 
 def test_timm_train_scripts_create_model_call_is_accepted():
