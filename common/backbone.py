@@ -1,6 +1,7 @@
 """The interface every network of this repository has, timm's (forward_features, forward_head, get_classifier,
-reset_classifier, feature_info, forward_intermediates, a features-only form), written once for their shared shape:
-a stem, four stages (strides 4, 8, 16, 32), an optional head conv, pooling, dropout, a classifier, side heads."""
+reset_classifier, feature_info, forward_intermediates, prune_intermediate_layers, a features-only form), written
+once for their shared shape: a stem, four stages (strides 4, 8, 16, 32), an optional head conv, pooling, dropout, a
+classifier, side heads."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -131,6 +132,21 @@ class ClassifierNetwork(nn.Module):
                                                        self.stage_module_names())]
         return info if self.out_indices is None else [info[i] for i in self.out_indices]
 
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's interface: remove the stages after the last of `indices` and, with `prune_head`, the head conv,
+        side heads and classifier, leaving what forward_intermediates needs for them; returns the stages taken."""
+        take = stage_indices(indices)
+        before = set(self.state_dict())
+        if prune_head:
+            for name in (self.classifier_name, *self.side_head_names, self.head_conv_name):
+                if name:
+                    delattr(self, name)
+            self.side_head_names = ()
+        self.drop_stages_after(max(take))
+        self.removed_keys = self.removed_keys | (before - set(self.state_dict()))
+        return take
+
     def freeze_backbone(self) -> None:
         """A linear probe: only the classifier trains; every BatchNorm stays in eval mode, even in train()."""
         for name, parameter in self.named_parameters():
@@ -199,12 +215,5 @@ def make_features_only(network: ClassifierNetwork, out_indices: Sequence[int] | 
     """`network` turned into a backbone whose forward returns the outputs of the stages `out_indices` (0 to 3:
     strides 4, 8, 16, 32). The classifier, side heads, head conv and the stages after the last chosen one are
     removed; every other key keeps its name, so released weights load (see common.pretrained.load_pretrained)."""
-    indices = tuple(stage_indices(out_indices))
-    before = set(network.state_dict())
-    for name in (network.classifier_name, *network.side_head_names, network.head_conv_name):
-        if name:
-            delattr(network, name)
-    network.drop_stages_after(max(indices))
-    network.out_indices = indices
-    network.removed_keys = network.removed_keys | (before - set(network.state_dict()))
+    network.out_indices = tuple(network.prune_intermediate_layers(out_indices))
     return network

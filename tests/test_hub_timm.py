@@ -167,6 +167,8 @@ def test_timm_features_only_and_another_class_count(tmp_path):
                                  features_only=True, out_indices=(1, 2, 3)).eval()
     assert features.feature_info.channels() == [160, 320, 640]
     assert features.feature_info.reduction() == [8, 16, 32]
+    # Pruned as timm prunes its own models (prune_intermediate_layers): no classifier, head conv or unused stage left
+    assert {key.split(".")[1] for key in features.state_dict()} == {"first_conv", "features"}  # keys: model.<...>
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         outputs = features(x)
