@@ -496,7 +496,7 @@ def _export_verified(args: argparse.Namespace, job: _Job, model: nn.Module, val:
 
 def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace) -> _Job:
     """What to export and where, from the flags and the weights' metadata; one-line errors for what cannot be."""
-    from common.imagenet import imagenet_wnids
+    from common.imagenet import imagenet_wnids, output_names
     from common.model_state import check_model_folder, output_classes, read_checkpoint_metadata, read_weights_file
 
     weights = Path(args.weights)
@@ -528,7 +528,9 @@ def _plan(network_module: ModuleType, model_name: str, args: argparse.Namespace)
     if output.suffix != suffix:
         raise UserError(f"--output {output} must end in {suffix} for --format {args.format}")
     _check_replaceable(output, args.format)
-    return _Job(model_name, weights, stored, imagenet_short_names() if imagenet else list(classes),
+    # A checkpoint trained with --num-classes above its class folders has outputs past them, named "output i".
+    class_names = output_names(classes, stored.get("num_classes") or len(classes), short=True)
+    return _Job(model_name, weights, stored, class_names,
                 imagenet, input_format, image_size, output, variant, bool(args.compress or args.quantize),
                 network_module.PUBLISHED if imagenet and not stored.get("architecture") else None, contents)
 

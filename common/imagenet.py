@@ -40,10 +40,12 @@ def imagenet_short_names() -> list[str]:
     return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def output_names(classes: Sequence[str], num_classes: int) -> list[str]:
-    """A name for each output: ImageNet's for its wnids, else the weights' class names, then "output i" for the
-    outputs past them (a checkpoint trained with more outputs than class folders)."""
-    names = imagenet_names() if list(classes) == imagenet_wnids() else list(classes)
+def output_names(classes: Sequence[str], num_classes: int, short: bool = False) -> list[str]:
+    """A name for each output: ImageNet's for its wnids (`imagenet_short_names` with `short`), else the weights'
+    class names, then "output i" for the outputs past them (a checkpoint trained with more outputs than folders)."""
+    if list(classes) == imagenet_wnids():
+        classes = imagenet_short_names() if short else imagenet_names()
+    names = list(classes)
     return names + [f"output {index}" for index in range(len(names), num_classes)]
 
 

@@ -202,6 +202,19 @@ def test_onnx_command_line_dynamic_batch(oneshot, oneshot_onnx):
         np.testing.assert_allclose(logits, expected[:count], rtol=0, atol=1e-4 * np.ptp(expected))
 
 
+def test_outputs_past_the_class_folders_are_exported_as_eval_and_predict_name_them(oneshot, tmp_path):
+    """A checkpoint trained with --num-classes above its class folders was refused: the network was built with one
+    output per class name, so its classifier did not fit."""
+    weights = tmp_path / "more-outputs.safetensors"
+    save_file({k: v.contiguous() for k, v in oneshot.state_dict().items()}, str(weights),
+              metadata={RELEASE_METADATA_KEY: json.dumps({"classes": CLASSES[:7], "num_classes": 10})})
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert run_export(network("OneShot"), ["--weights", str(weights), "--format", "onnx", "--image-size",
+                                               str(SMALL), "--output", str(tmp_path / "out.onnx")]) == 0
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "out.onnx")).metadata_props}
+    assert json.loads(metadata["class_names"]) == CLASSES[:7] + ["output 7", "output 8", "output 9"]
+
+
 def test_verify_onnx_rejects_a_wrong_export(oneshot, oneshot_onnx):
     """The BGR export checked against a network that really takes RGB."""
     with pytest.raises(ExportVerificationError, match="does not match PyTorch"):
