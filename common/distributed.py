@@ -87,6 +87,33 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return flag if not info.distributed else bool(all_reduce_sum(torch.tensor([int(flag)], device=info.device), info))
 
 
+class RankVote:
+    """Whether any rank raised a flag, asked every step without waiting for it: each call starts a sum over the ranks
+    on a CPU (gloo) group of its own and returns the one the call before started, so every rank gets the same answer
+    one call later. Alone, a process gets its own flag back at once. Every rank must call `vote` equally often."""
+
+    def __init__(self, info: DistInfo) -> None:
+        self._group = dist.new_group(backend="gloo") if info.distributed else None
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    def vote(self, flag: bool) -> bool:
+        if self._group is None:
+            return flag
+        raised = self.result()
+        tensor = torch.tensor([int(flag)])
+        self._pending = dist.all_reduce(tensor, group=self._group, async_op=True), tensor
+        return raised
+
+    def result(self) -> bool:
+        """The answer to the last vote started (False if none), waiting for it; no vote stays pending."""
+        if self._pending is None:
+            return False
+        work, tensor = self._pending
+        self._pending = None
+        work.wait()
+        return bool(tensor.item())
+
+
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The sum of `tensor` over all ranks (the tensor itself when not distributed)."""
     if info.distributed:

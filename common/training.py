@@ -28,8 +28,8 @@ from common.cli import (ArgumentParser, add_device_argument, checked, multiple_o
                         seed_value, worker_count, zero_or_more)
 from common.data import build_eval_loader, build_train_loader, scan_image_folder
 from common.demo_data import demo_dataset
-from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, any_rank, average_buffers, barrier,
-                                checked_on_main, init_distributed, shutdown_distributed)
+from common.distributed import (DistInfo, RankVote, all_gather_objects, all_reduce_sum, any_rank, average_buffers,
+                                barrier, checked_on_main, init_distributed, shutdown_distributed)
 from common.errors import UserError, exit_on_user_error, listed
 from common.evaluate import evaluate, warn_if_not_finite
 from common.hardware import (AMP_CHOICES, SpeedChoice, autocast, probe_batch_size, resolve_speed,
@@ -306,8 +306,8 @@ class StopAtOnce:
 
 class StopRequest(StopAtOnce):
     """While the schedule runs, SIGINT, SIGTERM and SIGUSR2 (SLURM's warning before preemption) ask the loop to save
-    a checkpoint and leave at the next progress line or checkpoint (at once when not distributed); a second Ctrl-C
-    stops at once."""
+    a checkpoint and leave after the running step (the step after it when distributed, as the ranks agree on it); a
+    second Ctrl-C stops at once."""
 
     signals = _STOP_SIGNALS
     signal_name: str | None = None
@@ -476,6 +476,9 @@ class Trainer:
         batches = iter(self.train_loader(seed=args.seed, start_iteration=self.start_iteration))
         meter = Meter(info.device, self.start_iteration)
         last_saved = self.start_iteration
+        # Every step asks whether a signal reached any rank, without waiting for the answer: a stop lands one step
+        # later on every rank, well within the grace torchrun and SLURM give before they kill.
+        stop_vote = RankVote(info)
         self.train_model.train()
         for iteration in range(self.start_iteration, args.total_iters):
             images, labels, skipped = next(batches)
@@ -487,11 +490,10 @@ class Trainer:
                                        (args.display_interval, args.val_interval, args.save_interval))
             # The first iteration of a start is shown too, so a slow machine answers at once, not an interval later.
             display = display or done == self.start_iteration + 1
-            # Asking the other ranks is a collective and a wait for the device: only when work is due, so a signal
-            # waits at most one display interval. Alone, a process stops at once.
-            due = display or validate or save
-            stopping = (due or not info.distributed) and any_rank(stop.signal_name is not None, info)
-            if not (due or stopping):
+            stopping = stop_vote.vote(stop.signal_name is not None)
+            if stopping or done == args.total_iters:
+                stopping = stop_vote.result() or stopping  # leaving: the vote just started counts too
+            if not (display or validate or save or stopping):
                 continue
             self.check_finite(meter, done, last_saved)
             if display:
