@@ -24,9 +24,14 @@ CALIBRATION_BATCH = 16  # int8 calibration images per call of the prepared graph
 
 
 def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size: int, output: str | Path,
-                      quantize: str | None = None, calibration: np.ndarray | None = None) -> Path:
+                      quantize: str | None = None, calibration: np.ndarray | None = None,
+                      metadata: dict | None = None) -> Path:
     """Lower an eval-mode network with its input format to an XNNPACK-delegated .pte at `output`;
-    quantize="int8" needs `calibration` images (RGB uint8 N x H x W x 3)."""
+    quantize="int8" needs `calibration` images (RGB uint8 N x H x W x 3). `metadata`, the input format and the image
+    size become methods of the program that return them as strings (`module.execute("class_names")`), as an ONNX
+    export holds them in its metadata_props."""
+    from common.export import model_properties
+
     with library_notices_quieted():
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
@@ -52,8 +57,9 @@ def export_executorch(model: nn.Module, *, input_format: InputFormat, image_size
         graph = convert_pt2e(prepared)
     elif quantize is not None:
         raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
-    program = to_edge_transform_and_lower(torch.export.export(graph, example),
-                                          partitioner=[XnnpackPartitioner()]).to_executorch()
+    program = to_edge_transform_and_lower(torch.export.export(graph, example), partitioner=[XnnpackPartitioner()],
+                                          constant_methods=model_properties(input_format, image_size, metadata)
+                                          ).to_executorch()
     output = Path(output)
     output.write_bytes(program.buffer)
     return output

@@ -199,15 +199,20 @@ def export_onnx(model: nn.Module, *, input_format: InputFormat, image_size: int 
                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
     proto = onnx.load(str(output))
     proto.doc_string = "input image: float32 N x 3 x H x W, RGB, 0..255; output logits: N x classes"
-    onnx.helper.set_model_props(proto, {
-        **{key: str(value) for key, value in (metadata or {}).items()},
-        "input_format": json.dumps(_portable_format(input_format)),
-        "input_format_description": "the model takes RGB 0..255 and converts it to the network's input format "
-                                    f"inside: {input_format.describe()}",
-        "image_size": str(image_size)})
+    onnx.helper.set_model_props(proto, model_properties(input_format, image_size, metadata))
     onnx.save(proto, str(output))
     onnx.checker.check_model(str(output), full_check=True)
     return output
+
+
+def model_properties(input_format: InputFormat, image_size: int, metadata: dict | None) -> dict[str, str]:
+    """What an ONNX or ExecuTorch file says about itself (`metadata`, the input format, the image size), as strings:
+    ONNX's metadata_props, ExecuTorch's constant methods."""
+    return {**{key: str(value) for key, value in (metadata or {}).items()},
+            "input_format": json.dumps(_portable_format(input_format)),
+            "input_format_description": "the model takes RGB 0..255 and converts it to the network's input format "
+                                        f"inside: {input_format.describe()}",
+            "image_size": str(image_size)}
 
 
 def _size_of(path: Path) -> int:
@@ -569,6 +574,7 @@ def _export(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path
     if job.published:
         metadata["published_imagenet_top1_error"] = f"{job.published['top1_error']}%"
         metadata["published_imagenet_top5_error"] = f"{job.published['top5_error']}%"
+    named = json.dumps(job.class_names)  # a Core ML classifier holds its labels; ONNX and ExecuTorch hold this
     started = time.perf_counter()
     result = {}
     if args.format == "coreml":
@@ -577,12 +583,12 @@ def _export(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path
                                   output=staging, compression=args.compress, deployment_target=args.deployment_target)
         result["deployment_target"] = check_deployment_target(args.compress, args.deployment_target)
     elif args.format == "onnx":
-        _export_onnx_file(args, job, model, staging, calibration, metadata)
+        _export_onnx_file(args, job, model, staging, calibration, {**metadata, "class_names": named})
     else:
         from common.executorch_export import export_executorch
 
         export_executorch(model, input_format=job.input_format, image_size=job.image_size, output=staging,
-                          quantize=args.quantize, calibration=calibration)
+                          quantize=args.quantize, calibration=calibration, metadata={**metadata, "class_names": named})
     result.update(export_seconds=time.perf_counter() - started, bytes=_size_of(staging))
     print(f"exported in {result['export_seconds']:.1f} s, {result['bytes'] / 1e6:.1f} MB", flush=True)
     return result
@@ -591,7 +597,6 @@ def _export(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path
 def _export_onnx_file(args: argparse.Namespace, job: _Job, model: nn.Module, staging: Path,
                       calibration: np.ndarray | None, metadata: dict) -> None:
     """fp32 ONNX at `staging`, or with --quantize its int8 copy there."""
-    metadata["class_names"] = json.dumps(job.class_names)
     if args.quantize:
         metadata["quantization"] = (f"int8 QDQ, per-channel int8 weights, uint8 activations calibrated on "
                                     f"{len(calibration)} images")

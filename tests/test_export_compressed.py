@@ -258,6 +258,13 @@ def test_executorch_runtime(weights, calibration_dir, oneshot, tmp_path, capsys,
         assert (logits.argmax(1) == expected.argmax(1)).mean() >= 2 / 3
     else:
         np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.ptp(expected))
+    # An app reads the labels and the input the program expects from the program itself, as from an ONNX file.
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(str(output))
+    said = {name: program.load_method(name).execute([])[0] for name in ("class_names", "image_size", "input_format")}
+    assert json.loads(said["class_names"]) == CLASSES and said["image_size"] == str(SMALL)
+    assert json.loads(said["input_format"])["channel_order"] == "BGR"
     # The runtime's C++ code logs what it found of the CPU straight to stderr (five lines on loading a program in
     # a new process): none of it reaches the user.
     code = f"from common.executorch_export import ExecuTorchProgram; ExecuTorchProgram({str(output)!r})"
