@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -72,6 +73,9 @@ def demo_dataset(cache_dir: str | Path, train_per_class: int = 120, val_per_clas
         if _is_built(cache_dir, recipe):  # another process made it while this one waited
             return splits
         building = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-building-", dir=cache_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        building.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the dataset is readable as what mkdir makes
         make_image_folder(building / "train", images_per_class=train_per_class, size=72, seed=0)
         make_image_folder(building / "val", images_per_class=val_per_class, size=72, seed=1)
         (building / _STAMP).write_text(json.dumps(recipe))

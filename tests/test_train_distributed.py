@@ -61,6 +61,9 @@ def test_demo_dataset_made_once_by_concurrent_processes(tmp_path):
     assert image_count(cache / "train") == 40 * len(DEMO_CLASSES)
     assert image_count(cache / "val") == 10 * len(DEMO_CLASSES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "demo.lock"]  # nothing left half-made
+    umask = os.umask(0)
+    os.umask(umask)
+    assert cache.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private folder: others may read it
 
 
 def test_a_killed_demo_generation_leaves_no_dataset_that_looks_complete(tmp_path):
