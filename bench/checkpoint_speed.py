@@ -164,7 +164,7 @@ def main() -> None:
                         help="folder on the disk to measure (default: a temporary folder)")
     parser.add_argument("--repeats", type=positive_int, default=3,
                         help="timed rounds of all six, after one warm-up round (a multiple of 3 puts each read "
-                             "first equally often)")
+                             "first equally often; default: 3)")
     add_results_argument(parser)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))

@@ -58,9 +58,9 @@ def original_train_pipeline(crop_size: int = 224):
 @exit_on_user_error
 def main() -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=positive_int, default=96, help="JPEG files per measurement")
+    parser.add_argument("--images", type=positive_int, default=96, help="JPEG files per measurement (default: 96)")
     parser.add_argument("--repeats", type=positive_int, default=5,
-                        help="measured passes over the files, every case once per round")
+                        help="measured passes over the files, every case once per round (default: 5)")
     add_results_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one worker process uses one core

@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="paths to time (default: all; bf16 ones only where the CPU supports bf16). Each "
                              "compiled one compiles for up to a minute per model on 2 cores")
-    parser.add_argument("--repeats", type=positive_int, default=7, help="timed rounds per model")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed rounds per model (default: 7)")
     parser.add_argument("--quick", action="store_true",
                         help="plain, fast and fast+bf16 (where native) only, so nothing compiles; 3 rounds after "
                              "one warm-up round")

@@ -53,7 +53,8 @@ def main() -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
                         help="model folders to measure (default: all)")
-    parser.add_argument("--image-size", type=multiple_of_32, default=224, help="input size of the exports")
+    parser.add_argument("--image-size", type=multiple_of_32, default=224,
+                        help="input size of the exports (default: 224)")
     parser.add_argument("--quick", action="store_true", help="OneShot only")
     add_results_argument(parser)
     args = parser.parse_args()

@@ -159,7 +159,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     parser.add_argument("--quick", action="store_true", help="the quick variant of every section")
     parser.add_argument("--results-json", "--output", dest="results_json", default=str(BENCH / "results.json"),
-                        metavar="FILE", help="where to write the results (--output is its older name)")
+                        metavar="FILE",
+                        help="where to write the results (default: bench/results.json; --output is its older name)")
     parser.add_argument("--summary", metavar="RESULTS_JSON",
                         help="only print the tables of an earlier run's results file, running nothing")
     args = parser.parse_args()

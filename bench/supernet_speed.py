@@ -26,14 +26,14 @@ import supernet  # noqa: E402
 @exit_on_user_error
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--image-size", type=multiple_of_32, default=64, help="image size")
-    parser.add_argument("--batch-size", type=positive_int, default=48, help="batch size")
-    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds")
-    parser.add_argument("--steps", type=positive_int, default=3, help="steps per model per round")
+    parser.add_argument("--image-size", type=multiple_of_32, default=64, help="image size (default: 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=48, help="batch size (default: 48)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds (default: 3)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="steps per model per round (default: 3)")
     parser.add_argument("--flops-min", type=mac_count, default="290M",
-                        help="smallest multiply-accumulates of a supernet path, counted at 224x224")
+                        help="smallest multiply-accumulates of a supernet path, counted at 224x224 (default: 290M)")
     parser.add_argument("--flops-max", type=mac_count, default="360M",
-                        help="largest multiply-accumulates of a supernet path")
+                        help="largest multiply-accumulates of a supernet path (default: 360M)")
     add_results_argument(parser)
     args = parser.parse_args()
 

@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODEL_FOLDERS), choices=MODEL_FOLDERS,
                         help="model folders to measure (default: all)")
     parser.add_argument("--sizes", nargs="+", type=multiple_of_32, default=[64, 224],
-                        help="image sizes (multiples of 32)")
+                        help="image sizes (multiples of 32; default: 64 224)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="training configurations to time against eager NCHW float32 (default: all)")
     parser.add_argument("--quick", action="store_true",
