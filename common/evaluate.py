@@ -214,7 +214,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     add_data_arguments(parser, batch_size=100)
     parser.add_argument("--num-val-images", "--limit", dest="limit", type=positive_int, metavar="N",
                         help="evaluate only the first N images of the fixed evaluation order (spread over the "
-                             "classes; export.py spells it the same)")
+                             "classes; --num-val-images in export.py too, --limit here only)")
     parser.add_argument("--results-json", metavar="FILE",
                         help="write metrics, model, weights SHA-256, params, MACs, input format and library "
                              "versions to FILE")

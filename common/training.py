@@ -68,7 +68,9 @@ def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
         _add_finetuning_flags(parser.add_argument_group(
             "fine-tuning", f"--pretrained switches the defaults to the fine-tuning recipe: batch "
                            f"{recipe.finetune.batch_size}, lr {recipe.finetune.learning_rate}, "
-                           f"{recipe.finetune.total_iters} iterations, {recipe.finetune.warmup_iters} of warm-up"))
+                           f"{recipe.finetune.total_iters} iterations, {recipe.finetune.warmup_iters} of warm-up, "
+                           f"validation every {recipe.finetune.val_interval} iterations, a checkpoint every "
+                           f"{recipe.finetune.save_interval}"))
     else:
         parser.set_defaults(pretrained=None, freeze_backbone=False, eval=False, eval_resume=None)
     _add_running_flags(parser.add_argument_group("running"), recipe)
@@ -157,10 +159,13 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
     run.add_argument("--display-interval", type=positive_int,
                      help=f"iterations between progress lines, the first iteration shown too (default: "
                           f"{d.display_interval})")
+    tuned = "; {} with --pretrained".format if d.hooks.one_network else "".format
     run.add_argument("--val-interval", type=positive_int,
-                     help=f"iterations between validations (default: {d.val_interval})")
+                     help=f"iterations between validations (default: {d.val_interval}"
+                          f"{tuned(d.finetune.val_interval)})")
     run.add_argument("--save-interval", type=positive_int,
-                     help=f"iterations between checkpoints (default: {d.save_interval})")
+                     help=f"iterations between checkpoints (default: {d.save_interval}"
+                          f"{tuned(d.finetune.save_interval)})")
     run.add_argument("--val-batch-size", type=positive_int, default=100, help="validation batch size per rank")
     if d.hooks.one_network:
         run.add_argument("--eval", action="store_true",
