@@ -809,7 +809,7 @@ def _check_same_run(recorded: dict, metadata: dict, args: argparse.Namespace) ->
 
 # What a resumed command may change (a lower --learning-rate can continue a diverged run), but not unnoticed.
 _RUN_SETTINGS = ("batch_size", "image_size", "learning_rate", "warmup_iters", "momentum", "weight_decay",
-                 "label_smooth", "seed", "ema", "ema_decay", "deterministic")
+                 "label_smooth", "seed", "ema", "ema_decay", "deterministic", "freeze_backbone")
 
 
 def _note_changed_settings(recorded: dict, args: argparse.Namespace, say: Callable[..., None]) -> None:
@@ -819,7 +819,7 @@ def _note_changed_settings(recorded: dict, args: argparse.Namespace, say: Callab
 
     changed = []
     for name in _RUN_SETTINGS:
-        flag, value = "--" + name.replace("_", "-"), getattr(args, name)
+        flag, value = "--" + name.replace("_", "-"), getattr(args, name, None)  # the supernet has no --freeze-*
         if name in recorded and recorded[name] != value:
             changed.append(f"{flag} (it ran without)" if value is True else f"no {flag} (it ran with it)"
                            if value is False else f"{flag} {shown(value)} (it ran with {shown(recorded[name])})")

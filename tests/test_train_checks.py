@@ -77,6 +77,16 @@ def test_a_resumed_runs_recorded_settings_of_any_type_are_shown_not_a_traceback(
                     "--image-size 64 (it ran with None)"]
 
 
+def test_resuming_a_linear_probe_without_freeze_backbone_is_named():
+    """Resumed without --freeze-backbone, a linear probe went on as a full fine-tune without a word."""
+    import argparse
+
+    from common.training import _note_changed_settings
+    said = []
+    _note_changed_settings({"freeze_backbone": True}, argparse.Namespace(save="s", freeze_backbone=False), said.append)
+    assert said == ["note: this command continues the run in --save s with no --freeze-backbone (it ran with it)"]
+
+
 def test_no_auto_continue_refuses_a_save_folder_that_holds_a_run(tmp_path, image_folder):
     """It trained afresh into the folder: the new run's checkpoint 1 replaced the old run's, and the old run's
     later checkpoints stayed beside it, the newest of them resumed next time."""
