@@ -32,11 +32,14 @@ class TrainJob:
 
     def __call__(self) -> str:
         import submitit
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a local job's controller started ignoring it
         # One rank per task: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, as torchrun would set them.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         requeue = signal.getsignal(signal.SIGUSR2)
         status = _train_module(self.model, self.script).main(self.train_args)
-        if status == "stopped" and callable(requeue) and submitit.JobEnvironment().global_rank == 0:
+        # SLURM's signals (SIGUSR2 before preemption, SIGTERM at the time limit) requeue the job; a Ctrl-C does not.
+        resume = status == "stopped" and getattr(status, "signal_name", None) != "SIGINT"
+        if resume and callable(requeue) and submitit.JobEnvironment().global_rank == 0:
             requeue(signal.SIGUSR2, None)
         return status
 
@@ -82,16 +85,22 @@ def _train_module(model: str, script: str) -> ModuleType:
     return load_module(folder / script, f"{Path(script).stem}_{model.replace('.', '_')}")
 
 
-def _check_train_args(model: str, script: str, train_args: list[str]) -> None:
-    """Parse the script's arguments here, so that a mistyped flag or a number out of range is refused now rather
-    than after the job waited in the queue; the job checks the paths when it starts, on the cluster's file system."""
-    from common.training import build_parser
-    parser = build_parser(_train_module(model, script).RECIPE)
+def _check_train_args(model: str, script: str, train_args: list[str], ranks: int) -> None:
+    """Parse the script's arguments here, so that a mistyped flag, a number out of range or a batch the `ranks`
+    cannot share is refused now rather than after the job waited in the queue; the job checks the paths when it
+    starts, on the cluster's file system."""
+    from common.training import build_parser, defaults_source
+    recipe = _train_module(model, script).RECIPE
+    parser = build_parser(recipe)
     parser.prog = f"{script} (the arguments after --)"  # for its --help
     try:
-        parser.parse_args(train_args)
+        parsed = parser.parse_args(train_args)
     except UserError as error:
         raise UserError(f"{script}'s arguments after --: {error}") from None
+    batch_size = parsed.batch_size or defaults_source(parsed, recipe).batch_size
+    if batch_size % ranks:
+        raise UserError(f"{script}'s batch of {batch_size} (--batch-size) must divide by the job's {ranks} ranks "
+                        "(--nodes x --gpus-per-node)")
 
 
 @exit_on_user_error
@@ -101,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if not train_args:
         raise UserError(f"give {args.script}'s arguments after --, e.g. -- --train-dir DIR --val-dir DIR")
-    _check_train_args(args.model, args.script, train_args)
+    _check_train_args(args.model, args.script, train_args,
+                      1 if args.cluster == "debug" else args.nodes * args.gpus_per_node)
     import submitit
     if args.cluster is None and submitit.AutoExecutor.which() != "slurm":
         # submitit would start every rank as a process on this machine, in the background.
@@ -116,8 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         **({"mem_gb": args.mem_gb} if args.mem_gb else {}),
         **({"slurm_partition": args.partition} if args.partition else {}),
         **({"slurm_signal_delay_s": 120} if executor.cluster == "slurm" else {}))
+    # submitit's local controller, the process that waits on the ranks, shares the terminal: a Ctrl-C would print
+    # its traceback. It starts ignoring Ctrl-C (it ends when the ranks do); each rank takes it back in TrainJob.
+    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN) if executor.cluster == "local" else None
     try:
-        job = executor.submit(TrainJob(args.model, train_args, args.script))
+        try:
+            job = executor.submit(TrainJob(args.model, train_args, args.script))
+        finally:
+            if ctrl_c is not None:
+                signal.signal(signal.SIGINT, ctrl_c)
         print(f"submitted job {job.job_id} ({executor.cluster}); logs in {Path(args.log_dir) / str(job.job_id)}",
               flush=True)
         if executor.cluster == "slurm":

@@ -175,10 +175,16 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
                          help="weights file to evaluate with --eval (any layout eval.py takes)")
 
 
+def defaults_source(args: argparse.Namespace, recipe: Recipe):
+    """Where the defaults of a command come from: the demo recipe with --demo, the fine-tuning one with
+    --pretrained, else the original recipe."""
+    return recipe.demo if args.demo else recipe.finetune if getattr(args, "pretrained", None) else recipe
+
+
 def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace:
     """Fill recipe defaults (demo ones with --demo) and check the values before any work starts (and before --save
     is made, so that a mistyped command leaves no folder behind)."""
-    source = recipe.demo if args.demo else recipe.finetune if args.pretrained else recipe
+    source = defaults_source(args, recipe)
     warmup_given = args.warmup_iters is not None
     for name in ("batch_size", "total_iters", "image_size", "display_interval", "val_interval", "save_interval",
                  "warmup_iters"):

@@ -2,10 +2,13 @@
 real two-rank job of submitit's local executor that trains and saves like torchrun's ranks."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -47,6 +50,33 @@ def test_a_local_two_rank_job_trains_and_saves(tmp_path, image_folder):
     assert len(logs) == 2 and any("of global batch 8 on 2 x cpu" in text for text in logs.values())
 
 
+@pytest.mark.slow
+def test_a_ctrl_c_stops_a_local_job_with_one_line_and_its_ranks_save(tmp_path, image_folder):
+    """A terminal's Ctrl-C reaches the whole process group: submitit's controller, which waits on the ranks, printed
+    a KeyboardInterrupt traceback after the command's `stopped (Ctrl-C)`."""
+    save, logs = tmp_path / "run", tmp_path / "logs"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "common.submit", "--model", "OneShot", "--cluster", "local", "--gpus-per-node", "2",
+         "--log-dir", str(logs), "--", "--train-dir", str(image_folder), "--save", str(save), "--image-size", "32",
+         "--batch-size", "8", "--workers", "0", "--total-iters", "100000", "--display-interval", "1",
+         "--val-interval", "100000", "--device", "cpu"],
+        cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not any("iter 2/" in path.read_text() for path in logs.rglob("*_log.out")):
+        assert time.monotonic() < deadline and process.poll() is None, "the job did not start training"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=120)
+        while time.monotonic() < deadline and not list(save.glob("checkpoint-*.json")):  # the ranks outlive it
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and err.strip() == "stopped (Ctrl-C)", err
+    assert get_latest_model(save)[1] >= 2
+
+
 def test_a_debug_job_runs_here_and_says_how_it_ended(tmp_path, image_folder):
     result = submit("--model", "OneShot", "--cluster", "debug", "--log-dir", str(tmp_path / "logs"), "--",
                     "--train-dir", str(image_folder), "--save", str(tmp_path / "run"), "--image-size", "32",
@@ -72,7 +102,11 @@ def test_bad_numbers_and_a_mistyped_train_flag_are_refused_before_anything_is_su
                             (["--time", "0"], "error: --time 0: must be at least 1"),
                             # train.py's numbers are refused here too, not after the job waited in the queue.
                             (["--", "--demo", "--total-iters", "0"], "error: train.py's arguments after --: "
-                                                                      "--total-iters 0: must be at least 1")):
+                                                                      "--total-iters 0: must be at least 1"),
+                            # A batch the ranks cannot share failed only once the job ran.
+                            (["--gpus-per-node", "2", "--", "--demo", "--batch-size", "15"],
+                             "error: train.py's batch of 15 (--batch-size) must divide by the job's 2 ranks (--nodes x "
+                             "--gpus-per-node)")):
         train_flags = [] if "--" in flags else ["--", "--demo"]
         result = submit("--model", "OneShot", "--cluster", "local", "--log-dir", str(logs), *flags, *train_flags)
         assert result.returncode == 2 and result.stderr.strip() == expected
