@@ -130,8 +130,17 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
                 _release_pages(tensor, item.mapped)
             bar.update(sum(tensor.nbytes for tensor in tensors))
     if output is not None:
-        write_release(Path(output), averaged, _metadata_of([(item.path, item.metadata) for item in inputs], use_ema))
+        metadata = _metadata_of([(item.path, item.metadata) for item in inputs], use_ema)
+        write_release(Path(output), averaged, metadata)
+        if Path(output).suffix != ".safetensors" and (lost := [key for key in _NETWORK_FACTS if metadata.get(key)]):
+            print(f"note: {output} is a plain torch.save state dict, which holds no metadata: the {', '.join(lost)} "
+                  "the inputs record are not in it, so eval.py, predict.py and export.py will take it for ImageNet's "
+                  "classes at 224px; name it .safetensors to keep them")
     return averaged
+
+
+# What the scripts read from a file's metadata to rebuild and feed its network, beyond the weights.
+_NETWORK_FACTS = ("classes", "num_classes", "image_size", "architecture", "input_format")
 
 
 def average_metadata(paths: Sequence[str | os.PathLike]) -> dict:
@@ -290,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="larger values of --metric are better (default for top1, top5)")
     parser.add_argument("--output", required=True, metavar="FILE",
                         help="where to write the average: .safetensors (with metadata) or any other name for a "
-                             "torch.save file; written atomically")
+                             "torch.save state dict, which keeps no class names, image size or architecture (a "
+                             "note names what it leaves out); written atomically")
     add_weights_arguments(parser, "average")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser

@@ -284,6 +284,22 @@ def test_command_line_best_k(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
+def test_a_plain_torch_file_names_the_recorded_facts_it_cannot_keep(tmp_path, capsys):
+    """An average written as .pth dropped the inputs' class names and image size without a word: eval.py then
+    refused the val folders and predict.py cropped 224px for a 64px network."""
+    for iteration in (10, 20):
+        state = get_training_state(_randomised(iteration), iteration=iteration,
+                                   metadata={"classes": list("abcde"), "num_classes": 5, "image_size": 64})
+        save_checkpoint(state, iteration, tmp_path, keep=10)
+    inputs = [_checkpoint(tmp_path, 10), _checkpoint(tmp_path, 20)]
+    average_checkpoints(inputs, tmp_path / "avg.pth", progress=False)
+    assert (f"note: {tmp_path / 'avg.pth'} is a plain torch.save state dict, which holds no metadata: the classes, "
+            "num_classes, image_size the inputs record are not in it") in capsys.readouterr().out
+    average_checkpoints(inputs, tmp_path / "avg.safetensors", progress=False)
+    assert "note:" not in capsys.readouterr().out
+    assert read_checkpoint_metadata(tmp_path / "avg.safetensors")["image_size"] == 64
+
+
 def test_command_line_explicit_inputs_as_a_module(tmp_path):
     _save_run(tmp_path, RUN[:2])
     output = tmp_path / "avg.pth"
