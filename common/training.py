@@ -780,7 +780,8 @@ def _settle_network(metadata: dict, args: argparse.Namespace, resume_path: Path 
 
 def _pretrained_metadata(path: str, model_name: str) -> dict:
     if not Path(path).is_file():
-        raise UserError(f"--pretrained {path}: no such file")
+        raise UserError(f"--pretrained {path}: " + ("a folder, not a weights file; give the path of the file"
+                                                    if Path(path).is_dir() else "no such file; check the path"))
     metadata = read_checkpoint_metadata(path)
     check_model_folder(f"--pretrained {path}", metadata, model_name, "train.py")
     return metadata

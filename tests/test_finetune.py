@@ -132,6 +132,15 @@ def test_another_models_file_is_refused_naming_its_folder(tmp_path, demo_trained
     assert not (tmp_path / "run").exists()
 
 
+def test_a_pretrained_folder_is_named_as_a_folder(tmp_path, three_classes):
+    """It said "no such file" of a folder that exists, where eval.py and export.py say it is a folder."""
+    from common.training import _pretrained_metadata
+    with pytest.raises(UserError, match=f"--pretrained {tmp_path}: a folder, not a weights file; give the path"):
+        _pretrained_metadata(str(tmp_path), "OneShot")
+    with pytest.raises(UserError, match="no such file; check the path"):
+        _pretrained_metadata(str(tmp_path / "missing.pth"), "OneShot")
+
+
 def test_pretrained_weights_of_another_architecture_are_named_as_such(tmp_path, demo_trained, three_classes):
     """The file holds the released OneShot; --architecture asks for another: the error said which tensors were
     missing or misshaped (a few hundred), not why."""
