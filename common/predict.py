@@ -155,12 +155,11 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
                         "torchrun for labelled folders)")
     device = resolve_device(args.device)
     files, others = find_images(args.paths)
-    if others:
-        print(f"ignored {others} file(s) in the folders without an image extension PIL reads", file=sys.stderr)
     if not files:
         raise UserError(f"no image files in {' '.join(args.paths)}")
-
     weights, metadata, image_size, input_format = read_weights_for(network, model_name, args, "predict.py")
+    if others:  # once the command is known good: a refused one says one line
+        print(f"ignored {others} file(s) in the folders without an image extension PIL reads", file=sys.stderr)
     num_classes, classes = output_classes(network, weights, metadata)
     names = read_class_names(args.class_names, num_classes) if args.class_names else output_names(classes, num_classes)
     # Once the inputs are known good, so that a mistyped command leaves no folder behind.

@@ -123,6 +123,15 @@ def test_missing_path_is_one_line(released_file, capsys):
     assert capsys.readouterr().err.strip() == "error: /no/such/photo.jpg: no such file or folder"
 
 
+def test_missing_weights_is_one_line_even_beside_files_that_are_not_images(image_folder, tmp_path, capsys):
+    """The count of ignored files came first, before the weights were checked: two lines for one mistake."""
+    (tmp_path / "notes.txt").write_text("not an image")
+    shutil.copy(next(image_folder.rglob("*.jpg")), tmp_path)
+    with pytest.raises(SystemExit):
+        run_predict(ONESHOT, ["--weights", str(tmp_path / "missing.pth"), str(tmp_path)])
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.pth'}: no such file; check the path"
+
+
 def test_nothing_readable_is_an_error_and_writes_no_json(released_file, tmp_path, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"not a JPEG")
     output = tmp_path / "predictions.json"
