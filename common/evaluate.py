@@ -165,9 +165,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None
                              "the size a checkpoint of this project was trained at, else 224)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, layout_flags: bool) -> None:
-    """The model flags eval.py and predict.py share: input format, speed (`layout_flags`: --channels-last and
-    --no-fast too) and weights."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags eval.py and predict.py share: input format, speed and weights."""
     add_input_format_arguments(parser)
     speed = parser.add_argument_group("speed")
     speed.add_argument("--compile", action="store_true",
@@ -177,13 +176,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, layout_flags: bool) -> 
                             "accuracy exactly; auto: bf16 on CUDA (fp16 where bf16 is not supported), on a CPU bf16 "
                             "only where it is native (AVX512-BF16 or AMX) and measured faster, else float32 (bf16 "
                             "results may differ slightly)")
-    if layout_flags:
-        speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                           help="memory layout of the fast path (default: auto, channels_last on CUDA, on a CPU the "
-                                "layout measured faster for this model in a few calls at start)")
-        speed.add_argument("--no-fast", action="store_true",
-                           help="plain path: BatchNorm not folded, float32 NCHW unless --amp/--channels-last say "
-                                "otherwise (the fast path's outputs equal it within float tolerance)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="memory layout of the fast path (default: auto, channels_last on CUDA, on a CPU the "
+                            "layout measured faster for this model in a few calls at start)")
+    speed.add_argument("--no-fast", action="store_true",
+                       help="plain path: BatchNorm not folded, float32 NCHW unless --amp/--channels-last say "
+                            "otherwise (the fast path's outputs equal it within float tolerance)")
     add_weights_arguments(parser.add_argument_group("weights"), "use")
 
 
@@ -221,7 +219,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
     parser.add_argument("--predictions-csv", metavar="FILE",
                         help="write per-image top-5 classes (index, name, probability) to FILE")
     parser.add_argument("--class-map", metavar="FILE", help=f"match val folders to network outputs: {CLASS_MAP_HELP}")
-    add_model_arguments(parser, layout_flags=True)
+    add_model_arguments(parser)
     return parser
 
 

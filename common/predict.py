@@ -139,7 +139,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
                         help="class names, one per line in output order (default: ImageNet's for released files, "
                              "the training class folders for checkpoints of this project)")
     add_data_arguments(parser, batch_size=32)
-    add_model_arguments(parser, layout_flags=False)
+    add_model_arguments(parser)
     return parser
 
 
@@ -168,7 +168,8 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     load_model_state(model, weights, for_inference=True, use_ema=args.use_ema, source_name=str(args.weights))
     del weights
     runner = prepare_inference_model(model, input_format=input_format, device=device, compile=args.compile,
-                                     amp=args.amp, image_size=image_size)
+                                     amp=args.amp, channels_last=args.channels_last, fold_bn=not args.no_fast,
+                                     image_size=image_size)
     loader = DataLoader(_PredictDataset(files, EvalTransform(image_size)), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=collate_skip_corrupt_with_indices)
     print(f"{model_name}: {len(files)} image{'s' * (len(files) != 1)}, {image_size}px center crop, input "

@@ -88,6 +88,19 @@ def test_trained_file_names_its_class_folders(trained_file, image_folder, capsys
         assert sum(p["probability"] for p in record["predictions"]) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_the_layout_flags_are_eval_pys(trained_file, image_folder, capsys):
+    """predict.py had no --channels-last / --no-fast, which eval.py has, and always took the fast path."""
+    folder = str(image_folder / "red_disc")
+    fast = run_predict(ONESHOT, ["--weights", str(trained_file), folder, "--workers", "0", "--channels-last"])
+    assert "channels_last float32 (set by the flags or the device)" in capsys.readouterr().out.splitlines()[0]
+    plain = run_predict(ONESHOT, ["--weights", str(trained_file), folder, "--workers", "0", "--no-fast"])
+    assert "; NCHW float32 (set by the flags or the device)" in capsys.readouterr().out.splitlines()[0]
+    for one, other in zip(fast, plain):
+        assert [p["index"] for p in one["predictions"]] == [p["index"] for p in other["predictions"]]
+        assert [p["probability"] for p in one["predictions"]] == pytest.approx(
+            [p["probability"] for p in other["predictions"]], abs=1e-4)
+
+
 def test_class_names_file(tmp_path, trained_file, image_folder, capsys):
     names = tmp_path / "names.txt"
     names.write_text("disc\nsquare\n\ntriangle\n")
