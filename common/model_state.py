@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,9 +89,11 @@ def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *, ve
     unless `trust_pickle`; failures are WeightsFileErrors. A training checkpoint of this project is first checked
     against its sidecar's SHA-256 (CheckpointCorruptError), unless `verify=False`."""
     path = Path(path)
+    checked = None
     if verify:
-        from common.checkpoint_store import verify_if_checkpoint  # here: checkpoint_store reads files through this
-        verify_if_checkpoint(path)
+        # here: checkpoint_store reads files through this module
+        from common.checkpoint_store import CheckpointWarning, verify_if_checkpoint
+        checked = verify_if_checkpoint(path)
     kind, size = _sniff(path)
     if kind == "safetensors":
         return _read_safetensors(path, size)
@@ -99,12 +102,16 @@ def read_weights_file(path: str | os.PathLike, trust_pickle: bool = False, *, ve
         # where the tensors land (the model), and a private mapping keeps the file unchanged when they are written.
         if kind == "zip" and os.name == "posix":
             with torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE):
-                obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+                obj = unpack_tensors(torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True))
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        return unpack_tensors(obj)
+            obj = unpack_tensors(torch.load(path, map_location="cpu", weights_only=not trust_pickle))
     except Exception as error:  # torch.load raises many types for damaged files; all are classified below
         raise _load_error(path, kind, size, error) from error
+    if verify and checked is None and isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+        warnings.warn(f"{path} is a training checkpoint without its sidecar (train.py writes checkpoint-<iteration>"
+                      ".json beside it; copy both, names unchanged), so its SHA-256 could not be checked",
+                      CheckpointWarning, stacklevel=2)
+    return obj
 
 
 def extract_model_state(obj: Any, *, use_ema: bool = False, source: str = "the weights") -> dict[str, torch.Tensor]:

@@ -220,7 +220,7 @@ def test_checkpoints_of_the_first_packed_layout_still_load(tmp_path):
                     tensor_pack.PACK_KEY: {"storages": [weights["a"].flatten(), weights["b"]],
                                            "groups": torch.tensor([0, 1]), "sizes": torch.tensor([2, 2, 3, 1, 2])}}
     torch.save(first_layout, tmp_path / "first.pth")
-    read = read_weights_file(tmp_path / "first.pth")
+    read = read_weights_file(tmp_path / "first.pth", verify=False)  # made here, without a sidecar
     assert read["iteration"] == 3 and _equal(read["model"], weights)
 
 
@@ -284,6 +284,19 @@ def test_checkpoints_with_a_whole_file_sha256_still_load(tmp_path):
     sidecar_path.write_text(json.dumps({**sidecar, "sha256": "0" * 64}))
     with pytest.raises(CheckpointCorruptError, match="SHA-256 does not match"):
         checkpoint_store.verify_checkpoint(path)
+
+
+def test_a_training_checkpoint_read_without_its_sidecar_says_it_was_not_checked(tmp_path):
+    """A copy without its sidecar was read and used without a word, though the README says each is checked."""
+    copy = tmp_path / "copied.pth"
+    copy.write_bytes(_save(tmp_path, 7).read_bytes())
+    with pytest.warns(CheckpointWarning, match=f"{copy} is a training checkpoint without its sidecar .* so its "
+                                               "SHA-256 could not be checked"):
+        read_weights_file(copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_weights_file(tmp_path / "checkpoint-0000000007.pth")  # checked against its sidecar
+        read_weights_file(copy, verify=False)
 
 
 def test_names_sort_by_number_at_any_iteration_count(tmp_path):
