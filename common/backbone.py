@@ -135,7 +135,8 @@ class ClassifierNetwork(nn.Module):
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         """timm's interface: remove the stages after the last of `indices` and, with `prune_head`, the head conv,
-        side heads and classifier, leaving what forward_intermediates needs for them; returns the stages taken."""
+        side heads and classifier, leaving what forward_intermediates needs for them; returns the stages taken.
+        `prune_norm` is accepted for timm's callers: these networks have no norm after the last stage."""
         take = stage_indices(indices)
         before = set(self.state_dict())
         if prune_head:
