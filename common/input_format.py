@@ -149,6 +149,9 @@ def input_format_from_args(args, default: InputFormat) -> InputFormat:
         raise UserError("give either --mean or --mean-image, not both")
     if args.mean_image and not Path(args.mean_image).is_file():
         raise UserError(f"--mean-image {args.mean_image}: no such file")
+    if args.std and min(args.std) <= 0:
+        raise UserError(f"--std {' '.join(f'{value:g}' for value in args.std)}: every value must be positive (the "
+                        "input is divided by it)")
     try:
         return default.replace(channel_order=args.channel_order, mean=tuple(args.mean) if args.mean else None,
                                std=tuple(args.std) if args.std else None, mean_image=args.mean_image)

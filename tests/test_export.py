@@ -271,6 +271,7 @@ def test_judge_criteria():
     (["--format", "onnx", "--precision", "fp16"], "ONNX exports are fp32"),
     (["--output", "model.onnx"], "must end in .mlpackage"),
     (["--mean", "1", "2"], "expected 3 arguments"),
+    (["--std", "0", "1", "1"], "error: --std 0 1 1: every value must be positive"),  # it named no flag
     (["--format", "onnx", "--compress", "palettize6"], "--compress is for --format coreml"),
     (["--quantize", "int8", "--calibration-dir", "."], "--quantize is for --format onnx or executorch"),
     (["--format", "executorch", "--precision", "fp16"], "ExecuTorch exports are fp32"),
