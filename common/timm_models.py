@@ -46,6 +46,10 @@ def _cfg(name: str) -> dict:
 default_cfgs = generate_default_cfgs({f"{name}.released": _cfg(name) for name in MODEL_NAMES})
 
 
+# timm's features_only default: every stage output.
+_ALL_STAGES = (0, 1, 2, 3)
+
+
 def _rgb_to_bgr(module: nn.Module, args: tuple) -> tuple:
     return (args[0].flip(1),) + args[1:]
 
@@ -56,7 +60,7 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
     # The network the file describes (a searched OneShot's architecture, its classes): timm builds before it loads,
     # and keeps a file's classifier only where the config's number of classes is the model's.
     if kwargs.get("features_only"):  # timm's own check of out_indices is an IndexError deep inside it
-        stage_indices(kwargs.get("out_indices", (0, 1, 2, 3)))
+        stage_indices(kwargs.get("out_indices", _ALL_STAGES))
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     metadata, contents = {}, None
     if pretrained and overlay.get("file"):
@@ -95,7 +99,7 @@ def _create(name: str, pretrained: bool, **kwargs) -> ClassifierNetwork:
         return model
 
     return build_model_with_cfg(build, name, pretrained,
-                                feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}, **kwargs)
+                                feature_cfg={"feature_cls": "getter", "out_indices": _ALL_STAGES}, **kwargs)
 
 
 @register_model

@@ -159,7 +159,10 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
     run.add_argument("--display-interval", type=positive_int,
                      help=f"iterations between progress lines, the first iteration shown too (default: "
                           f"{d.display_interval})")
-    tuned = "; {} with --pretrained".format if d.hooks.one_network else "".format
+
+    def tuned(interval: int) -> str:
+        return f"; {interval} with --pretrained" if d.hooks.one_network else ""
+
     run.add_argument("--val-interval", type=positive_int,
                      help=f"iterations between validations (default: {d.val_interval}"
                           f"{tuned(d.finetune.val_interval)})")
@@ -175,10 +178,10 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
                          help="weights file to evaluate with --eval (any layout eval.py takes)")
 
 
-def defaults_source(args: argparse.Namespace, recipe: Recipe):
+def defaults_source(args: argparse.Namespace, recipe: Recipe) -> Recipe | DemoRecipe | FinetuneRecipe:
     """Where the defaults of a command come from: the demo recipe with --demo, the fine-tuning one with
     --pretrained, else the original recipe."""
-    return recipe.demo if args.demo else recipe.finetune if getattr(args, "pretrained", None) else recipe
+    return recipe.demo if args.demo else recipe.finetune if args.pretrained else recipe
 
 
 def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace:
@@ -825,9 +828,9 @@ def _note_changed_settings(recorded: dict, args: argparse.Namespace, say: Callab
         return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
     changed = []
-    for name in _RUN_SETTINGS:
-        flag, value = "--" + name.replace("_", "-"), getattr(args, name, None)  # the supernet has no --freeze-*
-        if name in recorded and recorded[name] != value:
+    for name in (name for name in _RUN_SETTINGS if name in recorded):
+        flag, value = "--" + name.replace("_", "-"), getattr(args, name)
+        if recorded[name] != value:
             changed.append(f"{flag} (it ran without)" if value is True else f"no {flag} (it ran with it)"
                            if value is False else f"{flag} {shown(value)} (it ran with {shown(recorded[name])})")
     if changed:
