@@ -11,7 +11,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -44,6 +45,32 @@ def prepare_output(flag: str, path: str | os.PathLike | None, *, folder: bool = 
             reason = f"{blocking} is a file, not a folder"
         raise UserError(f"{flag} {path}: cannot write there ({reason}); choose another path") from None
     return path
+
+
+def check_outputs_apart(outputs: dict[str, str | os.PathLike | None],
+                        inputs: dict[str, str | os.PathLike | Sequence[str] | None]) -> None:
+    """Refuse, in one line naming the flags, an output that is another output or one of the files the command
+    reads: `inputs` maps a flag to its file, or to the files it stands for (the images of --val-dir). Writing it
+    would destroy the input, or the other result. Inputs are compared only with outputs that exist already."""
+    given = {flag: Path(path) for flag, path in outputs.items() if path is not None}
+    claimed: dict[str, str] = {}
+    for flag, path in given.items():
+        other = claimed.setdefault(os.path.realpath(path), flag)
+        if other != flag:
+            raise UserError(f"{flag} {path} is the file {other} writes too; give each its own path")
+    existing = {}
+    for flag, path in given.items():
+        with suppress(OSError):
+            found = path.stat()
+            existing[(found.st_dev, found.st_ino)] = flag
+    for source, files in inputs.items() if existing else ():
+        for file in [files] if isinstance(files, (str, os.PathLike)) else files or ():
+            with suppress(OSError):
+                found = os.stat(file)
+                if (flag := existing.get((found.st_dev, found.st_ino))) is not None:
+                    one = "the" if isinstance(files, (str, os.PathLike)) else "one of the"
+                    raise UserError(f"{flag} {given[flag]} is {one} {source} file{'s' * (one != 'the')}: writing it "
+                                    "would destroy it; choose another path")
 
 
 def checked(convert: Callable[[str], T], within: Callable[[T], bool], requirement: str) -> Callable[[str], T]:

@@ -5,6 +5,7 @@ workers or resumes: position p reads sample order_e[p % N] of epoch e = p // N, 
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import logging
 import math
@@ -21,7 +22,7 @@ import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
@@ -48,8 +49,9 @@ class DataError(UserError):
 
 def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
                       class_to_index: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """(samples, classes) of an ImageNet-layout folder root/<class>/<image>, in torchvision ImageFolder order, hidden
-    sub-folders ignored. `class_to_index` (names to 0 .. len - 1) forces the labels; `classes[i]` names label i."""
+    """(samples, classes) of an ImageNet-layout folder root/<class>/<image>, in torchvision ImageFolder order, names
+    starting with a dot ignored (see `walk_files`). `class_to_index` (names to 0 .. len - 1) forces the labels;
+    `classes[i]` names label i."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"{flag} {root}: no such folder")
@@ -68,7 +70,8 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
         raise DataError(f"{flag} {root}: {len(unknown)} class folder(s) not in the label set of "
                         f"{len(class_to_index)} classes: {listed(unknown, 5)}")
 
-    images = {name: _class_images(root, name, class_to_index[name], flag) for name in folders}
+    seen: dict[str, str] = {}  # shared by the classes: one folder under two labels is refused too
+    images = {name: _class_images(root, name, class_to_index[name], flag, seen) for name in folders}
     if not any(images.values()):
         raise DataError(f"{flag} {root}: its class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     if empty := [name for name in folders if not images[name]]:
@@ -83,20 +86,38 @@ def scan_image_folder(root: str | Path, flag: str = "--train-dir", *,
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def _class_images(root: Path, name: str, label: int, flag: str) -> list[tuple[str, int]]:
-    """The images under root/name, sub-folders and symbolic links followed, in torchvision's order. A folder reached
-    twice is refused: torchvision follows a link back to an ancestor 40 levels deep, and so trained on every image
-    of the loop 40 times, the other classes' under this class's label."""
-    walked, seen = [], {}
-    for folder, _, names in os.walk(root / name, followlinks=True):
-        real = os.path.realpath(folder)
+def _class_images(root: Path, name: str, label: int, flag: str, seen: dict[str, str]) -> list[tuple[str, int]]:
+    """The images under root/name in torchvision's order (see `walk_files`). A folder reached twice is refused:
+    torchvision follows a link back to an ancestor 40 levels deep, and so trained on every image of the loop 40
+    times, the other classes' under this class's label; a link to another class's folder reads its images twice,
+    under two labels."""
+    files, repeated = walk_files(root / name, seen)
+    if repeated:
+        again, first = repeated[0]
+        link = "a symbolic link back to it" if again.startswith(first + os.sep) else "a symbolic link to it"
+        raise DataError(f"{flag} {root}: {again} is {first} again ({link}), so its images would be read twice, under "
+                        "this class's label; remove the link")
+    return [(path, label) for path in files if path.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def walk_files(folder: str | Path, seen: dict[str, str] | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files, repeated folders) under `folder` in sorted order, symbolic links followed, names starting with a dot
+    (.DS_Store, .ipynb_checkpoints, macOS's ._ copies) left out. A folder whose real path is in `seen` (real path to
+    the folder first read there; filled in here) is not read again but listed as (folder, first) in repeated."""
+    seen = {} if seen is None else seen
+    walked, repeated = [], []
+    for current, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
         if real in seen:
-            raise DataError(f"{flag} {root}: {folder} is {seen[real]} again (a symbolic link back to it), so its "
-                            "images would be read twice, under this class's label; remove the link")
-        seen[real] = folder
-        walked.append((folder, names))
-    return [(os.path.join(folder, file), label) for folder, names in sorted(walked) for file in sorted(names)
-            if file.lower().endswith(IMAGE_EXTENSIONS)]
+            repeated.append((current, seen[real]))
+            folders.clear()
+            continue
+        seen[real] = current
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        walked.append((current, names))
+    files = [os.path.join(current, name) for current, names in sorted(walked) for name in sorted(names)
+             if not name.startswith(".")]
+    return files, repeated
 
 
 # -- transforms -------------------------------------------------------------------------------------------------
@@ -293,15 +314,24 @@ class UndecodableImage(Exception):
 
 
 class EncodedJpeg(NamedTuple):
-    """A JPEG file's bytes, not yet decoded, and its size from the header."""
+    """A JPEG file's bytes, not yet decoded, its upright size from the header and its EXIF orientation (1 to 8)."""
     data: bytes
     height: int
     width: int
+    orientation: int = 1
+
+
+# EXIF orientation 2 to 8: the turn of stored pixels (H x W x C) that shows them upright, as ImageOps.exif_transpose.
+_UPRIGHT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+            5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+            7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1], 8: lambda a: np.rot90(a)}
+_EXIF_ORIENTATION = 0x0112
 
 
 def open_image(path: str) -> EncodedJpeg | Image.Image:
-    """The image at `path`, not yet decoded (a transform may ask for a reduced size): an EncodedJpeg for an RGB or
-    greyscale JPEG file, else the opened PIL image; UndecodableImage when it cannot even be opened."""
+    """The image at `path`, not yet decoded (a transform may ask for a reduced size), turned upright by its EXIF
+    orientation as phones store photos: an EncodedJpeg for an RGB or greyscale JPEG file, else the PIL image;
+    UndecodableImage when it cannot even be opened."""
     try:
         with open(path, "rb") as file:
             data = file.read()
@@ -310,10 +340,23 @@ def open_image(path: str) -> EncodedJpeg | Image.Image:
         except ValueError:  # not a JPEG, or one libjpeg-turbo's header reader rejects: PIL's turn
             colorspace = None
         if colorspace in ("YCbCr", "Gray", "RGB"):
-            return EncodedJpeg(data, height, width)
-        return Image.open(path)  # from the path, so that PIL's errors name the file
+            orientation = _jpeg_orientation(data)
+            return EncodedJpeg(data, *((width, height) if orientation >= 5 else (height, width)), orientation)
+        # Another import may have turned this on; truncated files must fail here rather than load half grey.
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        image = Image.open(path)  # from the path, so that PIL's errors name the file
+        return ImageOps.exif_transpose(image) if image.getexif().get(_EXIF_ORIENTATION, 1) in _UPRIGHT else image
     except Exception as error:
         raise UndecodableImage(f"{type(error).__name__}: {error}") from None
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation of a JPEG file's bytes, 1 (as stored) when it has none."""
+    if data.find(b"Exif\x00\x00", 0, 1 << 17) < 0:  # no EXIF block among the header's segments: nothing to parse
+        return 1
+    with Image.open(io.BytesIO(data)) as image:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    return orientation if orientation in _UPRIGHT else 1
 
 
 def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[int, int] | None = None,
@@ -324,7 +367,9 @@ def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[
     if isinstance(image, Tensor):
         return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
     if isinstance(image, EncodedJpeg):
-        height, width = image.height, image.width
+        turned = image.orientation >= 5  # stored with height and width swapped
+        height, width = (image.width, image.height) if turned else (image.height, image.width)
+        at_least = at_least[::-1] if turned and at_least else at_least
         # Only powers of two: libjpeg-turbo's other factors (7/8, 3/4, ...) are slower than a full decode.
         divisor = 1
         while (at_least is not None and divisor < 8 and math.ceil(height / (2 * divisor)) >= at_least[0]
@@ -332,14 +377,19 @@ def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[
             divisor *= 2
         try:
             # libjpeg-turbo scales to ceil(side / divisor), the smallest output at least this large.
-            return simplejpeg.decode_jpeg(image.data, colorspace="RGB", min_height=math.ceil(height / divisor),
-                                          min_width=math.ceil(width / divisor), fastupsample=fast_upsampling)
+            pixels = simplejpeg.decode_jpeg(image.data, colorspace="RGB", min_height=math.ceil(height / divisor),
+                                            min_width=math.ceil(width / divisor), fastupsample=fast_upsampling)
         except ValueError as error:
             raise UndecodableImage(f"{type(error).__name__}: {error}") from None
-    # Another import may have turned this on; truncated files must fail here rather than load half grey.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+        return pixels if image.orientation == 1 else np.ascontiguousarray(_UPRIGHT[image.orientation](pixels))
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # see open_image
     try:
         image.load()
+        if image.mode.startswith("I"):  # 16- or 32-bit grey levels, which PIL's conversion to RGB clips at 255
+            levels = np.asarray(image)
+            if image.mode.startswith("I;16") or levels.max(initial=0) > 255:
+                levels = np.clip(levels, 0, 65535) >> 8
+            return np.repeat(levels.astype(np.uint8)[..., None], 3, axis=2)
         return np.array(image if image.mode == "RGB" else image.convert("RGB"))
     # Decoders raise many types on damaged input; whatever the type, the file is unusable: skipped and counted.
     except Exception as error:

@@ -67,7 +67,7 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
             print(f"error: {error}", file=sys.stderr)
             sys.exit(error.exit_status)
         except BrokenPipeError:
-            if not _output_reader_left():
+            if not output_reader_left():
                 raise
             sys.exit(128 + 13)  # SIGPIPE's number
         except OSError as error:
@@ -85,7 +85,7 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
     return wrapper
 
 
-def _output_reader_left() -> bool:
+def output_reader_left() -> bool:
     """Whether stdout or stderr is a pipe whose reader left; what they still hold then goes to /dev/null, not to a
     second error at exit. A broken pipe elsewhere (not the script's output) is a failure like any other."""
     left = False

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint import library_versions
-from common.cli import (ArgumentParser, add_device_argument, add_weights_arguments, multiple_of_32, positive_int,
-                        prepare_output, worker_count)
+from common.cli import (ArgumentParser, add_device_argument, add_weights_arguments, check_outputs_apart,
+                        multiple_of_32, positive_int, prepare_output, worker_count)
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import DistInfo, all_gather_objects, init_distributed, shutdown_distributed
@@ -252,6 +252,9 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
                                          world_size=info.world_size, pin_memory=info.device.type == "cuda",
                                          class_to_index=class_to_index_for(folders, classes, args.class_map))
     # Once the weights and the data are known good, so that a mistyped command leaves no folder behind.
+    check_outputs_apart({"--results-json": args.results_json, "--predictions-csv": args.predictions_csv},
+                        {"--weights": args.weights, "--class-map": args.class_map, "--mean-image": args.mean_image,
+                         "--val-dir": paths})
     prepare_output("--results-json", args.results_json)
     prepare_output("--predictions-csv", args.predictions_csv)
     model = create_network_for(network, num_classes, metadata)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import (ArgumentParser, add_weights_arguments, fraction, multiple_of_32, positive_int, prepare_output,
-                        run_script)
+from common.cli import (ArgumentParser, add_weights_arguments, check_outputs_apart, fraction, multiple_of_32,
+                        positive_int, prepare_output, run_script)
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
 from common.atomic_io import atomic_write_text, failures_named, file_sha256
 from common.errors import UserError, exit_on_user_error
@@ -451,6 +451,8 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
         return _run_sweep(network_module, model_name, args, argv if argv is not None else sys.argv[1:])
     job = _plan(network_module, model_name, args)
     val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
+    check_outputs_apart({"--output": job.output, "--results-json": args.results_json},
+                        {"--weights": args.weights, "--mean-image": args.mean_image})
     prepare_output("--output", job.output)  # after the inputs: a mistyped command leaves no folder behind
     prepare_output("--results-json", args.results_json)
     model = create_network_for(network_module, len(job.class_names), job.stored)
@@ -644,6 +646,8 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
     if args.val_dir:
         scan_image_folder(args.val_dir, "--val-dir")
     calibration_files(*_calibration_source(args))
+    check_outputs_apart({"--results-json": args.results_json}, {"--weights": args.weights,
+                                                                 "--mean-image": args.mean_image})
     prepare_output("--output", folder, folder=True)
     prepare_output("--results-json", args.results_json)
     script = Path(network_module.__file__).resolve().parent / "export.py"

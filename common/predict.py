@@ -3,38 +3,31 @@ upright by their EXIF orientation and prepared as eval.py prepares them."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from common.atomic_io import atomic_write_text
-from common.cli import ArgumentParser, positive_int, prepare_output
-from common.data import EvalTransform, collate_skip_corrupt_with_indices
+from common.cli import ArgumentParser, check_outputs_apart, positive_int, prepare_output
+from common.data import EvalTransform, UndecodableImage, collate_skip_corrupt_with_indices, open_image, walk_files
 from common.distributed import launched_world_size, resolve_device
-from common.errors import UserError, exit_on_user_error
+from common.errors import UserError, exit_on_user_error, output_reader_left
 from common.evaluate import NothingEvaluated, add_data_arguments, add_model_arguments, read_weights_for
 from common.imagenet import output_names
 from common.inference import prepare_inference_model
 from common.input_format import InputFormat, Preprocess
 from common.model_state import load_model_state, output_classes
 from common.models import create_network_for
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """The image at `path` fully decoded, turned upright by its EXIF orientation, as RGB (raises on failure)."""
-    # Another import may have turned this on; a truncated file must fail rather than predict on half grey.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class ImageTransform:
@@ -46,7 +39,7 @@ class ImageTransform:
         self.preprocess = Preprocess(input_format)
 
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
-        image = read_image(image) if isinstance(image, (str, Path)) else ImageOps.exif_transpose(image)
+        image = open_image(str(image)) if isinstance(image, (str, Path)) else ImageOps.exif_transpose(image)
         with torch.no_grad():
             return self.preprocess(self.eval_transform(image).unsqueeze(0))[0]
 
@@ -55,26 +48,27 @@ class ImageTransform:
 
 
 def find_images(paths: list[str]) -> tuple[list[str], int]:
-    """(files to classify, files in folders skipped for an extension PIL does not read); a file given by name is
-    always tried, folders are searched recursively in sorted order."""
+    """(files to classify, files in folders skipped for an extension PIL does not read): a file given by name is
+    always tried, folders are searched as training folders are (`walk_files`); each file once, in the order given."""
     extensions = {ext.lower() for ext in Image.registered_extensions()}
-    files, others = [], 0
+    files, others, seen = {}, 0, {}
     for path in paths:
         if os.path.isfile(path):
-            files.append(path)
+            files.setdefault(os.path.realpath(path), path)
         elif not os.path.isdir(path):
             raise UserError(f"{path}: no such file or folder")
-        for root, dirs, names in os.walk(path):  # nothing for a file
-            dirs.sort()
-            kept = [name for name in sorted(names) if os.path.splitext(name)[1].lower() in extensions]
-            files += [os.path.join(root, name) for name in kept]
-            others += len(names) - len(kept)
-    return files, others
+        else:
+            found = walk_files(path, seen)[0]  # a folder reached twice (a link, or given again) is read once
+            kept = [file for file in found if os.path.splitext(file)[1].lower() in extensions]
+            others += len(found) - len(kept)
+            for file in kept:
+                files.setdefault(os.path.realpath(file), file)
+    return list(files.values()), others
 
 
 @dataclass
 class _PredictDataset(Dataset):
-    """(uint8 image, 0, index) per file, or None (with one line on stderr) for a file PIL cannot read."""
+    """(uint8 image, 0, index) per file, or None (with one line on stderr) for a file that cannot be decoded."""
 
     files: list[str]
     transform: EvalTransform
@@ -84,13 +78,10 @@ class _PredictDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            image = read_image(self.files[index])
-        # PIL raises many types on files it cannot read; whatever the type, this file is skipped and reported.
-        except Exception as error:
-            print(f"skipped {self.files[index]}: cannot read it as an image ({type(error).__name__}: {error})",
-                  file=sys.stderr, flush=True)
+            return self.transform(open_image(self.files[index])), 0, index
+        except UndecodableImage as error:
+            print(f"skipped {self.files[index]}: cannot read it as an image ({error})", file=sys.stderr, flush=True)
             return None
-        return self.transform(image), 0, index
 
 
 def read_class_names(path: str | Path, count: int) -> list[str]:
@@ -106,8 +97,26 @@ def read_class_names(path: str | Path, count: int) -> list[str]:
     return names
 
 
-def _predict(runner, loader: DataLoader, files: list[str], names: list[str], k: int) -> tuple[list[dict], int, float]:
-    """Each readable image's top-k classes, printed as they come; with the number skipped and the seconds taken."""
+class _Output:
+    """Prints lines on stdout until their reader leaves (`| head`), then drops them, so that the work goes on for
+    --predictions-json; `reader_left` says whether it did."""
+
+    reader_left = False
+
+    def __call__(self, line: str) -> None:
+        if self.reader_left:
+            return
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:
+            if not output_reader_left():
+                raise
+            self.reader_left = True
+
+
+def _predict(runner, loader: DataLoader, files: list[str], names: list[str], k: int,
+             say: Callable[[str], None]) -> tuple[list[dict], int, float]:
+    """Each readable image's top-k classes, said as they come; with the number skipped and the seconds taken."""
     records, skipped = [], 0
     started = time.perf_counter()
     for images, _, batch_skipped, indices in loader:
@@ -118,8 +127,8 @@ def _predict(runner, loader: DataLoader, files: list[str], names: list[str], k: 
         for index, probs, tops in zip(indices.tolist(), probabilities.tolist(), classes.tolist()):
             predictions = [{"index": c, "name": names[c], "probability": p} for c, p in zip(tops, probs)]
             records.append({"path": files[index], "predictions": predictions})
-            print(f"{files[index]}: " + "; ".join(f"{p['name']} ({p['index']}) {p['probability']:.3f}"
-                                                  for p in predictions), flush=True)
+            say(f"{files[index]}: " + "; ".join(f"{p['name']} ({p['index']}) {p['probability']:.3f}"
+                                                for p in predictions))
     return records, skipped, time.perf_counter() - started
 
 
@@ -163,6 +172,9 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     num_classes, classes = output_classes(network, weights, metadata)
     names = read_class_names(args.class_names, num_classes) if args.class_names else output_names(classes, num_classes)
     # Once the inputs are known good, so that a mistyped command leaves no folder behind.
+    check_outputs_apart({"--predictions-json": args.predictions_json},
+                        {"--weights": args.weights, "--class-names": args.class_names, "--mean-image": args.mean_image,
+                         "PATH": files})
     prepare_output("--predictions-json", args.predictions_json)
     model = create_network_for(network, num_classes, metadata)
     load_model_state(model, weights, for_inference=True, use_ema=args.use_ema, source_name=str(args.weights))
@@ -172,19 +184,26 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
                                      image_size=image_size)
     loader = DataLoader(_PredictDataset(files, EvalTransform(image_size)), batch_size=args.batch_size,
                         num_workers=args.workers, collate_fn=collate_skip_corrupt_with_indices)
-    print(f"{model_name}: {len(files)} image{'s' * (len(files) != 1)}, {image_size}px center crop, input "
-          f"{input_format.describe()}; {runner.speed.describe()}{', compiled' if args.compile else ''} on {device}",
-          flush=True)
+    # With a file to write, a reader of the output that leaves early (`| head`) must not cost it.
+    say = _Output() if args.predictions_json else functools.partial(print, flush=True)
+    say(f"{model_name}: {len(files)} image{'s' * (len(files) != 1)}, {image_size}px center crop, input "
+        f"{input_format.describe()}; {runner.speed.describe()}{', compiled' if args.compile else ''} on {device}")
 
-    records, skipped, seconds = _predict(runner, loader, files, names, min(args.top_k, num_classes))
+    if args.top_k > num_classes:
+        print(f"note: --top-k {args.top_k}: the weights predict {num_classes} classes, so each image shows "
+              f"{num_classes}", file=sys.stderr)
+    records, skipped, seconds = _predict(runner, loader, files, names, min(args.top_k, num_classes), say)
     if not records:
         unread = "the image could not be read" if skipped == 1 else f"none of the {skipped} images could be read"
         raise NothingEvaluated(f"{unread} (see above), so nothing was classified"
                                + (" and --predictions-json was not written" if args.predictions_json else ""))
-    note = f", {skipped} unreadable skipped" if skipped else ""
-    rate = len(records) / max(seconds, 1e-9)
-    print(f"{len(records)} image{'s' * (len(records) != 1)} in {seconds:.2f} s: {rate:.1f} images/s{note}")
     if args.predictions_json:
         atomic_write_text(args.predictions_json, json.dumps(records, indent=2) + "\n")
-        print(f"wrote {args.predictions_json}")
+    if getattr(say, "reader_left", False):
+        sys.exit(128 + 13)  # SIGPIPE's number, as for every script whose output reader left
+    note = f", {skipped} unreadable skipped" if skipped else ""
+    rate = len(records) / max(seconds, 1e-9)
+    say(f"{len(records)} image{'s' * (len(records) != 1)} in {seconds:.2f} s: {rate:.1f} images/s{note}")
+    if args.predictions_json:
+        say(f"wrote {args.predictions_json}")
     return records

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from common.data import (DataError, EvalTransform, ImageDataset, StreamSampler, TrainTransform,
-                         build_eval_loader, build_train_loader, center_crop, collate_skip_corrupt,
-                         evaluation_order, scan_image_folder, short_side_size)
+                         build_eval_loader, build_train_loader, center_crop, collate_skip_corrupt, decode_rgb_array,
+                         evaluation_order, open_image, scan_image_folder, short_side_size)
 from common.demo_data import make_image_folder
 from common.errors import UserError
 
@@ -99,6 +99,56 @@ def test_a_link_back_to_a_folder_already_read_is_refused(image_folder, tmp_path)
     assert str(caught.value) == (f"--train-dir {root}: {root / first / 'loop' / first} is {root / first} again (a "
                                  "symbolic link back to it), so its images would be read twice, under this class's "
                                  "label; remove the link")
+
+
+def test_a_link_to_another_class_and_hidden_folders(image_folder, tmp_path):
+    """A class folder linked to another's read its images under two labels; a notebook's .ipynb_checkpoints inside
+    a class folder was read as images of that class, though hidden class folders were left out."""
+    root = shutil.copytree(image_folder, tmp_path / "copy")
+    first, second = sorted(p.name for p in root.iterdir())[:2]
+    hidden = root / first / ".ipynb_checkpoints"
+    hidden.mkdir()
+    shutil.copy(next((root / first).glob("*.jpg")), hidden / "copy.jpg")
+    shutil.copy(next((root / first).glob("*.jpg")), root / first / "._macos_copy.jpg")
+    samples, _ = scan_image_folder(root)
+    assert len(samples) == len(scan_image_folder(image_folder)[0])
+    assert not [path for path, _ in samples if "/." in path]
+    (root / "zz_link").symlink_to(root / second)
+    with pytest.raises(DataError) as caught:
+        scan_image_folder(root)
+    assert str(caught.value) == (f"--train-dir {root}: {root / 'zz_link'} is {root / second} again (a symbolic link "
+                                 "to it), so its images would be read twice, under this class's label; remove the "
+                                 "link")
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png"])
+def test_exif_orientation_turns_training_and_eval_images_upright(tmp_path, suffix):
+    """Phones store photos sideways with an EXIF orientation; eval.py and train.py read them sideways (predict.py
+    upright). Every orientation, at full and reduced JPEG size, gives what PIL's exif_transpose gives."""
+    stored = Image.fromarray(photo(80, 48)).resize((80, 48))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"turned{orientation}.{suffix}"
+        stored.save(path, exif=exif.tobytes(), **({"quality": 100, "subsampling": 0} if suffix == "jpg" else {}))
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+        image = open_image(str(path))
+        assert (image.height, image.width) == expected.shape[:2]
+        assert np.array_equal(decode_rgb_array(image), expected), orientation
+        if suffix == "jpg":
+            half = decode_rgb_array(image, at_least=(expected.shape[0] // 2, expected.shape[1] // 2))
+            assert half.shape == (expected.shape[0] // 2, expected.shape[1] // 2, 3)
+        assert TrainTransform(CROP)(image, seed=orientation).shape == (3, CROP, CROP)
+
+
+def test_16_bit_grey_images_keep_their_levels(tmp_path):
+    """PIL's conversion of 16-bit grey levels to RGB clips them at 255: a gradient came out almost all white."""
+    levels = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(levels).save(path)
+    pixels = decode_rgb_array(open_image(str(path)))
+    assert pixels.shape == (32, 32, 3) and np.array_equal(pixels[..., 0], (levels >> 8).astype(np.uint8))
+    assert np.array_equal(pixels[..., 0], pixels[..., 2])
 
 
 def test_forced_label_mapping(image_folder):

@@ -61,11 +61,10 @@ print(json.dumps({{"training": model.training, "shape": list(x.shape), "logits":
     assert out["few"] == 4 and "re-initialised classifier" in result.stdout
 
     # The same image through eval.py's loading and preprocessing gives the same logits.
-    from common.data import EvalTransform
-    from common.predict import read_image
+    from common.data import EvalTransform, open_image
     model = network("OneShot").create_network().eval()
     load_model_state(model, weights)
-    pixels = EvalTransform(224)(read_image(image)).unsqueeze(0)
+    pixels = EvalTransform(224)(open_image(str(image))).unsqueeze(0)
     with torch.no_grad():
         expected = model(Preprocess(model.input_format)(pixels))[0]
     assert torch.allclose(torch.tensor(out["logits"]), expected, atol=1e-4)

@@ -206,3 +206,35 @@ def test_predict_refuses_an_unwritable_json_before_reading_images(blocked, image
                                              str(blocked / "predictions.json")])
     assert line.startswith(f"error: --predictions-json {blocked / 'predictions.json'}: cannot write there")
     assert "images in" not in capsys.readouterr().out
+
+
+def test_no_output_overwrites_an_input_or_another_output(tmp_path, oneshot, imagenet_weights, wnid_val, checkpoints,
+                                                         capsys):
+    """eval.py, predict.py and export.py wrote their results over the --weights file (a checkpoint became a JSON
+    of 1 kB, exit 0), predict.py over an image it read, eval.py its CSV over its JSON, average over an input."""
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(imagenet_weights.read_bytes())
+    size = weights.stat().st_size
+    predict = script_module("OneShot", "predict").main
+    image = next(wnid_val.rglob("*.jpg"))
+    common = ["--weights", str(weights), "--workers", "0", "--image-size", "32"]
+    for main, argv, expected in (
+            (oneshot["eval"].main, [*common, "--val-dir", str(wnid_val), "--results-json", str(weights)],
+             f"error: --results-json {weights} is the --weights file: writing it would destroy it; choose another "
+             "path"),
+            (oneshot["eval"].main, [*common, "--val-dir", str(wnid_val), "--results-json", str(tmp_path / "r"),
+                                    "--predictions-csv", str(tmp_path / "." / "r")],
+             f"error: --predictions-csv {tmp_path / 'r'} is the file --results-json writes too; give each its own "
+             "path"),
+            (predict, [*common, str(wnid_val), "--predictions-json", str(image)],
+             f"error: --predictions-json {image} is one of the PATH files: writing it would destroy it; choose "
+             "another path"),
+            (lambda argv: oneshot["export"].run_export(network("OneShot"), argv),
+             [*common[:2], "--format", "onnx", "--output", str(tmp_path / "x.onnx"), "--results-json", str(weights)],
+             f"error: --results-json {weights} is the --weights file: writing it would destroy it; choose another "
+             "path")):
+        assert user_error_line(capsys, main, argv) == expected
+    assert weights.stat().st_size == size and image.read_bytes()[:2] == b"\xff\xd8"
+    inputs = sorted(str(path) for path in checkpoints.glob("*.pth"))
+    assert user_error_line(capsys, average.main, ["--inputs", *inputs, "--output", inputs[0]]) == (
+        f"error: --output {inputs[0]} is one of the --inputs files: writing it would destroy it; choose another path")

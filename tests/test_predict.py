@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from common.data import decode_rgb_array, open_image
 from common.imagenet import imagenet_names
-from common.predict import ImageTransform, read_image, run_predict
+from common.predict import ImageTransform, run_predict
 from common.release import write_release
 from conftest import REPO_ROOT, network, released_state_dict
 
@@ -88,6 +88,36 @@ def test_trained_file_names_its_class_folders(trained_file, image_folder, capsys
         assert sum(p["probability"] for p in record["predictions"]) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_folders_are_searched_as_training_folders_and_each_image_read_once(trained_file, image_folder, tmp_path,
+                                                                          capsys):
+    """Linked folders were dropped without a word, hidden ones read (eval.py and train.py do the opposite), and a
+    folder given twice classified twice."""
+    folder = tmp_path / "photos"
+    shutil.copytree(image_folder / "red_disc", folder / "discs")
+    (folder / "squares").symlink_to(image_folder / "green_square")
+    (folder / ".ipynb_checkpoints").mkdir()
+    shutil.copy(next((folder / "discs").glob("*.jpg")), folder / ".ipynb_checkpoints" / "copy.jpg")
+    records = run_predict(ONESHOT, ["--weights", str(trained_file), str(folder), str(folder / "discs"),
+                                    str(folder / "squares"), "--workers", "0", "--top-k", "4"])
+    paths = [record["path"] for record in records]
+    assert len(paths) == 16 and len(set(paths)) == 16
+    assert sum("/squares/" in path for path in paths) == 8 and not any("/." in path for path in paths)
+    assert "note: --top-k 4: the weights predict 3 classes, so each image shows 3" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_does_not_cost_the_file(trained_file, image_folder, tmp_path):
+    """`predict.py ... --predictions-json F | head` ended with status 141 and no F: eval.py writes its files first."""
+    output = tmp_path / "predictions.json"
+    command = [sys.executable, "predict.py", "--weights", str(trained_file), str(image_folder), "--workers", "0",
+               "--predictions-json", str(output)]
+    result = subprocess.run(f"{' '.join(command)} | true; exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash",
+                            cwd=REPO_ROOT / "OneShot", capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(json.loads(output.read_text())) == 24
+
+
 def test_the_layout_flags_are_eval_pys(trained_file, image_folder, capsys):
     """predict.py had no --channels-last / --no-fast, which eval.py has, and always took the fast path."""
     folder = str(image_folder / "red_disc")
@@ -122,9 +152,9 @@ def test_exif_orientation_is_honoured(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # the camera was turned: show the image rotated 90 degrees clockwise
     Image.fromarray(pixels.numpy()).save(path, exif=exif, quality=95)
-    upright = read_image(path)
-    assert upright.size == (40, 80)
-    top = np.asarray(upright)[:40].mean()
+    upright = decode_rgb_array(open_image(str(path)))
+    assert upright.shape == (80, 40, 3)
+    top = upright[:40].mean()
     assert top > 200  # the white left half is now on top
     x = ImageTransform(ONESHOT.INPUT_FORMAT, 32)(path)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
