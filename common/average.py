@@ -17,11 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointInfo, best_checkpoints,
                                      default_lower_is_better, list_checkpoints, metric_value, verify_if_checkpoint)
-from common.cli import ArgumentParser, add_weights_arguments, check_outputs_apart, positive_int, prepare_output
+from common.cli import (ArgumentParser, add_weights_arguments, check_outputs_apart, positive_int, prepare_output,
+                        progress_bar)
 from common.errors import UserError, exit_on_user_error, listed
 from common.release import shareable_metadata, write_release
 from common.model_state import extract_model_state, read_checkpoint_metadata, read_weights_file
@@ -117,8 +117,8 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
     averaged: dict[str, torch.Tensor] = {}
     total, scratch = torch.empty(_CHUNK, dtype=torch.float64), torch.empty(_CHUNK, dtype=torch.float64)
     total_bytes = sum(tensor.nbytes for item in inputs for tensor in item.state.values())
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="averaging", disable=not progress,
-              leave=False) as bar:
+    with progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="averaging", disable=not progress,
+                      leave=False) as bar:
         for key in inputs[0].state:
             tensors = [item.state[key] for item in inputs]
             if tensors[0].is_floating_point():

@@ -4,6 +4,7 @@ lost."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
 import re
@@ -23,9 +24,9 @@ T = TypeVar("T")
 
 def prepare_output(flag: str, path: str | os.PathLike | None, *, folder: bool = False) -> Path | None:
     """Check that `path`, given by `flag`, can be written (a one-line UserError naming the flag if not), and create
-    the folders it needs; None (an optional output not asked for) passes. With `folder`, `path` is a folder to write
-    files into; otherwise a file or package folder. The check writes and removes a hidden empty file, so it also
-    answers for root and read-only filesystems."""
+    the folders it needs (removed at exit if still empty); None (an optional output not asked for) passes. With
+    `folder`, `path` is a folder to write files into; otherwise a file or package folder. The check writes and
+    removes a hidden empty file, so it also answers for root and read-only filesystems."""
     if path is None:
         return None
     path = Path(path)
@@ -33,7 +34,11 @@ def prepare_output(flag: str, path: str | os.PathLike | None, *, folder: bool = 
     try:
         if not folder and path.is_dir() and path.suffix != ".mlpackage":
             raise UserError(f"{flag} {path}: is a folder; give a file name")
+        missing = [p for p in [*reversed(target.parents), target] if not p.exists()]
         target.mkdir(parents=True, exist_ok=True)
+        if not _MADE:
+            atexit.register(_remove_made_if_empty)
+        _MADE.extend(missing)
         descriptor, probe = tempfile.mkstemp(prefix=".write-test-", dir=target)
         os.close(descriptor)
         os.unlink(probe)
@@ -45,6 +50,16 @@ def prepare_output(flag: str, path: str | os.PathLike | None, *, folder: bool = 
             reason = f"{blocking} is a file, not a folder"
         raise UserError(f"{flag} {path}: cannot write there ({reason}); choose another path") from None
     return path
+
+
+# The folders prepare_output made: those a command leaves empty (it failed before writing there) go at exit.
+_MADE: list[Path] = []
+
+
+def _remove_made_if_empty() -> None:
+    for folder in reversed(_MADE):
+        with suppress(OSError):
+            folder.rmdir()  # only an empty one
 
 
 def check_outputs_apart(outputs: dict[str, str | os.PathLike | None],
@@ -104,8 +119,8 @@ worker_count = checked(int, lambda value: value >= 0, "must be 0 (load in the ma
 seed_value = checked(int, lambda value: 0 <= value < 2**32, "must be between 0 and 2**32 - 1")
 fraction = checked(float, lambda value: 0 <= value <= 1, "must be between 0 and 1")
 multiple_of_32 = checked(int, lambda value: value >= 32 and value % 32 == 0,
-                     "use a multiple of 32 such as 224 (the networks halve the resolution five times; at other sizes "
-                     "the halvings pad unevenly)")
+                     "use a multiple of 32, at least 32, such as 224 (the networks halve the resolution five "
+                     "times; at other sizes the halvings pad unevenly)")
 _any_mac_count = checked(_macs, lambda value: 0 <= value < math.inf,
                          "give a number of multiply-accumulates, 0 or more, such as 330e6 or 330M")
 
@@ -165,6 +180,31 @@ def add_weights_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow a weights file that loads only by running code stored in it: only for a file you "
                              "made yourself")
+
+
+class _LogLines:
+    """A log file as tqdm's output: each refresh a line of its own instead of a rewrite after a carriage return, so
+    that a line written meanwhile (a skipped file's) starts on its own line too."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(**options):
+    """A tqdm progress bar on stderr: redrawn in place on a terminal; in a log file (SLURM's output, `2> log`) a
+    line every 30 seconds."""
+    from tqdm import tqdm  # on first use: --help imports no tqdm
+    if sys.stderr.isatty():
+        return tqdm(file=sys.stderr, dynamic_ncols=True, **options)
+    return tqdm(file=_LogLines(sys.stderr), mininterval=30, ncols=100, **options)
 
 
 def run_script(command: list[str], cwd: str | os.PathLike | None = None, stopped: str | None = None) -> int:

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -344,7 +345,11 @@ def open_image(path: str) -> EncodedJpeg | Image.Image:
             return EncodedJpeg(data, *((width, height) if orientation >= 5 else (height, width)), orientation)
         # Another import may have turned this on; truncated files must fail here rather than load half grey.
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        image = Image.open(path)  # from the path, so that PIL's errors name the file
+        with warnings.catch_warnings():
+            # Above 89 Mpixel PIL warns in two lines that name no file. A 100 Mpixel photo is no attack; an image
+            # above twice that, PIL's limit, is refused and so skipped, naming the file.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # from the path, so that PIL's errors name the file
         return ImageOps.exif_transpose(image) if image.getexif().get(_EXIF_ORIENTATION, 1) in _UPRIGHT else image
     except Exception as error:
         raise UndecodableImage(f"{type(error).__name__}: {error}") from None

@@ -19,12 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint import library_versions
 from common.cli import (ArgumentParser, add_device_argument, add_weights_arguments, check_outputs_apart,
-                        multiple_of_32, positive_int, prepare_output, worker_count)
+                        multiple_of_32, positive_int, prepare_output, progress_bar, worker_count)
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import DistInfo, all_gather_objects, init_distributed, shutdown_distributed
@@ -79,8 +78,8 @@ def evaluate(model: nn.Module | InferenceRunner, preprocess: nn.Module | None, l
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     kept: dict[str, list[torch.Tensor]] = {"positions": [], "labels": [], "top_classes": [], "top_probs": []}
     batches = getattr(loader, "batch_sampler", None)
-    bar = tqdm(total=sum(map(len, batches)) if batches is not None else None, unit="img", desc="eval",
-               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=sum(map(len, batches)) if batches is not None else None, unit="img", desc="eval",
+                       disable=not progress)
     started = time.perf_counter()
     for step, (images, labels, skipped, positions) in enumerate(loader):
         bar.update(len(labels) + skipped)
@@ -112,7 +111,7 @@ def evaluate(model: nn.Module | InferenceRunner, preprocess: nn.Module | None, l
     return results
 
 
-def _show_accuracy(bar: tqdm, totals: torch.Tensor) -> None:
+def _show_accuracy(bar, totals: torch.Tensor) -> None:
     bar.set_postfix_str(f"acc@1 {100 * totals[0].item() / totals[3].item():.2f}%", refresh=False)
 
 
@@ -165,9 +164,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None
                              "the size a checkpoint of this project was trained at, else 224)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model flags eval.py and predict.py share: input format, speed and weights."""
-    add_input_format_arguments(parser)
+def add_model_arguments(parser: argparse.ArgumentParser, input_format: InputFormat | None = None) -> None:
+    """The model flags eval.py and predict.py share: input format (the network's `input_format` shown as the
+    default), speed and weights."""
+    add_input_format_arguments(parser, input_format)
     speed = parser.add_argument_group("speed")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the inference model (Large and ExLarge take a while to compile on a CPU)")
@@ -198,7 +198,7 @@ def read_weights_for(network: ModuleType, model_name: str, args: argparse.Namesp
     return weights, metadata, args.image_size or metadata.get("image_size") or 224, input_format
 
 
-def build_parser(model_name: str) -> argparse.ArgumentParser:
+def build_parser(model_name: str, input_format: InputFormat | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         description=f"Evaluate {model_name} on an ImageNet-layout val folder (single center crop) and report "
                     "top-1/top-5 accuracy and error, mean loss and images/s, as timm's validate.py does. Under "
@@ -214,12 +214,13 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
                         help="evaluate only the first N images of the fixed evaluation order (spread over the "
                              "classes; --num-val-images in export.py too, --limit here only)")
     parser.add_argument("--results-json", metavar="FILE",
-                        help="write metrics, model, weights SHA-256, params, MACs, input format and library "
-                             "versions to FILE")
+                        help="write metrics, model, weights (file, SHA-256, --ema or not), data (--val-dir, "
+                             "--num-val-images, --class-map), params, MACs, input format, speed settings and "
+                             "library versions to FILE")
     parser.add_argument("--predictions-csv", metavar="FILE",
                         help="write per-image top-5 classes (index, name, probability) to FILE")
     parser.add_argument("--class-map", metavar="FILE", help=f"match val folders to network outputs: {CLASS_MAP_HELP}")
-    add_model_arguments(parser)
+    add_model_arguments(parser, input_format)
     return parser
 
 
@@ -229,7 +230,7 @@ def run_eval(network: ModuleType, argv: list[str] | None = None, *, load_checkpo
     each rank evaluates every W-th image and rank 0 reports the sums.
     `load_checkpoint(model, weights, source_name=, use_ema=)` loads a read weights object into the model."""
     model_name = Path(network.__file__).resolve().parent.name
-    args = build_parser(model_name).parse_args(argv)
+    args = build_parser(model_name, network.INPUT_FORMAT).parse_args(argv)
     # What the data and model code would only find after the weights are read.
     input_format_from_args(args, InputFormat())
     joined = dist.is_available() and dist.is_initialized()  # called from a distributed run: its group stays
@@ -310,7 +311,9 @@ def _results_record(network: ModuleType, model_name: str, args: argparse.Namespa
     metrics = ("top1_accuracy", "top5_accuracy", "top1_error", "top5_error", "loss", "images", "skipped",
                "images_per_second")
     return {"model": model_name, "weights": str(args.weights), "weights_sha256": file_sha256(args.weights),
-            "input_format": {**input_format.to_dict(), "description": input_format.describe()},
+            "ema": args.use_ema, "val_dir": str(args.val_dir), "num_val_images": args.limit,
+            "class_map": args.class_map, "input_format": {**input_format.to_dict(),
+                                                          "description": input_format.describe()},
             **{key: results[key] for key in metrics}, "params": params, "macs": macs, "image_size": image_size,
             **how, "versions": library_versions(),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

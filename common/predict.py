@@ -132,7 +132,7 @@ def _predict(runner, loader: DataLoader, files: list[str], names: list[str], k: 
     return records, skipped, time.perf_counter() - started
 
 
-def build_parser(model_name: str) -> argparse.ArgumentParser:
+def build_parser(model_name: str, input_format: InputFormat | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         description=f"Classify images with {model_name}: the top-k classes of each image, with the same "
                     "preprocessing as eval.py.")
@@ -148,7 +148,7 @@ def build_parser(model_name: str) -> argparse.ArgumentParser:
                         help="class names, one per line in output order (default: ImageNet's for released files, "
                              "the training class folders for checkpoints of this project)")
     add_data_arguments(parser, batch_size=32)
-    add_model_arguments(parser)
+    add_model_arguments(parser, input_format)
     return parser
 
 
@@ -157,7 +157,7 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     """The predict.py command line of a model folder (`network`: its network.py); returns the records written
     to --predictions-json. Bad input ends with a one-line error before any image is read."""
     model_name = Path(network.__file__).resolve().parent.name
-    args = build_parser(model_name).parse_args(argv)
+    args = build_parser(model_name, network.INPUT_FORMAT).parse_args(argv)
     if launched_world_size() > 1:
         # Every rank would classify every image and print and write the same results.
         raise UserError("predict.py runs in one process: start it with python, not torchrun (eval.py runs under "

@@ -44,8 +44,11 @@ from common.run_log import RunLog, plot_curves
 DEMO_DATA = REPO_ROOT / "data" / "demo"
 
 
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
+class TrainingFailed(UserError):
+    """The loss became NaN or infinite, or not one image of a batch could be decoded: found during the work, so
+    status 1, as a disk that fills (2 is for a command refused before the work)."""
+
+    exit_status = 1
 
 
 # -- command line ---------------------------------------------------------------------------------------------
@@ -91,7 +94,8 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: Recipe) -> None:
     data.add_argument("--train-dir", help="training images in ImageFolder layout (one sub-folder per class)")
     data.add_argument("--val-dir", help="validation images, same class sub-folders as --train-dir")
     data.add_argument("--demo", action="store_true",
-                      help="train on the built-in demo dataset (generated on first use in data/demo) with the "
+                      help="train on the built-in demo dataset (generated on first use in the repository's "
+                           "data/demo) with the "
                            f"demo recipe: batch {d.demo.batch_size}, {d.demo.total_iters} iterations, "
                            f"{d.demo.image_size}px images; explicit flags still win")
     data.add_argument("--num-classes", type=class_count, help="number of classes (default: the class folders found)")
@@ -530,10 +534,10 @@ class Trainer:
         kept = (f"nothing after the checkpoint at iteration {last_saved} was saved, so it stays the latest"
                 if last_saved else "no checkpoint was saved")
         if any_rank(meter.empty_batches > 0, self.info):
-            raise UserError(f"not one image of a training batch after iteration {last_saved} could be decoded (see "
-                            f"the skipped files above), so its loss is undefined; {kept}. Replace or remove the "
-                            "unreadable files in --train-dir")
-        raise TrainingDiverged(
+            raise TrainingFailed(f"not one image of a training batch after iteration {last_saved} could be decoded "
+                                 f"(see the skipped files above), so its loss is undefined; {kept}. Replace or remove "
+                                 "the unreadable files in --train-dir")
+        raise TrainingFailed(
             f"the loss or the weights became NaN or infinite after iteration {last_saved} (noticed at {done}); "
             f"{kept}. Lower --learning-rate{', or use --amp bf16 instead of fp16' if self.args.amp == 'fp16' else ''}")
 
@@ -590,9 +594,10 @@ class Trainer:
                       "decoded, so nothing was validated and no metrics are recorded", file=sys.stderr, flush=True)
             return None
         metrics = {key: results[key] for key in ("top1_error", "top5_error", "loss")}
-        self.log.log(split, iteration, metrics)
+        self.log.log(split, iteration, {**metrics, "images": results["images"], "skipped": results["skipped"]})
+        skipped = f", {results['skipped']} skipped: undecodable" if results["skipped"] else ""
         self.say(f"{split} @ {iteration}: top-1 error {metrics['top1_error']:.2f}%  top-5 error "
-                 f"{metrics['top5_error']:.2f}%  loss {metrics['loss']:.4f}  ({results['images']} images)")
+                 f"{metrics['top5_error']:.2f}%  loss {metrics['loss']:.4f}  ({results['images']} images{skipped})")
         if self.info.is_main:
             warn_if_not_finite(metrics["loss"], split, self.args.amp)
         return metrics

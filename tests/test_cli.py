@@ -357,9 +357,9 @@ def test_network_py_has_help_and_checks_its_figures(model):
     (["demo.py", "--fast"], "error: unrecognized arguments: --fast"),
     (["OneShot/train.py", "--demo", "--batch-size", "1.5"], "error: --batch-size 1.5: not a whole number; must be at "
                                                             "least 1"),
-    (["bench/train_speed.py", "--sizes", "100"], "error: --sizes 100: use a multiple of 32 such as 224 (the networks "
-                                                 "halve the resolution five times; at other sizes the halvings pad "
-                                                 "unevenly)")])
+    (["bench/train_speed.py", "--sizes", "100"], "error: --sizes 100: use a multiple of 32, at least 32, such as "
+                                                 "224 (the networks halve the resolution five times; at other sizes "
+                                                 "the halvings pad unevenly)")])
 def test_a_refused_command_line_is_one_line_in_every_script(command, expected):
     """argparse's own refusals (an unknown flag, a missing one, a bad choice) are one line as the scripts' other
     errors are, not the whole usage first."""

@@ -34,7 +34,8 @@ from common.model_state import load_model_state
 MODELS = ("OneShot", "ShuffleNetV2.Large", "ShuffleNetV2.ExLarge")
 WNIDS = imagenet_wnids()
 RESULT_SCHEMA = {
-    "model": str, "weights": str, "weights_sha256": str, "params": int, "macs": int, "image_size": int,
+    "model": str, "weights": str, "weights_sha256": str, "ema": bool, "val_dir": str,
+    "num_val_images": (int, type(None)), "class_map": (str, type(None)), "params": int, "macs": int, "image_size": int,
     "input_format": dict, "top1_accuracy": float, "top5_accuracy": float, "top1_error": float,
     "top5_error": float, "loss": float, "images": int, "skipped": int, "images_per_second": float, "device": str,
     "amp": (str, type(None)), "channels_last": bool, "compile": bool, "fast": bool, "published": (dict, type(None)),
@@ -307,6 +308,8 @@ def test_results_json_schema_and_predictions_csv(oneshot_eval, oneshot_file, wni
     assert set(record["versions"]) == {"python", "torch", "torchvision", "numpy"}
     assert record["weights_sha256"] == hashlib.sha256(oneshot_file.read_bytes()).hexdigest()
     assert record["images"] == results["images"] == 5
+    assert (record["ema"], record["val_dir"], record["num_val_images"], record["class_map"]) == (
+        False, str(wnid_folder), 5, None)
     assert record["params"] == network("OneShot").PUBLISHED["params"]
     assert record["macs"] == count_macs(network("OneShot").create_network(), 64)
     assert record["input_format"]["description"] == "BGR 0..255"

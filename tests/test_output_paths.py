@@ -8,6 +8,8 @@ seconds of imports each); test_average and test_train run the same scripts as su
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +240,19 @@ def test_no_output_overwrites_an_input_or_another_output(tmp_path, oneshot, imag
     inputs = sorted(str(path) for path in checkpoints.glob("*.pth"))
     assert user_error_line(capsys, average.main, ["--inputs", *inputs, "--output", inputs[0]]) == (
         f"error: --output {inputs[0]} is one of the --inputs files: writing it would destroy it; choose another path")
+
+
+def test_a_command_that_fails_during_the_work_leaves_no_empty_output_folder(tmp_path, imagenet_weights):
+    """The output folders are made before the work, so that an unwritable one fails first; eval.py on images of
+    which none could be decoded left them behind, empty."""
+    for wnid in imagenet_wnids()[:2]:
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        (tmp_path / "val" / wnid / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "kept").mkdir()
+    result = subprocess.run([sys.executable, "eval.py", "--weights", str(imagenet_weights), "--val-dir",
+                             str(tmp_path / "val"), "--workers", "0", "--results-json",
+                             str(tmp_path / "new" / "deeper" / "r.json"), "--predictions-csv",
+                             str(tmp_path / "kept" / "p.csv")],
+                            cwd=REPO_ROOT / "OneShot", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "nothing was evaluated" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists() and (tmp_path / "kept").is_dir()
