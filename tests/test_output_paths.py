@@ -255,4 +255,6 @@ def test_a_command_that_fails_during_the_work_leaves_no_empty_output_folder(tmp_
                              str(tmp_path / "kept" / "p.csv")],
                             cwd=REPO_ROOT / "OneShot", capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "nothing was evaluated" in result.stderr, result.stderr
+    # stderr is no terminal here: the progress bar wrote no carriage return for the skipped lines to follow on.
+    assert sum(line.startswith("skipped ") for line in result.stderr.splitlines()) == 2, result.stderr
     assert not (tmp_path / "new").exists() and (tmp_path / "kept").is_dir()
