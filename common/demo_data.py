@@ -72,6 +72,7 @@ def demo_dataset(cache_dir: str | Path, train_per_class: int = 120, val_per_clas
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _is_built(cache_dir, recipe):  # another process made it while this one waited
             return splits
+        print(f"making the built-in demo dataset in {cache_dir.resolve()} (once; later runs read it there)", flush=True)
         building = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-building-", dir=cache_dir.parent))
         umask = os.umask(0)
         os.umask(umask)

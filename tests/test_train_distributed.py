@@ -55,9 +55,12 @@ def test_demo_dataset_made_once_by_concurrent_processes(tmp_path):
     cache = tmp_path / "demo"
     code = f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); from common.demo_data import demo_dataset; " \
            f"demo_dataset({str(cache)!r}, train_per_class=40, val_per_class=10)"
-    processes = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    for process in processes:
-        assert process.wait(timeout=300) == 0, process.stderr.read()
+    processes = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(3)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], outputs
+    # The one that makes it says where, once: a user looking for the data in the model folder finds it.
+    assert sum(f"making the built-in demo dataset in {cache}" in out for out, _ in outputs) == 1
     assert image_count(cache / "train") == 40 * len(DEMO_CLASSES)
     assert image_count(cache / "val") == 10 * len(DEMO_CLASSES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "demo.lock"]  # nothing left half-made
