@@ -278,6 +278,8 @@ def search(args: argparse.Namespace) -> dict:
     # that the inputs are known good, so that a mistyped command leaves no folder behind).
     output = prepare_output("--output", args.output)
     state_path = output.with_name(output.name + ".state.json")
+    for beside in (state_path, output.with_suffix(".png")):  # written beside it: a folder there fails now too
+        prepare_output("--output", beside)
     fresh = {"method": method, "settings": settings, "held_out": held, "generation": 0, "scores": {},
              "populations": [], "seconds": 0.0}
     info = init_distributed(args.device)

@@ -5,6 +5,7 @@ are hashed in pieces on every core while they are written or read, as one SHA-25
 that writes an output over a long time (checkpoints, a search's state) first claims it with a lock file."""
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import mmap
@@ -163,8 +164,9 @@ def _file_pieces_sha256(file: BinaryIO, piece_bytes: int) -> str:
 
 def claim_output(lock_path: str | os.PathLike, refusal: Callable[[str], str]) -> None:
     """Make this process the one writer of what `lock_path` guards until it ends (an exclusive lock on that file,
-    which names the holder); a second process is refused with UserError(refusal(" (process N on HOST)")). Nothing
-    is locked where files cannot be locked (Windows, some network file systems)."""
+    which names the holder, and which it removes at exit); a second process is refused with
+    UserError(refusal(" (process N on HOST)")). Nothing is locked where files cannot be locked (Windows, some network
+    file systems). A full disk is named."""
     try:
         import fcntl
     except ImportError:
@@ -172,21 +174,42 @@ def claim_output(lock_path: str | os.PathLike, refusal: Callable[[str], str]) ->
     key = Path(lock_path).resolve()
     if key in _CLAIMED:
         return
-    lock = open(key, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip()
-        lock.close()
-        raise UserError(refusal(f" ({holder})" if holder else "")) from None
-    except OSError:
-        lock.close()
-        return
-    lock.truncate(0)
-    lock.write(f"process {os.getpid()} on {platform.node()}\n")
-    lock.flush()
+    with failures_named(key):
+        while True:
+            lock = open(key, "a+")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip()
+                lock.close()
+                raise UserError(refusal(f" ({holder})" if holder else "")) from None
+            except OSError:
+                lock.close()
+                return
+            # A holder that just ended removed the file this one opened: lock the file there now instead.
+            with suppress(FileNotFoundError):
+                if os.stat(key).st_ino == os.fstat(lock.fileno()).st_ino:
+                    break
+            lock.close()
+        try:
+            lock.truncate(0)
+            lock.write(f"process {os.getpid()} on {platform.node()}\n")
+            lock.flush()
+        except BaseException:
+            lock.close()
+            raise
+    if not _CLAIMED:
+        atexit.register(_release_claims)
     _CLAIMED[key] = lock
+
+
+def _release_claims() -> None:
+    """Remove the lock files of this process's claims, each while still locked (see claim_output), then unlock."""
+    for key, lock in _CLAIMED.items():
+        remove_quietly(key)
+        lock.close()
+    _CLAIMED.clear()
 
 
 def temp_path(path: Path) -> Path:

@@ -20,8 +20,7 @@ import torch
 
 from common.checkpoint_store import (CheckpointCorruptError, CheckpointInfo, best_checkpoints,
                                      default_lower_is_better, list_checkpoints, metric_value, verify_if_checkpoint)
-from common.cli import (ArgumentParser, add_weights_arguments, check_outputs_apart, positive_int, prepare_output,
-                        progress_bar)
+from common.cli import ArgumentParser, add_weights_arguments, positive_int, prepare_outputs, progress_bar
 from common.errors import UserError, exit_on_user_error, listed
 from common.release import shareable_metadata, write_release
 from common.model_state import extract_model_state, read_checkpoint_metadata, read_weights_file
@@ -325,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         infos = [verify_if_checkpoint(path) for path in paths]
         metrics = [{} if info is None else info.metrics for info in infos]
     # After the inputs are known and checked, so that a refused command leaves no output folder behind.
-    check_outputs_apart({"--output": args.output}, {"--inputs": [str(path) for path in paths]})
-    prepare_output("--output", args.output)
+    prepare_outputs({"--output": args.output}, {"--inputs": [str(path) for path in paths]})
     averaged = average_checkpoints(paths, args.output, use_ema=args.use_ema, trust_pickle=args.trust_pickle,
                                    progress=not args.no_progress)
     chosen_text = ", ".join(_describe(path, recorded, args.metric) for path, recorded in zip(paths, metrics))

@@ -62,11 +62,12 @@ def _remove_made_if_empty() -> None:
             folder.rmdir()  # only an empty one
 
 
-def check_outputs_apart(outputs: dict[str, str | os.PathLike | None],
-                        inputs: dict[str, str | os.PathLike | Sequence[str] | None]) -> None:
-    """Refuse, in one line naming the flags, an output that is another output or one of the files the command
-    reads: `inputs` maps a flag to its file, or to the files it stands for (the images of --val-dir). Writing it
-    would destroy the input, or the other result. Inputs are compared only with outputs that exist already."""
+def prepare_outputs(outputs: dict[str, str | os.PathLike | None],
+                    inputs: dict[str, str | os.PathLike | Sequence[str] | None]) -> None:
+    """`prepare_output` for each output file by its flag, once none is another output or one of the files the
+    command reads (a one-line UserError naming the flags): `inputs` maps a flag to its file, or to the files it
+    stands for (the images of --val-dir). Writing it would destroy the input, or the other result. Inputs are
+    compared only with outputs that exist already."""
     given = {flag: Path(path) for flag, path in outputs.items() if path is not None}
     claimed: dict[str, str] = {}
     for flag, path in given.items():
@@ -86,6 +87,8 @@ def check_outputs_apart(outputs: dict[str, str | os.PathLike | None],
                     one = "the" if isinstance(files, (str, os.PathLike)) else "one of the"
                     raise UserError(f"{flag} {given[flag]} is {one} {source} file{'s' * (one != 'the')}: writing it "
                                     "would destroy it; choose another path")
+    for flag, path in outputs.items():
+        prepare_output(flag, path)
 
 
 def checked(convert: Callable[[str], T], within: Callable[[T], bool], requirement: str) -> Callable[[str], T]:

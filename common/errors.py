@@ -10,7 +10,9 @@ import functools
 import logging
 import os
 import select
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ def listed(names: Sequence[str], shown: int = 3) -> str:
 # Failures of the disk or the file system rather than of this code: a full disk, a quota, a read-only or vanished
 # folder. Outputs are checked before the work starts (cli.prepare_output); these can still come during it.
 _FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT,
-                       errno.ENOTDIR}
+                       errno.ENOTDIR, errno.EISDIR}
 
 
 # coremltools says that its macOS-only runtime is absent; torch logs a deprecation notice for what torchao (which
@@ -56,11 +58,17 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
     """Decorate a script's main(): a UserError becomes `error: <message>` on stderr and its exit status (2; 1 for a
     checkpoint that could not be written), a file system failure (full disk, read-only or vanished folder)
     `error: <path>: <reason>` and exit status 1, a Ctrl-C (KeyboardInterrupt) `stopped (Ctrl-C)` and exit status
-    130; this project's warnings print as one line."""
+    130, a SIGTERM `stopped (SIGTERM)` and 143; this project's warnings print as one line."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         warnings.formatwarning = _format_warning
+        # SIGTERM (kill, SLURM, torchrun) ends the script as a Ctrl-C does, through the `finally` blocks that remove
+        # a partial output, where its default would kill it on the spot; a handler set by someone else stays.
+        terminable = (threading.current_thread() is threading.main_thread()
+                      and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+        if terminable:
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return main(*args, **kwargs)
         except UserError as error:
@@ -77,12 +85,25 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
             print(f"error: {where}{error.strerror}; the files written before are intact (check the folder, its "
                   "permissions and free space)", file=sys.stderr)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            terminated = isinstance(stop, Terminated)
             if os.environ.get("RANK", "0") == "0":  # under torchrun the terminal's Ctrl-C reaches every rank
-                print("\nstopped (Ctrl-C)", file=sys.stderr)
-            sys.exit(130)
+                print(f"\nstopped ({'SIGTERM' if terminated else 'Ctrl-C'})", file=sys.stderr)
+            sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+        finally:
+            if terminable:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, raised where the main thread is. A KeyboardInterrupt, so that what handles a Ctrl-C (a data
+    loader's worker processes, which stop quietly) handles it alike."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def output_reader_left() -> bool:

@@ -22,8 +22,8 @@ from torch import nn
 
 from common.atomic_io import atomic_output, atomic_write_text, file_sha256
 from common.checkpoint import library_versions
-from common.cli import (ArgumentParser, add_device_argument, add_weights_arguments, check_outputs_apart,
-                        multiple_of_32, positive_int, prepare_output, progress_bar, worker_count)
+from common.cli import (ArgumentParser, add_device_argument, add_weights_arguments, multiple_of_32, positive_int,
+                        prepare_outputs, progress_bar, worker_count)
 from common.counting import count_macs, count_parameters
 from common.data import EvalTransform, build_eval_loader, scan_image_folder
 from common.distributed import DistInfo, all_gather_objects, init_distributed, shutdown_distributed
@@ -78,32 +78,32 @@ def evaluate(model: nn.Module | InferenceRunner, preprocess: nn.Module | None, l
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     kept: dict[str, list[torch.Tensor]] = {"positions": [], "labels": [], "top_classes": [], "top_probs": []}
     batches = getattr(loader, "batch_sampler", None)
-    bar = progress_bar(total=sum(map(len, batches)) if batches is not None else None, unit="img", desc="eval",
-                       disable=not progress)
-    started = time.perf_counter()
-    for step, (images, labels, skipped, positions) in enumerate(loader):
-        bar.update(len(labels) + skipped)
-        totals[4] += skipped
-        if not len(labels):
-            continue
-        logits = runner(images)
-        labels = labels.to(device, non_blocking=True)
-        k = min(TOP_K, logits.shape[1])
-        top_probs, top_classes = logits.softmax(1).topk(k, dim=1)
-        correct = top_classes == labels[:, None]
-        totals[0] += correct[:, 0].sum()
-        totals[1] += correct.any(1).sum()
-        totals[2] += F.cross_entropy(logits, labels, reduction="sum")
-        totals[3] += len(labels)
-        if keep_predictions:
-            for name, value in zip(kept, (positions, labels, top_classes, top_probs)):
-                kept[name].append(value.cpu())
-        if progress and step % _POSTFIX_INTERVAL == 0:
-            _show_accuracy(bar, totals)
-    seconds = time.perf_counter() - started
-    if progress and totals[3]:
-        _show_accuracy(bar, totals)  # the bar's last line ends at this rank's final figure, not a stale one
-    bar.close()
+    # Closed on the way out of a Ctrl-C too, so that its last refresh does not come after "stopped".
+    with progress_bar(total=sum(map(len, batches)) if batches is not None else None, unit="img", desc="eval",
+                      disable=not progress) as bar:
+        started = time.perf_counter()
+        for step, (images, labels, skipped, positions) in enumerate(loader):
+            bar.update(len(labels) + skipped)
+            totals[4] += skipped
+            if not len(labels):
+                continue
+            logits = runner(images)
+            labels = labels.to(device, non_blocking=True)
+            k = min(TOP_K, logits.shape[1])
+            top_probs, top_classes = logits.softmax(1).topk(k, dim=1)
+            correct = top_classes == labels[:, None]
+            totals[0] += correct[:, 0].sum()
+            totals[1] += correct.any(1).sum()
+            totals[2] += F.cross_entropy(logits, labels, reduction="sum")
+            totals[3] += len(labels)
+            if keep_predictions:
+                for name, value in zip(kept, (positions, labels, top_classes, top_probs)):
+                    kept[name].append(value.cpu())
+            if progress and step % _POSTFIX_INTERVAL == 0:
+                _show_accuracy(bar, totals)
+        seconds = time.perf_counter() - started
+        if progress and totals[3]:
+            _show_accuracy(bar, totals)  # the bar's last line ends at this rank's final figure, not a stale one
     results = _results(totals, seconds)
     if keep_predictions:
         results["predictions"] = {name: torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
@@ -253,11 +253,9 @@ def _run_eval(network: ModuleType, model_name: str, args: argparse.Namespace, lo
                                          world_size=info.world_size, pin_memory=info.device.type == "cuda",
                                          class_to_index=class_to_index_for(folders, classes, args.class_map))
     # Once the weights and the data are known good, so that a mistyped command leaves no folder behind.
-    check_outputs_apart({"--results-json": args.results_json, "--predictions-csv": args.predictions_csv},
-                        {"--weights": args.weights, "--class-map": args.class_map, "--mean-image": args.mean_image,
-                         "--val-dir": paths})
-    prepare_output("--results-json", args.results_json)
-    prepare_output("--predictions-csv", args.predictions_csv)
+    prepare_outputs({"--results-json": args.results_json, "--predictions-csv": args.predictions_csv},
+                    {"--weights": args.weights, "--class-map": args.class_map, "--mean-image": args.mean_image,
+                     "--val-dir": paths})
     model = create_network_for(network, num_classes, metadata)
     report = load_checkpoint(model, weights, source_name=str(args.weights), use_ema=args.use_ema)
     del weights

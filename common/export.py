@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import (ArgumentParser, add_weights_arguments, check_outputs_apart, fraction, multiple_of_32,
-                        positive_int, prepare_output, run_script)
+from common.cli import (ArgumentParser, add_weights_arguments, fraction, multiple_of_32, positive_int, prepare_output,
+                        prepare_outputs, run_script)
 from common.coreml_verify import MLProgram, import_coremltools, verify_coreml
-from common.atomic_io import atomic_write_text, failures_named, file_sha256
+from common.atomic_io import atomic_write_text, claim_output, failures_named, file_sha256
 from common.errors import UserError, exit_on_user_error
 from common.imagenet import imagenet_short_names
 from common.input_format import InputFormat, Preprocess, add_input_format_arguments, input_format_from_args
@@ -451,10 +451,12 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
         return _run_sweep(network_module, model_name, args, argv if argv is not None else sys.argv[1:])
     job = _plan(network_module, model_name, args)
     val, calibration = _read_images(args, job)  # before the long export, so a bad folder fails first
-    check_outputs_apart({"--output": job.output, "--results-json": args.results_json},
-                        {"--weights": args.weights, "--mean-image": args.mean_image})
-    prepare_output("--output", job.output)  # after the inputs: a mistyped command leaves no folder behind
-    prepare_output("--results-json", args.results_json)
+    # After the inputs: a mistyped command leaves no folder behind.
+    prepare_outputs({"--output": job.output, "--results-json": args.results_json},
+                    {"--weights": args.weights, "--mean-image": args.mean_image})
+    # Two exports to one --output would share its staging folder, each removing the other's files.
+    claim_output(job.output.with_name(f".{job.output.name}.lock"), lambda holder: (
+        f"--output {job.output}: another export is writing it{holder}; wait for it to end or choose another --output"))
     model = create_network_for(network_module, len(job.class_names), job.stored)
     load_model_state(model, job.weights if job.contents is None else job.contents, for_inference=True,
                      trust_pickle=args.trust_pickle, use_ema=args.use_ema, source_name=str(job.weights))
@@ -646,10 +648,8 @@ def _run_sweep(network_module: ModuleType, model_name: str, args: argparse.Names
     if args.val_dir:
         scan_image_folder(args.val_dir, "--val-dir")
     calibration_files(*_calibration_source(args))
-    check_outputs_apart({"--results-json": args.results_json}, {"--weights": args.weights,
-                                                                 "--mean-image": args.mean_image})
     prepare_output("--output", folder, folder=True)
-    prepare_output("--results-json", args.results_json)
+    prepare_outputs({"--results-json": args.results_json}, {"--weights": args.weights, "--mean-image": args.mean_image})
     script = Path(network_module.__file__).resolve().parent / "export.py"
     passed = _forwarded_flags(argv)
     rows = []

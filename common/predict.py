@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from common.atomic_io import atomic_write_text
-from common.cli import ArgumentParser, check_outputs_apart, positive_int, prepare_output
+from common.cli import ArgumentParser, positive_int, prepare_outputs
 from common.data import EvalTransform, UndecodableImage, collate_skip_corrupt_with_indices, open_image, walk_files
 from common.distributed import launched_world_size, resolve_device
 from common.errors import UserError, exit_on_user_error, output_reader_left
@@ -172,10 +172,9 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     num_classes, classes = output_classes(network, weights, metadata)
     names = read_class_names(args.class_names, num_classes) if args.class_names else output_names(classes, num_classes)
     # Once the inputs are known good, so that a mistyped command leaves no folder behind.
-    check_outputs_apart({"--predictions-json": args.predictions_json},
-                        {"--weights": args.weights, "--class-names": args.class_names, "--mean-image": args.mean_image,
-                         "PATH": files})
-    prepare_output("--predictions-json", args.predictions_json)
+    prepare_outputs({"--predictions-json": args.predictions_json},
+                    {"--weights": args.weights, "--class-names": args.class_names, "--mean-image": args.mean_image,
+                     "PATH": files})
     model = create_network_for(network, num_classes, metadata)
     load_model_state(model, weights, for_inference=True, use_ema=args.use_ema, source_name=str(args.weights))
     del weights
@@ -188,7 +187,6 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
     say = _Output() if args.predictions_json else functools.partial(print, flush=True)
     say(f"{model_name}: {len(files)} image{'s' * (len(files) != 1)}, {image_size}px center crop, input "
         f"{input_format.describe()}; {runner.speed.describe()}{', compiled' if args.compile else ''} on {device}")
-
     if args.top_k > num_classes:
         print(f"note: --top-k {args.top_k}: the weights predict {num_classes} classes, so each image shows "
               f"{num_classes}", file=sys.stderr)
@@ -197,13 +195,20 @@ def run_predict(network: ModuleType, argv: list[str] | None = None) -> list[dict
         unread = "the image could not be read" if skipped == 1 else f"none of the {skipped} images could be read"
         raise NothingEvaluated(f"{unread} (see above), so nothing was classified"
                                + (" and --predictions-json was not written" if args.predictions_json else ""))
-    if args.predictions_json:
-        atomic_write_text(args.predictions_json, json.dumps(records, indent=2) + "\n")
+    _finish(records, skipped, seconds, args.predictions_json, say)
+    return records
+
+
+def _finish(records: list[dict], skipped: int, seconds: float, predictions_json: str | None,
+            say: Callable[[str], None]) -> None:
+    """Write --predictions-json, then say how many images were classified how fast (or exit 141 if the reader of
+    the output left)."""
+    if predictions_json:
+        atomic_write_text(predictions_json, json.dumps(records, indent=2) + "\n")
     if getattr(say, "reader_left", False):
         sys.exit(128 + 13)  # SIGPIPE's number, as for every script whose output reader left
     note = f", {skipped} unreadable skipped" if skipped else ""
     rate = len(records) / max(seconds, 1e-9)
     say(f"{len(records)} image{'s' * (len(records) != 1)} in {seconds:.2f} s: {rate:.1f} images/s{note}")
-    if args.predictions_json:
-        say(f"wrote {args.predictions_json}")
-    return records
+    if predictions_json:
+        say(f"wrote {predictions_json}")

@@ -58,12 +58,16 @@ def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict
     released = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
     # A full disk raises an OSError naming the file: the scripts end with it in one line and status 1.
     output.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = output.with_name(output.name + ".sha256")
+    # The two files cannot be replaced at once: the old sidecar goes first, so that a kill between the two replaces
+    # leaves the new file without a sidecar, never beside the old file's SHA-256.
+    sidecar.unlink(missing_ok=True)
     if output.suffix == ".safetensors":
         metadata = {"format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata, default=str)}
         digest = atomic_write(output, lambda file: _write_safetensors(file, released, metadata))[0]
     else:
         digest = atomic_write(output, lambda file: torch.save(released, file))[0]
-    atomic_write_text(output.with_name(output.name + ".sha256"), f"{digest}  {output.name}\n")
+    atomic_write_text(sidecar, f"{digest}  {output.name}\n")
     return digest
 
 

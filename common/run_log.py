@@ -44,8 +44,12 @@ def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -
             continue
     figure = curves_figure(records, title)
     import matplotlib.pyplot as plt
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
+    from common.atomic_io import atomic_output
+    try:
+        with atomic_output(output) as temp:  # a full disk keeps the plot of before
+            figure.savefig(temp, dpi=100, format="png")
+    finally:
+        plt.close(figure)
     return Path(output)
 
 

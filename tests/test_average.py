@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common import average
@@ -460,3 +460,20 @@ def test_an_average_claims_no_metrics_of_its_own_and_strips_local_paths(tmp_path
     assert result.returncode == 0, result.stderr
     released = read_checkpoint_metadata(release)
     assert "metrics" not in released and released["averaged_from"] == stored["averaged_from"]
+
+
+def test_a_kill_between_a_release_and_its_sidecar_leaves_no_wrong_sha256(tmp_path, monkeypatch):
+    """The file was replaced first and its .sha256 second: a kill between them left the new weights beside the old
+    file's SHA-256. The old sidecar now goes first, so the new file is left without one, never with a wrong one."""
+    from common import release
+    output = tmp_path / "average.safetensors"
+    release.write_release(output, {"w": torch.zeros(3)}, {})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(release, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        release.write_release(output, {"w": torch.ones(3)}, {})
+    assert load_file(output)["w"].tolist() == [1.0, 1.0, 1.0]
+    assert not output.with_name("average.safetensors.sha256").exists()

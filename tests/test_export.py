@@ -401,18 +401,43 @@ def test_a_ctrl_c_during_the_coremltools_import_is_not_lost():
     assert result.returncode == 130, result.stderr
 
 
-def test_ctrl_c_during_an_export_is_one_line_status_130_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("signum, status, name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_during_an_export_is_one_line_and_leaves_nothing(tmp_path, signum, status, name):
+    """A SIGTERM killed the export on the spot: no line, and its hidden staging folder left behind."""
     weights = tmp_path / "oneshot.pth"
     torch.save(network("OneShot").create_network().state_dict(), weights)
     output = tmp_path / "out" / "m.mlpackage"
     process = start([sys.executable, "export.py", "--weights", str(weights), "--output", str(output)])
     for line in process.stdout:
         if "exporting" in line:  # printed just before the conversion starts
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             break
     _, err = process.communicate(timeout=300)
-    assert process.returncode == 130 and err.rstrip().endswith("stopped (Ctrl-C)") and "Traceback" not in err
-    assert not output.exists() and list(output.parent.iterdir()) == []
+    assert process.returncode == status and err.rstrip().endswith(f"stopped ({name})") and "Traceback" not in err
+    assert not output.parent.exists()  # nothing in it, and so the folder the export made for it is gone too
+
+
+def test_a_second_export_to_the_same_output_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two exports to one --output shared its staging folder: one removed the other's files and failed after all
+    its work (ONNX, ExecuTorch), or both "succeeded" (Core ML)."""
+    weights = tmp_path / "oneshot.pth"
+    torch.save(network("OneShot").create_network().state_dict(), weights)
+    output = tmp_path / "m.onnx"
+    command = ["--weights", str(weights), "--format", "onnx", "--output", str(output), "--no-verify"]
+    first = start([sys.executable, "export.py", *command])
+    try:
+        assert "exporting" in first.stdout.readline()
+        with pytest.raises(SystemExit) as refused:
+            run_export(network("OneShot"), command)
+        assert refused.value.code == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: --output {output}: another export is writing it (process {first.pid} on {os.uname().nodename}); "
+            "wait for it to end or choose another --output")
+        first.communicate(timeout=300)
+        assert first.returncode == 0 and output.is_file()
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx", "oneshot.pth"]  # the lock is gone too
+    finally:
+        first.kill()
 
 
 def test_ctrl_c_during_a_sweep_stops_it_with_one_line_and_leaves_no_partial_export(tmp_path, image_folder):
@@ -429,4 +454,5 @@ def test_ctrl_c_during_a_sweep_stops_it_with_one_line_and_leaves_no_partial_expo
             break
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130 and err.count("stopped (Ctrl-C)") == 1 and "Traceback" not in err, err
-    assert not [path.name for path in folder.iterdir() if path.name.startswith(".")]
+    # No partial export and no lock: the folder held nothing, so the sweep removed the folder it made.
+    assert not folder.exists() or not [path.name for path in folder.iterdir() if path.name.startswith(".")]

@@ -3,6 +3,8 @@ a NaN validation loss said in words, an unreadable image named once, a batch of 
 eval.py evaluates; the demo's curves and its word on averaging."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import signal
@@ -14,7 +16,7 @@ import torch
 
 from common.checkpoint_store import get_latest_model, save_checkpoint
 from common.model_state import read_weights_file
-from common.run_log import curves_figure
+from common.run_log import curves_figure, plot_curves
 from demo import averaging_verdict
 from conftest import REPO_ROOT
 from test_train import network, run, train_command
@@ -220,6 +222,26 @@ def test_curves_loss_panel_shows_the_curve_under_a_huge_early_val_loss():
     assert loss_axis.get_yscale() == "log"
     val_line = next(line for line in loss_axis.get_lines() if line.get_label() == "val loss")
     assert list(val_line.get_xdata()) == [25, 50, 100]  # the NaN is left out, not drawn as a gap to nowhere
+
+
+def test_a_full_disk_while_plotting_keeps_the_plot_of_before(tmp_path, monkeypatch):
+    """curves.png was written in place: a disk that filled during it left a truncated PNG, the earlier plot gone."""
+    from matplotlib.figure import Figure
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"split": "train", "iteration": 1, "loss": 2.0, "top1_error": 80.0}) + "\n")
+    plot = plot_curves(metrics, tmp_path / "curves.png")
+    before = plot.read_bytes()
+
+    def full_disk(figure, target, **options):
+        with open(target, "wb") as file:
+            file.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(OSError) as failed:
+        plot_curves(metrics, plot)
+    assert failed.value.filename == str(plot)  # the one-line error names it
+    assert plot.read_bytes() == before and sorted(tmp_path.iterdir()) == [plot, metrics]
 
 
 def test_demo_says_plainly_when_the_average_loses():
