@@ -356,12 +356,23 @@ def open_image(path: str) -> EncodedJpeg | Image.Image:
 
 
 def _jpeg_orientation(data: bytes) -> int:
-    """The EXIF orientation of a JPEG file's bytes, 1 (as stored) when it has none."""
-    if data.find(b"Exif\x00\x00", 0, 1 << 17) < 0:  # no EXIF block among the header's segments: nothing to parse
-        return 1
-    with Image.open(io.BytesIO(data)) as image:
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    return orientation if orientation in _UPRIGHT else 1
+    """The EXIF orientation of a JPEG file's bytes, 1 (as stored) when it has none. The header's segments are
+    walked to the image data (a few steps; searching the file's bytes would cost 3% of an image's decoding), and
+    only an Exif segment is parsed."""
+    offset = 2
+    while offset + 4 <= len(data) and data[offset] == 0xFF:
+        marker = data[offset + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            offset += 1
+            continue
+        if marker == 0xDA:  # start of scan: no Exif segment before the image data
+            return 1
+        if marker == 0xE1 and data[offset + 4:offset + 10] == b"Exif\x00\x00":
+            with Image.open(io.BytesIO(data)) as image:
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            return orientation if orientation in _UPRIGHT else 1
+        offset += 2 + int.from_bytes(data[offset + 2:offset + 4], "big")
+    return 1
 
 
 def decode_rgb_array(image: EncodedJpeg | Image.Image | Tensor, at_least: tuple[int, int] | None = None,
