@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -162,18 +162,18 @@ def _file_pieces_sha256(file: BinaryIO, piece_bytes: int) -> str:
             mapping.close()
 
 
-def claim_output(lock_path: str | os.PathLike, refusal: Callable[[str], str]) -> None:
-    """Make this process the one writer of what `lock_path` guards until it ends (an exclusive lock on that file,
-    which names the holder, and which it removes at exit); a second process is refused with
-    UserError(refusal(" (process N on HOST)")). Nothing is locked where files cannot be locked (Windows, some network
-    file systems). A full disk is named."""
+def claim_output(lock_path: str | os.PathLike, refusal: Callable[[str], str]) -> AbstractContextManager:
+    """Make this process the one writer of what `lock_path` guards until it ends, or until the context manager
+    returned is left (an exclusive lock on that file, which names the holder, and which is removed then); a second
+    process is refused with UserError(refusal(" (process N on HOST)")). Nothing is locked where files cannot be
+    locked (Windows, some network file systems). A full disk is named."""
     try:
         import fcntl
     except ImportError:
-        return
+        return nullcontext()
     key = Path(lock_path).resolve()
     if key in _CLAIMED:
-        return
+        return nullcontext()  # claimed already, for as long as that claim says
     with failures_named(key):
         while True:
             lock = open(key, "a+")
@@ -186,7 +186,7 @@ def claim_output(lock_path: str | os.PathLike, refusal: Callable[[str], str]) ->
                 raise UserError(refusal(f" ({holder})" if holder else "")) from None
             except OSError:
                 lock.close()
-                return
+                return nullcontext()
             # A holder that just ended removed the file this one opened: lock the file there now instead.
             with suppress(FileNotFoundError):
                 if os.stat(key).st_ino == os.fstat(lock.fileno()).st_ino:
@@ -200,16 +200,30 @@ def claim_output(lock_path: str | os.PathLike, refusal: Callable[[str], str]) ->
             lock.close()
             raise
     if not _CLAIMED:
-        atexit.register(_release_claims)
+        atexit.register(_release_all)
     _CLAIMED[key] = lock
+    return _Claim(key)
 
 
-def _release_claims() -> None:
-    """Remove the lock files of this process's claims, each while still locked (see claim_output), then unlock."""
-    for key, lock in _CLAIMED.items():
+class _Claim(AbstractContextManager):
+    def __init__(self, key: Path) -> None:
+        self.key = key
+
+    def __exit__(self, *exc) -> None:
+        _release(self.key)
+
+
+def _release_all() -> None:
+    for key in list(_CLAIMED):
+        _release(key)
+
+
+def _release(key: Path) -> None:
+    """End a claim: its lock file removed while still locked (a claimant that opened it locks the next), unlocked."""
+    lock = _CLAIMED.pop(key, None)
+    if lock is not None:
         remove_quietly(key)
         lock.close()
-    _CLAIMED.clear()
 
 
 def temp_path(path: Path) -> Path:

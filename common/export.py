@@ -441,9 +441,6 @@ class _Job:
 @exit_on_user_error
 def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int:
     """The export command line of a model folder: load weights, export, verify, measure, print time and size."""
-    from common.model_state import load_model_state
-    from common.models import create_network_for
-
     model_name = Path(network_module.__file__).resolve().parent.name
     args = _parser(model_name, network_module.INPUT_FORMAT).parse_args(argv)
     _check_flags(args)
@@ -455,8 +452,22 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     prepare_outputs({"--output": job.output, "--results-json": args.results_json},
                     {"--weights": args.weights, "--mean-image": args.mean_image})
     # Two exports to one --output would share its staging folder, each removing the other's files.
-    claim_output(job.output.with_name(f".{job.output.name}.lock"), lambda holder: (
-        f"--output {job.output}: another export is writing it{holder}; wait for it to end or choose another --output"))
+    with claim_output(job.output.with_name(f".{job.output.name}.lock"), lambda holder: (
+            f"--output {job.output}: another export is writing it{holder}; wait for it to end or choose another "
+            "--output")):
+        result = _export_job(network_module, model_name, args, job, val, calibration)
+    if args.results_json:
+        atomic_write_text(args.results_json, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {job.output} ({_size_of(job.output) / 1e6:.1f} MB)")
+    return 0
+
+
+def _export_job(network_module: ModuleType, model_name: str, args: argparse.Namespace, job: _Job, val, calibration
+                ) -> dict:
+    """Load the weights, export, verify and measure: the results record."""
+    from common.model_state import load_model_state
+    from common.models import create_network_for
+
     model = create_network_for(network_module, len(job.class_names), job.stored)
     load_model_state(model, job.weights if job.contents is None else job.contents, for_inference=True,
                      trust_pickle=args.trust_pickle, use_ema=args.use_ema, source_name=str(job.weights))
@@ -468,10 +479,7 @@ def run_export(network_module: ModuleType, argv: list[str] | None = None) -> int
     if args.no_verify:
         print("not verified (--no-verify)", file=sys.stderr)
     result["peak_memory_mb"] = _peak_memory_mb()
-    if args.results_json:
-        atomic_write_text(args.results_json, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {job.output} ({_size_of(job.output) / 1e6:.1f} MB)")
-    return 0
+    return result
 
 
 def _export_verified(args: argparse.Namespace, job: _Job, model: nn.Module, val: tuple | None,

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 import torch
 
-from common.atomic_io import atomic_write, atomic_write_text
+from common.atomic_io import atomic_output, atomic_write_text, write_hashed
 from common.checkpoint_store import to_plain
 from common.cli import ArgumentParser, add_weights_arguments, prepare_output
 from common.errors import UserError, exit_on_user_error
@@ -58,15 +58,21 @@ def write_release(output: Path, weights: dict[str, torch.Tensor], metadata: dict
     released = {name: tensor.detach().cpu().contiguous() for name, tensor in weights.items()}
     # A full disk raises an OSError naming the file: the scripts end with it in one line and status 1.
     output.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata, default=str)}
+
+    def write(file: BinaryIO) -> None:
+        if output.suffix == ".safetensors":
+            _write_safetensors(file, released, header)
+        else:
+            torch.save(released, file)
+
     sidecar = output.with_name(output.name + ".sha256")
-    # The two files cannot be replaced at once: the old sidecar goes first, so that a kill between the two replaces
-    # leaves the new file without a sidecar, never beside the old file's SHA-256.
-    sidecar.unlink(missing_ok=True)
-    if output.suffix == ".safetensors":
-        metadata = {"format": "pt", RELEASE_METADATA_KEY: json.dumps(metadata, default=str)}
-        digest = atomic_write(output, lambda file: _write_safetensors(file, released, metadata))[0]
-    else:
-        digest = atomic_write(output, lambda file: torch.save(released, file))[0]
+    with atomic_output(output) as temp:
+        digest = write_hashed(temp, write)[0]
+        # The two files cannot be replaced at once. Once the new file is complete, the old sidecar goes before it
+        # replaces the old file: a kill between the two replaces leaves it without a sidecar, never beside the old
+        # file's SHA-256; a failed write leaves the old pair as it was.
+        sidecar.unlink(missing_ok=True)
     atomic_write_text(sidecar, f"{digest}  {output.name}\n")
     return digest
 
