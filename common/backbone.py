@@ -23,11 +23,11 @@ def stage_indices(indices: int | Sequence[int] | None) -> list[int]:
     """The stages (0 to 3) that `indices` chooses, as timm reads them: an int n the last n, a sequence of indices (-1
     the last), None all; ValueError naming the index out of range."""
     count = len(STAGE_REDUCTIONS)
-    if isinstance(indices, int) and not 0 < indices <= count:
+    if isinstance(indices, bool) or isinstance(indices, int) and not 0 < indices <= count:
         raise ValueError(f"indices {indices}: the last n stages, n from 1 to {count}")
     if indices is None or isinstance(indices, int):
         return list(range(count - (indices or count), count))
-    if bad := [i for i in indices if not -count <= i < count]:
+    if bad := [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count]:
         raise ValueError(f"stage index {bad[0]}: choose from 0 to {count - 1} (or -1 to -{count})")
     if not indices:
         raise ValueError("indices: choose at least one stage")
@@ -111,8 +111,8 @@ class ClassifierNetwork(nn.Module):
         return linears[-1].out_features if linears else 0
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A freshly initialised classifier (and side heads) for `num_classes` outputs; 0 for none (pooled
-        features out). `global_pool` "avg" (kept when None), or "" for the unpooled feature map, with 0 classes."""
+        """A freshly initialised classifier (and side heads) for `num_classes` outputs; 0 for none and no side heads
+        (pooled features out, in training mode too). `global_pool` "avg" (kept when None), or "" for the unpooled feature map, with 0 classes."""
         pool = self.global_pool if global_pool is None else global_pool
         if pool not in ("avg", ""):
             raise ValueError(f"global_pool {global_pool!r}: these networks pool by average ('avg'), or not at all ('')")
@@ -121,6 +121,8 @@ class ClassifierNetwork(nn.Module):
         self.global_pool = pool
         new = self.new_classifier(num_classes) if num_classes else nn.Identity()
         setattr(self, self.classifier_name, fresh_head(self.get_classifier(), new))
+        if not num_classes:  # the side heads are classifiers too: without them the forward is the features in any mode
+            drop_side_heads(self)
         for name in self.side_head_names:
             getattr(self, name).reset_classifier(num_classes)
 

@@ -79,3 +79,13 @@ def test_reset_classifier_then_forward(model):
     net.reset_classifier(0)
     assert net.num_classes == 0 and net.eval()(x).shape == (2, net.num_features)
     assert net.get_classifier() is getattr(net, network(model).CLASSIFIER)
+    # The features in training mode too: Large gave its side heads' pooled features beside them, a 4-tuple.
+    assert net.train()(x).shape == (2, net.num_features)
+    assert network(model).create_network(num_classes=0).train()(x).shape == (2, net.num_features)
+
+
+@pytest.mark.parametrize("out_indices", [(True,), (0, 3.0)])
+def test_stage_indices_that_are_no_whole_numbers_are_refused_as_out_of_range_ones_are(out_indices):
+    """(True,) was taken as stage 1 and (0, 3.0) failed with a TypeError deep inside."""
+    with pytest.raises(ValueError, match=f"stage index {out_indices[-1]}: choose from 0 to 3"):
+        network("OneShot").create_network(features_only=True, out_indices=out_indices)
