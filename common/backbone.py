@@ -112,7 +112,8 @@ class ClassifierNetwork(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A freshly initialised classifier (and side heads) for `num_classes` outputs; 0 for none and no side heads
-        (pooled features out, in training mode too). `global_pool` "avg" (kept when None), or "" for the unpooled feature map, with 0 classes."""
+        (pooled features out, in training mode too). `global_pool` "avg" (kept when None), or "" for the unpooled
+        feature map, with 0 classes."""
         pool = self.global_pool if global_pool is None else global_pool
         if pool not in ("avg", ""):
             raise ValueError(f"global_pool {global_pool!r}: these networks pool by average ('avg'), or not at all ('')")

@@ -97,7 +97,7 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: Recipe) -> None:
                       help="train on the built-in demo dataset (generated on first use in the repository's "
                            "data/demo) with the "
                            f"demo recipe: batch {d.demo.batch_size}, {d.demo.total_iters} iterations, "
-                           f"{d.demo.image_size}px images; explicit flags still win")
+                           f"{d.demo.image_size}px images (with --pretrained too); explicit flags still win")
     data.add_argument("--num-classes", type=class_count, help="number of classes (default: the class folders found)")
     data.add_argument("--image-size", type=multiple_of_32, help=f"training crop size (default: {d.image_size})")
     data.add_argument("--workers", type=worker_count, default=min(8, os.cpu_count() or 1),
@@ -108,7 +108,8 @@ def _add_finetuning_flags(tune: argparse._ArgumentGroup) -> None:
     tune.add_argument("--pretrained", metavar="FILE",
                       help="start a new run from these weights (any file eval.py accepts); with another number of "
                            "classes the classifier and side heads start afresh. An interrupted run resumes from its "
-                           "own checkpoints in --save, never from FILE again")
+                           "own checkpoints in --save, never from FILE again, with the fine-tuning defaults whether "
+                           "or not --pretrained is given again")
     tune.add_argument("--freeze-backbone", action="store_true",
                       help="train the classifier only (a linear probe): every other weight and all BatchNorm "
                            "statistics stay as loaded")
@@ -184,8 +185,12 @@ def _add_running_flags(run: argparse._ArgumentGroup, d: Recipe) -> None:
 
 def defaults_source(args: argparse.Namespace, recipe: Recipe) -> Recipe | DemoRecipe | FinetuneRecipe:
     """Where the defaults of a command come from: the demo recipe with --demo, the fine-tuning one with
-    --pretrained, else the original recipe."""
-    return recipe.demo if args.demo else recipe.finetune if args.pretrained else recipe
+    --pretrained or when it resumes a fine-tune in --save (whose file it never reads again, so the command may leave
+    it out; the original recipe's defaults were 300,000 iterations at batch 1024 then), else the original recipe."""
+    if args.demo:
+        return recipe.demo
+    resumed = _recorded_args(args.save) if args.auto_continue and not args.pretrained else {}
+    return recipe.finetune if args.pretrained or resumed.get("pretrained") else recipe
 
 
 def resolve_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace:
@@ -823,8 +828,8 @@ def _check_same_run(recorded: dict, metadata: dict, args: argparse.Namespace) ->
 
 
 # What a resumed command may change (a lower --learning-rate can continue a diverged run), but not unnoticed.
-_RUN_SETTINGS = ("batch_size", "image_size", "learning_rate", "warmup_iters", "momentum", "weight_decay",
-                 "label_smooth", "seed", "ema", "ema_decay", "deterministic", "freeze_backbone")
+_RUN_SETTINGS = ("batch_size", "total_iters", "image_size", "learning_rate", "warmup_iters", "momentum",
+                 "weight_decay", "label_smooth", "seed", "ema", "ema_decay", "deterministic", "freeze_backbone")
 
 
 def _note_changed_settings(recorded: dict, args: argparse.Namespace, say: Callable[..., None]) -> None:

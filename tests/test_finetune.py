@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint_store import get_latest_model
+from common.checkpoint import get_training_state
+from common.checkpoint_store import get_latest_model, save_checkpoint
 from common.demo_data import make_image_folder
 from common.model_state import WeightsMismatchError, extract_model_state, read_weights_file
 from common.pretrained import load_pretrained
@@ -185,3 +186,18 @@ def test_a_shorter_fine_tune_warms_up_for_the_recipes_share_of_it(tmp_path):
     assert resolved("--total-iters", "30").warmup_iters == 0
     with pytest.raises(UserError, match=r"^--warmup-iters 30 is not shorter than --total-iters 30: "):
         resolved("--pretrained", "w.pth", "--total-iters", "30", "--warmup-iters", "30")
+
+
+def test_a_fine_tune_resumed_without_pretrained_keeps_the_fine_tuning_defaults(tmp_path):
+    """The README says a resumed fine-tune never reads its --pretrained file again, which invites leaving it out:
+    the command then took the original recipe's defaults (300,000 iterations at batch 1024, lr 0.5) and was
+    killed for memory on its first step."""
+    recipe = network("OneShot").RECIPE
+    save = tmp_path / "run"
+    state = get_training_state(network("OneShot").create_network(3), iteration=8,
+                               metadata={"args": {"pretrained": "w.pth", "total_iters": 8}})
+    save_checkpoint(state, 8, save)
+    args = resolve_args(build_parser(recipe).parse_args(["--train-dir", str(tmp_path), "--save", str(save)]), recipe)
+    assert (args.batch_size, args.total_iters) == (recipe.finetune.batch_size, recipe.finetune.total_iters)
+    elsewhere = build_parser(recipe).parse_args(["--train-dir", str(tmp_path), "--save", str(tmp_path / "new")])
+    assert resolve_args(elsewhere, recipe).total_iters == recipe.total_iters
