@@ -95,9 +95,9 @@ def _add_data_flags(data: argparse._ArgumentGroup, d: Recipe) -> None:
     data.add_argument("--val-dir", help="validation images, same class sub-folders as --train-dir")
     data.add_argument("--demo", action="store_true",
                       help="train on the built-in demo dataset (generated on first use in the repository's "
-                           "data/demo) with the "
-                           f"demo recipe: batch {d.demo.batch_size}, {d.demo.total_iters} iterations, "
-                           f"{d.demo.image_size}px images (with --pretrained too); explicit flags still win")
+                           f"data/demo) with the demo recipe: batch {d.demo.batch_size}, {d.demo.total_iters} "
+                           f"iterations, {d.demo.image_size}px images"
+                           f"{' (with --pretrained too)' * d.hooks.one_network}; explicit flags still win")
     data.add_argument("--num-classes", type=class_count, help="number of classes (default: the class folders found)")
     data.add_argument("--image-size", type=multiple_of_32, help=f"training crop size (default: {d.image_size})")
     data.add_argument("--workers", type=worker_count, default=min(8, os.cpu_count() or 1),
@@ -828,8 +828,8 @@ def _check_same_run(recorded: dict, metadata: dict, args: argparse.Namespace) ->
 
 
 # What a resumed command may change (a lower --learning-rate can continue a diverged run), but not unnoticed.
-_RUN_SETTINGS = ("batch_size", "total_iters", "image_size", "learning_rate", "warmup_iters", "momentum",
-                 "weight_decay", "label_smooth", "seed", "ema", "ema_decay", "deterministic", "freeze_backbone")
+_RUN_SETTINGS = ("batch_size", "image_size", "learning_rate", "warmup_iters", "momentum", "weight_decay",
+                 "label_smooth", "seed", "ema", "ema_decay", "deterministic", "freeze_backbone")
 
 
 def _note_changed_settings(recorded: dict, args: argparse.Namespace, say: Callable[..., None]) -> None:
