@@ -199,8 +199,6 @@ def claim_output(lock_path: str | os.PathLike, refusal: Callable[[str], str]) ->
         except BaseException:
             lock.close()
             raise
-    if not _CLAIMED:
-        atexit.register(_release_all)
     _CLAIMED[key] = lock
     return _Claim(key)
 
@@ -213,6 +211,7 @@ class _Claim(AbstractContextManager):
         _release(self.key)
 
 
+@atexit.register
 def _release_all() -> None:
     for key in list(_CLAIMED):
         _release(key)

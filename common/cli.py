@@ -36,8 +36,6 @@ def prepare_output(flag: str, path: str | os.PathLike | None, *, folder: bool = 
             raise UserError(f"{flag} {path}: is a folder; give a file name")
         missing = [p for p in [*reversed(target.parents), target] if not p.exists()]
         target.mkdir(parents=True, exist_ok=True)
-        if not _MADE:
-            atexit.register(_remove_made_if_empty)
         _MADE.extend(missing)
         descriptor, probe = tempfile.mkstemp(prefix=".write-test-", dir=target)
         os.close(descriptor)
@@ -56,6 +54,7 @@ def prepare_output(flag: str, path: str | os.PathLike | None, *, folder: bool = 
 _MADE: list[Path] = []
 
 
+@atexit.register
 def _remove_made_if_empty() -> None:
     for folder in reversed(_MADE):
         with suppress(OSError):

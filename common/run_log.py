@@ -6,6 +6,8 @@ import math
 import time
 from pathlib import Path
 
+from common.atomic_io import atomic_output
+
 
 class RunLog:
     """Appends one JSON object per record to `<save_dir>/metrics.jsonl` and mirrors scalars to TensorBoard; on ranks
@@ -44,7 +46,6 @@ def plot_curves(metrics_path: str | Path, output: str | Path, title: str = "") -
             continue
     figure = curves_figure(records, title)
     import matplotlib.pyplot as plt
-    from common.atomic_io import atomic_output
     try:
         with atomic_output(output) as temp:  # a full disk keeps the plot of before
             figure.savefig(temp, dpi=100, format="png")
